@@ -1,0 +1,85 @@
+//! Redis from Debian's packages, with its data under the stack's home.
+
+use std::io::{Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+use super::install::on_path;
+use super::process::ProcessFiles;
+use super::{Service, Stack};
+
+/// The local Redis server.
+pub struct Redis {
+    stack: Stack,
+}
+
+impl Redis {
+    pub fn new(stack: Stack) -> Self {
+        Redis { stack }
+    }
+
+    fn dir(&self) -> PathBuf {
+        self.stack.home.join("redis")
+    }
+}
+
+impl Service for Redis {
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+
+    fn address(&self) -> String {
+        format!(
+            "{}:{}",
+            self.stack.endpoints.redis_host, self.stack.endpoints.redis_port
+        )
+    }
+
+    fn missing_packages(&self) -> Vec<&'static str> {
+        if on_path("redis-server") {
+            vec![]
+        } else {
+            vec!["redis-server"]
+        }
+    }
+
+    fn prepare(&self, _files: &ProcessFiles) -> Result<()> {
+        Ok(())
+    }
+
+    fn command(&self) -> Result<Command> {
+        let e = &self.stack.endpoints;
+        let mut c = Command::new("redis-server");
+        c.args(["--bind", &e.redis_host, "--port", &e.redis_port.to_string()])
+            .arg("--dir")
+            .arg(self.dir())
+            .args(["--daemonize", "no"])
+            // The read model must survive a Redis restart with its frontier key
+            // and its data in step: an append-only file, fsynced per write
+            // (batches are one MULTI/EXEC each, so this is one fsync a batch).
+            .args(["--appendonly", "yes", "--appendfsync", "always"])
+            .args(["--save", ""]);
+        Ok(c)
+    }
+
+    fn probe(&self) -> Result<()> {
+        let addr = self
+            .address()
+            .to_socket_addrs()?
+            .next()
+            .context("Redis address resolves to nothing")?;
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        s.write_all(b"PING\r\n")?;
+        let mut buf = [0u8; 64];
+        let n = s.read(&mut buf)?;
+        if !buf[..n].starts_with(b"+PONG") {
+            bail!("PING answered {:?}", String::from_utf8_lossy(&buf[..n]));
+        }
+        Ok(())
+    }
+}

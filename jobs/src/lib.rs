@@ -1,0 +1,1 @@
+//! Shared wiring for Tripwire's job binaries.
