@@ -1,0 +1,164 @@
+//! In-process throughput of the whole fraud computation (all windows, aggregates and rules), no Kafka.
+//!
+//! `cargo bench -p tripwire-dataflow --bench fraud [-- EVENTS [CARDS]]`
+//!
+//! Runs 1 and 2 workers, each in a child process of its own so that its peak
+//! memory (VmHWM) is its own, prints a table, and ends with
+//! `events_per_sec=<n>` for 2 workers.
+
+use std::process::Command;
+use std::time::Instant;
+
+use differential_dataflow::input::Input;
+use timely::dataflow::operators::probe::Probe;
+use timely::dataflow::ProbeHandle;
+use tripwire_dataflow::{Channel, DetectFraud, Diff, FraudConfig, Time, Transaction};
+
+/// Event-time rate of the generated stream: a mid-size issuer's peak.
+const EVENTS_PER_EVENT_SECOND: u64 = 10_000;
+/// Input time advances (and the worker catches up) every this many events.
+const BATCH: u64 = 2_000;
+
+fn main() {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    if args.first().map(String::as_str) == Some("child") {
+        let workers: usize = args[1].parse().unwrap();
+        let events: u64 = args[2].parse().unwrap();
+        let cards: u64 = args[3].parse().unwrap();
+        child(workers, events, cards);
+        return;
+    }
+    let events: u64 = args
+        .first()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(2_000_000);
+    let cards: u64 = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(100_000);
+    println!("fraud dataflow, in-process: {events} events, {cards} cards, {EVENTS_PER_EVENT_SECOND} events per event-time second");
+    println!("windows 1m/5m/1h/24h, 5 aggregates, 5 rules, tick 1 ms\n");
+    println!("| workers | seconds | events/s | peak RSS MiB |");
+    println!("|---|---|---|---|");
+    let mut last = 0.0;
+    for workers in [1usize, 2] {
+        let exe = std::env::current_exe().unwrap();
+        let out = Command::new(exe)
+            .args([
+                "child",
+                &workers.to_string(),
+                &events.to_string(),
+                &cards.to_string(),
+            ])
+            .output()
+            .expect("run child");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "child failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let field = |name: &str| -> f64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("{name}=")))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(f64::NAN)
+        };
+        let secs = field("seconds");
+        let eps = events as f64 / secs;
+        println!(
+            "| {workers} | {secs:.2} | {eps:.0} | {:.0} |",
+            field("peak_kib") / 1024.0
+        );
+        last = eps;
+    }
+    println!("\nevents_per_sec={last:.0}");
+}
+
+fn child(workers: usize, events: u64, cards: u64) {
+    let start = Instant::now();
+    timely::execute(timely::Config::process(workers), move |worker| {
+        let (index, peers) = (worker.index() as u64, worker.peers() as u64);
+        let config = FraudConfig::default();
+        let probe = ProbeHandle::new();
+        let mut input = worker.dataflow::<Time, _, _>(|scope| {
+            let (input, events) = scope.new_collection::<Transaction, Diff>();
+            let out = events.detect_fraud(&config);
+            out.stats.inner.probe_with(&probe);
+            out.alerts.inner.probe_with(&probe);
+            input
+        });
+        let base: Time = 1_700_000_000_000;
+        let mut n = index;
+        while n < events {
+            let end = (n + BATCH * peers).min(events);
+            while n < end {
+                input.update_at(
+                    transaction(n, cards, base),
+                    base + n * 1000 / EVENTS_PER_EVENT_SECOND,
+                    1,
+                );
+                n += peers;
+            }
+            input.advance_to(base + n * 1000 / EVENTS_PER_EVENT_SECOND);
+            input.flush();
+            // Stay within a few batches of the input, as a source under backpressure would.
+            let behind =
+                base + n.saturating_sub(4 * BATCH * peers) * 1000 / EVENTS_PER_EVENT_SECOND;
+            worker.step_while(|| probe.less_than(&behind));
+        }
+        input.close();
+        worker.step_while(|| !probe.done());
+    })
+    .expect("timely")
+    .join();
+    let secs = start.elapsed().as_secs_f64();
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let peak = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .unwrap_or(f64::NAN);
+    println!("seconds={secs}");
+    println!("peak_kib={peak}");
+}
+
+/// The `n`-th generated transaction: cards drawn by a hash of `n`, amounts mostly
+/// ordinary, locations from a handful of cities, mostly the card's home.
+fn transaction(n: u64, cards: u64, base: Time) -> Transaction {
+    let h = mix(n);
+    let card = h % cards;
+    let home = mix(card) % 6;
+    let city = if h >> 60 == 0 { (h >> 20) % 6 } else { home };
+    const CITIES: [(i32, i32, [u8; 2]); 6] = [
+        (51_507_400, -127_800, *b"GB"),
+        (40_712_800, -74_006_000, *b"US"),
+        (48_856_600, 2_352_200, *b"FR"),
+        (35_676_200, 139_650_300, *b"JP"),
+        (-33_868_800, 151_209_300, *b"AU"),
+        (52_520_000, 13_405_000, *b"DE"),
+    ];
+    let (lat, lon, country) = CITIES[city as usize];
+    Transaction {
+        event_id: n,
+        card_id: card,
+        account_id: card / 2,
+        merchant_id: (h >> 8) % 5_000,
+        mcc: 5411,
+        amount_minor: 100 + ((h >> 32) % 20_000) as i64,
+        currency: *b"EUR",
+        country,
+        lat_e6: lat,
+        lon_e6: lon,
+        channel: Channel::Pos,
+        event_time_ms: base + n * 1000 / EVENTS_PER_EVENT_SECOND,
+        device_id: None,
+    }
+}
+
+fn mix(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
