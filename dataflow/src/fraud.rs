@@ -2,17 +2,16 @@
 
 use differential_dataflow::VecCollection;
 
+use crate::card_windows::card_windows;
 use crate::config::FraudConfig;
 use crate::event::{Diff, Time, Transaction};
-use crate::latch::Latch;
-use crate::output::{Alert, StatKey};
-use crate::rules::{probe, AmountSpike, CardTesting, CountryHopping, ImpossibleTravel, Velocity};
-use crate::stats::Aggregates;
+use crate::output::{Alert, CardWindow, WindowStats};
+use crate::rules::{AmountSpike, CardTesting, CountryHopping, ImpossibleTravel, Velocity};
 
 /// The two outputs of the fraud computation.
 pub struct FraudOutputs<'s> {
-    /// `(StatKey, value)`: per card, window and metric, the current value.
-    pub stats: VecCollection<'s, Time, (StatKey, i64), Diff>,
+    /// `(CardWindow, WindowStats)`: per card and statistics window, the current statistics.
+    pub stats: VecCollection<'s, Time, (CardWindow, WindowStats), Diff>,
     /// Alerts; a monotone collection, each alert at its trigger's time.
     pub alerts: VecCollection<'s, Time, Alert, Diff>,
 }
@@ -20,40 +19,24 @@ pub struct FraudOutputs<'s> {
 /// Extension trait: run the fraud computation on a collection of accepted events.
 pub trait DetectFraud<'s> {
     /// Statistics and alerts of these events. Each event must be present from
-    /// time `config.time_of(event_time_ms)` on (the source's job).
+    /// time `config.time_of(event_time_ms)` on, and never retracted (the source's job).
     fn detect_fraud(self, config: &FraudConfig) -> FraudOutputs<'s>;
 }
 
 impl<'s> DetectFraud<'s> for VecCollection<'s, Time, Transaction, Diff> {
     fn detect_fraud(self, config: &FraudConfig) -> FraudOutputs<'s> {
-        // One set of sliding windows serves the statistics and the rules that read aggregates.
-        let mut windows = config.windows.clone();
-        windows.extend(config.velocity.limits.iter().map(|(w, _)| *w));
-        windows.push(config.amount_spike.window_ms);
-        windows.push(config.country_hopping.window_ms);
-        windows.sort_unstable();
-        windows.dedup();
-
-        let aggregates = Aggregates::new(self.clone(), &windows);
-        let stats = aggregates.statistics(&config.windows);
-
-        let probe = probe(self.clone(), config.tick_ms);
-        let alerts = self
+        let windows = card_windows(self, config);
+        let judged = windows.judged;
+        let alerts = judged
             .clone()
-            .velocity(&probe, &aggregates.count_sum, &config.velocity)
-            .concat(
-                self.clone()
-                    .amount_spike(&probe, &aggregates.count_sum, &config.amount_spike),
-            )
-            .concat(self.clone().country_hopping(
-                &probe,
-                &aggregates.countries,
-                &config.country_hopping,
-            ))
-            .concat(self.clone().card_testing(&probe, &config.card_testing))
-            .concat(self.impossible_travel(&config.travel));
-        let config = config.clone();
-        let alerts = alerts.latch(move |a: &Alert| config.time_of(a.event_time_ms));
-        FraudOutputs { stats, alerts }
+            .velocity(&config.velocity)
+            .concat(judged.clone().amount_spike(&config.amount_spike))
+            .concat(judged.clone().country_hopping(&config.country_hopping))
+            .concat(judged.clone().card_testing(&config.card_testing))
+            .concat(judged.impossible_travel(&config.travel));
+        FraudOutputs {
+            stats: windows.stats,
+            alerts,
+        }
     }
 }

@@ -5,10 +5,12 @@
 //! - [`event`]: the transaction, the one type shared with the reference model.
 //! - [`config`]: windows, tick and rule thresholds with documented defaults.
 //! - [`output`]: what comes out: per-card window statistics and alerts.
-//! - [`windows`]: the sliding-window operator (retractions queued, emitted at the frontier).
-//! - [`stats`]: per-card window aggregates and the statistics output.
-//! - [`rules`]: one fraud rule per file, each an extension trait.
-//! - [`latch`]: alerts as point events at their trigger's time.
+//! - [`card_state`]: one card's incremental window aggregates and recent positions.
+//! - [`card_windows`]: the keyed operator applying arrivals and departures per
+//!   closed time; emits statistics changes and each event judged against its
+//!   card's state at its time.
+//! - [`fxhash`]: the fast hasher of the operator's maps.
+//! - [`rules`]: one fraud rule per file, each an extension trait on judged events.
 //! - [`fraud`]: the whole computation, [`DetectFraud::detect_fraud`].
 //! - [`reference`]: the brute-force reference model, plain loops over the whole
 //!   input; the judge of the dataflow in tests. It shares nothing with the
@@ -19,17 +21,17 @@
 //! This crate does no I/O: it depends on timely and differential only, so that
 //! the computation can be judged in-process against its reference model.
 
+pub mod card_state;
+pub mod card_windows;
 pub mod config;
 pub mod event;
 pub mod fraud;
-pub mod latch;
+pub mod fxhash;
 pub mod output;
 pub mod reference;
 pub mod rules;
-pub mod stats;
-pub mod windows;
 
 pub use config::FraudConfig;
 pub use event::{Channel, Diff, Time, Transaction};
 pub use fraud::{DetectFraud, FraudOutputs};
-pub use output::{alert_id, Alert, Details, Metric, Rule, StatKey};
+pub use output::{alert_id, Alert, CardWindow, Details, Metric, Rule, StatKey, WindowStats};

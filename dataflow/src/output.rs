@@ -30,11 +30,8 @@ impl Metric {
     ];
 }
 
-/// The key of a statistic: `(card, window length in ms, metric)`.
-///
-/// The statistics collection holds `(StatKey, value)`; at any closed time it
-/// holds exactly one value for each metric of each `(card, window)` whose
-/// window is not empty, and nothing for empty windows.
+/// The key of one statistic: `(card, window length in ms, metric)`; the
+/// per-metric view of [`WindowStats`] that the reference model answers in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct StatKey {
     /// Card id.
@@ -43,6 +40,49 @@ pub struct StatKey {
     pub window_ms: Time,
     /// Which statistic.
     pub metric: Metric,
+}
+
+/// The statistics of one card over one window, all five metrics in one record.
+///
+/// The statistics collection holds `(CardWindow, WindowStats)`: at any closed
+/// time exactly one record for each `(card, window)` whose window is not
+/// empty, and nothing for empty windows. Sinks write it as one row.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+pub struct WindowStats {
+    /// Number of transactions.
+    pub count: i64,
+    /// Sum of amounts in minor units.
+    pub sum: i64,
+    /// Largest amount.
+    pub max_amount: i64,
+    /// Number of distinct merchants.
+    pub distinct_merchants: i64,
+    /// Number of distinct countries.
+    pub distinct_countries: i64,
+}
+
+impl WindowStats {
+    /// The five metrics as `(Metric, value)` pairs.
+    pub fn metrics(&self) -> [(Metric, i64); 5] {
+        [
+            (Metric::Count, self.count),
+            (Metric::Sum, self.sum),
+            (Metric::MaxAmount, self.max_amount),
+            (Metric::DistinctMerchants, self.distinct_merchants),
+            (Metric::DistinctCountries, self.distinct_countries),
+        ]
+    }
+}
+
+/// The key of the statistics collection: a card and a window length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct CardWindow {
+    /// Card id.
+    pub card_id: u64,
+    /// Window length in ms.
+    pub window_ms: Time,
 }
 
 /// The fraud rules.

@@ -1,11 +1,9 @@
-//! The fraud rules, one per file, each an extension trait on the accepted-event collection.
+//! The fraud rules, one per file, each an extension trait on the collection of judged events.
 //!
-//! A rule judges each event against its card's state at the event's own time.
-//! Rules that read shared aggregates join them with [`Probe`], the events
-//! arranged by card and present for exactly one tick `[τ, τ + tick)`; the
-//! joined result therefore holds each event with the aggregate's value at `τ`.
-//! Whatever a rule emits passes through [`crate::latch::Latch`] in
-//! [`crate::fraud`], which keeps each alert once, at its trigger's time.
+//! [`crate::card_windows`] hands every accepted event over once, at its own
+//! time, with its card's window state at that time ([`Judged`]); a rule is
+//! then a pure function of that record. Alerts are therefore facts about one
+//! moment: the alert collection only grows, each alert at its trigger's time.
 
 pub mod amount_spike;
 pub mod card_testing;
@@ -13,32 +11,23 @@ pub mod country_hopping;
 pub mod impossible_travel;
 pub mod velocity;
 
-use differential_dataflow::operators::arrange::{Arranged, TraceAgent};
-use differential_dataflow::trace::implementations::ValSpine;
-use differential_dataflow::{AsCollection, VecCollection};
-
-use crate::event::{Diff, Time, Transaction};
-
 pub use amount_spike::AmountSpike;
 pub use card_testing::CardTesting;
 pub use country_hopping::CountryHopping;
 pub use impossible_travel::ImpossibleTravel;
 pub use velocity::Velocity;
 
-/// Events keyed by card, each present during `[τ, τ + tick)` only.
-pub type Probe<'s> = Arranged<'s, TraceAgent<ValSpine<u64, Transaction, Time, Diff>>>;
+use crate::card_windows::Judged;
+use crate::output::{alert_id, Alert, Details, Rule};
 
-/// Arrange `events` as a [`Probe`]: inserted at their time, retracted one tick later.
-pub fn probe<'s>(events: VecCollection<'s, Time, Transaction, Diff>, tick: Time) -> Probe<'s> {
-    use timely::dataflow::operators::vec::Map;
-    let tick = tick.max(1);
-    events
-        .inner
-        .flat_map(move |(x, t, r)| {
-            let retract = (x.clone(), t + tick, -r);
-            [(x, t, r), retract]
-        })
-        .as_collection()
-        .map(|x: Transaction| (x.card_id, x))
-        .arrange_by_key_named("Probe")
+/// The alert `rule` raises on the judged event.
+pub(crate) fn alert(j: &Judged, rule: Rule, variant: u64, details: Details) -> Alert {
+    Alert {
+        id: alert_id(rule, j.event.event_id, variant),
+        card_id: j.event.card_id,
+        rule,
+        trigger_event: j.event.event_id,
+        event_time_ms: j.event.event_time_ms,
+        details,
+    }
 }

@@ -13,7 +13,8 @@ use timely::{Config, WorkerConfig};
 
 use tripwire_dataflow::reference::Reference;
 use tripwire_dataflow::{
-    Alert, Channel, DetectFraud, Diff, FraudConfig, StatKey, Time, Transaction,
+    Alert, CardWindow, Channel, DetectFraud, Diff, FraudConfig, StatKey, Time, Transaction,
+    WindowStats,
 };
 
 /// SplitMix64: small, seedable, good enough for test streams.
@@ -114,7 +115,7 @@ impl Scenario {
 /// What the dataflow emitted, as raw updates.
 #[derive(Default, Debug)]
 pub struct Outputs {
-    pub stats: Vec<((StatKey, i64), Time, Diff)>,
+    pub stats: Vec<((CardWindow, WindowStats), Time, Diff)>,
     pub alerts: Vec<(Alert, Time, Diff)>,
 }
 
@@ -285,7 +286,7 @@ pub fn assert_matches_reference(scenario: &Scenario, outputs: &Outputs, label: &
     let mut alerts = outputs.alerts.clone();
     alerts.sort_by_key(|(_, t, _)| *t);
     let (mut si, mut ai) = (0, 0);
-    let mut acc_stats: BTreeMap<(StatKey, i64), Diff> = BTreeMap::new();
+    let mut acc_stats: BTreeMap<(CardWindow, WindowStats), Diff> = BTreeMap::new();
     let mut acc_alerts: BTreeMap<Alert, Diff> = BTreeMap::new();
     for q in queries {
         while si < stats.len() && stats[si].1 <= q {
@@ -303,7 +304,28 @@ pub fn assert_matches_reference(scenario: &Scenario, outputs: &Outputs, label: &
             bad_mult.is_empty(),
             "{label}: stats with multiplicity != 1 at {q}: {bad_mult:?}"
         );
-        let got: BTreeMap<StatKey, i64> = acc_stats.keys().cloned().collect();
+        // The per-metric view of the dataflow's rows; a (card, window) held twice shows as a mismatch above.
+        let got: BTreeMap<StatKey, i64> = acc_stats
+            .keys()
+            .flat_map(|(cw, s)| {
+                s.metrics().map(|(metric, v)| {
+                    (
+                        StatKey {
+                            card_id: cw.card_id,
+                            window_ms: cw.window_ms,
+                            metric,
+                        },
+                        v,
+                    )
+                })
+            })
+            .collect();
+        let rows: BTreeSet<CardWindow> = acc_stats.keys().map(|(cw, _)| *cw).collect();
+        assert_eq!(
+            rows.len(),
+            acc_stats.len(),
+            "{label}: one row per (card, window) at {q}"
+        );
         let want = reference.stats_at(q);
         if got != want {
             let missing: Vec<_> = want
