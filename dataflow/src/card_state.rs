@@ -1,142 +1,230 @@
-//! One card's sliding-window state: incremental aggregates per window, and its recent positions.
+//! One card's recent transactions, oldest first, and the window aggregates computed from them.
+//!
+//! A card's transactions within the longest window live in one contiguous
+//! deque ordered by time; each window is a suffix of it. Aggregates are
+//! computed by one backward pass over the deque when the card changes, which
+//! for real cards (a handful to a few dozen transactions a day) touches a few
+//! cache lines, where per-window hash maps and trees touched a dozen scattered
+//! allocations per event. A distinct-count set switches from a scan to a hash
+//! set past a few dozen values, so a card with thousands of transactions costs
+//! linear, not quadratic, time per pass.
 
-use std::collections::BTreeMap;
+use std::collections::{HashSet, VecDeque};
 
-use crate::fxhash::FxHashMap;
-
-use crate::event::Time;
+use crate::event::{Time, Transaction};
+use crate::fxhash::FxHasher;
 use crate::output::WindowStats;
 
-/// The aggregates of one window of one card, maintained under insert and remove.
-///
-/// Count and sum are a group; max and the distinct counts keep a multiset of
-/// what is in the window, so that removing any element is exact. The state is
-/// exactly the window's contents, so it is bounded by them.
-#[derive(Clone, Debug, Default)]
-pub struct WindowAgg {
-    count: i64,
-    sum: i64,
-    amounts: BTreeMap<i64, u32>,
-    merchants: FxHashMap<u64, u32>,
-    countries: Vec<([u8; 2], u32)>,
+/// What the card keeps of one transaction.
+#[derive(Clone, Copy, Debug)]
+pub struct Entry {
+    /// The transaction's timely time (its event time rounded up to the tick).
+    pub tau: Time,
+    /// Event time, ms.
+    pub event_time_ms: Time,
+    /// Event id.
+    pub event_id: u64,
+    /// Amount, minor units.
+    pub amount: i64,
+    /// Merchant id.
+    pub merchant: u64,
+    /// Country code as a number.
+    pub country: u16,
+    /// Latitude, micro-degrees.
+    pub lat_e6: i32,
+    /// Longitude, micro-degrees.
+    pub lon_e6: i32,
 }
 
-impl WindowAgg {
-    /// Add one transaction.
-    pub fn insert(&mut self, amount: i64, merchant: u64, country: [u8; 2]) {
-        self.count += 1;
-        self.sum += amount;
-        *self.amounts.entry(amount).or_insert(0) += 1;
-        *self.merchants.entry(merchant).or_insert(0) += 1;
-        match self.countries.iter_mut().find(|(c, _)| *c == country) {
-            Some((_, n)) => *n += 1,
-            None => self.countries.push((country, 1)),
+impl Entry {
+    /// The entry for `x`, present from time `tau`.
+    pub fn of(x: &Transaction, tau: Time) -> Self {
+        Entry {
+            tau,
+            event_time_ms: x.event_time_ms,
+            event_id: x.event_id,
+            amount: x.amount_minor,
+            merchant: x.merchant_id,
+            country: u16::from_be_bytes(x.country),
+            lat_e6: x.lat_e6,
+            lon_e6: x.lon_e6,
         }
     }
+}
 
-    /// Remove one transaction that an earlier `insert` added.
-    pub fn remove(&mut self, amount: i64, merchant: u64, country: [u8; 2]) {
-        self.count -= 1;
-        self.sum -= amount;
-        if let std::collections::btree_map::Entry::Occupied(mut e) = self.amounts.entry(amount) {
-            *e.get_mut() -= 1;
-            if *e.get() == 0 {
-                e.remove();
-            }
-        }
-        if let std::collections::hash_map::Entry::Occupied(mut e) = self.merchants.entry(merchant) {
-            *e.get_mut() -= 1;
-            if *e.get() == 0 {
-                e.remove();
-            }
-        }
-        if let Some(i) = self.countries.iter().position(|(c, _)| *c == country) {
-            self.countries[i].1 -= 1;
-            if self.countries[i].1 == 0 {
-                self.countries.swap_remove(i);
-            }
-        }
-    }
+/// One window's aggregates at one time.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Agg {
+    /// Transactions in the window.
+    pub count: u64,
+    /// Their total amount.
+    pub sum: i64,
+    /// The largest amount (0 when empty).
+    pub max_amount: i64,
+    /// Distinct merchants.
+    pub distinct_merchants: u64,
+    /// Distinct countries.
+    pub distinct_countries: u64,
+}
 
-    /// The window's statistics, `None` when it is empty.
+impl Agg {
+    /// As the statistics row, `None` for an empty window.
     pub fn stats(&self) -> Option<WindowStats> {
-        (self.count > 0).then(|| WindowStats {
-            count: self.count,
+        (self.count > 0).then_some(WindowStats {
+            count: self.count as i64,
             sum: self.sum,
-            max_amount: self.amounts.last_key_value().map_or(0, |(a, _)| *a),
-            distinct_merchants: self.merchants.len() as i64,
-            distinct_countries: self.countries.len() as i64,
+            max_amount: self.max_amount,
+            distinct_merchants: self.distinct_merchants as i64,
+            distinct_countries: self.distinct_countries as i64,
         })
     }
+}
 
-    /// Number of transactions in the window.
-    pub fn count(&self) -> u64 {
-        self.count as u64
+/// A set of distinct values that scans while small and hashes once large.
+#[derive(Default)]
+struct Distinct {
+    small: Vec<u64>,
+    large: HashSet<u64, std::hash::BuildHasherDefault<FxHasher>>,
+}
+
+impl Distinct {
+    const SCAN_LIMIT: usize = 32;
+
+    fn clear(&mut self) {
+        self.small.clear();
+        if !self.large.is_empty() {
+            self.large = HashSet::default();
+        }
     }
 
-    /// Sum of their amounts.
-    pub fn sum(&self) -> i64 {
-        self.sum
+    fn insert(&mut self, v: u64) {
+        if !self.large.is_empty() {
+            self.large.insert(v);
+        } else if !self.small.contains(&v) {
+            self.small.push(v);
+            if self.small.len() > Self::SCAN_LIMIT {
+                self.large.extend(self.small.drain(..));
+            }
+        }
     }
 
-    /// Number of distinct merchants.
-    pub fn distinct_merchants(&self) -> u64 {
-        self.merchants.len() as u64
+    fn len(&self) -> u64 {
+        (self.small.len() + self.large.len()) as u64
     }
+}
 
-    /// Number of distinct countries.
-    pub fn distinct_countries(&self) -> u64 {
-        self.countries.len() as u64
-    }
-
-    /// Whether nothing is in the window.
-    pub fn is_empty(&self) -> bool {
-        self.count == 0
-    }
+/// Reusable buffers for [`CardState::scan`], one per operator.
+#[derive(Default)]
+pub struct Scratch {
+    merchants: Distinct,
+    countries: Distinct,
+    small_merchants: Distinct,
 }
 
 /// Everything the computation keeps about one card.
 #[derive(Clone, Debug, Default)]
 pub struct CardState {
-    /// One aggregate per window length of the operator, in its order.
-    pub windows: Vec<WindowAgg>,
-    /// The card-testing window: small transactions only.
-    pub small: WindowAgg,
-    /// Positions within the travel lookback, by `(event_time_ms, event_id)`.
-    pub points: BTreeMap<(Time, u64), (i32, i32)>,
-    /// The time whose changes [`CardState::before`] holds the start of.
+    /// Transactions within the longest window, in ascending `tau`.
+    pub entries: VecDeque<Entry>,
+    /// Per statistics window, the row last emitted.
+    pub emitted: Vec<Option<WindowStats>>,
+    /// The last time transactions of the card arrived.
     pub touched_at: Option<Time>,
-    /// Per window, its statistics before the changes at `touched_at`.
-    pub before: Vec<Option<WindowStats>>,
+    /// Where those arrivals sit in that time's (card-sorted) arrival list.
+    pub arrivals: std::ops::Range<usize>,
 }
 
 impl CardState {
-    /// A state with `windows` empty windows.
-    pub fn new(windows: usize) -> Self {
+    /// A card with `stat_windows` statistics windows and nothing in them.
+    pub fn new(stat_windows: usize) -> Self {
         CardState {
-            windows: vec![WindowAgg::default(); windows],
-            before: vec![None; windows],
+            emitted: vec![None; stat_windows],
             ..Default::default()
         }
     }
 
-    /// Remember every window's statistics before the first change at `t`;
-    /// returns whether this is that first change.
-    pub fn touch(&mut self, t: Time) -> bool {
-        if self.touched_at == Some(t) {
-            return false;
+    /// Drop entries that have left every window at time `t`: `tau + longest <= t`.
+    pub fn trim(&mut self, t: Time, longest: Time) {
+        while self
+            .entries
+            .front()
+            .is_some_and(|e| e.tau.saturating_add(longest) <= t)
+        {
+            self.entries.pop_front();
         }
-        self.touched_at = Some(t);
-        for (b, w) in self.before.iter_mut().zip(&self.windows) {
-            *b = w.stats();
-        }
-        true
     }
 
-    /// Whether every window is empty, so the card's state can be dropped.
-    pub fn is_empty(&self) -> bool {
-        self.windows.iter().all(WindowAgg::is_empty)
-            && self.small.is_empty()
-            && self.points.is_empty()
+    /// The aggregates at time `t` of each window in `lengths` (ascending), and
+    /// the distinct merchants among transactions below `small_amount` within
+    /// `small_window`, in one backward pass.
+    pub fn scan(
+        &self,
+        t: Time,
+        lengths: &[Time],
+        small_amount: i64,
+        small_window: Time,
+        scratch: &mut Scratch,
+        out: &mut Vec<Agg>,
+    ) -> u64 {
+        out.clear();
+        scratch.merchants.clear();
+        scratch.countries.clear();
+        scratch.small_merchants.clear();
+        let mut acc = Agg::default();
+        let mut i = 0;
+        let in_window = |e: &Entry, w: Time| e.tau.saturating_add(w) > t;
+        for e in self.entries.iter().rev() {
+            while i < lengths.len() && !in_window(e, lengths[i]) {
+                out.push(acc);
+                i += 1;
+            }
+            if i == lengths.len() && !in_window(e, small_window) {
+                break;
+            }
+            if i < lengths.len() {
+                acc.count += 1;
+                acc.sum += e.amount;
+                acc.max_amount = acc.max_amount.max(e.amount);
+                scratch.merchants.insert(e.merchant);
+                scratch.countries.insert(e.country as u64);
+                acc.distinct_merchants = scratch.merchants.len();
+                acc.distinct_countries = scratch.countries.len();
+            }
+            if e.amount < small_amount && in_window(e, small_window) {
+                scratch.small_merchants.insert(e.merchant);
+            }
+        }
+        while out.len() < lengths.len() {
+            out.push(acc);
+        }
+        scratch.small_merchants.len()
+    }
+
+    /// The card's previous transaction before `(event_time_ms, event_id)`
+    /// within `lookback` at time `t`: the largest `(event_time_ms, event_id)` below it.
+    pub fn previous(
+        &self,
+        t: Time,
+        event_time_ms: Time,
+        event_id: u64,
+        lookback: Time,
+    ) -> Option<&Entry> {
+        let before = (event_time_ms, event_id);
+        let mut best: Option<&Entry> = None;
+        for e in self.entries.iter().rev() {
+            if e.tau.saturating_add(lookback) <= t {
+                break;
+            }
+            // Entries of an earlier tau than the best so far have smaller event
+            // times (tau is monotone in event time): none of them can beat it.
+            if best.is_some_and(|b| e.tau < b.tau) {
+                break;
+            }
+            let key = (e.event_time_ms, e.event_id);
+            if key < before && best.is_none_or(|b| key > (b.event_time_ms, b.event_id)) {
+                best = Some(e);
+            }
+        }
+        best
     }
 }

@@ -10,13 +10,13 @@
 //! windows in and out), each going through batching, merging and trace seeks
 //! in every aggregate's arrangement, and `reduce` (for the maximum) replays
 //! key histories. Here each update is a hash-map or B-tree step on the card's
-//! own state. Departures are queued in time order and applied once the frontier
-//! reaches them (the design's queue-holding operator), so a bulk catch-up parks
-//! nothing in arrangements. The statistics that leave this operator are an
-//! ordinary differential collection, consolidated per time.
+//! own recent transactions (see [`crate::card_state`]). Departures are wake-ups
+//! queued in time order and handled once the frontier reaches them (the
+//! design's queue-holding operator), so a bulk catch-up parks nothing in
+//! arrangements. The statistics that leave this operator are an ordinary
+//! differential collection, consolidated per time.
 
 use std::collections::BTreeMap;
-use std::rc::Rc;
 
 use differential_dataflow::{AsCollection, VecCollection};
 use serde::{Deserialize, Serialize};
@@ -25,14 +25,19 @@ use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
 use timely::dataflow::operators::generic::OutputBuilder;
 use timely::dataflow::operators::Capability;
 
-use crate::card_state::CardState;
+use crate::card_state::{Agg, CardState, Entry, Scratch};
 use crate::config::FraudConfig;
 use crate::event::{Diff, Time, Transaction};
 use crate::fxhash::FxHashMap;
 use crate::output::{CardWindow, WindowStats};
 
+/// How many distinct window lengths the rules may read.
+pub const MAX_RULE_WINDOWS: usize = 6;
+
 /// One window's state at a judged event's time, as the rules read it.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub struct WindowView {
     /// Window length, ms.
     pub window_ms: Time,
@@ -64,8 +69,10 @@ pub struct Previous {
 pub struct Judged {
     /// The event.
     pub event: Transaction,
-    /// Every window the operator keeps, in ascending length.
-    pub windows: Vec<WindowView>,
+    /// The windows the rules read (velocity, amount spike, country hopping),
+    /// in ascending length; unused slots have `window_ms == 0`. Inline, so that
+    /// handing an event to five rules copies it without allocating.
+    pub windows: [WindowView; MAX_RULE_WINDOWS],
     /// Distinct merchants among the card's small transactions in the card-testing window.
     pub small_merchants: u64,
     /// The previous transaction within the travel lookback, if any.
@@ -75,7 +82,9 @@ pub struct Judged {
 impl Judged {
     /// The view of the window of length `window_ms`, if the operator keeps it.
     pub fn window(&self, window_ms: Time) -> Option<&WindowView> {
-        self.windows.iter().find(|w| w.window_ms == window_ms)
+        self.windows
+            .iter()
+            .find(|w| w.window_ms == window_ms && window_ms > 0)
     }
 }
 
@@ -87,32 +96,14 @@ pub struct CardWindows<'s> {
     pub judged: VecCollection<'s, Time, Judged, Diff>,
 }
 
-/// Which state a batch of departures leaves.
-#[derive(Clone, Copy, Debug)]
-enum Slot {
-    Window(usize),
-    Small,
-    Point,
-}
+/// Arrivals plus card passes one activation may do before yielding to downstream operators.
+const FUEL: usize = 20_000;
 
-/// What a departure needs of a transaction that arrived.
-#[derive(Clone, Debug)]
-struct Leaving {
-    card_id: u64,
-    amount: i64,
-    merchant: u64,
-    country: [u8; 2],
-    key: (Time, u64),
-    small: bool,
-}
-
-/// What happens at one time: arrivals, and batches of earlier arrivals leaving
-/// a slot. One batch per (arrival time, slot) is shared by reference, so a
-/// departure costs one queue entry per time and window, not per event.
+/// What happens at one time: arrivals, and cards (by slot) whose windows lose transactions.
 #[derive(Default)]
 struct Due {
     arrivals: Vec<Transaction>,
-    departures: Vec<(Slot, Rc<[Leaving]>)>,
+    wake: Vec<u32>,
 }
 
 /// Route by a mix of the card id, so that sequential ids spread over workers.
@@ -122,23 +113,94 @@ fn route(card_id: u64) -> u64 {
     z ^ (z >> 27)
 }
 
+/// Card states in a slab: wake-ups name a slot, so a departure costs no hash lookup.
+///
+/// A slot is freed only when its card's last transaction has left the longest
+/// window, which is also the time of the card's last scheduled wake-up, so no
+/// pending wake-up ever names a reused slot.
+#[derive(Default)]
+struct Cards {
+    slot_of: FxHashMap<u64, u32>,
+    states: Vec<(u64, CardState)>,
+    free: Vec<u32>,
+}
+
+impl Cards {
+    fn slot(&mut self, card_id: u64, stat_windows: usize) -> u32 {
+        if let Some(&slot) = self.slot_of.get(&card_id) {
+            return slot;
+        }
+        let state = (card_id, CardState::new(stat_windows));
+        let slot = match self.free.pop() {
+            Some(slot) => {
+                self.states[slot as usize] = state;
+                slot
+            }
+            None => {
+                self.states.push(state);
+                (self.states.len() - 1) as u32
+            }
+        };
+        self.slot_of.insert(card_id, slot);
+        slot
+    }
+
+    fn release(&mut self, slot: u32) {
+        let (card_id, state) = &mut self.states[slot as usize];
+        self.slot_of.remove(card_id);
+        *state = CardState::default();
+        self.free.push(slot);
+    }
+}
+
 /// Run the keyed window operator over `events` (each present from its rounded time).
+///
+/// Panics if `config` fails [`FraudConfig::validate`]; jobs validate it on load.
 pub fn card_windows<'s>(
     events: VecCollection<'s, Time, Transaction, Diff>,
     config: &FraudConfig,
 ) -> CardWindows<'s> {
+    if let Err(e) = config.validate() {
+        panic!("invalid fraud config: {e}");
+    }
     let mut lengths: Vec<Time> = config.windows.clone();
-    lengths.extend(config.velocity.limits.iter().map(|(w, _)| *w));
-    lengths.push(config.amount_spike.window_ms);
-    lengths.push(config.country_hopping.window_ms);
+    let mut rule_lengths: Vec<Time> = config.velocity.limits.iter().map(|(w, _)| *w).collect();
+    rule_lengths.push(config.amount_spike.window_ms);
+    rule_lengths.push(config.country_hopping.window_ms);
+    rule_lengths.sort_unstable();
+    rule_lengths.dedup();
+    lengths.extend(&rule_lengths);
     lengths.sort_unstable();
     lengths.dedup();
-    let is_stat: Vec<bool> = lengths.iter().map(|w| config.windows.contains(w)).collect();
+    // Indexes into `lengths` of the statistics windows and of the rule windows.
+    let stat_index: Vec<usize> = (0..lengths.len())
+        .filter(|&i| config.windows.contains(&lengths[i]))
+        .collect();
+    let rule_index: Vec<usize> = (0..lengths.len())
+        .filter(|&i| rule_lengths.contains(&lengths[i]))
+        .collect();
     let small_amount = config.card_testing.small_amount_minor;
     let small_window = config.card_testing.window_ms;
     let lookback = config.travel.lookback_ms;
+    let longest = lengths
+        .iter()
+        .copied()
+        .chain([small_window, lookback])
+        .max()
+        .unwrap_or(0);
+    // A card wakes when a transaction leaves one of its statistics windows, and
+    // when it leaves the longest window (to forget it).
+    let mut wakes: Vec<Time> = stat_index
+        .iter()
+        .map(|&i| lengths[i])
+        .chain([longest])
+        .collect();
+    wakes.sort_unstable();
+    wakes.dedup();
 
-    let mut builder = OperatorBuilder::new("CardWindows".to_owned(), events.inner.scope());
+    let scope = events.inner.scope();
+    let mut builder = OperatorBuilder::new("CardWindows".to_owned(), scope.clone());
+    let activator = scope.activator_for(builder.operator_info().address);
     let mut input = builder.new_input(
         events.inner,
         Exchange::new(|(x, _t, _r): &(Transaction, Time, Diff)| route(x.card_id)),
@@ -151,11 +213,12 @@ pub fn card_windows<'s>(
         OutputBuilder::<_, timely::container::CapacityContainerBuilder<Vec<_>>>::from(judged_out);
 
     builder.build(move |_initial| {
-        let mut cards: FxHashMap<u64, CardState> = FxHashMap::default();
+        let mut cards = Cards::default();
         let mut due: BTreeMap<Time, Due> = BTreeMap::new();
         // Capabilities for both outputs at the earliest due time; `None` iff `due` is empty.
         let mut held: Option<[Capability<Time>; 2]> = None;
-        let mut touched: Vec<u64> = Vec::new();
+        let mut scratch = Scratch::default();
+        let mut aggs: Vec<Agg> = Vec::new();
 
         move |frontiers| {
             let mut stats_handle = stats_out.activate();
@@ -177,153 +240,123 @@ pub fn card_windows<'s>(
                 }
             });
 
+            let Some(caps) = held.as_ref() else { return };
+            // One session per output for this activation, at the earliest due
+            // time; every update carries its own (later or equal) time.
+            let mut stats_session = stats_handle.session(&caps[0]);
+            let mut judged_session = judged_handle.session(&caps[1]);
             let frontier = frontiers[0].frontier();
+            // Work done in this activation, in arrivals and card passes. A frontier
+            // that jumps far (end of input, catch-up after replay) would otherwise
+            // make one activation produce everything at once, and hold all of it
+            // in channel buffers before anything downstream runs.
+            let mut fuel: usize = FUEL;
             while let Some(entry) = due.first_entry() {
                 let t = *entry.key();
                 // Time `t` is complete once no input at or before it can arrive.
                 if frontier.iter().any(|f| *f <= t) {
                     break;
                 }
+                if fuel == 0 {
+                    activator.activate();
+                    break;
+                }
                 let Due {
-                    arrivals,
-                    departures,
+                    mut arrivals,
+                    mut wake,
                 } = entry.remove();
-                let caps = held
-                    .as_mut()
-                    .expect("capabilities held while times are due");
-                caps[0].downgrade(&t);
-                caps[1].downgrade(&t);
 
-                for (slot, batch) in departures {
-                    for d in batch.iter() {
-                        let state = cards
-                            .get_mut(&d.card_id)
-                            .expect("a departing card has state");
-                        if state.touch(t) {
-                            touched.push(d.card_id);
-                        }
-                        match slot {
-                            Slot::Window(i) => {
-                                state.windows[i].remove(d.amount, d.merchant, d.country)
-                            }
-                            Slot::Small if d.small => {
-                                state.small.remove(d.amount, d.merchant, d.country)
-                            }
-                            Slot::Small => {}
-                            Slot::Point => {
-                                state.points.remove(&d.key);
-                            }
+                // Arrivals first, grouped by card; then one pass per changed card.
+                arrivals.sort_unstable_by_key(|x| (x.card_id, x.event_time_ms, x.event_id));
+                for (n, x) in arrivals.iter().enumerate() {
+                    let slot = cards.slot(x.card_id, stat_index.len());
+                    let state = &mut cards.states[slot as usize].1;
+                    state.entries.push_back(Entry::of(x, t));
+                    // Arrivals are sorted by card: each card's are one range.
+                    state.arrivals.end = n + 1;
+                    if state.touched_at != Some(t) {
+                        state.touched_at = Some(t);
+                        state.arrivals.start = n;
+                        wake.push(slot);
+                        for w in &wakes {
+                            due.entry(t.saturating_add(*w)).or_default().wake.push(slot);
                         }
                     }
                 }
+                wake.sort_unstable();
+                wake.dedup();
+                fuel = fuel.saturating_sub(arrivals.len() + wake.len());
 
-                if !arrivals.is_empty() {
-                    let leaving: Rc<[Leaving]> = arrivals
-                        .iter()
-                        .map(|x| Leaving {
-                            card_id: x.card_id,
-                            amount: x.amount_minor,
-                            merchant: x.merchant_id,
-                            country: x.country,
-                            key: (x.event_time_ms, x.event_id),
-                            small: x.amount_minor < small_amount,
-                        })
-                        .collect();
-                    for x in &arrivals {
-                        let state = cards
-                            .entry(x.card_id)
-                            .or_insert_with(|| CardState::new(lengths.len()));
-                        if state.touch(t) {
-                            touched.push(x.card_id);
-                        }
-                        for agg in state.windows.iter_mut() {
-                            agg.insert(x.amount_minor, x.merchant_id, x.country);
-                        }
-                        if x.amount_minor < small_amount {
-                            state.small.insert(x.amount_minor, x.merchant_id, x.country);
-                        }
-                        state
-                            .points
-                            .insert((x.event_time_ms, x.event_id), (x.lat_e6, x.lon_e6));
-                    }
-                    let mut leave = |at: Time, slot: Slot| {
-                        due.entry(t.saturating_add(at))
-                            .or_default()
-                            .departures
-                            .push((slot, leaving.clone()));
-                    };
-                    for (i, w) in lengths.iter().enumerate() {
-                        leave(*w, Slot::Window(i));
-                    }
-                    if leaving.iter().any(|l| l.small) {
-                        leave(small_window, Slot::Small);
-                    }
-                    leave(lookback, Slot::Point);
-                }
-
-                let mut judged_session = judged_handle.session(&caps[1]);
-                for x in arrivals {
-                    let state = &cards[&x.card_id];
-                    let windows = lengths
-                        .iter()
-                        .zip(&state.windows)
-                        .map(|(&window_ms, agg)| WindowView {
-                            window_ms,
-                            count: agg.count(),
-                            sum: agg.sum(),
-                            distinct_merchants: agg.distinct_merchants(),
-                            distinct_countries: agg.distinct_countries(),
-                        })
-                        .collect();
-                    let previous = state
-                        .points
-                        .range(..(x.event_time_ms, x.event_id))
-                        .next_back()
-                        .map(|(&(event_time_ms, event_id), &(lat_e6, lon_e6))| Previous {
-                            event_id,
-                            event_time_ms,
-                            lat_e6,
-                            lon_e6,
-                        });
-                    let small_merchants = state.small.distinct_merchants();
-                    judged_session.give((
-                        Judged {
-                            event: x,
-                            windows,
-                            small_merchants,
-                            previous,
-                        },
+                for slot in wake {
+                    let (card_id, state) = &mut cards.states[slot as usize];
+                    let card_id = *card_id;
+                    state.trim(t, longest);
+                    let small_merchants = state.scan(
                         t,
-                        1,
-                    ));
-                }
-                drop(judged_session);
-
-                let mut stats_session = stats_handle.session(&caps[0]);
-                for card_id in touched.drain(..) {
-                    let state = cards.get_mut(&card_id).expect("touched card has state");
-                    for (i, agg) in state.windows.iter().enumerate() {
-                        let (before, after) = (state.before[i], agg.stats());
-                        if !is_stat[i] || before == after {
+                        &lengths,
+                        small_amount,
+                        small_window,
+                        &mut scratch,
+                        &mut aggs,
+                    );
+                    for (k, &i) in stat_index.iter().enumerate() {
+                        let after = aggs[i].stats();
+                        if state.emitted[k] == after {
                             continue;
                         }
                         let key = CardWindow {
                             card_id,
                             window_ms: lengths[i],
                         };
-                        if let Some(b) = before {
+                        if let Some(b) = state.emitted[k] {
                             stats_session.give(((key, b), t, -1));
                         }
                         if let Some(a) = after {
                             stats_session.give(((key, a), t, 1));
                         }
+                        state.emitted[k] = after;
+                    }
+                    let mut windows = [WindowView::default(); MAX_RULE_WINDOWS];
+                    for (view, &i) in windows.iter_mut().zip(&rule_index) {
+                        let a = &aggs[i];
+                        *view = WindowView {
+                            window_ms: lengths[i],
+                            count: a.count,
+                            sum: a.sum,
+                            distinct_merchants: a.distinct_merchants,
+                            distinct_countries: a.distinct_countries,
+                        };
+                    }
+                    let mine = if state.touched_at == Some(t) {
+                        state.arrivals.clone()
+                    } else {
+                        0..0
+                    };
+                    for x in &arrivals[mine] {
+                        let previous = state
+                            .previous(t, x.event_time_ms, x.event_id, lookback)
+                            .map(|e| Previous {
+                                event_id: e.event_id,
+                                event_time_ms: e.event_time_ms,
+                                lat_e6: e.lat_e6,
+                                lon_e6: e.lon_e6,
+                            });
+                        let judged = Judged {
+                            event: x.clone(),
+                            windows,
+                            small_merchants,
+                            previous,
+                        };
+                        judged_session.give((judged, t, 1));
                     }
                     // State is bounded by the window contents: an empty card goes.
-                    if state.is_empty() {
-                        cards.remove(&card_id);
+                    if state.entries.is_empty() {
+                        cards.release(slot);
                     }
                 }
             }
+            drop(stats_session);
+            drop(judged_session);
             match due.first_key_value() {
                 Some((&next, _)) => {
                     let caps = held.as_mut().expect("held");

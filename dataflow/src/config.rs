@@ -126,6 +126,37 @@ impl FraudConfig {
         event_time_ms.div_ceil(self.tick_ms.max(1)) * self.tick_ms.max(1)
     }
 
+    /// Check what the computation relies on: at least one statistics window,
+    /// no window of length 0, and at most
+    /// [`crate::card_windows::MAX_RULE_WINDOWS`] distinct rule windows.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.windows.is_empty() {
+            return Err("no statistics windows configured".into());
+        }
+        let mut rule: Vec<Time> = self.velocity.limits.iter().map(|(w, _)| *w).collect();
+        rule.extend([self.amount_spike.window_ms, self.country_hopping.window_ms]);
+        let others = [self.card_testing.window_ms, self.travel.lookback_ms];
+        if self
+            .windows
+            .iter()
+            .chain(&rule)
+            .chain(&others)
+            .any(|w| *w == 0)
+        {
+            return Err("a window of length 0 ms holds nothing; every window must be > 0".into());
+        }
+        rule.sort_unstable();
+        rule.dedup();
+        if rule.len() > crate::card_windows::MAX_RULE_WINDOWS {
+            return Err(format!(
+                "{} distinct rule windows, at most {} supported",
+                rule.len(),
+                crate::card_windows::MAX_RULE_WINDOWS
+            ));
+        }
+        Ok(())
+    }
+
     /// The longest window any statistic or rule looks back over; what replay must re-read.
     pub fn max_window(&self) -> Time {
         let rules = [
