@@ -199,7 +199,7 @@ pub fn card_windows<'s>(
     wakes.dedup();
 
     let scope = events.inner.scope();
-    let mut builder = OperatorBuilder::new("CardWindows".to_owned(), scope.clone());
+    let mut builder = OperatorBuilder::new("CardWindows".to_owned(), scope);
     let activator = scope.activator_for(builder.operator_info().address);
     let mut input = builder.new_input(
         events.inner,
