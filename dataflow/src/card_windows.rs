@@ -126,11 +126,11 @@ struct Cards {
 }
 
 impl Cards {
-    fn slot(&mut self, card_id: u64, stat_windows: usize) -> u32 {
+    fn slot(&mut self, card_id: u64) -> u32 {
         if let Some(&slot) = self.slot_of.get(&card_id) {
             return slot;
         }
-        let state = (card_id, CardState::new(stat_windows));
+        let state = (card_id, CardState::new());
         let slot = match self.free.pop() {
             Some(slot) => {
                 self.states[slot as usize] = state;
@@ -269,7 +269,7 @@ pub fn card_windows<'s>(
                 // Arrivals first, grouped by card; then one pass per changed card.
                 arrivals.sort_unstable_by_key(|x| (x.card_id, x.event_time_ms, x.event_id));
                 for (n, x) in arrivals.iter().enumerate() {
-                    let slot = cards.slot(x.card_id, stat_index.len());
+                    let slot = cards.slot(x.card_id);
                     let state = &mut cards.states[slot as usize].1;
                     state.entries.push_back(Entry::of(x, t));
                     // Arrivals are sorted by card: each card's are one range.

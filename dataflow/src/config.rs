@@ -127,11 +127,19 @@ impl FraudConfig {
     }
 
     /// Check what the computation relies on: at least one statistics window,
-    /// no window of length 0, and at most
+    /// no window of length 0, at most [`crate::card_state::MAX_STAT_WINDOWS`]
+    /// statistics windows, and at most
     /// [`crate::card_windows::MAX_RULE_WINDOWS`] distinct rule windows.
     pub fn validate(&self) -> Result<(), String> {
         if self.windows.is_empty() {
             return Err("no statistics windows configured".into());
+        }
+        if self.windows.len() > crate::card_state::MAX_STAT_WINDOWS {
+            return Err(format!(
+                "{} statistics windows, at most {} supported",
+                self.windows.len(),
+                crate::card_state::MAX_STAT_WINDOWS
+            ));
         }
         let mut rule: Vec<Time> = self.velocity.limits.iter().map(|(w, _)| *w).collect();
         rule.extend([self.amount_spike.window_ms, self.country_hopping.window_ms]);
