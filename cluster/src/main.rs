@@ -11,7 +11,8 @@
 
 mod stack;
 
-use std::process::{Command, ExitCode};
+use std::io::{BufRead, BufReader};
+use std::process::{Command, ExitCode, Stdio};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -19,6 +20,18 @@ use clap::{Parser, Subcommand};
 use stack::Stack;
 
 /// Tripwire's operator CLI.
+#[cfg(test)]
+mod tests {
+    use super::parse_test_result;
+
+    #[test]
+    fn libtest_result_lines_are_counted_and_other_lines_are_not() {
+        let line = "test result: ok. 8 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out; finished in 6.32s";
+        assert_eq!(parse_test_result(line), Some((8, 2)));
+        assert_eq!(parse_test_result("test foo ... ok"), None);
+    }
+}
+
 #[derive(Parser)]
 #[command(version, about)]
 struct Cli {
@@ -111,16 +124,32 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let started = stack.up()?;
             print_status(&stack);
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let status = Command::new(cargo)
+            let mut child = Command::new(cargo)
                 .current_dir(&stack.root)
                 .args(["test", "--release", "--workspace"])
                 .args(&cargo_args)
-                .status()
+                .stdout(Stdio::piped())
+                .spawn()
                 .context("running cargo test")?;
+            // Pass the output through and add up every test binary's result line,
+            // so the run ends on one summary for the whole workspace.
+            let (mut passed, mut failed) = (0u64, 0u64);
+            let stdout = child.stdout.take().context("cargo test stdout")?;
+            for line in BufReader::new(stdout).lines() {
+                let line = line?;
+                println!("{line}");
+                if let Some((p, f)) = parse_test_result(&line) {
+                    passed += p;
+                    failed += f;
+                }
+            }
+            let status = child.wait()?;
             if !keep_stack && !started.is_empty() {
                 let started: Vec<String> = started.iter().map(|s| s.to_string()).collect();
                 stack.down(&started)?;
             }
+            // After the stack is down, so that this is the run's last line.
+            println!("tests: {passed} passed, {failed} failed");
             Ok(if status.success() {
                 ExitCode::SUCCESS
             } else {
@@ -128,6 +157,23 @@ fn run(cli: Cli) -> Result<ExitCode> {
             })
         }
     }
+}
+
+/// `(passed, failed)` from a libtest line like `test result: ok. 8 passed; 0 failed; ...`.
+fn parse_test_result(line: &str) -> Option<(u64, u64)> {
+    let rest = line.strip_prefix("test result: ")?;
+    let count = |word: &str| -> Option<u64> {
+        rest.split(';').find_map(|part| {
+            part.trim()
+                .strip_suffix(word)?
+                .rsplit(' ')
+                .next()?
+                .trim()
+                .parse()
+                .ok()
+        })
+    };
+    Some((count(" passed")?, count(" failed")?))
 }
 
 /// Print `status` and fail unless every service is up.

@@ -32,7 +32,7 @@ use crate::fxhash::FxHashMap;
 use crate::output::{CardWindow, WindowStats};
 
 /// How many distinct window lengths the rules may read.
-pub const MAX_RULE_WINDOWS: usize = 6;
+pub const MAX_RULE_WINDOWS: usize = 4;
 
 /// One window's state at a judged event's time, as the rules read it.
 #[derive(
@@ -45,14 +45,12 @@ pub struct WindowView {
     pub count: u64,
     /// Their total amount.
     pub sum: i64,
-    /// Distinct merchants among them.
-    pub distinct_merchants: u64,
     /// Distinct countries among them.
     pub distinct_countries: u64,
 }
 
 /// The card's previous transaction (by event time, then id), for travel checks.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Previous {
     /// Its id.
     pub event_id: u64,
@@ -64,11 +62,43 @@ pub struct Previous {
     pub lon_e6: i32,
 }
 
+/// What the rules need of the judged transaction itself; kept small, since
+/// every rule gets its own copy of each judged event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Trigger {
+    /// Event id.
+    pub event_id: u64,
+    /// Card id.
+    pub card_id: u64,
+    /// Event time, ms.
+    pub event_time_ms: Time,
+    /// Amount, minor units.
+    pub amount_minor: i64,
+    /// Latitude, micro-degrees.
+    pub lat_e6: i32,
+    /// Longitude, micro-degrees.
+    pub lon_e6: i32,
+}
+
+impl Trigger {
+    /// The trigger part of `x`.
+    pub fn of(x: &Transaction) -> Self {
+        Trigger {
+            event_id: x.event_id,
+            card_id: x.card_id,
+            event_time_ms: x.event_time_ms,
+            amount_minor: x.amount_minor,
+            lat_e6: x.lat_e6,
+            lon_e6: x.lon_e6,
+        }
+    }
+}
+
 /// An accepted event with its card's state at the event's time: what every rule judges.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Judged {
     /// The event.
-    pub event: Transaction,
+    pub event: Trigger,
     /// The windows the rules read (velocity, amount spike, country hopping),
     /// in ascending length; unused slots have `window_ms == 0`. Inline, so that
     /// handing an event to five rules copies it without allocating.
@@ -103,7 +133,8 @@ const FUEL: usize = 20_000;
 #[derive(Default)]
 struct Due {
     arrivals: Vec<Transaction>,
-    wake: Vec<u32>,
+    /// `(slot, depth)`: the card's windows `lengths[..depth]` may have changed.
+    wake: Vec<(u32, usize)>,
 }
 
 /// Route by a mix of the card id, so that sequential ids spread over workers.
@@ -190,6 +221,8 @@ pub fn card_windows<'s>(
         .unwrap_or(0);
     // A card wakes when a transaction leaves one of its statistics windows, and
     // when it leaves the longest window (to forget it).
+    // With each wake-up goes how many windows (shortest first) it can change,
+    // so a departure from the 1-minute window rescans one minute, not a day.
     let mut wakes: Vec<Time> = stat_index
         .iter()
         .map(|&i| lengths[i])
@@ -197,6 +230,10 @@ pub fn card_windows<'s>(
         .collect();
     wakes.sort_unstable();
     wakes.dedup();
+    let wakes: Vec<(Time, usize)> = wakes
+        .into_iter()
+        .map(|w| (w, lengths.iter().filter(|l| **l <= w).count()))
+        .collect();
 
     let scope = events.inner.scope();
     let mut builder = OperatorBuilder::new("CardWindows".to_owned(), scope);
@@ -277,29 +314,40 @@ pub fn card_windows<'s>(
                     if state.touched_at != Some(t) {
                         state.touched_at = Some(t);
                         state.arrivals.start = n;
-                        wake.push(slot);
-                        for w in &wakes {
-                            due.entry(t.saturating_add(*w)).or_default().wake.push(slot);
+                        wake.push((slot, lengths.len()));
+                        for &(w, depth) in &wakes {
+                            due.entry(t.saturating_add(w))
+                                .or_default()
+                                .wake
+                                .push((slot, depth));
                         }
                     }
                 }
-                wake.sort_unstable();
-                wake.dedup();
+                // One pass per card, as deep as its deepest change.
+                wake.sort_unstable_by_key(|&(slot, depth)| (slot, std::cmp::Reverse(depth)));
+                wake.dedup_by_key(|(slot, _)| *slot);
                 fuel = fuel.saturating_sub(arrivals.len() + wake.len());
 
-                for slot in wake {
+                for (slot, depth) in wake {
                     let (card_id, state) = &mut cards.states[slot as usize];
                     let card_id = *card_id;
                     state.trim(t, longest);
+                    let mine = if state.touched_at == Some(t) {
+                        state.arrivals.clone()
+                    } else {
+                        0..0
+                    };
+                    // Only arrivals are judged, and only they need the card-testing window.
+                    let small = if mine.is_empty() { 0 } else { small_window };
                     let small_merchants = state.scan(
                         t,
-                        &lengths,
+                        &lengths[..depth],
                         small_amount,
-                        small_window,
+                        small,
                         &mut scratch,
                         &mut aggs,
                     );
-                    for (k, &i) in stat_index.iter().enumerate() {
+                    for (k, &i) in stat_index.iter().enumerate().filter(|(_, &i)| i < depth) {
                         let after = aggs[i].stats();
                         if state.emitted[k] == after {
                             continue;
@@ -317,21 +365,17 @@ pub fn card_windows<'s>(
                         state.emitted[k] = after;
                     }
                     let mut windows = [WindowView::default(); MAX_RULE_WINDOWS];
-                    for (view, &i) in windows.iter_mut().zip(&rule_index) {
-                        let a = &aggs[i];
-                        *view = WindowView {
-                            window_ms: lengths[i],
-                            count: a.count,
-                            sum: a.sum,
-                            distinct_merchants: a.distinct_merchants,
-                            distinct_countries: a.distinct_countries,
-                        };
+                    if !mine.is_empty() {
+                        for (view, &i) in windows.iter_mut().zip(&rule_index) {
+                            let a = &aggs[i];
+                            *view = WindowView {
+                                window_ms: lengths[i],
+                                count: a.count,
+                                sum: a.sum,
+                                distinct_countries: a.distinct_countries,
+                            };
+                        }
                     }
-                    let mine = if state.touched_at == Some(t) {
-                        state.arrivals.clone()
-                    } else {
-                        0..0
-                    };
                     for x in &arrivals[mine] {
                         let previous = state
                             .previous(t, x.event_time_ms, x.event_id, lookback)
@@ -342,7 +386,7 @@ pub fn card_windows<'s>(
                                 lon_e6: e.lon_e6,
                             });
                         let judged = Judged {
-                            event: x.clone(),
+                            event: Trigger::of(x),
                             windows,
                             small_merchants,
                             previous,

@@ -2,9 +2,9 @@
 
 use differential_dataflow::VecCollection;
 
-use crate::card_windows::{Judged, Previous};
+use crate::card_windows::{Judged, Previous, Trigger};
 use crate::config::TravelConfig;
-use crate::event::{Diff, Time, Transaction};
+use crate::event::{Diff, Time};
 use crate::output::{Alert, Details, Rule};
 use crate::rules::alert;
 
@@ -49,7 +49,7 @@ impl<'s> ImpossibleTravel<'s> for VecCollection<'s, Time, Judged, Diff> {
 }
 
 /// Haversine distance between the previous position and the event's, km.
-fn great_circle_km(a: &Previous, b: &Transaction) -> f64 {
+fn great_circle_km(a: &Previous, b: &Trigger) -> f64 {
     let rad = |e6: i32| (e6 as f64 / 1e6).to_radians();
     let (phi1, phi2) = (rad(a.lat_e6), rad(b.lat_e6));
     let dphi = phi2 - phi1;
