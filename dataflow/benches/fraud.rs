@@ -2,9 +2,10 @@
 //!
 //! `cargo bench -p tripwire-dataflow --bench fraud [-- EVENTS [CARDS]]`
 //!
-//! Runs 1 and 2 workers, each in a child process of its own so that its peak
-//! memory (VmHWM) is its own, prints a table, and ends with
-//! `events_per_sec=<n>` for 2 workers.
+//! Runs 1 and 2 workers at the default tick (1 ms) and at a 100 ms tick, each
+//! in a child process of its own so that its peak memory (VmHWM) is its own,
+//! prints a table, and ends with `events_per_sec=<n>` for 2 workers at the
+//! default tick.
 
 use std::process::Command;
 use std::time::Instant;
@@ -28,7 +29,8 @@ fn main() {
         let workers: usize = args[1].parse().unwrap();
         let events: u64 = args[2].parse().unwrap();
         let cards: u64 = args[3].parse().unwrap();
-        child(workers, events, cards);
+        let tick: u64 = args[4].parse().unwrap();
+        child(workers, events, cards, tick);
         return;
     }
     let events: u64 = args
@@ -36,20 +38,25 @@ fn main() {
         .and_then(|a| a.parse().ok())
         .unwrap_or(2_000_000);
     let cards: u64 = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(100_000);
-    println!("fraud dataflow, in-process: {events} events, {cards} cards, {EVENTS_PER_EVENT_SECOND} events per event-time second");
-    println!("windows 1m/5m/1h/24h, 5 aggregates, 5 rules, tick 1 ms\n");
-    println!("| workers | seconds | events/s | peak RSS MiB |");
-    println!("|---|---|---|---|");
-    let mut last = 0.0;
-    for workers in [1usize, 2] {
+    println!(
+        "fraud dataflow, in-process: {events} events, {cards} cards, \
+         {EVENTS_PER_EVENT_SECOND} events per event-time second"
+    );
+    println!("windows 1m/5m/1h/24h, 5 aggregates, 5 rules\n");
+    println!("| tick ms | workers | seconds | events/s | peak RSS MiB |");
+    println!("|---|---|---|---|---|");
+    let mut default_two = 0.0;
+    for (tick, workers) in [(1u64, 1usize), (1, 2), (100, 1), (100, 2)] {
         let exe = std::env::current_exe().unwrap();
+        let args = [
+            workers.to_string(),
+            events.to_string(),
+            cards.to_string(),
+            tick.to_string(),
+        ];
         let out = Command::new(exe)
-            .args([
-                "child",
-                &workers.to_string(),
-                &events.to_string(),
-                &cards.to_string(),
-            ])
+            .arg("child")
+            .args(args)
             .output()
             .expect("run child");
         let text = String::from_utf8_lossy(&out.stdout);
@@ -66,20 +73,23 @@ fn main() {
         };
         let secs = field("seconds");
         let eps = events as f64 / secs;
-        println!(
-            "| {workers} | {secs:.2} | {eps:.0} | {:.0} |",
-            field("peak_kib") / 1024.0
-        );
-        last = eps;
+        let mib = field("peak_kib") / 1024.0;
+        println!("| {tick} | {workers} | {secs:.2} | {eps:.0} | {mib:.0} |");
+        if (tick, workers) == (1, 2) {
+            default_two = eps;
+        }
     }
-    println!("\nevents_per_sec={last:.0}");
+    println!("\nevents_per_sec={default_two:.0}");
 }
 
-fn child(workers: usize, events: u64, cards: u64) {
+fn child(workers: usize, events: u64, cards: u64, tick: u64) {
     let start = Instant::now();
     timely::execute(timely::Config::process(workers), move |worker| {
         let (index, peers) = (worker.index() as u64, worker.peers() as u64);
-        let config = FraudConfig::default();
+        let config = FraudConfig {
+            tick_ms: tick,
+            ..FraudConfig::default()
+        };
         let probe = ProbeHandle::new();
         let mut input = worker.dataflow::<Time, _, _>(|scope| {
             let (input, events) = scope.new_collection::<Transaction, Diff>();
@@ -93,14 +103,12 @@ fn child(workers: usize, events: u64, cards: u64) {
         while n < events {
             let end = (n + BATCH * peers).min(events);
             while n < end {
-                input.update_at(
-                    transaction(n, cards, base),
-                    base + n * 1000 / EVENTS_PER_EVENT_SECOND,
-                    1,
-                );
+                let x = transaction(n, cards, base);
+                let t = config.time_of(x.event_time_ms);
+                input.update_at(x, t, 1);
                 n += peers;
             }
-            input.advance_to(base + n * 1000 / EVENTS_PER_EVENT_SECOND);
+            input.advance_to(config.time_of(base + n * 1000 / EVENTS_PER_EVENT_SECOND));
             input.flush();
             // Stay within a few batches of the input, as a source under backpressure would.
             let behind =

@@ -305,6 +305,7 @@ pub fn card_windows<'s>(
 
                 // Arrivals first, grouped by card; then one pass per changed card.
                 arrivals.sort_unstable_by_key(|x| (x.card_id, x.event_time_ms, x.event_id));
+                let mut arrived: Vec<u32> = Vec::new();
                 for (n, x) in arrivals.iter().enumerate() {
                     let slot = cards.slot(x.card_id);
                     let state = &mut cards.states[slot as usize].1;
@@ -315,12 +316,14 @@ pub fn card_windows<'s>(
                         state.touched_at = Some(t);
                         state.arrivals.start = n;
                         wake.push((slot, lengths.len()));
-                        for &(w, depth) in &wakes {
-                            due.entry(t.saturating_add(w))
-                                .or_default()
-                                .wake
-                                .push((slot, depth));
-                        }
+                        arrived.push(slot);
+                    }
+                }
+                // Their departures, one queue entry per window for all of them.
+                if !arrived.is_empty() {
+                    for &(w, depth) in &wakes {
+                        let at = &mut due.entry(t.saturating_add(w)).or_default().wake;
+                        at.extend(arrived.iter().map(|&slot| (slot, depth)));
                     }
                 }
                 // One pass per card, as deep as its deepest change.
