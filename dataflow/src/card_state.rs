@@ -144,8 +144,9 @@ impl CardState {
         Self::default()
     }
 
-    /// Drop entries that have left every window at time `t`: `tau + longest <= t`.
-    pub fn trim(&mut self, t: Time, longest: Time) {
+    /// Drop entries that have left every window at time `t` (`tau + longest <= t`); how many.
+    pub fn trim(&mut self, t: Time, longest: Time) -> usize {
+        let before = self.entries.len();
         while self
             .entries
             .front()
@@ -153,6 +154,7 @@ impl CardState {
         {
             self.entries.pop_front();
         }
+        before - self.entries.len()
     }
 
     /// The aggregates at time `t` of each window in `lengths` (ascending), and

@@ -16,7 +16,9 @@
 //! arrangements. The statistics that leave this operator are an ordinary
 //! differential collection, consolidated per time.
 
+use std::cell::Cell;
 use std::collections::BTreeMap;
+use std::rc::Rc;
 
 use differential_dataflow::{AsCollection, VecCollection};
 use serde::{Deserialize, Serialize};
@@ -124,6 +126,20 @@ pub struct CardWindows<'s> {
     pub stats: VecCollection<'s, Time, (CardWindow, WindowStats), Diff>,
     /// Every accepted event once, at its time, with its card's state then.
     pub judged: VecCollection<'s, Time, Judged, Diff>,
+    /// How much this worker's operator holds, updated after each activation.
+    pub size: Rc<Cell<StateSize>>,
+}
+
+/// What the window operator of one worker holds: the measure of its state,
+/// for metrics and for tests that state stays bounded by the windows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StateSize {
+    /// Cards with at least one transaction in a window.
+    pub cards: usize,
+    /// Transactions held, over all cards.
+    pub entries: usize,
+    /// Distinct future times with arrivals or departures queued.
+    pub due_times: usize,
 }
 
 /// Arrivals plus card passes one activation may do before yielding to downstream operators.
@@ -249,8 +265,11 @@ pub fn card_windows<'s>(
     let mut judged_out =
         OutputBuilder::<_, timely::container::CapacityContainerBuilder<Vec<_>>>::from(judged_out);
 
+    let size = Rc::new(Cell::new(StateSize::default()));
+    let gauge = size.clone();
     builder.build(move |_initial| {
         let mut cards = Cards::default();
+        let mut entries: usize = 0;
         let mut due: BTreeMap<Time, Due> = BTreeMap::new();
         // Capabilities for both outputs at the earliest due time; `None` iff `due` is empty.
         let mut held: Option<[Capability<Time>; 2]> = None;
@@ -310,6 +329,7 @@ pub fn card_windows<'s>(
                     let slot = cards.slot(x.card_id);
                     let state = &mut cards.states[slot as usize].1;
                     state.entries.push_back(Entry::of(x, t));
+                    entries += 1;
                     // Arrivals are sorted by card: each card's are one range.
                     state.arrivals.end = n + 1;
                     if state.touched_at != Some(t) {
@@ -334,7 +354,7 @@ pub fn card_windows<'s>(
                 for (slot, depth) in wake {
                     let (card_id, state) = &mut cards.states[slot as usize];
                     let card_id = *card_id;
-                    state.trim(t, longest);
+                    entries -= state.trim(t, longest);
                     let mine = if state.touched_at == Some(t) {
                         state.arrivals.clone()
                     } else {
@@ -412,11 +432,17 @@ pub fn card_windows<'s>(
                 }
                 None => held = None,
             }
+            gauge.set(StateSize {
+                cards: cards.slot_of.len(),
+                entries,
+                due_times: due.len(),
+            });
         }
     });
 
     CardWindows {
         stats: stats.as_collection(),
         judged: judged.as_collection(),
+        size,
     }
 }

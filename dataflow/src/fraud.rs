@@ -2,7 +2,10 @@
 
 use differential_dataflow::VecCollection;
 
-use crate::card_windows::card_windows;
+use std::cell::Cell;
+use std::rc::Rc;
+
+use crate::card_windows::{card_windows, StateSize};
 use crate::config::FraudConfig;
 use crate::event::{Diff, Time, Transaction};
 use crate::output::{Alert, CardWindow, WindowStats};
@@ -14,6 +17,8 @@ pub struct FraudOutputs<'s> {
     pub stats: VecCollection<'s, Time, (CardWindow, WindowStats), Diff>,
     /// Alerts; a monotone collection, each alert at its trigger's time.
     pub alerts: VecCollection<'s, Time, Alert, Diff>,
+    /// What this worker's window state holds, for metrics and tests.
+    pub state: Rc<Cell<StateSize>>,
 }
 
 /// Extension trait: run the fraud computation on a collection of accepted events.
@@ -35,6 +40,7 @@ impl<'s> DetectFraud<'s> for VecCollection<'s, Time, Transaction, Diff> {
             .concat(judged.clone().card_testing(&config.card_testing))
             .concat(judged.impossible_travel(&config.travel));
         FraudOutputs {
+            state: windows.size,
             stats: windows.stats,
             alerts,
         }
