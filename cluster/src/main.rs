@@ -117,10 +117,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             println!("stop the stack with `./tripwire stack down`.");
             Ok(code)
         }
-        Cmd::Test {
-            keep_stack,
-            cargo_args,
-        } => {
+        Cmd::Test { keep_stack, cargo_args } => {
             let started = stack.up()?;
             print_status(&stack);
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
@@ -150,11 +147,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             // After the stack is down, so that this is the run's last line.
             println!("tests: {passed} passed, {failed} failed");
-            Ok(if status.success() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
+            Ok(if status.success() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
     }
 }
@@ -164,13 +157,7 @@ fn parse_test_result(line: &str) -> Option<(u64, u64)> {
     let rest = line.strip_prefix("test result: ")?;
     let count = |word: &str| -> Option<u64> {
         rest.split(';').find_map(|part| {
-            part.trim()
-                .strip_suffix(word)?
-                .rsplit(' ')
-                .next()?
-                .trim()
-                .parse()
-                .ok()
+            part.trim().strip_suffix(word)?.rsplit(' ').next()?.trim().parse().ok()
         })
     };
     Some((count(" passed")?, count(" failed")?))

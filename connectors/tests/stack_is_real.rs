@@ -19,10 +19,7 @@ fn endpoints() -> Endpoints {
 
 /// A name no other test run uses, so runs against a long-lived stack never meet.
 fn unique(prefix: &str) -> String {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos();
     format!("{prefix}_{}_{nanos}", std::process::id())
 }
 
@@ -68,8 +65,7 @@ fn read_all(
         .expect("consumer");
     let mut tpl = TopicPartitionList::new();
     for p in 0..partitions {
-        tpl.add_partition_offset(topic, p, Offset::Beginning)
-            .unwrap();
+        tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
     }
     consumer.assign(&tpl).unwrap();
     let mut seen = Vec::new();
@@ -95,9 +91,7 @@ fn idempotent_producer_round_trips_every_record_once() {
     let sent: Vec<String> = (0..300).map(|i| format!("record-{i}")).collect();
     for (i, v) in sent.iter().enumerate() {
         let key = i.to_string();
-        p.send(BaseRecord::to(&topic).key(&key).payload(v))
-            .map_err(|(e, _)| e)
-            .unwrap();
+        p.send(BaseRecord::to(&topic).key(&key).payload(v)).map_err(|(e, _)| e).unwrap();
     }
     p.flush(Duration::from_secs(30)).expect("flush");
     let got = read_all(&topic, 3, "read_uncommitted", |s| s.len() >= sent.len());
@@ -112,20 +106,14 @@ fn idempotent_producer_round_trips_every_record_once() {
 fn transactional_producer_commits_and_aborts_as_read_committed_sees_them() {
     let topic = unique("stack_txn");
     create_topic(&topic, 2);
-    let p = producer(&[
-        ("transactional.id", &unique("stack-txn")),
-        ("enable.idempotence", "true"),
-    ]);
+    let p = producer(&[("transactional.id", &unique("stack-txn")), ("enable.idempotence", "true")]);
     let t = Duration::from_secs(30);
-    p.init_transactions(t)
-        .expect("init_transactions: transaction coordinator running");
+    p.init_transactions(t).expect("init_transactions: transaction coordinator running");
     let batch = |tag: &str| -> Vec<String> { (0..20).map(|i| format!("{tag}-{i}")).collect() };
     let send_all = |vals: &[String]| {
         for (i, v) in vals.iter().enumerate() {
             let key = i.to_string();
-            p.send(BaseRecord::to(&topic).key(&key).payload(v))
-                .map_err(|(e, _)| e)
-                .unwrap();
+            p.send(BaseRecord::to(&topic).key(&key).payload(v)).map_err(|(e, _)| e).unwrap();
         }
     };
     let (committed, aborted, last) = (batch("committed"), batch("aborted"), batch("last"));
@@ -141,25 +129,14 @@ fn transactional_producer_commits_and_aborts_as_read_committed_sees_them() {
     p.commit_transaction(t).unwrap();
 
     let want: BTreeSet<String> = committed.iter().chain(&last).cloned().collect();
-    let got = read_all(&topic, 2, "read_committed", |s| {
-        last.iter().all(|v| s.contains(v))
-    });
+    let got = read_all(&topic, 2, "read_committed", |s| last.iter().all(|v| s.contains(v)));
     let got_set: BTreeSet<String> = got.iter().cloned().collect();
-    assert_eq!(
-        got.len(),
-        got_set.len(),
-        "no duplicates under read_committed"
-    );
+    assert_eq!(got.len(), got_set.len(), "no duplicates under read_committed");
     assert_eq!(got_set, want, "read_committed sees committed batches only");
 
     // The aborted batch did reach the log: read_uncommitted sees it, so the test above is not vacuous.
-    let raw = read_all(&topic, 2, "read_uncommitted", |s| {
-        last.iter().all(|v| s.contains(v))
-    });
-    assert!(
-        aborted.iter().all(|v| raw.contains(v)),
-        "aborted records are in the log"
-    );
+    let raw = read_all(&topic, 2, "read_uncommitted", |s| last.iter().all(|v| s.contains(v)));
+    assert!(aborted.iter().all(|v| raw.contains(v)), "aborted records are in the log");
 }
 
 #[tokio::test]
@@ -175,37 +152,23 @@ async fn postgres_round_trips_rows_through_tokio_postgres() {
         .await
         .unwrap();
     let insert = client
-        .prepare(&format!(
-            "INSERT INTO {table} VALUES ($1, $2, $3::text::numeric)"
-        ))
+        .prepare(&format!("INSERT INTO {table} VALUES ($1, $2, $3::text::numeric)"))
         .await
         .unwrap();
     let rows: Vec<(i64, String, String)> = (0..50)
-        .map(|i| {
-            (
-                i,
-                format!("card-{}", i % 7),
-                format!("{}.{:02}", i * 13, i % 100),
-            )
-        })
+        .map(|i| (i, format!("card-{}", i % 7), format!("{}.{:02}", i * 13, i % 100)))
         .collect();
     for (id, card, amount) in &rows {
         client.execute(&insert, &[id, card, amount]).await.unwrap();
     }
     let back: Vec<(i64, String, String)> = client
-        .query(
-            &format!("SELECT id, card, amount::text FROM {table} ORDER BY id"),
-            &[],
-        )
+        .query(&format!("SELECT id, card, amount::text FROM {table} ORDER BY id"), &[])
         .await
         .unwrap()
         .iter()
         .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect();
-    client
-        .batch_execute(&format!("DROP TABLE {table}"))
-        .await
-        .unwrap();
+    client.batch_execute(&format!("DROP TABLE {table}")).await.unwrap();
     assert_eq!(back, rows);
 }
 
@@ -217,17 +180,8 @@ async fn redis_answers_set_get_and_eval() {
         .await
         .expect("connect; is the stack up? (./tripwire stack up)");
     let key = unique("stack:key");
-    let () = redis::cmd("SET")
-        .arg(&key)
-        .arg("41")
-        .query_async(&mut con)
-        .await
-        .unwrap();
-    let got: String = redis::cmd("GET")
-        .arg(&key)
-        .query_async(&mut con)
-        .await
-        .unwrap();
+    let () = redis::cmd("SET").arg(&key).arg("41").query_async(&mut con).await.unwrap();
+    let got: String = redis::cmd("GET").arg(&key).query_async(&mut con).await.unwrap();
     assert_eq!(got, "41");
     // A script runs atomically on the server: increment and read back in one step.
     let after: i64 = redis::cmd("EVAL")
@@ -239,9 +193,5 @@ async fn redis_answers_set_get_and_eval() {
         .await
         .unwrap();
     assert_eq!(after, 42);
-    let () = redis::cmd("DEL")
-        .arg(&key)
-        .query_async(&mut con)
-        .await
-        .unwrap();
+    let () = redis::cmd("DEL").arg(&key).query_async(&mut con).await.unwrap();
 }

@@ -21,10 +21,7 @@ const EVENTS_PER_EVENT_SECOND: u64 = 10_000;
 const BATCH: u64 = 2_000;
 
 fn main() {
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with("--"))
-        .collect();
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
     if args.first().map(String::as_str) == Some("child") {
         let workers: usize = args[1].parse().unwrap();
         let events: u64 = args[2].parse().unwrap();
@@ -33,10 +30,7 @@ fn main() {
         child(workers, events, cards, tick);
         return;
     }
-    let events: u64 = args
-        .first()
-        .and_then(|a| a.parse().ok())
-        .unwrap_or(2_000_000);
+    let events: u64 = args.first().and_then(|a| a.parse().ok()).unwrap_or(2_000_000);
     let cards: u64 = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(100_000);
     println!(
         "fraud dataflow, in-process: {events} events, {cards} cards, \
@@ -48,23 +42,10 @@ fn main() {
     let mut default_two = 0.0;
     for (tick, workers) in [(1u64, 1usize), (1, 2), (100, 1), (100, 2)] {
         let exe = std::env::current_exe().unwrap();
-        let args = [
-            workers.to_string(),
-            events.to_string(),
-            cards.to_string(),
-            tick.to_string(),
-        ];
-        let out = Command::new(exe)
-            .arg("child")
-            .args(args)
-            .output()
-            .expect("run child");
+        let args = [workers.to_string(), events.to_string(), cards.to_string(), tick.to_string()];
+        let out = Command::new(exe).arg("child").args(args).output().expect("run child");
         let text = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "child failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "child failed: {}", String::from_utf8_lossy(&out.stderr));
         let field = |name: &str| -> f64 {
             text.lines()
                 .find_map(|l| l.strip_prefix(&format!("{name}=")))
@@ -86,10 +67,7 @@ fn child(workers: usize, events: u64, cards: u64, tick: u64) {
     let start = Instant::now();
     timely::execute(timely::Config::process(workers), move |worker| {
         let (index, peers) = (worker.index() as u64, worker.peers() as u64);
-        let config = FraudConfig {
-            tick_ms: tick,
-            ..FraudConfig::default()
-        };
+        let config = FraudConfig { tick_ms: tick, ..FraudConfig::default() };
         let probe = ProbeHandle::new();
         let mut input = worker.dataflow::<Time, _, _>(|scope| {
             let (input, events) = scope.new_collection::<Transaction, Diff>();

@@ -147,11 +147,7 @@ impl CardState {
     /// Drop entries that have left every window at time `t` (`tau + longest <= t`); how many.
     pub fn trim(&mut self, t: Time, longest: Time) -> usize {
         let before = self.entries.len();
-        while self
-            .entries
-            .front()
-            .is_some_and(|e| e.tau.saturating_add(longest) <= t)
-        {
+        while self.entries.front().is_some_and(|e| e.tau.saturating_add(longest) <= t) {
             self.entries.pop_front();
         }
         before - self.entries.len()

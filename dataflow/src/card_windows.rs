@@ -114,9 +114,7 @@ pub struct Judged {
 impl Judged {
     /// The view of the window of length `window_ms`, if the operator keeps it.
     pub fn window(&self, window_ms: Time) -> Option<&WindowView> {
-        self.windows
-            .iter()
-            .find(|w| w.window_ms == window_ms && window_ms > 0)
+        self.windows.iter().find(|w| w.window_ms == window_ms && window_ms > 0)
     }
 }
 
@@ -220,36 +218,23 @@ pub fn card_windows<'s>(
     lengths.sort_unstable();
     lengths.dedup();
     // Indexes into `lengths` of the statistics windows and of the rule windows.
-    let stat_index: Vec<usize> = (0..lengths.len())
-        .filter(|&i| config.windows.contains(&lengths[i]))
-        .collect();
-    let rule_index: Vec<usize> = (0..lengths.len())
-        .filter(|&i| rule_lengths.contains(&lengths[i]))
-        .collect();
+    let stat_index: Vec<usize> =
+        (0..lengths.len()).filter(|&i| config.windows.contains(&lengths[i])).collect();
+    let rule_index: Vec<usize> =
+        (0..lengths.len()).filter(|&i| rule_lengths.contains(&lengths[i])).collect();
     let small_amount = config.card_testing.small_amount_minor;
     let small_window = config.card_testing.window_ms;
     let lookback = config.travel.lookback_ms;
-    let longest = lengths
-        .iter()
-        .copied()
-        .chain([small_window, lookback])
-        .max()
-        .unwrap_or(0);
+    let longest = lengths.iter().copied().chain([small_window, lookback]).max().unwrap_or(0);
     // A card wakes when a transaction leaves one of its statistics windows, and
     // when it leaves the longest window (to forget it).
     // With each wake-up goes how many windows (shortest first) it can change,
     // so a departure from the 1-minute window rescans one minute, not a day.
-    let mut wakes: Vec<Time> = stat_index
-        .iter()
-        .map(|&i| lengths[i])
-        .chain([longest])
-        .collect();
+    let mut wakes: Vec<Time> = stat_index.iter().map(|&i| lengths[i]).chain([longest]).collect();
     wakes.sort_unstable();
     wakes.dedup();
-    let wakes: Vec<(Time, usize)> = wakes
-        .into_iter()
-        .map(|w| (w, lengths.iter().filter(|l| **l <= w).count()))
-        .collect();
+    let wakes: Vec<(Time, usize)> =
+        wakes.into_iter().map(|w| (w, lengths.iter().filter(|l| **l <= w).count())).collect();
 
     let scope = events.inner.scope();
     let mut builder = OperatorBuilder::new("CardWindows".to_owned(), scope);
@@ -317,10 +302,7 @@ pub fn card_windows<'s>(
                     activator.activate();
                     break;
                 }
-                let Due {
-                    mut arrivals,
-                    mut wake,
-                } = entry.remove();
+                let Due { mut arrivals, mut wake } = entry.remove();
 
                 // Arrivals first, grouped by card; then one pass per changed card.
                 arrivals.sort_unstable_by_key(|x| (x.card_id, x.event_time_ms, x.event_id));
@@ -355,11 +337,8 @@ pub fn card_windows<'s>(
                     let (card_id, state) = &mut cards.states[slot as usize];
                     let card_id = *card_id;
                     entries -= state.trim(t, longest);
-                    let mine = if state.touched_at == Some(t) {
-                        state.arrivals.clone()
-                    } else {
-                        0..0
-                    };
+                    let mine =
+                        if state.touched_at == Some(t) { state.arrivals.clone() } else { 0..0 };
                     // Only arrivals are judged, and only they need the card-testing window.
                     let small = if mine.is_empty() { 0 } else { small_window };
                     let small_merchants = state.scan(
@@ -375,10 +354,7 @@ pub fn card_windows<'s>(
                         if state.emitted[k] == after {
                             continue;
                         }
-                        let key = CardWindow {
-                            card_id,
-                            window_ms: lengths[i],
-                        };
+                        let key = CardWindow { card_id, window_ms: lengths[i] };
                         if let Some(b) = state.emitted[k] {
                             stats_session.give(((key, b), t, -1));
                         }
@@ -408,12 +384,8 @@ pub fn card_windows<'s>(
                                 lat_e6: e.lat_e6,
                                 lon_e6: e.lon_e6,
                             });
-                        let judged = Judged {
-                            event: Trigger::of(x),
-                            windows,
-                            small_merchants,
-                            previous,
-                        };
+                        let judged =
+                            Judged { event: Trigger::of(x), windows, small_merchants, previous };
                         judged_session.give((judged, t, 1));
                     }
                     // State is bounded by the window contents: an empty card goes.
@@ -432,17 +404,9 @@ pub fn card_windows<'s>(
                 }
                 None => held = None,
             }
-            gauge.set(StateSize {
-                cards: cards.slot_of.len(),
-                entries,
-                due_times: due.len(),
-            });
+            gauge.set(StateSize { cards: cards.slot_of.len(), entries, due_times: due.len() });
         }
     });
 
-    CardWindows {
-        stats: stats.as_collection(),
-        judged: judged.as_collection(),
-        size,
-    }
+    CardWindows { stats: stats.as_collection(), judged: judged.as_collection(), size }
 }

@@ -95,27 +95,15 @@ impl Default for FraudConfig {
         FraudConfig {
             windows: vec![MINUTE, 5 * MINUTE, HOUR, DAY],
             tick_ms: 1,
-            velocity: VelocityConfig {
-                limits: vec![(MINUTE, 5), (HOUR, 20)],
-            },
-            amount_spike: AmountSpikeConfig {
-                window_ms: DAY,
-                factor_percent: 500,
-                min_history: 5,
-            },
-            travel: TravelConfig {
-                max_speed_kmh: 900,
-                lookback_ms: DAY,
-            },
+            velocity: VelocityConfig { limits: vec![(MINUTE, 5), (HOUR, 20)] },
+            amount_spike: AmountSpikeConfig { window_ms: DAY, factor_percent: 500, min_history: 5 },
+            travel: TravelConfig { max_speed_kmh: 900, lookback_ms: DAY },
             card_testing: CardTestingConfig {
                 small_amount_minor: 500,
                 min_merchants: 5,
                 window_ms: 10 * MINUTE,
             },
-            country_hopping: CountryHoppingConfig {
-                min_countries: 3,
-                window_ms: HOUR,
-            },
+            country_hopping: CountryHoppingConfig { min_countries: 3, window_ms: HOUR },
         }
     }
 }
@@ -144,13 +132,7 @@ impl FraudConfig {
         let mut rule: Vec<Time> = self.velocity.limits.iter().map(|(w, _)| *w).collect();
         rule.extend([self.amount_spike.window_ms, self.country_hopping.window_ms]);
         let others = [self.card_testing.window_ms, self.travel.lookback_ms];
-        if self
-            .windows
-            .iter()
-            .chain(&rule)
-            .chain(&others)
-            .any(|w| *w == 0)
-        {
+        if self.windows.iter().chain(&rule).chain(&others).any(|w| *w == 0) {
             return Err("a window of length 0 ms holds nothing; every window must be > 0".into());
         }
         rule.sort_unstable();
@@ -174,12 +156,6 @@ impl FraudConfig {
             self.country_hopping.window_ms,
         ];
         let velocity = self.velocity.limits.iter().map(|(w, _)| *w);
-        self.windows
-            .iter()
-            .copied()
-            .chain(rules)
-            .chain(velocity)
-            .max()
-            .unwrap_or(0)
+        self.windows.iter().copied().chain(rules).chain(velocity).max().unwrap_or(0)
     }
 }

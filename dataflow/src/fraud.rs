@@ -39,10 +39,6 @@ impl<'s> DetectFraud<'s> for VecCollection<'s, Time, Transaction, Diff> {
             .concat(judged.clone().country_hopping(&config.country_hopping))
             .concat(judged.clone().card_testing(&config.card_testing))
             .concat(judged.impossible_travel(&config.travel));
-        FraudOutputs {
-            state: windows.size,
-            stats: windows.stats,
-            alerts,
-        }
+        FraudOutputs { state: windows.size, stats: windows.stats, alerts }
     }
 }

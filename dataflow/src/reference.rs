@@ -36,11 +36,7 @@ impl<'a> Reference<'a> {
     /// Builds the model of `events` (in any order, unique event ids) under `config`,
     /// evaluating every rule on every event.
     pub fn new(config: &'a FraudConfig, events: &'a [Transaction]) -> Self {
-        let mut reference = Reference {
-            config,
-            events,
-            alerts: Vec::new(),
-        };
+        let mut reference = Reference { config, events, alerts: Vec::new() };
         let mut alerts = Vec::new();
         for x in events {
             let t = reference.time_of(x.event_time_ms);
@@ -79,11 +75,7 @@ impl<'a> Reference<'a> {
                 let Some(max) = max else {
                     continue; // empty window: no statistic at all
                 };
-                let key = |metric| StatKey {
-                    card_id,
-                    window_ms,
-                    metric,
-                };
+                let key = |metric| StatKey { card_id, window_ms, metric };
                 stats.insert(key(Metric::Count), count);
                 stats.insert(
                     key(Metric::Sum),
@@ -99,21 +91,13 @@ impl<'a> Reference<'a> {
 
     /// All alerts whose trigger has τ ≤ t.
     pub fn alerts_until(&self, t: Time) -> BTreeSet<Alert> {
-        self.alerts
-            .iter()
-            .filter(|(tau, _)| *tau <= t)
-            .map(|(_, alert)| alert.clone())
-            .collect()
+        self.alerts.iter().filter(|(tau, _)| *tau <= t).map(|(_, alert)| alert.clone()).collect()
     }
 
     /// The timely time τ of an event time (its own re-implementation):
     /// `ceil(event_time_ms / tick) * tick` with `tick = max(config.tick_ms, 1)`.
     pub fn time_of(&self, event_time_ms: Time) -> Time {
-        let tick = u128::from(if self.config.tick_ms == 0 {
-            1
-        } else {
-            self.config.tick_ms
-        });
+        let tick = u128::from(if self.config.tick_ms == 0 { 1 } else { self.config.tick_ms });
         let e = u128::from(event_time_ms);
         let ticks = e.div_ceil(tick);
         Time::try_from(ticks * tick).expect("rounded event time overflows u64")
@@ -155,15 +139,7 @@ impl<'a> Reference<'a> {
         for &(window_ms, limit) in &cfg.velocity.limits {
             let n = self.window(c, window_ms, t).len() as u64;
             if n > limit {
-                alert(
-                    Rule::Velocity,
-                    window_ms,
-                    Details::Velocity {
-                        window_ms,
-                        count: n,
-                        limit,
-                    },
-                );
+                alert(Rule::Velocity, window_ms, Details::Velocity { window_ms, count: n, limit });
             }
         }
 
@@ -221,11 +197,7 @@ impl<'a> Reference<'a> {
                     d / (dt as f64 / MS_PER_HOUR)
                 };
                 if speed > cfg.travel.max_speed_kmh as f64 {
-                    let speed_kmh = if speed.is_infinite() {
-                        u64::MAX
-                    } else {
-                        speed as u64
-                    };
+                    let speed_kmh = if speed.is_infinite() { u64::MAX } else { speed as u64 };
                     alert(
                         Rule::ImpossibleTravel,
                         0,
@@ -263,11 +235,7 @@ impl<'a> Reference<'a> {
                 .collect();
             let k = countries.len() as u64;
             if k >= cfg.country_hopping.min_countries {
-                alert(
-                    Rule::CountryHopping,
-                    0,
-                    Details::CountryHopping { countries: k },
-                );
+                alert(Rule::CountryHopping, 0, Details::CountryHopping { countries: k });
             }
         }
 
@@ -322,19 +290,13 @@ mod tests {
                 factor_percent: 500,
                 min_history: u64::MAX,
             },
-            travel: TravelConfig {
-                max_speed_kmh: u64::MAX,
-                lookback_ms: DAY,
-            },
+            travel: TravelConfig { max_speed_kmh: u64::MAX, lookback_ms: DAY },
             card_testing: CardTestingConfig {
                 small_amount_minor: 500,
                 min_merchants: u64::MAX,
                 window_ms: 10 * MINUTE,
             },
-            country_hopping: CountryHoppingConfig {
-                min_countries: u64::MAX,
-                window_ms: HOUR,
-            },
+            country_hopping: CountryHoppingConfig { min_countries: u64::MAX, window_ms: HOUR },
         }
     }
 
@@ -386,13 +348,7 @@ mod tests {
     }
 
     fn count(stats: &BTreeMap<StatKey, i64>, card_id: u64, window_ms: Time) -> Option<i64> {
-        stats
-            .get(&StatKey {
-                card_id,
-                window_ms,
-                metric: Metric::Count,
-            })
-            .copied()
+        stats.get(&StatKey { card_id, window_ms, metric: Metric::Count }).copied()
     }
 
     // London (51.5074 N, 0.1278 W) and New York (40.7128 N, 74.0060 W): the
@@ -425,13 +381,7 @@ mod tests {
         ];
         let r = Reference::new(&config, &events);
         let stats = r.stats_at(2 * MINUTE + 10);
-        let get = |card_id, window_ms, metric| {
-            stats[&StatKey {
-                card_id,
-                window_ms,
-                metric,
-            }]
-        };
+        let get = |card_id, window_ms, metric| stats[&StatKey { card_id, window_ms, metric }];
         // Card 1, 1 h: all three events.
         assert_eq!(get(1, HOUR, Metric::Count), 3);
         assert_eq!(get(1, HOUR, Metric::Sum), 400);
@@ -505,14 +455,7 @@ mod tests {
         // The fourth: count 4 > 3.
         assert_eq!(
             fired(&r, Rule::Velocity, 4000),
-            vec![(
-                4,
-                Details::Velocity {
-                    window_ms: MINUTE,
-                    count: 4,
-                    limit: 3
-                }
-            )]
+            vec![(4, Details::Velocity { window_ms: MINUTE, count: 4, limit: 3 })]
         );
         let alert = r.alerts_until(4000).into_iter().next().unwrap();
         assert_eq!(alert.id, reference_alert_id(Rule::Velocity, 4, MINUTE));
@@ -528,25 +471,15 @@ mod tests {
         // Event 3 at 1999 sees events 2 and 3 (count 2 > 1).
         assert_eq!(
             fired(&r, Rule::Velocity, u64::MAX),
-            vec![(
-                3,
-                Details::Velocity {
-                    window_ms: 1000,
-                    count: 2,
-                    limit: 1
-                }
-            )]
+            vec![(3, Details::Velocity { window_ms: 1000, count: 2, limit: 1 })]
         );
     }
 
     #[test]
     fn amount_spike_equal_to_factor_is_no_alert_above_is() {
         let mut config = quiet();
-        config.amount_spike = AmountSpikeConfig {
-            window_ms: DAY,
-            factor_percent: 500,
-            min_history: 2,
-        };
+        config.amount_spike =
+            AmountSpikeConfig { window_ms: DAY, factor_percent: 500, min_history: 2 };
         // History 100 + 100: average 100, factor 5: the bar is 500.
         let events = [
             tx(1, 1, 1000, 100),
@@ -559,25 +492,15 @@ mod tests {
         let r = Reference::new(&config, &events);
         assert_eq!(
             fired(&r, Rule::AmountSpike, u64::MAX),
-            vec![(
-                13,
-                Details::AmountSpike {
-                    amount: 501,
-                    history_count: 2,
-                    history_sum: 200
-                }
-            )]
+            vec![(13, Details::AmountSpike { amount: 501, history_count: 2, history_sum: 200 })]
         );
     }
 
     #[test]
     fn amount_spike_needs_min_history() {
         let mut config = quiet();
-        config.amount_spike = AmountSpikeConfig {
-            window_ms: DAY,
-            factor_percent: 500,
-            min_history: 2,
-        };
+        config.amount_spike =
+            AmountSpikeConfig { window_ms: DAY, factor_percent: 500, min_history: 2 };
         // One event of history only: a huge amount does not fire.
         let events = [tx(1, 1, 1000, 100), tx(2, 1, 2000, 1_000_000)];
         let r = Reference::new(&config, &events);
@@ -587,10 +510,7 @@ mod tests {
     #[test]
     fn impossible_travel_london_new_york_in_one_hour_fires_in_ten_hours_not() {
         let mut config = quiet();
-        config.travel = TravelConfig {
-            max_speed_kmh: 900,
-            lookback_ms: DAY,
-        };
+        config.travel = TravelConfig { max_speed_kmh: 900, lookback_ms: DAY };
         let events = [
             at(tx(1, 1, 0, 100), LONDON.0, LONDON.1),
             at(tx(2, 1, HOUR, 100), NEW_YORK.0, NEW_YORK.1),
@@ -603,11 +523,7 @@ mod tests {
             fired(&r, Rule::ImpossibleTravel, u64::MAX),
             vec![(
                 2,
-                Details::ImpossibleTravel {
-                    previous_event: 1,
-                    distance_km: 5570,
-                    speed_kmh: 5570
-                }
+                Details::ImpossibleTravel { previous_event: 1, distance_km: 5570, speed_kmh: 5570 }
             )]
         );
     }
@@ -624,10 +540,7 @@ mod tests {
     #[test]
     fn impossible_travel_at_one_instant_is_infinite_speed_or_nothing() {
         let mut config = quiet();
-        config.travel = TravelConfig {
-            max_speed_kmh: 900,
-            lookback_ms: DAY,
-        };
+        config.travel = TravelConfig { max_speed_kmh: 900, lookback_ms: DAY };
         let events = [
             // Card 1: two places at one instant; the previous of 2 is 1 by event id.
             at(tx(1, 1, 5000, 100), 0, 0),
@@ -653,10 +566,7 @@ mod tests {
     #[test]
     fn impossible_travel_previous_is_latest_earlier_by_time_then_id() {
         let mut config = quiet();
-        config.travel = TravelConfig {
-            max_speed_kmh: 900,
-            lookback_ms: DAY,
-        };
+        config.travel = TravelConfig { max_speed_kmh: 900, lookback_ms: DAY };
         // Given in reverse order on purpose. Event 3 (New York, 1 h) follows
         // event 2 (London, 0), which follows event 1 (New York, 0) at the same
         // instant by event id. Event 4 (New York, 1 h + 1 ms) follows event 3:
@@ -695,10 +605,7 @@ mod tests {
     #[test]
     fn impossible_travel_looks_back_only_the_lookback() {
         let mut config = quiet();
-        config.travel = TravelConfig {
-            max_speed_kmh: 900,
-            lookback_ms: HOUR,
-        };
+        config.travel = TravelConfig { max_speed_kmh: 900, lookback_ms: HOUR };
         // The London event is exactly one lookback before: out of the window.
         let events = [
             at(tx(1, 1, 0, 100), LONDON.0, LONDON.1),
@@ -711,11 +618,8 @@ mod tests {
     #[test]
     fn card_testing_needs_small_amounts_at_distinct_merchants() {
         let mut config = quiet();
-        config.card_testing = CardTestingConfig {
-            small_amount_minor: 500,
-            min_merchants: 3,
-            window_ms: 10 * MINUTE,
-        };
+        config.card_testing =
+            CardTestingConfig { small_amount_minor: 500, min_merchants: 3, window_ms: 10 * MINUTE };
         let events = [
             merchant(tx(1, 1, 1000, 100), 1),
             merchant(tx(2, 1, 2000, 100), 2),
@@ -738,10 +642,7 @@ mod tests {
     #[test]
     fn country_hopping_fires_at_three_countries() {
         let mut config = quiet();
-        config.country_hopping = CountryHoppingConfig {
-            min_countries: 3,
-            window_ms: HOUR,
-        };
+        config.country_hopping = CountryHoppingConfig { min_countries: 3, window_ms: HOUR };
         let events = [
             country(tx(1, 1, 1000, 100), b"GB"),
             country(tx(2, 1, 2000, 100), b"FR"), // 2 countries

@@ -53,18 +53,12 @@ fn state_stays_within_the_longest_window_and_empties_at_the_end() {
         worker.step_while(|| !probe.done());
         (max_entries, state.get())
     });
-    assert!(
-        max_entries as u64 > per_day / 2,
-        "the 24 h window did fill: {max_entries}"
-    );
+    assert!(max_entries as u64 > per_day / 2, "the 24 h window did fill: {max_entries}");
     assert!(
         max_entries <= per_day as usize + 101,
         "held {max_entries} transactions; the 24 h window holds at most {per_day} (+ one unprocessed batch)"
     );
-    assert_eq!(
-        end.entries, 0,
-        "nothing held once all windows emptied: {end:?}"
-    );
+    assert_eq!(end.entries, 0, "nothing held once all windows emptied: {end:?}");
     assert_eq!(end.cards, 0, "no card state left: {end:?}");
     assert_eq!(end.due_times, 0, "no departures left queued: {end:?}");
 }

@@ -16,27 +16,15 @@ fn compact_config(tick_ms: Time) -> FraudConfig {
     FraudConfig {
         windows: vec![1_000, 5_000, 20_000, 60_000],
         tick_ms,
-        velocity: VelocityConfig {
-            limits: vec![(1_000, 3), (20_000, 8)],
-        },
-        amount_spike: AmountSpikeConfig {
-            window_ms: 60_000,
-            factor_percent: 300,
-            min_history: 3,
-        },
-        travel: TravelConfig {
-            max_speed_kmh: 900,
-            lookback_ms: 30_000,
-        },
+        velocity: VelocityConfig { limits: vec![(1_000, 3), (20_000, 8)] },
+        amount_spike: AmountSpikeConfig { window_ms: 60_000, factor_percent: 300, min_history: 3 },
+        travel: TravelConfig { max_speed_kmh: 900, lookback_ms: 30_000 },
         card_testing: CardTestingConfig {
             small_amount_minor: 500,
             min_merchants: 3,
             window_ms: 10_000,
         },
-        country_hopping: CountryHoppingConfig {
-            min_countries: 3,
-            window_ms: 20_000,
-        },
+        country_hopping: CountryHoppingConfig { min_countries: 3, window_ms: 20_000 },
     }
 }
 
@@ -64,11 +52,7 @@ fn random_scenario(seed: u64, config: FraudConfig, events: usize, partitions: us
             let w = windows[rng.below(windows.len() as u64) as usize];
             event_time = (earlier.event_time_ms + w).max(t.saturating_sub(500));
         }
-        let card = if rng.chance(5) {
-            1_000 + id
-        } else {
-            rng.below(cards)
-        };
+        let card = if rng.chance(5) { 1_000 + id } else { rng.below(cards) };
         let spread = if rng.chance(70) { 2 } else { 6 };
         let (lat, lon, country) = CITIES[rng.below(spread) as usize];
         let amount = match rng.below(20) {
@@ -112,80 +96,41 @@ fn random_scenario(seed: u64, config: FraudConfig, events: usize, partitions: us
         let p = (x.card_id as usize * 7 + x.event_id as usize % 2) % partitions;
         parts[p].push(x);
     }
-    Scenario {
-        config,
-        partitions: parts,
-        lateness_ms,
-    }
+    Scenario { config, partitions: parts, lateness_ms }
 }
 
 fn check(seed: u64, scenario: &Scenario, topology: Topology) {
     let outputs = run_dataflow(scenario, topology, seed);
-    let label = format!(
-        "seed {seed}, {topology:?}, tick {}",
-        scenario.config.tick_ms
-    );
+    let label = format!("seed {seed}, {topology:?}, tick {}", scenario.config.tick_ms);
     assert_matches_reference(scenario, &outputs, &label);
+}
+
+/// Each seed's random stream (300 events over `partitions` partitions, 1 ms tick) on `topology`.
+fn check_seeds(seeds: std::ops::Range<u64>, partitions: usize, processes: usize, workers: usize) {
+    for seed in seeds {
+        let scenario = random_scenario(seed, compact_config(1), 300, partitions);
+        check(seed, &scenario, Topology { processes, workers });
+    }
 }
 
 #[test]
 fn one_worker_matches_reference_on_random_streams() {
-    for seed in 0..12 {
-        let scenario = random_scenario(seed, compact_config(1), 300, 4);
-        check(
-            seed,
-            &scenario,
-            Topology {
-                processes: 1,
-                workers: 1,
-            },
-        );
-    }
+    check_seeds(0..30, 4, 1, 1);
 }
 
 #[test]
 fn two_workers_match_reference_on_random_streams() {
-    for seed in 100..112 {
-        let scenario = random_scenario(seed, compact_config(1), 300, 4);
-        check(
-            seed,
-            &scenario,
-            Topology {
-                processes: 1,
-                workers: 2,
-            },
-        );
-    }
+    check_seeds(100..130, 4, 1, 2);
 }
 
 #[test]
 fn four_workers_match_reference_on_random_streams() {
-    for seed in 200..210 {
-        let scenario = random_scenario(seed, compact_config(1), 300, 6);
-        check(
-            seed,
-            &scenario,
-            Topology {
-                processes: 1,
-                workers: 4,
-            },
-        );
-    }
+    check_seeds(200..220, 6, 1, 4);
 }
 
 #[test]
 fn two_processes_match_reference_on_random_streams() {
-    for seed in 300..304 {
-        let scenario = random_scenario(seed, compact_config(1), 300, 6);
-        check(
-            seed,
-            &scenario,
-            Topology {
-                processes: 2,
-                workers: 2,
-            },
-        );
-    }
+    check_seeds(300..308, 6, 2, 2);
 }
 
 #[test]
@@ -193,14 +138,7 @@ fn tick_rounding_matches_reference() {
     for (i, tick) in [7, 250, 1_000].into_iter().enumerate() {
         let seed = 400 + i as u64;
         let scenario = random_scenario(seed, compact_config(tick), 300, 4);
-        check(
-            seed,
-            &scenario,
-            Topology {
-                processes: 1,
-                workers: 2,
-            },
-        );
+        check(seed, &scenario, Topology { processes: 1, workers: 2 });
     }
 }
 
@@ -216,14 +154,7 @@ fn default_windows_match_reference_over_two_days() {
             }
         }
         scenario.lateness_ms = 3_000 * 700;
-        check(
-            seed,
-            &scenario,
-            Topology {
-                processes: 1,
-                workers: 2,
-            },
-        );
+        check(seed, &scenario, Topology { processes: 1, workers: 2 });
     }
 }
 
@@ -231,10 +162,7 @@ fn default_windows_match_reference_over_two_days() {
 fn streams_have_late_events_and_the_harness_drops_them() {
     // Guards the generator: the streams above exercise lateness at all.
     let scenario = random_scenario(7, compact_config(1), 300, 4);
-    assert!(
-        scenario.late_count() > 0,
-        "some events arrive beyond the lateness bound"
-    );
+    assert!(scenario.late_count() > 0, "some events arrive beyond the lateness bound");
     assert!(scenario.accepted().len() > 250);
 }
 
@@ -248,12 +176,7 @@ fn random_streams_exercise_every_rule() {
         let scenario = random_scenario(seed, compact_config(1), 300, 4);
         let accepted = scenario.accepted();
         let reference = Reference::new(&scenario.config, &accepted);
-        fired.extend(
-            reference
-                .alerts_until(Time::MAX)
-                .into_iter()
-                .map(|a| a.rule),
-        );
+        fired.extend(reference.alerts_until(Time::MAX).into_iter().map(|a| a.rule));
     }
     assert_eq!(fired.len(), 5, "rules fired: {fired:?}");
 }

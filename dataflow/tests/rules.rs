@@ -15,22 +15,12 @@ const T0: u64 = 1_700_000_000_000;
 /// The alerts of `rule` the dataflow (2 workers) raises on `events`.
 fn alerts(rule: Rule, events: Vec<Transaction>) -> Vec<Alert> {
     let scenario = Scenario::in_order(FraudConfig::default(), events);
-    let out = run_dataflow(
-        &scenario,
-        Topology {
-            processes: 1,
-            workers: 2,
-        },
-        1,
-    );
+    let out = run_dataflow(&scenario, Topology { processes: 1, workers: 2 }, 1);
     let mut acc: BTreeMap<Alert, i64> = BTreeMap::new();
     for (a, _, d) in out.alerts {
         *acc.entry(a).or_default() += d;
     }
-    acc.into_iter()
-        .filter(|(a, d)| *d != 0 && a.rule == rule)
-        .map(|(a, _)| a)
-        .collect()
+    acc.into_iter().filter(|(a, d)| *d != 0 && a.rule == rule).map(|(a, _)| a).collect()
 }
 
 #[test]
@@ -39,14 +29,7 @@ fn velocity_fires_on_the_sixth_transaction_in_a_minute() {
     let got = alerts(Rule::Velocity, events);
     assert_eq!(got.len(), 1, "{got:?}");
     assert_eq!(got[0].trigger_event, 5);
-    assert_eq!(
-        got[0].details,
-        Details::Velocity {
-            window_ms: MINUTE,
-            count: 6,
-            limit: 5
-        }
-    );
+    assert_eq!(got[0].details, Details::Velocity { window_ms: MINUTE, count: 6, limit: 5 });
 }
 
 #[test]
@@ -59,16 +42,9 @@ fn velocity_near_miss_five_in_a_minute_or_six_spread_over_more() {
 }
 
 fn history_then(amount: i64) -> Vec<Transaction> {
-    let mut events: Vec<Transaction> = (0..5)
-        .map(|i| Transaction {
-            amount_minor: 1_000,
-            ..tx(i, 9, T0 + i * HOUR)
-        })
-        .collect();
-    events.push(Transaction {
-        amount_minor: amount,
-        ..tx(5, 9, T0 + 5 * HOUR)
-    });
+    let mut events: Vec<Transaction> =
+        (0..5).map(|i| Transaction { amount_minor: 1_000, ..tx(i, 9, T0 + i * HOUR) }).collect();
+    events.push(Transaction { amount_minor: amount, ..tx(5, 9, T0 + 5 * HOUR) });
     events
 }
 
@@ -79,11 +55,7 @@ fn amount_spike_fires_above_five_times_the_average() {
     assert_eq!(got.len(), 1, "{got:?}");
     assert_eq!(
         got[0].details,
-        Details::AmountSpike {
-            amount: 5_001,
-            history_count: 5,
-            history_sum: 5_000
-        }
+        Details::AmountSpike { amount: 5_001, history_count: 5, history_sum: 5_000 }
     );
 }
 
@@ -109,11 +81,7 @@ fn impossible_travel_london_to_new_york_in_an_hour() {
     assert_eq!(got.len(), 1, "{got:?}");
     assert_eq!(got[0].trigger_event, 2);
     match got[0].details {
-        Details::ImpossibleTravel {
-            previous_event,
-            distance_km,
-            speed_kmh,
-        } => {
+        Details::ImpossibleTravel { previous_event, distance_km, speed_kmh } => {
             assert_eq!(previous_event, 1);
             assert!((5_560..5_580).contains(&distance_km), "{distance_km}");
             assert_eq!(speed_kmh, distance_km, "one hour apart: km/h equals km");
@@ -132,11 +100,7 @@ fn impossible_travel_near_miss_london_to_paris_in_an_hour() {
 }
 
 fn small(id: u64, merchant: u64, minute: u64) -> Transaction {
-    Transaction {
-        amount_minor: 199,
-        merchant_id: merchant,
-        ..tx(id, 4, T0 + minute * MINUTE)
-    }
+    Transaction { amount_minor: 199, merchant_id: merchant, ..tx(id, 4, T0 + minute * MINUTE) }
 }
 
 #[test]
@@ -159,19 +123,12 @@ fn card_testing_near_miss_four_merchants_or_one_large_payment() {
 
 fn in_country(id: u64, country: &[u8; 2], minutes: u64) -> Transaction {
     // One place, three country codes: only the codes differ, so travel stays quiet.
-    Transaction {
-        country: *country,
-        ..tx(id, 5, T0 + minutes * MINUTE)
-    }
+    Transaction { country: *country, ..tx(id, 5, T0 + minutes * MINUTE) }
 }
 
 #[test]
 fn country_hopping_fires_at_the_third_country_within_an_hour() {
-    let events = vec![
-        in_country(1, b"GB", 0),
-        in_country(2, b"FR", 20),
-        in_country(3, b"DE", 40),
-    ];
+    let events = vec![in_country(1, b"GB", 0), in_country(2, b"FR", 20), in_country(3, b"DE", 40)];
     let got = alerts(Rule::CountryHopping, events);
     assert_eq!(got.len(), 1, "{got:?}");
     assert_eq!(got[0].trigger_event, 3);
@@ -180,10 +137,6 @@ fn country_hopping_fires_at_the_third_country_within_an_hour() {
 
 #[test]
 fn country_hopping_near_miss_three_countries_over_more_than_an_hour() {
-    let events = vec![
-        in_country(1, b"GB", 0),
-        in_country(2, b"FR", 30),
-        in_country(3, b"DE", 60),
-    ];
+    let events = vec![in_country(1, b"GB", 0), in_country(2, b"FR", 30), in_country(3, b"DE", 60)];
     assert!(alerts(Rule::CountryHopping, events).is_empty());
 }

@@ -78,11 +78,7 @@ impl Stack {
             .map(PathBuf::from)
             .unwrap_or_else(|| root.join(".tripwire"));
         let endpoints = Endpoints::from_env()?;
-        Ok(Stack {
-            root,
-            home,
-            endpoints,
-        })
+        Ok(Stack { root, home, endpoints })
     }
 
     /// The four services, in start order.
@@ -98,10 +94,7 @@ impl Stack {
     /// Pid and log file of a service.
     pub fn files(&self, name: &str) -> ProcessFiles {
         let dir = self.home.join(name);
-        ProcessFiles {
-            pid: dir.join(format!("{name}.pid")),
-            log: dir.join(format!("{name}.log")),
-        }
+        ProcessFiles { pid: dir.join(format!("{name}.pid")), log: dir.join(format!("{name}.log")) }
     }
 
     /// Bring every service up; return the names of those this call started.
@@ -252,14 +245,9 @@ pub fn is_local(address: &str) -> bool {
 
 /// Split `host:port`, for services that must be told where to listen.
 pub fn split_address(address: &str) -> Result<(String, u16)> {
-    let (host, port) = address
-        .rsplit_once(':')
-        .with_context(|| format!("{address:?} is not host:port"))?;
-    Ok((
-        host.to_string(),
-        port.parse()
-            .with_context(|| format!("bad port in {address:?}"))?,
-    ))
+    let (host, port) =
+        address.rsplit_once(':').with_context(|| format!("{address:?} is not host:port"))?;
+    Ok((host.to_string(), port.parse().with_context(|| format!("bad port in {address:?}"))?))
 }
 
 /// Run a command to completion, failing with its output if it fails.

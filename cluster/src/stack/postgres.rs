@@ -48,12 +48,7 @@ impl Postgres {
     fn as_owner(&self, program: &str) -> Command {
         if is_root() {
             let mut c = Command::new("setpriv");
-            c.args([
-                "--reuid=postgres",
-                "--regid=postgres",
-                "--init-groups",
-                program,
-            ]);
+            c.args(["--reuid=postgres", "--regid=postgres", "--init-groups", program]);
             c
         } else {
             Command::new(program)
@@ -65,17 +60,7 @@ impl Postgres {
         c.arg("-h")
             .arg(self.socket_dir())
             .args(["-p", &self.stack.endpoints.pg_port.to_string()])
-            .args([
-                "-U",
-                "postgres",
-                "-d",
-                "postgres",
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-qAt",
-                "-c",
-                sql,
-            ]);
+            .args(["-U", "postgres", "-d", "postgres", "-v", "ON_ERROR_STOP=1", "-qAt", "-c", sql]);
         run_checked(c)
     }
 }
@@ -103,10 +88,7 @@ impl Service for Postgres {
     }
 
     fn address(&self) -> String {
-        format!(
-            "{}:{}",
-            self.stack.endpoints.pg_host, self.stack.endpoints.pg_port
-        )
+        format!("{}:{}", self.stack.endpoints.pg_host, self.stack.endpoints.pg_port)
     }
 
     fn missing_packages(&self) -> Vec<&'static str> {
@@ -123,20 +105,10 @@ impl Service for Postgres {
         if is_root() {
             // The server's own files, its log and pid included, belong to its user.
             let mut chown = Command::new("chown");
-            chown
-                .arg("-R")
-                .arg("postgres:postgres")
-                .arg(self.dir())
-                .arg(&run);
+            chown.arg("-R").arg("postgres:postgres").arg(self.dir()).arg(&run);
             run_checked(chown)?;
             let probe = Command::new("setpriv")
-                .args([
-                    "--reuid=postgres",
-                    "--regid=postgres",
-                    "--init-groups",
-                    "test",
-                    "-w",
-                ])
+                .args(["--reuid=postgres", "--regid=postgres", "--init-groups", "test", "-w"])
                 .arg(self.dir())
                 .status()?;
             if !probe.success() {
@@ -164,16 +136,10 @@ impl Service for Postgres {
         let mut c = self.as_owner(&bin("postgres")?);
         c.arg("-D")
             .arg(self.data())
-            .args([
-                "-c",
-                &format!("listen_addresses={}", self.stack.endpoints.pg_host),
-            ])
+            .args(["-c", &format!("listen_addresses={}", self.stack.endpoints.pg_host)])
             .args(["-p", &self.stack.endpoints.pg_port.to_string()])
             .arg("-c")
-            .arg(format!(
-                "unix_socket_directories={}",
-                self.socket_dir().display()
-            ))
+            .arg(format!("unix_socket_directories={}", self.socket_dir().display()))
             // Each worker's sink holds connections; tests run many jobs side by side.
             .args(["-c", "max_connections=200"]);
         Ok(c)
@@ -182,15 +148,7 @@ impl Service for Postgres {
     fn probe(&self) -> Result<()> {
         let e = &self.stack.endpoints;
         let status = Command::new("pg_isready")
-            .args([
-                "-q",
-                "-t",
-                "2",
-                "-h",
-                &e.pg_host,
-                "-p",
-                &e.pg_port.to_string(),
-            ])
+            .args(["-q", "-t", "2", "-h", &e.pg_host, "-p", &e.pg_port.to_string()])
             .status()
             .context("running pg_isready")?;
         if !status.success() {

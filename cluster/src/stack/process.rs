@@ -48,13 +48,8 @@ pub fn spawn_detached(mut cmd: Command, files: &ProcessFiles) -> Result<u32> {
         .append(true)
         .open(&files.log)
         .with_context(|| format!("opening log {}", files.log.display()))?;
-    cmd.stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .process_group(0);
-    let child = cmd
-        .spawn()
-        .with_context(|| format!("starting {:?}", cmd.get_program()))?;
+    cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log).process_group(0);
+    let child = cmd.spawn().with_context(|| format!("starting {:?}", cmd.get_program()))?;
     let pid = child.id();
     // The child is reaped by init once we exit; we never wait on it.
     std::mem::forget(child);
@@ -86,9 +81,8 @@ pub fn stop(pid: u32, signal: &str, grace: Duration) -> Result<()> {
 
 fn send(pid: u32, signal: &str) -> Result<()> {
     // `kill` through the shell: a builtin, so present wherever `sh` is, and no unsafe libc call.
-    let status = Command::new("sh")
-        .args(["-c", &format!("kill -{signal} {pid} 2>/dev/null")])
-        .status()?;
+    let status =
+        Command::new("sh").args(["-c", &format!("kill -{signal} {pid} 2>/dev/null")]).status()?;
     if !status.success() && alive(pid) {
         bail!("could not send SIG{signal} to {pid}");
     }

@@ -52,15 +52,9 @@ impl Service for Prometheus {
         let mut c = Command::new("prometheus");
         c.arg(format!(
             "--config.file={}",
-            self.stack
-                .root
-                .join("cluster/prometheus/prometheus.yml")
-                .display()
+            self.stack.root.join("cluster/prometheus/prometheus.yml").display()
         ))
-        .arg(format!(
-            "--storage.tsdb.path={}",
-            self.dir().join("data").display()
-        ))
+        .arg(format!("--storage.tsdb.path={}", self.dir().join("data").display()))
         .arg(format!("--web.listen-address={}", self.address()))
         // Lets tests and `tripwire launch` reload the scrape config without a restart.
         .arg("--web.enable-lifecycle");
@@ -70,10 +64,7 @@ impl Service for Prometheus {
     fn probe(&self) -> Result<()> {
         let body = http_get(&self.address(), "/-/ready")?;
         if !body.starts_with("HTTP/1.1 200") && !body.starts_with("HTTP/1.0 200") {
-            bail!(
-                "/-/ready answered {:?}",
-                body.lines().next().unwrap_or_default()
-            );
+            bail!("/-/ready answered {:?}", body.lines().next().unwrap_or_default());
         }
         Ok(())
     }
@@ -81,10 +72,7 @@ impl Service for Prometheus {
 
 /// A minimal HTTP/1.0 GET returning the raw response, enough for a readiness probe.
 fn http_get(address: &str, path: &str) -> Result<String> {
-    let addr = address
-        .to_socket_addrs()?
-        .next()
-        .context("address resolves to nothing")?;
+    let addr = address.to_socket_addrs()?.next().context("address resolves to nothing")?;
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(2)))?;
     write!(s, "GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n")?;

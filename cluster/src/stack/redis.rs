@@ -33,10 +33,7 @@ impl Service for Redis {
     }
 
     fn address(&self) -> String {
-        format!(
-            "{}:{}",
-            self.stack.endpoints.redis_host, self.stack.endpoints.redis_port
-        )
+        format!("{}:{}", self.stack.endpoints.redis_host, self.stack.endpoints.redis_port)
     }
 
     fn missing_packages(&self) -> Vec<&'static str> {

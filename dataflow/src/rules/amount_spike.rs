@@ -33,11 +33,7 @@ impl<'s> AmountSpike<'s> for VecCollection<'s, Time, Judged, Diff> {
                     &j,
                     Rule::AmountSpike,
                     0,
-                    Details::AmountSpike {
-                        amount,
-                        history_count,
-                        history_sum,
-                    },
+                    Details::AmountSpike { amount, history_count, history_sum },
                 )
             })
         })

@@ -24,14 +24,8 @@ impl<'s> CountryHopping<'s> for VecCollection<'s, Time, Judged, Diff> {
         let (window, min) = (config.window_ms, config.min_countries);
         self.flat_map(move |j| {
             let countries = j.window(window)?.distinct_countries;
-            (countries >= min).then(|| {
-                alert(
-                    &j,
-                    Rule::CountryHopping,
-                    0,
-                    Details::CountryHopping { countries },
-                )
-            })
+            (countries >= min)
+                .then(|| alert(&j, Rule::CountryHopping, 0, Details::CountryHopping { countries }))
         })
     }
 }

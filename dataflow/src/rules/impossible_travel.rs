@@ -32,11 +32,7 @@ impl<'s> ImpossibleTravel<'s> for VecCollection<'s, Time, Judged, Diff> {
                 _ => km / (dt_ms as f64 / MS_PER_HOUR),
             };
             (speed > max).then(|| {
-                let speed_kmh = if speed.is_infinite() {
-                    u64::MAX
-                } else {
-                    speed as u64
-                };
+                let speed_kmh = if speed.is_infinite() { u64::MAX } else { speed as u64 };
                 let details = Details::ImpossibleTravel {
                     previous_event: p.event_id,
                     distance_km: km as u64,

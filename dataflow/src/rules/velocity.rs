@@ -28,11 +28,7 @@ impl<'s> Velocity<'s> for VecCollection<'s, Time, Judged, Diff> {
                             &j,
                             Rule::Velocity,
                             window_ms,
-                            Details::Velocity {
-                                window_ms,
-                                count,
-                                limit,
-                            },
+                            Details::Velocity { window_ms, count, limit },
                         )
                     })
                 })

@@ -83,11 +83,7 @@ impl Scenario {
     /// One partition holding `events` in the given order, with a generous lateness bound.
     pub fn in_order(config: FraudConfig, mut events: Vec<Transaction>) -> Self {
         events.sort_by_key(|x| (x.event_time_ms, x.event_id));
-        Scenario {
-            config,
-            partitions: vec![events],
-            lateness_ms: 0,
-        }
+        Scenario { config, partitions: vec![events], lateness_ms: 0 }
     }
 
     /// The events the source accepts: per partition, those not older than the
@@ -132,9 +128,8 @@ pub fn run_dataflow(scenario: &Scenario, topology: Topology, seed: u64) -> Outpu
     let (alerts_tx, alerts_rx) = mpsc::channel();
     let stats_tx = Arc::new(Mutex::new(stats_tx));
     let alerts_tx = Arc::new(Mutex::new(alerts_tx));
-    let addresses: Vec<String> = (0..topology.processes)
-        .map(|_| format!("127.0.0.1:{}", free_port()))
-        .collect();
+    let addresses: Vec<String> =
+        (0..topology.processes).map(|_| format!("127.0.0.1:{}", free_port())).collect();
 
     let mut handles = Vec::new();
     for process in 0..topology.processes {
@@ -149,10 +144,7 @@ pub fn run_dataflow(scenario: &Scenario, topology: Topology, seed: u64) -> Outpu
                 zerocopy: false,
             }
         };
-        let config = Config {
-            communication,
-            worker: WorkerConfig::default(),
-        };
+        let config = Config { communication, worker: WorkerConfig::default() };
         let scenario = scenario.clone();
         let (stats_tx, alerts_tx) = (stats_tx.clone(), alerts_tx.clone());
         handles.push(std::thread::spawn(move || {
@@ -181,16 +173,8 @@ pub fn run_dataflow(scenario: &Scenario, topology: Topology, seed: u64) -> Outpu
     drop(stats_tx);
     drop(alerts_tx);
     Outputs {
-        stats: stats_rx
-            .extract()
-            .into_iter()
-            .flat_map(|(_, b)| b)
-            .collect(),
-        alerts: alerts_rx
-            .extract()
-            .into_iter()
-            .flat_map(|(_, b)| b)
-            .collect(),
+        stats: stats_rx.extract().into_iter().flat_map(|(_, b)| b).collect(),
+        alerts: alerts_rx.extract().into_iter().flat_map(|(_, b)| b).collect(),
     }
 }
 
@@ -205,15 +189,12 @@ fn feed(
     let (index, peers) = (worker.index(), worker.peers());
     let cfg = &scenario.config;
     let mut rng = Rng::new(seed.wrapping_mul(31).wrapping_add(index as u64));
-    let owned: Vec<usize> = (0..scenario.partitions.len())
-        .filter(|p| p % peers == index)
-        .collect();
+    let owned: Vec<usize> = (0..scenario.partitions.len()).filter(|p| p % peers == index).collect();
     let mut pos = vec![0usize; owned.len()];
     let mut max_seen: Vec<Option<Time>> = vec![None; owned.len()];
     loop {
-        let live: Vec<usize> = (0..owned.len())
-            .filter(|&i| pos[i] < scenario.partitions[owned[i]].len())
-            .collect();
+        let live: Vec<usize> =
+            (0..owned.len()).filter(|&i| pos[i] < scenario.partitions[owned[i]].len()).collect();
         if live.is_empty() {
             break;
         }
@@ -251,11 +232,7 @@ fn feed(
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// Compare accumulated outputs with the reference at every time where
@@ -300,44 +277,24 @@ pub fn assert_matches_reference(scenario: &Scenario, outputs: &Outputs, label: &
         acc_stats.retain(|_, d| *d != 0);
         acc_alerts.retain(|_, d| *d != 0);
         let bad_mult: Vec<_> = acc_stats.iter().filter(|(_, d)| **d != 1).collect();
-        assert!(
-            bad_mult.is_empty(),
-            "{label}: stats with multiplicity != 1 at {q}: {bad_mult:?}"
-        );
+        assert!(bad_mult.is_empty(), "{label}: stats with multiplicity != 1 at {q}: {bad_mult:?}");
         // The per-metric view of the dataflow's rows; a (card, window) held twice shows as a mismatch above.
         let got: BTreeMap<StatKey, i64> = acc_stats
             .keys()
             .flat_map(|(cw, s)| {
                 s.metrics().map(|(metric, v)| {
-                    (
-                        StatKey {
-                            card_id: cw.card_id,
-                            window_ms: cw.window_ms,
-                            metric,
-                        },
-                        v,
-                    )
+                    (StatKey { card_id: cw.card_id, window_ms: cw.window_ms, metric }, v)
                 })
             })
             .collect();
         let rows: BTreeSet<CardWindow> = acc_stats.keys().map(|(cw, _)| *cw).collect();
-        assert_eq!(
-            rows.len(),
-            acc_stats.len(),
-            "{label}: one row per (card, window) at {q}"
-        );
+        assert_eq!(rows.len(), acc_stats.len(), "{label}: one row per (card, window) at {q}");
         let want = reference.stats_at(q);
         if got != want {
-            let missing: Vec<_> = want
-                .iter()
-                .filter(|(k, v)| got.get(k) != Some(v))
-                .take(5)
-                .collect();
-            let extra: Vec<_> = got
-                .iter()
-                .filter(|(k, v)| want.get(k) != Some(v))
-                .take(5)
-                .collect();
+            let missing: Vec<_> =
+                want.iter().filter(|(k, v)| got.get(k) != Some(v)).take(5).collect();
+            let extra: Vec<_> =
+                got.iter().filter(|(k, v)| want.get(k) != Some(v)).take(5).collect();
             panic!("{label}: stats differ at time {q}: missing {missing:?}, extra {extra:?}");
         }
         let bad_alerts: Vec<_> = acc_alerts.iter().filter(|(_, d)| **d != 1).collect();
