@@ -125,17 +125,21 @@ pub struct Scratch {
 }
 
 /// Everything the computation keeps about one card.
+///
+/// `repr(C)` keeps the fields every visit reads (deque header, arrival
+/// bookkeeping) together in the first cache line; the emitted rows follow.
 #[derive(Clone, Debug, Default)]
+#[repr(C)]
 pub struct CardState {
     /// Transactions within the longest window, in ascending `tau`.
     pub entries: VecDeque<Entry>,
-    /// Per statistics window, the row last emitted. Inline: a separate
-    /// allocation was a cache miss on every card visit.
-    pub emitted: [Option<WindowStats>; MAX_STAT_WINDOWS],
     /// The last time transactions of the card arrived.
     pub touched_at: Option<Time>,
     /// Where those arrivals sit in that time's (card-sorted) arrival list.
     pub arrivals: std::ops::Range<usize>,
+    /// Per statistics window, the row last emitted. Inline: a separate
+    /// allocation was a cache miss on every card visit.
+    pub emitted: [Option<WindowStats>; MAX_STAT_WINDOWS],
 }
 
 impl CardState {

@@ -255,6 +255,7 @@ pub fn card_windows<'s>(
     builder.build(move |_initial| {
         let mut cards = Cards::default();
         let mut entries: usize = 0;
+        let mut arrived: Vec<u32> = Vec::new();
         let mut due: BTreeMap<Time, Due> = BTreeMap::new();
         // Capabilities for both outputs at the earliest due time; `None` iff `due` is empty.
         let mut held: Option<[Capability<Time>; 2]> = None;
@@ -306,7 +307,7 @@ pub fn card_windows<'s>(
 
                 // Arrivals first, grouped by card; then one pass per changed card.
                 arrivals.sort_unstable_by_key(|x| (x.card_id, x.event_time_ms, x.event_id));
-                let mut arrived: Vec<u32> = Vec::new();
+                arrived.clear();
                 for (n, x) in arrivals.iter().enumerate() {
                     let slot = cards.slot(x.card_id);
                     let state = &mut cards.states[slot as usize].1;
