@@ -4,11 +4,20 @@
 //!
 //! - [`endpoints`]: addresses of Kafka, PostgreSQL, Redis and Prometheus, with
 //!   their `TRIPWIRE_*` environment overrides.
+//! - [`registry`]: writer schemas by id, embedded from `schemas/`.
+//! - [`avro`]: the transaction codec (Confluent wire format, serde decoding,
+//!   validation into the dataflow's event).
+//! - [`codes`]: the currency and country codes the source accepts.
+//! - [`dead_letter`]: why a record was rejected.
 //!
 //! May depend on `tripwire-dataflow` and the client crates (rdkafka,
 //! apache-avro, tokio-postgres, redis, prometheus); knows nothing of fraud
 //! rules.
 
+pub mod avro;
+pub mod codes;
+pub mod dead_letter;
 pub mod endpoints;
+pub mod registry;
 
 pub use endpoints::Endpoints;

@@ -1,0 +1,422 @@
+//! The transaction codec: Confluent wire format, writer schema by id, serde straight into the record,
+//! then validation into the dataflow's [`Transaction`].
+//!
+//! Wire format: magic byte `0`, the writer schema's id as 4 big-endian bytes,
+//! then the Avro binary datum. Decoding deserializes the datum with the writer
+//! schema directly into [`AvroTransaction`] (no generic `Value` in between,
+//! measured 2-3x faster); schema evolution is handled by serde defaults on the
+//! struct (v1 data has no `device_id` and gets `None`), which is sound because
+//! the registry's versions are checked compatible both ways.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use apache_avro::reader::datum::GenericDatumReader;
+use apache_avro::writer::datum::GenericDatumWriter;
+use apache_avro::Schema;
+use serde::{Deserialize, Serialize};
+use tripwire_dataflow::{Channel, Transaction};
+
+use crate::codes;
+use crate::dead_letter::{DeadLetterReason as Reason, Rejected};
+use crate::registry::SchemaRegistry;
+
+/// The Confluent wire format's magic byte.
+pub const MAGIC: u8 = 0;
+
+/// A transaction as the Avro schemas spell it (v2; v1 lacks `device_id`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+// The schema-aware deserializer matches the struct's name to the record's.
+#[serde(rename = "Transaction")]
+pub struct AvroTransaction {
+    /// Unique id.
+    pub event_id: i64,
+    /// Card.
+    pub card_id: i64,
+    /// Account.
+    pub account_id: i64,
+    /// Merchant.
+    pub merchant_id: i64,
+    /// Merchant category code.
+    pub mcc: i32,
+    /// Amount in minor units.
+    pub amount_minor: i64,
+    /// ISO 4217 code.
+    pub currency: String,
+    /// ISO 3166-1 alpha-2 code.
+    pub country: String,
+    /// Degrees.
+    pub lat: f64,
+    /// Degrees.
+    pub lon: f64,
+    /// Channel.
+    pub channel: AvroChannel,
+    /// Event time, ms since the epoch.
+    pub event_time: i64,
+    /// Device fingerprint (v2).
+    #[serde(default)]
+    pub device_id: Option<i64>,
+}
+
+/// The Avro enum `Channel`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[allow(clippy::upper_case_acronyms)]
+#[serde(rename = "Channel")]
+pub enum AvroChannel {
+    /// Point of sale.
+    POS,
+    /// Online.
+    ECOM,
+    /// Cash machine.
+    ATM,
+}
+
+/// Limits the source applies to every record.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Larger messages are rejected as oversize before decoding.
+    pub max_message_bytes: usize,
+    /// Event times more than this far ahead of wall-clock time are rejected.
+    pub max_future_ms: i64,
+    /// Event times more than this far behind wall-clock time are rejected.
+    pub max_age_ms: i64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            // A transaction is ~100 bytes; 64 KiB leaves room for evolution, not for abuse.
+            max_message_bytes: 64 * 1024,
+            // Clock skew between card networks and us is seconds, not minutes.
+            max_future_ms: 5 * 60_000,
+            // Beyond a week the 24 h windows cannot use the record, and Kafka
+            // retention is the replay horizon anyway.
+            max_age_ms: 7 * 24 * 3_600_000,
+        }
+    }
+}
+
+/// Decodes Confluent-framed Avro transactions; one per source worker.
+pub struct TransactionCodec {
+    registry: Arc<dyn SchemaRegistry>,
+    /// Writer schemas seen so far, checked to be transaction schemas.
+    known: HashMap<u32, Result<Arc<Schema>, Rejected>>,
+    limits: Limits,
+}
+
+impl TransactionCodec {
+    /// A codec resolving writer schemas through `registry`.
+    pub fn new(registry: Arc<dyn SchemaRegistry>, limits: Limits) -> Self {
+        // A length prefix in a hostile record could ask apache-avro to allocate
+        // hundreds of MiB; nothing in a message can be longer than the message.
+        // (A process-wide setting: the first codec's limit holds.)
+        apache_avro::util::max_allocation_bytes(limits.max_message_bytes);
+        TransactionCodec { registry, known: HashMap::new(), limits }
+    }
+
+    /// Decode and validate one message; `now_ms` is wall-clock time for the future/past checks.
+    pub fn decode(&mut self, bytes: &[u8], now_ms: i64) -> Result<Transaction, Rejected> {
+        if bytes.len() > self.limits.max_message_bytes {
+            return Err(Rejected::new(
+                Reason::Oversize,
+                format!("{} bytes, limit {}", bytes.len(), self.limits.max_message_bytes),
+            ));
+        }
+        let Some((&magic, rest)) = bytes.split_first() else {
+            return Err(Rejected::new(Reason::Truncated, "empty message"));
+        };
+        if magic != MAGIC {
+            return Err(Rejected::new(
+                Reason::WrongMagic,
+                format!("first byte {magic:#04x}, expected 0x00"),
+            ));
+        }
+        let Some((id, mut datum)) = rest.split_first_chunk::<4>() else {
+            return Err(Rejected::new(
+                Reason::Truncated,
+                format!("{} bytes, no room for a schema id", bytes.len()),
+            ));
+        };
+        let id = u32::from_be_bytes(*id);
+        let schema = self.writer_schema(id)?;
+        let reader = GenericDatumReader::builder(&schema)
+            .build()
+            .map_err(|e| Rejected::new(Reason::WrongSchema, e.to_string()))?;
+        let total = datum.len();
+        let record: AvroTransaction = reader.read_deser(&mut datum).map_err(classify)?;
+        if !datum.is_empty() {
+            return Err(Rejected::new(
+                Reason::WrongSchema,
+                format!(
+                    "{} of {total} bytes left after the record: not written with schema {id}",
+                    datum.len()
+                ),
+            ));
+        }
+        validate(record, &self.limits, now_ms)
+    }
+
+    fn writer_schema(&mut self, id: u32) -> Result<Arc<Schema>, Rejected> {
+        let registry = &self.registry;
+        self.known
+            .entry(id)
+            .or_insert_with(|| match registry.schema(id) {
+                None => Err(Rejected::new(
+                    Reason::UnknownSchemaId,
+                    format!("schema id {id} is not registered"),
+                )),
+                Some(s) if is_transaction(&s) => Ok(s),
+                Some(s) => Err(Rejected::new(
+                    Reason::WrongSchema,
+                    format!("schema id {id} is {}, not a transaction", schema_name(&s)),
+                )),
+            })
+            .clone()
+    }
+}
+
+fn schema_name(s: &Schema) -> String {
+    match s {
+        Schema::Record(r) => r.name.fullname(None),
+        other => format!("{:?}", apache_avro::schema::SchemaKind::from(other)),
+    }
+}
+
+fn is_transaction(s: &Schema) -> bool {
+    schema_name(s) == "dev.tripwire.Transaction"
+}
+
+/// An Avro read error as a dead-letter reason: running out of bytes is truncation.
+fn classify(e: apache_avro::Error) -> Rejected {
+    let text = e.to_string();
+    let lower = text.to_lowercase();
+    if lower.contains("eof")
+        || lower.contains("fill whole buffer")
+        || lower.contains("unexpected end")
+    {
+        Rejected::new(Reason::Truncated, text)
+    } else if lower.contains("missing field") {
+        Rejected::new(Reason::InvalidField, text)
+    } else {
+        Rejected::new(Reason::WrongSchema, text)
+    }
+}
+
+/// Check every field's domain and build the dataflow's event.
+pub fn validate(r: AvroTransaction, limits: &Limits, now_ms: i64) -> Result<Transaction, Rejected> {
+    let invalid = |what: String| Err(Rejected::new(Reason::InvalidField, what));
+    if r.amount_minor <= 0 {
+        return invalid(format!("amount_minor {} is not positive", r.amount_minor));
+    }
+    if !(r.lat.is_finite() && (-90.0..=90.0).contains(&r.lat)) {
+        return invalid(format!("lat {} is not within ±90", r.lat));
+    }
+    if !(r.lon.is_finite() && (-180.0..=180.0).contains(&r.lon)) {
+        return invalid(format!("lon {} is not within ±180", r.lon));
+    }
+    let Some(currency) = codes::currency(&r.currency) else {
+        return invalid(format!("currency {:?} is not an ISO 4217 code", r.currency));
+    };
+    let Some(country) = codes::country(&r.country) else {
+        return invalid(format!("country {:?} is not an ISO 3166-1 alpha-2 code", r.country));
+    };
+    if !(0..=9999).contains(&r.mcc) {
+        return invalid(format!("mcc {} is not a 4-digit code", r.mcc));
+    }
+    if r.event_time > now_ms.saturating_add(limits.max_future_ms) {
+        return Err(Rejected::new(
+            Reason::TooFarInFuture,
+            format!(
+                "event_time {} is {} ms ahead of wall clock",
+                r.event_time,
+                r.event_time - now_ms
+            ),
+        ));
+    }
+    if r.event_time < now_ms.saturating_sub(limits.max_age_ms) || r.event_time < 0 {
+        return Err(Rejected::new(
+            Reason::TooFarInPast,
+            format!(
+                "event_time {} is {} ms behind wall clock",
+                r.event_time,
+                now_ms - r.event_time
+            ),
+        ));
+    }
+    Ok(Transaction {
+        event_id: r.event_id as u64,
+        card_id: r.card_id as u64,
+        account_id: r.account_id as u64,
+        merchant_id: r.merchant_id as u64,
+        mcc: r.mcc as u16,
+        amount_minor: r.amount_minor,
+        currency,
+        country,
+        lat_e6: (r.lat * 1e6).round() as i32,
+        lon_e6: (r.lon * 1e6).round() as i32,
+        channel: match r.channel {
+            AvroChannel::POS => Channel::Pos,
+            AvroChannel::ECOM => Channel::Ecom,
+            AvroChannel::ATM => Channel::Atm,
+        },
+        event_time_ms: r.event_time as u64,
+        device_id: r.device_id.map(|d| d as u64),
+    })
+}
+
+/// Encode `record` in the wire format with writer schema `id` (`schema`); fields the
+/// schema lacks (v1 has no `device_id`) are left out.
+pub fn encode(
+    record: &AvroTransaction,
+    id: u32,
+    schema: &Schema,
+) -> Result<Vec<u8>, apache_avro::Error> {
+    use apache_avro::types::Value;
+    let mut value = apache_avro::to_value(record)?;
+    if let (Value::Record(fields), Schema::Record(rs)) = (&mut value, schema) {
+        fields.retain(|(name, _)| rs.lookup.contains_key(name));
+    }
+    let datum =
+        GenericDatumWriter::builder(schema).build()?.write_value_to_vec(value.resolve(schema)?)?;
+    let mut out = Vec::with_capacity(5 + datum.len());
+    out.push(MAGIC);
+    out.extend_from_slice(&id.to_be_bytes());
+    out.extend_from_slice(&datum);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::EmbeddedRegistry;
+
+    const NOW: i64 = 1_700_000_000_000;
+
+    fn record() -> AvroTransaction {
+        AvroTransaction {
+            event_id: 42,
+            card_id: 7,
+            account_id: 3,
+            merchant_id: 11,
+            mcc: 5411,
+            amount_minor: 1_999,
+            currency: "EUR".into(),
+            country: "DE".into(),
+            lat: 52.52,
+            lon: 13.405,
+            channel: AvroChannel::ECOM,
+            event_time: NOW - 1_000,
+            device_id: Some(99),
+        }
+    }
+
+    fn codec() -> (TransactionCodec, Arc<EmbeddedRegistry>) {
+        let registry = Arc::new(EmbeddedRegistry::new().unwrap());
+        (TransactionCodec::new(registry.clone(), Limits::default()), registry)
+    }
+
+    fn bytes(r: &AvroTransaction, id: u32) -> Vec<u8> {
+        let (_, registry) = codec();
+        encode(r, id, &registry.schema(id).unwrap()).unwrap()
+    }
+
+    fn reason(bytes: &[u8]) -> Reason {
+        codec().0.decode(bytes, NOW).unwrap_err().reason
+    }
+
+    #[test]
+    fn v2_record_decodes_into_the_event_with_its_device() {
+        let x = codec().0.decode(&bytes(&record(), 2), NOW).unwrap();
+        assert_eq!(x.event_id, 42);
+        assert_eq!(x.card_id, 7);
+        assert_eq!(x.amount_minor, 1_999);
+        assert_eq!(x.currency, *b"EUR");
+        assert_eq!(x.country, *b"DE");
+        assert_eq!((x.lat_e6, x.lon_e6), (52_520_000, 13_405_000));
+        assert_eq!(x.channel, Channel::Ecom);
+        assert_eq!(x.event_time_ms, (NOW - 1_000) as u64);
+        assert_eq!(x.device_id, Some(99));
+    }
+
+    #[test]
+    fn v1_record_decodes_with_no_device() {
+        let framed = bytes(&record(), 1);
+        assert_eq!(&framed[..5], &[0, 0, 0, 0, 1], "magic byte and schema id 1");
+        let x = codec().0.decode(&framed, NOW).unwrap();
+        assert_eq!(x.device_id, None);
+        assert_eq!(x.event_id, 42);
+    }
+
+    #[test]
+    fn framing_errors_have_their_reasons() {
+        let good = bytes(&record(), 2);
+        assert_eq!(reason(&[]), Reason::Truncated);
+        assert_eq!(reason(&good[..3]), Reason::Truncated);
+        assert_eq!(reason(&good[..good.len() - 4]), Reason::Truncated);
+        let mut magic = good.clone();
+        magic[0] = 1;
+        assert_eq!(reason(&magic), Reason::WrongMagic);
+        let mut unknown = good.clone();
+        unknown[4] = 77;
+        assert_eq!(reason(&unknown), Reason::UnknownSchemaId);
+        let mut alert = good.clone();
+        alert[4] = 3; // the alert schema: registered, but not a transaction
+        assert_eq!(reason(&alert), Reason::WrongSchema);
+        let mut long = good.clone();
+        long.extend_from_slice(&[1, 2, 3]);
+        assert_eq!(reason(&long), Reason::WrongSchema, "trailing bytes");
+        assert_eq!(reason(&vec![0u8; 70_000]), Reason::Oversize);
+    }
+
+    #[test]
+    fn field_domains_are_checked() {
+        let bad = |f: fn(&mut AvroTransaction)| {
+            let mut r = record();
+            f(&mut r);
+            codec().0.decode(&bytes(&r, 2), NOW).unwrap_err()
+        };
+        for f in [
+            (|r: &mut AvroTransaction| r.amount_minor = 0) as fn(&mut AvroTransaction),
+            |r| r.amount_minor = -5,
+            |r| r.lat = f64::NAN,
+            |r| r.lat = 90.5,
+            |r| r.lon = -180.1,
+            |r| r.lon = f64::INFINITY,
+            |r| r.currency = "XYZ".into(),
+            |r| r.country = "ZZ".into(),
+            |r| r.mcc = 10_000,
+        ] {
+            assert_eq!(bad(f).reason, Reason::InvalidField);
+        }
+        assert_eq!(bad(|r| r.event_time = NOW + 3_600_000).reason, Reason::TooFarInFuture);
+        assert_eq!(bad(|r| r.event_time = NOW - 30 * 86_400_000).reason, Reason::TooFarInPast);
+        assert!(
+            bad(|r| r.currency = "XYZ".into()).detail.contains("XYZ"),
+            "the error names the value"
+        );
+    }
+
+    #[test]
+    fn random_bytes_never_panic_and_always_get_a_reason() {
+        // Seeded garbage after a valid header, and fully random messages.
+        let mut z: u64 = 0x1234_5678;
+        let mut next = move || {
+            z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut x = z;
+            x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            x ^ (x >> 27)
+        };
+        let (mut c, _) = codec();
+        let good = bytes(&record(), 2);
+        let mut rejected = 0;
+        for i in 0..20_000 {
+            let mut msg: Vec<u8> = if i % 2 == 0 { good[..5].to_vec() } else { Vec::new() };
+            let len = (next() % 120) as usize;
+            msg.extend((0..len).map(|_| next() as u8));
+            if c.decode(&msg, NOW).is_err() {
+                rejected += 1;
+            }
+        }
+        assert!(rejected > 19_000, "garbage is rejected: {rejected}");
+    }
+}

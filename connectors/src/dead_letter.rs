@@ -1,0 +1,79 @@
+//! Why a record did not enter the dataflow, and what goes to the dead-letter topic about it.
+
+use std::fmt;
+
+/// The class of a rejected record; the `reason` header and the counter label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum DeadLetterReason {
+    /// Fewer bytes than the wire format or the record needs.
+    Truncated,
+    /// The first byte is not the Confluent magic byte 0.
+    WrongMagic,
+    /// The schema id is not in the registry.
+    UnknownSchemaId,
+    /// The writer schema is not a transaction schema, or the bytes do not fit it.
+    WrongSchema,
+    /// A field is missing or out of its domain (amount, coordinates, codes).
+    InvalidField,
+    /// Event time too far ahead of wall-clock time.
+    TooFarInFuture,
+    /// Event time older than the job will ever look back.
+    TooFarInPast,
+    /// Larger than the configured maximum message size.
+    Oversize,
+    /// Older than its partition's watermark allows (beyond the lateness bound).
+    Late,
+}
+
+impl DeadLetterReason {
+    /// Every reason, for metrics that should show zeros too.
+    pub const ALL: [DeadLetterReason; 9] = [
+        DeadLetterReason::Truncated,
+        DeadLetterReason::WrongMagic,
+        DeadLetterReason::UnknownSchemaId,
+        DeadLetterReason::WrongSchema,
+        DeadLetterReason::InvalidField,
+        DeadLetterReason::TooFarInFuture,
+        DeadLetterReason::TooFarInPast,
+        DeadLetterReason::Oversize,
+        DeadLetterReason::Late,
+    ];
+
+    /// The stable name used in headers, metrics and the late-events table.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeadLetterReason::Truncated => "truncated",
+            DeadLetterReason::WrongMagic => "wrong_magic",
+            DeadLetterReason::UnknownSchemaId => "unknown_schema_id",
+            DeadLetterReason::WrongSchema => "wrong_schema",
+            DeadLetterReason::InvalidField => "invalid_field",
+            DeadLetterReason::TooFarInFuture => "too_far_in_future",
+            DeadLetterReason::TooFarInPast => "too_far_in_past",
+            DeadLetterReason::Oversize => "oversize",
+            DeadLetterReason::Late => "late",
+        }
+    }
+}
+
+impl fmt::Display for DeadLetterReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A rejection: the reason class and a human-readable explanation.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}: {detail}")]
+pub struct Rejected {
+    /// The class.
+    pub reason: DeadLetterReason,
+    /// What exactly was wrong.
+    pub detail: String,
+}
+
+impl Rejected {
+    /// A rejection of class `reason`.
+    pub fn new(reason: DeadLetterReason, detail: impl Into<String>) -> Self {
+        Rejected { reason, detail: detail.into() }
+    }
+}
