@@ -99,8 +99,10 @@ impl Default for Limits {
 /// Decodes Confluent-framed Avro transactions; one per source worker.
 pub struct TransactionCodec {
     registry: Arc<dyn SchemaRegistry>,
-    /// Writer schemas seen so far, checked to be transaction schemas.
-    known: HashMap<u32, Result<Arc<Schema>, Rejected>>,
+    /// Readers for the writer schemas seen so far (checked to be transaction
+    /// schemas), built once: building one resolves the schema, which cost more
+    /// than decoding a record.
+    known: HashMap<u32, Result<Arc<GenericDatumReader<'static>>, Rejected>>,
     limits: Limits,
 }
 
@@ -138,10 +140,7 @@ impl TransactionCodec {
             ));
         };
         let id = u32::from_be_bytes(*id);
-        let schema = self.writer_schema(id)?;
-        let reader = GenericDatumReader::builder(&schema)
-            .build()
-            .map_err(|e| Rejected::new(Reason::WrongSchema, e.to_string()))?;
+        let reader = self.reader(id)?;
         let total = datum.len();
         let record: AvroTransaction = reader.read_deser(&mut datum).map_err(classify)?;
         if !datum.is_empty() {
@@ -156,20 +155,31 @@ impl TransactionCodec {
         validate(record, &self.limits, now_ms)
     }
 
-    fn writer_schema(&mut self, id: u32) -> Result<Arc<Schema>, Rejected> {
+    fn reader(&mut self, id: u32) -> Result<Arc<GenericDatumReader<'static>>, Rejected> {
         let registry = &self.registry;
         self.known
             .entry(id)
-            .or_insert_with(|| match registry.schema(id) {
-                None => Err(Rejected::new(
-                    Reason::UnknownSchemaId,
-                    format!("schema id {id} is not registered"),
-                )),
-                Some(s) if is_transaction(&s) => Ok(s),
-                Some(s) => Err(Rejected::new(
-                    Reason::WrongSchema,
-                    format!("schema id {id} is {}, not a transaction", schema_name(&s)),
-                )),
+            .or_insert_with(|| {
+                let schema = registry.schema(id).ok_or_else(|| {
+                    Rejected::new(
+                        Reason::UnknownSchemaId,
+                        format!("schema id {id} is not registered"),
+                    )
+                })?;
+                if !is_transaction(&schema) {
+                    return Err(Rejected::new(
+                        Reason::WrongSchema,
+                        format!("schema id {id} is {}, not a transaction", schema_name(&schema)),
+                    ));
+                }
+                // The reader borrows its schema for as long as the codec lives;
+                // registered schemas are few and never change, so each is kept
+                // for the process's lifetime (once per codec and registered id).
+                let schema: &'static Schema = Box::leak(Box::new((*schema).clone()));
+                GenericDatumReader::builder(schema)
+                    .build()
+                    .map(Arc::new)
+                    .map_err(|e| Rejected::new(Reason::WrongSchema, e.to_string()))
             })
             .clone()
     }

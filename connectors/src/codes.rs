@@ -1,5 +1,8 @@
 //! ISO 4217 currency and ISO 3166-1 alpha-2 country codes that the source accepts.
 
+use std::collections::HashSet;
+use std::sync::OnceLock;
+
 /// Active ISO 4217 alphabetic currency codes.
 const CURRENCIES: &str = "AED AFN ALL AMD ANG AOA ARS AUD AWG AZN BAM BBD BDT BGN BHD BIF BMD BND BOB \
 BRL BSD BTN BWP BYN BZD CAD CDF CHF CLP CNY COP CRC CUP CVE CZK DJF DKK DOP DZD EGP ERN ETB EUR FJD \
@@ -20,16 +23,22 @@ MY MZ NA NC NE NF NG NI NL NO NP NR NU NZ OM PA PE PF PG PH PK PL PM PN PR PS PT
 RU RW SA SB SC SD SE SG SH SI SJ SK SL SM SN SO SR SS ST SV SX SY SZ TC TD TF TG TH TJ TK TL TM TN \
 TO TR TT TV TW TZ UA UG UM US UY UZ VA VC VE VG VI VN VU WF WS YE YT ZA ZM ZW";
 
+fn set<const N: usize>(list: &'static str) -> HashSet<[u8; N]> {
+    list.split_whitespace().filter_map(|c| c.as_bytes().try_into().ok()).collect()
+}
+
 /// `code` as bytes if it is an active ISO 4217 currency.
 pub fn currency(code: &str) -> Option<[u8; 3]> {
+    static SET: OnceLock<HashSet<[u8; 3]>> = OnceLock::new();
     let b: [u8; 3] = code.as_bytes().try_into().ok()?;
-    CURRENCIES.split(' ').any(|c| c.as_bytes() == b).then_some(b)
+    SET.get_or_init(|| set(CURRENCIES)).contains(&b).then_some(b)
 }
 
 /// `code` as bytes if it is an ISO 3166-1 alpha-2 country.
 pub fn country(code: &str) -> Option<[u8; 2]> {
+    static SET: OnceLock<HashSet<[u8; 2]>> = OnceLock::new();
     let b: [u8; 2] = code.as_bytes().try_into().ok()?;
-    COUNTRIES.split(' ').any(|c| c.as_bytes() == b).then_some(b)
+    SET.get_or_init(|| set(COUNTRIES)).contains(&b).then_some(b)
 }
 
 #[cfg(test)]
