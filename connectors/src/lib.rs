@@ -9,6 +9,9 @@
 //!   validation into the dataflow's event).
 //! - [`codes`]: the currency and country codes the source accepts.
 //! - [`dead_letter`]: why a record was rejected.
+//! - [`kafka_source`]: the timely source over statically assigned partitions.
+//! - [`dead_letter_sink`]: rejected records to the dead-letter topic, with headers.
+//! - [`metrics`]: the Prometheus metrics of the connectors.
 //!
 //! May depend on `tripwire-dataflow` and the client crates (rdkafka,
 //! apache-avro, tokio-postgres, redis, prometheus); knows nothing of fraud
@@ -17,7 +20,10 @@
 pub mod avro;
 pub mod codes;
 pub mod dead_letter;
+pub mod dead_letter_sink;
 pub mod endpoints;
+pub mod kafka_source;
+pub mod metrics;
 pub mod registry;
 
 pub use endpoints::Endpoints;

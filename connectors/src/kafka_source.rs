@@ -1,0 +1,351 @@
+//! The Kafka source: a timely operator per worker that reads its statically
+//! assigned partitions without blocking, decodes, validates, decides lateness
+//! per partition, and emits accepted events at their event time.
+//!
+//! - **Assignment**: partition `p` belongs to the worker with global index
+//!   `p % peers`, across all processes; no consumer-group rebalancing. Offsets
+//!   are still committed to the group, only so that lag tools work; resuming is
+//!   driven by checkpoints.
+//! - **Never blocks**: polls with a zero timeout, at most [`SourceConfig::batch`]
+//!   messages per activation, then asks to be scheduled again (at once when it
+//!   found data, after `idle_poll` when it did not).
+//! - **Watermarks**: each partition's watermark is its largest event time so far
+//!   minus the lateness bound `L`; a record below it is late. The operator's
+//!   capability is the minimum watermark over its partitions (rounded to the
+//!   tick). A partition that has not yet produced a record holds it at the start.
+//! - **Idle partitions** (the trade-off): a partition with nothing new for
+//!   `idle_timeout` stops holding the capability back, or a quiet partition
+//!   would stall every result. The price: if it speaks again with an event time
+//!   the capability has passed, that record cannot enter at its time and goes
+//!   to the dead letters as late, a decision that depends on timing rather than
+//!   on the partition's own prefix. `idle_timeout = None` keeps lateness a pure
+//!   function of each partition's records (replay-exact), at the cost of
+//!   stalling on quiet partitions. Partitions read to their end in bounded mode
+//!   are simply done.
+//! - **Bad records** (undecodable, invalid, too far in the future or past, late)
+//!   leave on the dead-letter stream with their reason and coordinates.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use differential_dataflow::{AsCollection, VecCollection};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
+use timely::dataflow::operators::generic::OutputBuilder;
+use timely::dataflow::{Scope, StreamVec};
+use tripwire_dataflow::{Diff, FraudConfig, Time, Transaction};
+
+use crate::avro::{Limits, TransactionCodec};
+use crate::dead_letter::{DeadLetterReason, Rejected};
+use crate::registry::SchemaRegistry;
+
+/// How the source reads.
+#[derive(Clone, Debug)]
+pub struct SourceConfig {
+    /// Kafka bootstrap servers.
+    pub bootstrap: String,
+    /// The topic of Avro transactions.
+    pub topic: String,
+    /// Consumer group, for committed offsets that lag tools read.
+    pub group_id: String,
+    /// Allowed out-of-orderness `L` within a partition, ms.
+    pub lateness_ms: Time,
+    /// After this long without a record a partition stops holding the
+    /// capability back; `None` never (see the module documentation).
+    pub idle_timeout: Option<Duration>,
+    /// Most messages read per activation, so other operators get their turn.
+    pub batch: usize,
+    /// How long to wait before polling again after finding nothing.
+    pub idle_poll: Duration,
+    /// Read each partition up to its end offset at start-up, then finish
+    /// (benchmarks, tests, bulk loads); otherwise run forever.
+    pub bounded: bool,
+    /// Where each partition starts; partitions not listed start at the beginning.
+    pub start_offsets: HashMap<i32, i64>,
+    /// Size and event-time limits.
+    pub limits: Limits,
+}
+
+impl SourceConfig {
+    /// Defaults for `topic` at `bootstrap`: 5 s lateness, 30 s idle timeout, unbounded.
+    pub fn new(bootstrap: &str, topic: &str) -> Self {
+        SourceConfig {
+            bootstrap: bootstrap.into(),
+            topic: topic.into(),
+            group_id: format!("tripwire-{topic}"),
+            lateness_ms: 5_000,
+            idle_timeout: Some(Duration::from_secs(30)),
+            batch: 4_096,
+            idle_poll: Duration::from_millis(5),
+            bounded: false,
+            start_offsets: HashMap::new(),
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// A record that did not enter the dataflow, with where it came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeadLetter {
+    /// Why.
+    pub reason: DeadLetterReason,
+    /// The error text.
+    pub detail: String,
+    /// Source topic.
+    pub topic: String,
+    /// Source partition.
+    pub partition: i32,
+    /// Source offset.
+    pub offset: i64,
+    /// The record's key, if any.
+    pub key: Option<Vec<u8>>,
+    /// The record's bytes as read.
+    pub payload: Vec<u8>,
+}
+
+/// What the source produces on each worker.
+pub struct Source<'s> {
+    /// Accepted events, each at `config.time_of(event_time)`.
+    pub events: VecCollection<'s, Time, Transaction, Diff>,
+    /// Rejected records, at the capability's time when they were read.
+    pub dead_letters: StreamVec<'s, Time, DeadLetter>,
+}
+
+/// The source could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// Kafka refused or did not answer.
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    /// The topic does not exist.
+    #[error("topic {0} does not exist (topics are created on purpose, not automatically)")]
+    NoTopic(String),
+}
+
+struct PartitionState {
+    partition: i32,
+    max_seen: Option<Time>,
+    last_record: Instant,
+    /// In bounded mode: the offset to stop at (exclusive).
+    end: Option<i64>,
+    done: bool,
+}
+
+fn wall_clock_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Build the source operator for this worker.
+pub fn kafka_source<'s>(
+    scope: Scope<'s, Time>,
+    config: &SourceConfig,
+    fraud: &FraudConfig,
+    registry: Arc<dyn SchemaRegistry>,
+) -> Result<Source<'s>, SourceError> {
+    let (index, peers) = (scope.index(), scope.peers());
+    let client: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &config.bootstrap)
+        .set("group.id", &config.group_id)
+        // Offsets are committed by the operator (for lag tools only); nothing
+        // is committed behind its back.
+        .set("enable.auto.commit", "false")
+        // A transactional producer's aborted batches must never become events.
+        .set("isolation.level", "read_committed")
+        // Positions come from the assignment (checkpoints), never from the group.
+        .set("auto.offset.reset", "earliest")
+        // Bounded runs finish at each partition's end; with transactions the
+        // last offset is a commit marker, never a record, so the end is seen
+        // as an end-of-partition event rather than as a last record.
+        .set("enable.partition.eof", if config.bounded { "true" } else { "false" })
+        .create()?;
+    let metadata = client.fetch_metadata(Some(&config.topic), Duration::from_secs(10))?;
+    let count = metadata
+        .topics()
+        .first()
+        .filter(|t| t.error().is_none())
+        .map(|t| t.partitions().len())
+        .filter(|n| *n > 0)
+        .ok_or_else(|| SourceError::NoTopic(config.topic.clone()))?;
+    let mine: Vec<i32> = (0..count as i32).filter(|p| *p as usize % peers == index).collect();
+    let mut assignment = TopicPartitionList::new();
+    let mut partitions = Vec::new();
+    for &p in &mine {
+        let start = config.start_offsets.get(&p).map_or(Offset::Beginning, |o| Offset::Offset(*o));
+        assignment.add_partition_offset(&config.topic, p, start)?;
+        let end = if config.bounded {
+            Some(client.fetch_watermarks(&config.topic, p, Duration::from_secs(10))?.1)
+        } else {
+            None
+        };
+        let start_at = config.start_offsets.get(&p).copied().unwrap_or(0);
+        partitions.push(PartitionState {
+            partition: p,
+            max_seen: None,
+            last_record: Instant::now(),
+            done: end.is_some_and(|e| e <= start_at),
+            end,
+        });
+    }
+    client.assign(&assignment)?;
+
+    let mut builder = OperatorBuilder::new(format!("KafkaSource({})", config.topic), scope);
+    let activator = scope.activator_for(builder.operator_info().address);
+    let (events_out, events) = builder.new_output();
+    let (dead_out, dead_letters) = builder.new_output();
+    let mut events_out =
+        OutputBuilder::<_, timely::container::CapacityContainerBuilder<Vec<_>>>::from(events_out);
+    let mut dead_out =
+        OutputBuilder::<_, timely::container::CapacityContainerBuilder<Vec<_>>>::from(dead_out);
+
+    let mut codec = TransactionCodec::new(registry, config.limits.clone());
+    let config = config.clone();
+    let fraud = fraud.clone();
+    let mut index_of: HashMap<i32, usize> = HashMap::new();
+    for (i, p) in partitions.iter().enumerate() {
+        index_of.insert(p.partition, i);
+    }
+    let mut last_commit = Instant::now();
+
+    builder.build(move |capabilities| {
+        let mut caps = Some(capabilities);
+        move |_frontiers| {
+            let Some(held) = caps.as_mut() else { return };
+            let mut events_handle = events_out.activate();
+            let mut dead_handle = dead_out.activate();
+            let mut events_session = events_handle.session(&held[0]);
+            let mut dead_session = dead_handle.session(&held[1]);
+            let floor = *held[0].time();
+            let now = wall_clock_ms();
+            let mut read = 0;
+            while read < config.batch {
+                let Some(result) = client.poll(Duration::ZERO) else { break };
+                read += 1;
+                let msg = match result {
+                    Ok(m) => m,
+                    Err(KafkaError::PartitionEOF(p)) => {
+                        if let Some(&i) = index_of.get(&p) {
+                            partitions[i].done = config.bounded;
+                        }
+                        continue;
+                    }
+                    // Broker and network errors are retried by librdkafka; they are not records.
+                    Err(e) => {
+                        tracing::warn!(error = %e, "kafka source poll error");
+                        continue;
+                    }
+                };
+                let Some(&i) = index_of.get(&msg.partition()) else { continue };
+                let part = &mut partitions[i];
+                part.last_record = Instant::now();
+                if let Some(end) = part.end {
+                    if msg.offset() >= end {
+                        part.done = true;
+                        continue;
+                    }
+                }
+                let payload = msg.payload().unwrap_or_default();
+                let verdict = codec.decode(payload, now).and_then(|x| {
+                    let late_by_partition =
+                        part.max_seen.is_some_and(|m| x.event_time_ms + config.lateness_ms < m);
+                    if late_by_partition {
+                        return Err(Rejected::new(
+                            DeadLetterReason::Late,
+                            format!(
+                                "event_time {} is more than {} ms behind its partition's {}",
+                                x.event_time_ms,
+                                config.lateness_ms,
+                                part.max_seen.unwrap_or_default()
+                            ),
+                        ));
+                    }
+                    part.max_seen = Some(part.max_seen.map_or(x.event_time_ms, |m| m.max(x.event_time_ms)));
+                    let t = fraud.time_of(x.event_time_ms);
+                    if t < floor {
+                        return Err(Rejected::new(
+                            DeadLetterReason::Late,
+                            format!(
+                                "event_time {} is behind the source frontier {floor}: its partition was idle",
+                                x.event_time_ms
+                            ),
+                        ));
+                    }
+                    Ok((x, t))
+                });
+                match verdict {
+                    Ok((x, t)) => events_session.give((x, t, 1 as Diff)),
+                    Err(rejected) => {
+                        tracing::warn!(
+                            reason = rejected.reason.as_str(),
+                            partition = msg.partition(),
+                            offset = msg.offset(),
+                            "dead letter: {}",
+                            rejected.detail
+                        );
+                        dead_session.give(DeadLetter {
+                            reason: rejected.reason,
+                            detail: rejected.detail,
+                            topic: msg.topic().to_string(),
+                            partition: msg.partition(),
+                            offset: msg.offset(),
+                            key: msg.key().map(<[u8]>::to_vec),
+                            payload: payload.to_vec(),
+                        });
+                    }
+                }
+            }
+            drop(events_session);
+            drop(dead_session);
+
+            // The capability: the least watermark over partitions still holding it.
+            let idle = |p: &PartitionState| {
+                config.idle_timeout.is_some_and(|d| p.last_record.elapsed() >= d)
+            };
+            let holding: Vec<Option<Time>> = partitions
+                .iter()
+                .filter(|p| !p.done && !idle(p))
+                .map(|p| p.max_seen.map(|m| m.saturating_sub(config.lateness_ms)))
+                .collect();
+            let all_done = partitions.iter().all(|p| p.done);
+            if all_done {
+                caps = None;
+            } else {
+                let watermark = if holding.is_empty() {
+                    // Every live partition is idle: hold at the least watermark any had.
+                    partitions
+                        .iter()
+                        .filter(|p| !p.done)
+                        .filter_map(|p| p.max_seen.map(|m| m.saturating_sub(config.lateness_ms)))
+                        .min()
+                } else if holding.iter().any(Option::is_none) {
+                    None
+                } else {
+                    holding.iter().flatten().min().copied()
+                };
+                if let Some(w) = watermark {
+                    let t = fraud.time_of(w);
+                    if t > *held[0].time() {
+                        held[0].downgrade(&t);
+                        held[1].downgrade(&t);
+                    }
+                }
+                if read > 0 {
+                    activator.activate();
+                } else {
+                    activator.activate_after(config.idle_poll);
+                }
+            }
+            if last_commit.elapsed() >= Duration::from_secs(5) || caps.is_none() {
+                last_commit = Instant::now();
+                // For lag tools only; a failure here loses nothing.
+                if let Err(e) = client.commit_consumer_state(CommitMode::Async) {
+                    tracing::debug!(error = %e, "offset commit for lag monitoring failed");
+                }
+            }
+        }
+    });
+
+    Ok(Source { events: events.as_collection(), dead_letters })
+}
