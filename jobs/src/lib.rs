@@ -1,1 +1,10 @@
-//! Shared wiring for Tripwire's job binaries.
+//! Shared pieces of Tripwire's job binaries.
+//!
+//! # Layout
+//!
+//! - [`generator`]: deterministic traffic for `txgen`: benign spending,
+//!   labelled fraud scenarios, bad input, out-of-order and late records.
+//!
+//! Depends on `tripwire-dataflow` and `tripwire-connectors`.
+
+pub mod generator;
