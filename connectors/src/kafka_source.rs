@@ -148,6 +148,8 @@ pub fn kafka_source<'s>(
     let (index, peers) = (scope.index(), scope.peers());
     let client: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", &config.bootstrap)
+        // Only so that committed offsets show consumer lag; partitions are
+        // assigned statically, so the group never rebalances anything.
         .set("group.id", &config.group_id)
         // Offsets are committed by the operator (for lag tools only); nothing
         // is committed behind its back.
