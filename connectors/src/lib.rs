@@ -12,6 +12,7 @@
 //! - [`kafka_source`]: the timely source over statically assigned partitions.
 //! - [`dead_letter_sink`]: rejected records to the dead-letter topic, with headers.
 //! - [`metrics`]: the Prometheus metrics of the connectors.
+//! - [`postgres`]: the schema's migrations and the exactly-once PostgreSQL sink.
 //!
 //! May depend on `tripwire-dataflow` and the client crates (rdkafka,
 //! apache-avro, tokio-postgres, redis, prometheus); knows nothing of fraud
@@ -24,6 +25,7 @@ pub mod dead_letter_sink;
 pub mod endpoints;
 pub mod kafka_source;
 pub mod metrics;
+pub mod postgres;
 pub mod registry;
 
 pub use endpoints::Endpoints;

@@ -1,0 +1,116 @@
+//! The PostgreSQL schema, as versioned migrations the job applies on start.
+//!
+//! Each migration runs once, in order, in a transaction of its own, recorded
+//! in `tripwire_migrations`; an advisory lock keeps concurrent workers and
+//! processes from applying one twice.
+
+use tokio_postgres::Client;
+
+/// `(version, what, SQL)`, in order. Never edit a shipped migration: add one.
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[(
+    1,
+    "stats, alerts, late events, archive, checkpoints, progress",
+    r#"
+CREATE TABLE window_stats (
+    card_id            bigint NOT NULL,
+    window_ms          bigint NOT NULL,
+    count              bigint NOT NULL,
+    sum_minor          bigint NOT NULL,
+    max_amount_minor   bigint NOT NULL,
+    distinct_merchants bigint NOT NULL,
+    distinct_countries bigint NOT NULL,
+    -- Event time (ms) of the change this row reflects; upserts only move it forward.
+    as_of              bigint NOT NULL,
+    PRIMARY KEY (card_id, window_ms)
+);
+
+CREATE TABLE alerts (
+    alert_id        bigint PRIMARY KEY,
+    card_id         bigint NOT NULL,
+    rule            text   NOT NULL,
+    trigger_event   bigint NOT NULL,
+    event_time      timestamptz NOT NULL,
+    detected_at     timestamptz NOT NULL DEFAULT now(),
+    details         jsonb  NOT NULL
+);
+CREATE INDEX alerts_by_time ON alerts (event_time);
+CREATE INDEX alerts_by_card ON alerts (card_id, event_time);
+CREATE INDEX alerts_by_rule ON alerts (rule, event_time);
+
+CREATE TABLE late_events (
+    topic       text   NOT NULL,
+    partition   int    NOT NULL,
+    "offset"    bigint NOT NULL,
+    reason      text   NOT NULL,
+    detail      text   NOT NULL,
+    recorded_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (topic, partition, "offset")
+);
+
+CREATE TABLE raw_transactions (
+    event_id     bigint PRIMARY KEY,
+    card_id      bigint NOT NULL,
+    event_time   timestamptz NOT NULL,
+    amount_minor bigint NOT NULL,
+    record       jsonb  NOT NULL
+);
+
+CREATE TABLE checkpoints (
+    job        text   NOT NULL,
+    worker     int    NOT NULL,
+    -- Every output at event time < frontier is committed.
+    frontier   bigint NOT NULL,
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (job, worker)
+);
+
+CREATE TABLE source_progress (
+    job            text   NOT NULL,
+    topic          text   NOT NULL,
+    partition      int    NOT NULL,
+    "offset"       bigint NOT NULL,
+    -- Largest event time among the partition's records before "offset".
+    max_event_time bigint NOT NULL,
+    recorded_at    timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (job, topic, partition, "offset")
+);
+
+-- "Results complete up to": the least frontier over a job's sink workers.
+CREATE VIEW results_complete_up_to AS
+SELECT job, min(frontier) AS frontier_ms,
+       to_timestamp(least(min(frontier), 253402300799000) / 1000.0) AS complete_up_to
+FROM checkpoints GROUP BY job;
+"#,
+)];
+
+/// Apply every migration `client`'s database lacks; returns the versions applied now.
+pub async fn migrate(client: &mut Client) -> Result<Vec<i32>, tokio_postgres::Error> {
+    client
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS tripwire_migrations (
+                 version int PRIMARY KEY, description text NOT NULL,
+                 applied_at timestamptz NOT NULL DEFAULT now())",
+        )
+        .await?;
+    let mut applied = Vec::new();
+    for (version, description, sql) in MIGRATIONS {
+        let tx = client.transaction().await?;
+        // Serialises concurrent starts (every worker of every process migrates).
+        tx.execute("SELECT pg_advisory_xact_lock(7342001)", &[]).await?;
+        let done = tx
+            .query_opt("SELECT 1 FROM tripwire_migrations WHERE version = $1", &[version])
+            .await?
+            .is_some();
+        if !done {
+            tx.batch_execute(sql).await?;
+            tx.execute(
+                "INSERT INTO tripwire_migrations (version, description) VALUES ($1, $2)",
+                &[version, description],
+            )
+            .await?;
+            applied.push(*version);
+        }
+        tx.commit().await?;
+    }
+    Ok(applied)
+}

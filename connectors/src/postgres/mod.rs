@@ -1,0 +1,7 @@
+//! PostgreSQL: the schema's migrations and the exactly-once sink.
+
+pub mod migrations;
+pub mod sink;
+
+pub use migrations::migrate;
+pub use sink::{pg_sink, PgSinkConfig};

@@ -1,0 +1,220 @@
+//! The PostgreSQL sink against the real server: a 2-worker fraud dataflow
+//! commits into a schema of its own; while the input is held at a time `T`,
+//! the tables hold exactly the reference model's statistics and alerts below
+//! `T`, the checkpoints say `T`, and once the input ends (every window empties)
+//! the statistics table is empty and the alerts are all of the reference's.
+//!
+//! Needs the stack up (`./tripwire stack up`, or run through `./tripwire test`).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Barrier, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use differential_dataflow::input::Input;
+use tokio_postgres::NoTls;
+use tripwire_connectors::postgres::{pg_sink, PgSinkConfig};
+use tripwire_connectors::Endpoints;
+use tripwire_dataflow::config::{
+    AmountSpikeConfig, CardTestingConfig, CountryHoppingConfig, TravelConfig, VelocityConfig,
+};
+use tripwire_dataflow::reference::Reference;
+use tripwire_dataflow::{
+    Channel, DetectFraud, Diff, FraudConfig, Metric, StatKey, Time, Transaction,
+};
+
+fn config() -> FraudConfig {
+    FraudConfig {
+        windows: vec![1_000, 5_000, 20_000],
+        tick_ms: 1,
+        velocity: VelocityConfig { limits: vec![(1_000, 2), (20_000, 6)] },
+        amount_spike: AmountSpikeConfig { window_ms: 20_000, factor_percent: 300, min_history: 2 },
+        travel: TravelConfig { max_speed_kmh: 900, lookback_ms: 20_000 },
+        card_testing: CardTestingConfig {
+            small_amount_minor: 500,
+            min_merchants: 3,
+            window_ms: 10_000,
+        },
+        country_hopping: CountryHoppingConfig { min_countries: 3, window_ms: 20_000 },
+    }
+}
+
+fn events() -> Vec<Transaction> {
+    let cities = [
+        (51_507_400, -127_800, *b"GB"),
+        (40_712_800, -74_006_000, *b"US"),
+        (48_856_600, 2_352_200, *b"FR"),
+    ];
+    let mut z: u64 = 42;
+    let mut next = move |n: u64| {
+        z = z.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (z >> 33) % n
+    };
+    let mut t: Time = 1_700_000_000_000;
+    (0..400u64)
+        .map(|id| {
+            t += next(400);
+            let (lat, lon, country) = cities[next(3) as usize];
+            Transaction {
+                event_id: id,
+                card_id: next(6),
+                account_id: 1,
+                merchant_id: next(5),
+                mcc: 5411,
+                amount_minor: if next(4) == 0 {
+                    100 + next(300) as i64
+                } else {
+                    500 + next(5_000) as i64
+                },
+                currency: *b"EUR",
+                country,
+                lat_e6: lat,
+                lon_e6: lon,
+                channel: Channel::Pos,
+                event_time_ms: t,
+                device_id: None,
+            }
+        })
+        .collect()
+}
+
+/// The tables' contents: statistics per metric, and alerts as (id, rule, trigger, details).
+type Tables = (BTreeMap<StatKey, i64>, BTreeSet<(i64, String, i64, String)>, Vec<i64>);
+
+fn read_tables(conninfo: &str) -> Tables {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let (client, conn) = tokio_postgres::connect(conninfo, NoTls).await.unwrap();
+        tokio::spawn(conn);
+        let mut stats = BTreeMap::new();
+        for r in client
+            .query("SELECT card_id, window_ms, count, sum_minor, max_amount_minor, distinct_merchants, distinct_countries FROM window_stats", &[])
+            .await
+            .unwrap()
+        {
+            let (card_id, window_ms) = (r.get::<_, i64>(0) as u64, r.get::<_, i64>(1) as u64);
+            for (i, metric) in Metric::ALL.into_iter().enumerate() {
+                stats.insert(StatKey { card_id, window_ms, metric }, r.get::<_, i64>(2 + i));
+            }
+        }
+        let alerts = client
+            .query("SELECT alert_id, rule, trigger_event, details::text FROM alerts", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), canonical(r.get(3))))
+            .collect();
+        let frontiers = client
+            .query("SELECT frontier FROM checkpoints ORDER BY worker", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        (stats, alerts, frontiers)
+    })
+}
+
+/// JSON with sorted keys, so that jsonb's and serde's spellings compare.
+fn canonical(json: &str) -> String {
+    serde_json::from_str::<serde_json::Value>(json).unwrap().to_string()
+}
+
+fn expected_alerts(r: &Reference, t: Time) -> BTreeSet<(i64, String, i64, String)> {
+    r.alerts_until(t)
+        .into_iter()
+        .map(|a| {
+            let details = canonical(&serde_json::to_string(&a.details).unwrap());
+            (a.id as i64, a.rule.name().to_string(), a.trigger_event as i64, details)
+        })
+        .collect()
+}
+
+#[test]
+fn sink_holds_exactly_the_reference_below_the_frontier_and_empties_with_the_windows() {
+    let endpoints = Endpoints::from_env().unwrap();
+    let schema = format!(
+        "pgsink_{}_{}",
+        std::process::id(),
+        SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis()
+    );
+    let admin = endpoints.postgres_config();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let (c, conn) = tokio_postgres::connect(&admin, NoTls)
+            .await
+            .expect("connect; is the stack up? (./tripwire stack up)");
+        tokio::spawn(conn);
+        c.batch_execute(&format!("CREATE SCHEMA {schema}")).await.unwrap();
+    });
+    // The job's tables live in a schema of their own, so test runs never meet.
+    let conninfo = format!("{admin} options='-c search_path={schema}'");
+
+    let events = events();
+    let fraud = config();
+    // Hold the input at the time of the 250th event: a point in the middle of windows.
+    let hold = fraud.time_of(events[250].event_time_ms);
+    let sink_config = PgSinkConfig {
+        conninfo: conninfo.clone(),
+        job: "test".into(),
+        commit_interval: Duration::from_millis(50),
+    };
+    let at_hold: Arc<Mutex<Option<Tables>>> = Arc::default();
+    let barrier = Arc::new(Barrier::new(2));
+    {
+        let (events, fraud, at_hold, barrier, conninfo) =
+            (events.clone(), fraud.clone(), at_hold.clone(), barrier.clone(), conninfo.clone());
+        timely::execute(timely::Config::process(2), move |worker| {
+            let (index, peers) = (worker.index(), worker.peers());
+            let (mut input, committed) = worker.dataflow::<Time, _, _>(|scope| {
+                let (input, events) = scope.new_collection::<Transaction, Diff>();
+                let out = events.detect_fraud(&fraud);
+                (input, pg_sink(out.stats, out.alerts, &sink_config))
+            });
+            for x in events.iter().filter(|x| x.event_id as usize % peers == index) {
+                let t = fraud.time_of(x.event_time_ms);
+                if t < hold {
+                    input.update_at(x.clone(), t, 1);
+                }
+            }
+            input.advance_to(hold);
+            input.flush();
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while committed.frontier() < hold {
+                assert!(Instant::now() < deadline, "worker {index} committed up to {hold}");
+                worker.step_or_park(Some(Duration::from_millis(5)));
+            }
+            barrier.wait();
+            if index == 0 {
+                *at_hold.lock().unwrap() = Some(read_tables(&conninfo));
+            }
+            barrier.wait();
+            // Then the rest of the stream, and the end of input.
+            for x in events.iter().filter(|x| x.event_id as usize % peers == index) {
+                let t = fraud.time_of(x.event_time_ms);
+                if t >= hold {
+                    input.update_at(x.clone(), t, 1);
+                }
+            }
+        })
+        .unwrap()
+        .join()
+        .into_iter()
+        .for_each(|r| r.unwrap());
+    }
+
+    let reference = Reference::new(&fraud, &events);
+    let (stats, alerts, frontiers) =
+        at_hold.lock().unwrap().take().expect("tables read at the hold");
+    assert_eq!(frontiers, vec![hold as i64, hold as i64], "both workers' checkpoints at the hold");
+    assert!(
+        !stats.is_empty() && !alerts.is_empty(),
+        "the hold is mid-stream: something to compare"
+    );
+    assert_eq!(stats, reference.stats_at(hold - 1), "statistics below the hold");
+    assert_eq!(alerts, expected_alerts(&reference, hold - 1), "alerts below the hold");
+
+    let (stats, alerts, frontiers) = read_tables(&conninfo);
+    assert!(stats.is_empty(), "every window emptied, every row deleted: {} left", stats.len());
+    assert_eq!(alerts, expected_alerts(&reference, Time::MAX), "all alerts, once each");
+    assert_eq!(frontiers, vec![i64::MAX, i64::MAX], "end of input committed");
+}
