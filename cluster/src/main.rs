@@ -4,11 +4,12 @@
 //!
 //! - [`stack`]: `tripwire stack up | down | status | logs`, the local Kafka,
 //!   PostgreSQL, Redis and Prometheus on loopback, installed when missing.
-//! - `demo` and `test`: the README's two commands.
+//! - `demo` ([`demo`]) and `test`: the README's two commands.
 //!
 //! Depends on `tripwire-connectors` (addresses and clients), never on the
 //! dataflow: the CLI runs jobs, it does not compute.
 
+mod demo;
 mod stack;
 
 use std::io::{BufRead, BufReader};
@@ -46,7 +47,8 @@ enum Cmd {
         #[command(subcommand)]
         action: StackCmd,
     },
-    /// Bring the stack up and run the main job on generated traffic.
+    /// Bring the stack up, generate traffic with txgen, run the fraud detector over it,
+    /// and show what it found.
     Demo,
     /// Bring the stack up and run every test of the workspace.
     Test {
@@ -110,12 +112,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
         },
         Cmd::Demo => {
             stack.up()?;
-            let code = print_status(&stack);
-            println!(
-                "\nThe stack is up. The fraud-detector job joins this command once it exists;"
-            );
-            println!("stop the stack with `./tripwire stack down`.");
-            Ok(code)
+            if print_status(&stack) != ExitCode::SUCCESS {
+                return Ok(ExitCode::FAILURE);
+            }
+            demo::run(&stack)?;
+            println!("The stack keeps running; stop it with `./tripwire stack down`.");
+            Ok(ExitCode::SUCCESS)
         }
         Cmd::Test { keep_stack, cargo_args } => {
             let started = stack.up()?;

@@ -30,8 +30,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use differential_dataflow::{AsCollection, VecCollection};
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
+use rdkafka::ClientContext;
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
 use timely::dataflow::operators::generic::OutputBuilder;
@@ -125,6 +126,24 @@ pub enum SourceError {
     NoTopic(String),
 }
 
+/// librdkafka's client callbacks for the source: the end of a partition is
+/// news in bounded mode, not an error worth a log line at ERROR.
+struct SourceContext;
+
+impl ClientContext for SourceContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        match error {
+            KafkaError::PartitionEOF(_)
+            | KafkaError::Global(rdkafka::types::RDKafkaErrorCode::PartitionEOF) => {
+                tracing::debug!(%reason, "end of partition")
+            }
+            _ => tracing::warn!(error = %error, %reason, "kafka client error"),
+        }
+    }
+}
+
+impl ConsumerContext for SourceContext {}
+
 struct PartitionState {
     partition: i32,
     max_seen: Option<Time>,
@@ -146,7 +165,7 @@ pub fn kafka_source<'s>(
     registry: Arc<dyn SchemaRegistry>,
 ) -> Result<Source<'s>, SourceError> {
     let (index, peers) = (scope.index(), scope.peers());
-    let client: BaseConsumer = ClientConfig::new()
+    let client: BaseConsumer<SourceContext> = ClientConfig::new()
         .set("bootstrap.servers", &config.bootstrap)
         // Only so that committed offsets show consumer lag; partitions are
         // assigned statically, so the group never rebalances anything.
@@ -162,7 +181,7 @@ pub fn kafka_source<'s>(
         // last offset is a commit marker, never a record, so the end is seen
         // as an end-of-partition event rather than as a last record.
         .set("enable.partition.eof", if config.bounded { "true" } else { "false" })
-        .create()?;
+        .create_with_context(SourceContext)?;
     let metadata = client.fetch_metadata(Some(&config.topic), Duration::from_secs(10))?;
     let count = metadata
         .topics()

@@ -9,6 +9,7 @@
 //!   validation into the dataflow's event).
 //! - [`codes`]: the currency and country codes the source accepts.
 //! - [`dead_letter`]: why a record was rejected.
+//! - [`kafka_admin`]: creating topics on purpose.
 //! - [`kafka_source`]: the timely source over statically assigned partitions.
 //! - [`dead_letter_sink`]: rejected records to the dead-letter topic, with headers.
 //! - [`metrics`]: the Prometheus metrics of the connectors.
@@ -23,6 +24,7 @@ pub mod codes;
 pub mod dead_letter;
 pub mod dead_letter_sink;
 pub mod endpoints;
+pub mod kafka_admin;
 pub mod kafka_source;
 pub mod metrics;
 pub mod postgres;

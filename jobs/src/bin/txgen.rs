@@ -13,11 +13,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::ClientConfig;
+use tripwire_connectors::kafka_admin::ensure_topic;
 use tripwire_connectors::Endpoints;
 use tripwire_jobs::generator::{Expect, GenConfig, Generator};
 
@@ -101,8 +100,9 @@ fn main() -> Result<()> {
     let now = now_ms();
     let (events, spacing_ms, start_ms) = match args.rate {
         Some(rate) => (rate * args.seconds, (1000 / rate.max(1)).max(1) as i64, now),
-        // Bulk: event times end at the present, 1 ms apart.
-        None => (args.events, 1, now - args.events as i64),
+        // Bulk: event times 1 ms apart, ending an hour before the present so that
+        // every scenario (the longest spans 30 min) completes in the past.
+        None => (args.events, 1, now - args.events as i64 - 3_600_000),
     };
     let plan = Generator::new(GenConfig {
         seed: args.seed,
@@ -178,23 +178,5 @@ fn main() -> Result<()> {
         args.topic,
         plan.len() as f64 / secs
     );
-    Ok(())
-}
-
-fn ensure_topic(bootstrap: &str, topic: &str, partitions: i32) -> Result<()> {
-    let admin: AdminClient<DefaultClientContext> =
-        ClientConfig::new().set("bootstrap.servers", bootstrap).create()?;
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let results = rt.block_on(admin.create_topics(
-        &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
-        &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
-    ))?;
-    for r in results {
-        match r {
-            Ok(_) => {}
-            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((t, e)) => anyhow::bail!("creating topic {t}: {e}"),
-        }
-    }
     Ok(())
 }

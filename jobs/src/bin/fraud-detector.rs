@@ -1,0 +1,163 @@
+//! `fraud-detector`: the main job. Kafka source → fraud dataflow → PostgreSQL, with dead letters to Kafka.
+//!
+//! ```text
+//! fraud-detector [--config job.toml] [--topic transactions] [-w WORKERS] [-n PROCESSES -p INDEX -h HOSTFILE]
+//! ```
+//!
+//! Timely's cluster arguments are accepted as timely spells them (`-w`, `-n`,
+//! `-p`, `-h`), so `tripwire launch` can start one process per line of a hosts
+//! file. Addresses come from the `TRIPWIRE_*` environment (see the README).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use serde::Deserialize;
+use tripwire_connectors::dead_letter_sink::dead_letter_sink;
+use tripwire_connectors::kafka_admin::ensure_topic;
+use tripwire_connectors::kafka_source::{kafka_source, SourceConfig};
+use tripwire_connectors::postgres::{pg_sink, PgSinkConfig};
+use tripwire_connectors::registry::EmbeddedRegistry;
+use tripwire_connectors::Endpoints;
+use tripwire_dataflow::{DetectFraud, FraudConfig, Time};
+
+/// Tripwire's fraud detector.
+#[derive(Parser, Debug, Clone)]
+#[command(version, about, disable_help_flag = true)]
+struct Args {
+    /// Print help.
+    #[arg(long, action = clap::ArgAction::Help)]
+    help: Option<bool>,
+    /// A TOML file with a `[fraud]` table (windows, tick, rule thresholds); defaults otherwise.
+    #[arg(long, env = "TRIPWIRE_JOB_CONFIG")]
+    config: Option<String>,
+    /// The job's name in checkpoints.
+    #[arg(long, env = "TRIPWIRE_JOB", default_value = "fraud-detector")]
+    job: String,
+    /// Topic of Avro transactions.
+    #[arg(long, env = "TRIPWIRE_TOPIC", default_value = "transactions")]
+    topic: String,
+    /// Topic for dead letters.
+    #[arg(long, env = "TRIPWIRE_DLQ_TOPIC", default_value = "transactions-dlq")]
+    dlq_topic: String,
+    /// Allowed out-of-orderness within a partition, ms.
+    #[arg(long, default_value_t = 5_000)]
+    lateness_ms: Time,
+    /// Seconds after which a quiet partition stops holding results back; 0 = never.
+    #[arg(long, default_value_t = 30)]
+    idle_timeout_s: u64,
+    /// Commit to PostgreSQL at most this often, ms.
+    #[arg(long, default_value_t = 500)]
+    commit_interval_ms: u64,
+    /// Read the topic to its current end, commit, and exit (bulk loads, demos, tests).
+    #[arg(long)]
+    bounded: bool,
+    /// Timely: worker threads per process.
+    #[arg(short = 'w', long, default_value_t = 1)]
+    workers: usize,
+    /// Timely: number of processes.
+    #[arg(short = 'n', long, default_value_t = 1)]
+    processes: usize,
+    /// Timely: this process's index.
+    #[arg(short = 'p', long, default_value_t = 0)]
+    process: usize,
+    /// Timely: hosts file, one `host:port` per process.
+    #[arg(short = 'h', long)]
+    hostfile: Option<String>,
+    /// Log as JSON lines.
+    #[arg(long, env = "TRIPWIRE_LOG_JSON")]
+    log_json: bool,
+}
+
+#[derive(Deserialize, Default)]
+struct FileConfig {
+    #[serde(default)]
+    fraud: Option<FraudConfig>,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    if args.log_json {
+        tracing_subscriber::fmt().json().with_env_filter(filter).init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
+    let fraud = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
+            let file: FileConfig =
+                toml::from_str(&text).with_context(|| format!("parsing {path}"))?;
+            file.fraud.unwrap_or_default()
+        }
+        None => FraudConfig::default(),
+    };
+    if let Err(e) = fraud.validate() {
+        bail!("invalid [fraud] config: {e}");
+    }
+    let endpoints = Endpoints::from_env()?;
+    let communication = if args.processes > 1 {
+        let Some(path) = &args.hostfile else { bail!("-n {} needs -h HOSTFILE", args.processes) };
+        let addresses: Vec<String> = std::fs::read_to_string(path)
+            .with_context(|| format!("reading hosts file {path}"))?
+            .lines()
+            .map(|l| l.split('#').next().unwrap_or_default().trim().to_string())
+            .filter(|l| !l.is_empty())
+            .collect();
+        if addresses.len() != args.processes {
+            bail!(
+                "hosts file {path} names {} processes, -n says {}",
+                addresses.len(),
+                args.processes
+            );
+        }
+        timely::CommunicationConfig::Cluster {
+            threads: args.workers,
+            process: args.process,
+            addresses,
+            report: false,
+            zerocopy: false,
+        }
+    } else {
+        timely::CommunicationConfig::Process(args.workers)
+    };
+    let source = SourceConfig {
+        group_id: args.job.clone(),
+        lateness_ms: args.lateness_ms,
+        idle_timeout: (args.idle_timeout_s > 0).then(|| Duration::from_secs(args.idle_timeout_s)),
+        bounded: args.bounded,
+        ..SourceConfig::new(&endpoints.kafka_bootstrap, &args.topic)
+    };
+    let sink = PgSinkConfig {
+        conninfo: endpoints.postgres_config(),
+        job: args.job.clone(),
+        commit_interval: Duration::from_millis(args.commit_interval_ms),
+    };
+    tracing::info!(job = %args.job, topic = %args.topic, workers = args.workers,
+        processes = args.processes, process = args.process, "starting");
+    let bootstrap = endpoints.kafka_bootstrap.clone();
+    let dlq = args.dlq_topic.clone();
+    // The dead-letter topic is the job's own output: it creates it (same partitions as the input).
+    ensure_topic(&bootstrap, &dlq, 12).with_context(|| format!("creating topic {dlq}"))?;
+    let guards = timely::execute(
+        timely::Config { communication, worker: timely::WorkerConfig::default() },
+        move |worker| {
+            let registry = Arc::new(EmbeddedRegistry::new().expect("embedded schemas"));
+            worker.dataflow::<Time, _, _>(|scope| {
+                let input = kafka_source(scope, &source, &fraud, registry).expect("Kafka source");
+                dead_letter_sink(input.dead_letters, &bootstrap, &dlq)
+                    .expect("dead-letter producer");
+                let out = input.events.detect_fraud(&fraud);
+                pg_sink(out.stats, out.alerts, &sink);
+            });
+        },
+    )
+    .map_err(|e| anyhow::anyhow!("timely: {e}"))?;
+    for r in guards.join() {
+        r.map_err(|e| anyhow::anyhow!("worker failed: {e}"))?;
+    }
+    tracing::info!("finished");
+    Ok(())
+}
