@@ -8,6 +8,7 @@
 //! - [`avro`]: the transaction codec (Confluent wire format, serde decoding,
 //!   validation into the dataflow's event).
 //! - [`codes`]: the currency and country codes the source accepts.
+//! - [`commit`]: the frontier-driven commit operator every sink shares.
 //! - [`dead_letter`]: why a record was rejected.
 //! - [`kafka_admin`]: creating topics on purpose.
 //! - [`kafka_source`]: the timely source over statically assigned partitions.
@@ -21,6 +22,7 @@
 
 pub mod avro;
 pub mod codes;
+pub mod commit;
 pub mod dead_letter;
 pub mod dead_letter_sink;
 pub mod endpoints;

@@ -3,5 +3,6 @@
 pub mod migrations;
 pub mod sink;
 
+pub use crate::commit::Committed;
 pub use migrations::migrate;
 pub use sink::{pg_sink, PgSinkConfig};
