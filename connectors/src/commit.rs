@@ -31,8 +31,8 @@ pub struct Batch {
     pub upserts: Vec<(CardWindow, WindowStats, Time)>,
     /// Windows that emptied, with the time they did.
     pub deletes: Vec<(CardWindow, Time)>,
-    /// New alerts.
-    pub alerts: Vec<Alert>,
+    /// New alerts, each with the (timely) time it belongs to.
+    pub alerts: Vec<(Alert, Time)>,
 }
 
 /// The sink's view of its progress: the frontier below which everything is committed.
@@ -162,7 +162,7 @@ fn batch(
             return true;
         }
         if *d > 0 {
-            b.alerts.push(a.clone());
+            b.alerts.push((a.clone(), *t));
         }
         false
     });

@@ -14,6 +14,7 @@
 //! - [`kafka_source`]: the timely source over statically assigned partitions.
 //! - [`dead_letter_sink`]: rejected records to the dead-letter topic, with headers.
 //! - [`metrics`]: the Prometheus metrics of the connectors.
+//! - [`redis_sink`]: the Redis read model for an authorisation service.
 //! - [`postgres`]: the schema's migrations and the exactly-once PostgreSQL sink.
 //!
 //! May depend on `tripwire-dataflow` and the client crates (rdkafka,
@@ -30,6 +31,7 @@ pub mod kafka_admin;
 pub mod kafka_source;
 pub mod metrics;
 pub mod postgres;
+pub mod redis_sink;
 pub mod registry;
 
 pub use endpoints::Endpoints;

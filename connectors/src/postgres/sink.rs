@@ -116,15 +116,15 @@ async fn commit(
         .await?;
     }
     if !b.alerts.is_empty() {
-        let ids: Vec<i64> = b.alerts.iter().map(|a| a.id as i64).collect();
-        let cards: Vec<i64> = b.alerts.iter().map(|a| a.card_id as i64).collect();
-        let rules: Vec<&str> = b.alerts.iter().map(|a| a.rule.name()).collect();
-        let triggers: Vec<i64> = b.alerts.iter().map(|a| a.trigger_event as i64).collect();
-        let times: Vec<i64> = b.alerts.iter().map(|a| as_i64(a.event_time_ms)).collect();
+        let ids: Vec<i64> = b.alerts.iter().map(|(a, _)| a.id as i64).collect();
+        let cards: Vec<i64> = b.alerts.iter().map(|(a, _)| a.card_id as i64).collect();
+        let rules: Vec<&str> = b.alerts.iter().map(|(a, _)| a.rule.name()).collect();
+        let triggers: Vec<i64> = b.alerts.iter().map(|(a, _)| a.trigger_event as i64).collect();
+        let times: Vec<i64> = b.alerts.iter().map(|(a, _)| as_i64(a.event_time_ms)).collect();
         let details: Vec<String> = b
             .alerts
             .iter()
-            .map(|a| serde_json::to_string(&a.details).expect("details serialize"))
+            .map(|(a, _)| serde_json::to_string(&a.details).expect("details serialize"))
             .collect();
         tx.execute(
             "INSERT INTO alerts (alert_id, card_id, rule, trigger_event, event_time, details)

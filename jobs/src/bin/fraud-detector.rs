@@ -1,4 +1,4 @@
-//! `fraud-detector`: the main job. Kafka source → fraud dataflow → PostgreSQL, with dead letters to Kafka.
+//! `fraud-detector`: the main job. Kafka source → fraud dataflow → PostgreSQL and Redis, with dead letters to Kafka.
 //!
 //! ```text
 //! fraud-detector [--config job.toml] [--topic transactions] [-w WORKERS] [-n PROCESSES -p INDEX -h HOSTFILE]
@@ -18,6 +18,7 @@ use tripwire_connectors::dead_letter_sink::dead_letter_sink;
 use tripwire_connectors::kafka_admin::ensure_topic;
 use tripwire_connectors::kafka_source::{kafka_source, SourceConfig};
 use tripwire_connectors::postgres::{pg_sink, PgSinkConfig};
+use tripwire_connectors::redis_sink::{redis_sink, RedisSinkConfig};
 use tripwire_connectors::registry::EmbeddedRegistry;
 use tripwire_connectors::Endpoints;
 use tripwire_dataflow::{DetectFraud, FraudConfig, Time};
@@ -135,6 +136,14 @@ fn main() -> Result<()> {
         job: args.job.clone(),
         commit_interval: Duration::from_millis(args.commit_interval_ms),
     };
+    let read_model = RedisSinkConfig {
+        url: endpoints.redis_url(),
+        job: args.job.clone(),
+        commit_interval: Duration::from_millis(args.commit_interval_ms),
+        stream_max_len: 100_000,
+        // A card's hash outlives its longest window by a minute, then goes.
+        ttl: Duration::from_millis(fraud.max_window() + 60_000),
+    };
     tracing::info!(job = %args.job, topic = %args.topic, workers = args.workers,
         processes = args.processes, process = args.process, "starting");
     let bootstrap = endpoints.kafka_bootstrap.clone();
@@ -150,7 +159,8 @@ fn main() -> Result<()> {
                 dead_letter_sink(input.dead_letters, &bootstrap, &dlq)
                     .expect("dead-letter producer");
                 let out = input.events.detect_fraud(&fraud);
-                pg_sink(out.stats, out.alerts, &sink);
+                pg_sink(out.stats.clone(), out.alerts.clone(), &sink);
+                redis_sink(out.stats, out.alerts, &read_model);
             });
         },
     )

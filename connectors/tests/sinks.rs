@@ -1,8 +1,9 @@
-//! The PostgreSQL sink against the real server: a 2-worker fraud dataflow
-//! commits into a schema of its own; while the input is held at a time `T`,
-//! the tables hold exactly the reference model's statistics and alerts below
-//! `T`, the checkpoints say `T`, and once the input ends (every window empties)
-//! the statistics table is empty and the alerts are all of the reference's.
+//! The PostgreSQL and Redis sinks against the real servers: a 2-worker fraud
+//! dataflow commits into a PostgreSQL schema and a Redis key prefix of its
+//! own; while the input is held at a time `T`, both hold exactly the reference
+//! model's statistics and alerts below `T` and their frontiers say `T`; once
+//! the input ends (every window empties) no statistics are left and the alerts
+//! are all of the reference's, each once.
 //!
 //! Needs the stack up (`./tripwire stack up`, or run through `./tripwire test`).
 
@@ -13,6 +14,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use differential_dataflow::input::Input;
 use tokio_postgres::NoTls;
 use tripwire_connectors::postgres::{pg_sink, PgSinkConfig};
+use tripwire_connectors::redis_sink::{redis_sink, Keys, RedisSinkConfig};
 use tripwire_connectors::Endpoints;
 use tripwire_dataflow::config::{
     AmountSpikeConfig, CardTestingConfig, CountryHoppingConfig, TravelConfig, VelocityConfig,
@@ -119,6 +121,47 @@ fn canonical(json: &str) -> String {
     serde_json::from_str::<serde_json::Value>(json).unwrap().to_string()
 }
 
+/// Redis: statistics per metric from the card hashes, alert ids in the stream, frontiers.
+type ReadModel = (BTreeMap<StatKey, i64>, Vec<i64>, Vec<String>);
+
+fn read_redis(url: &str, job: &str, cards: &[u64]) -> ReadModel {
+    let keys = Keys::new(job);
+    let mut con = redis::Client::open(url).unwrap().get_connection().unwrap();
+    let mut stats = BTreeMap::new();
+    for &card_id in cards {
+        let fields: BTreeMap<String, String> =
+            redis::cmd("HGETALL").arg(keys.card(card_id)).query(&mut con).unwrap();
+        for (field, value) in fields {
+            let Some((w, name)) = field.strip_prefix('w').and_then(|f| f.split_once(':')) else {
+                continue;
+            };
+            let metric = match name {
+                "count" => Metric::Count,
+                "sum" => Metric::Sum,
+                "max" => Metric::MaxAmount,
+                "merchants" => Metric::DistinctMerchants,
+                "countries" => Metric::DistinctCountries,
+                other => panic!("unexpected field {other}"),
+            };
+            let key = StatKey { card_id, window_ms: w.parse().unwrap(), metric };
+            stats.insert(key, value.parse().unwrap());
+        }
+    }
+    let entries: Vec<(String, Vec<(String, String)>)> =
+        redis::cmd("XRANGE").arg(keys.alerts()).arg("-").arg("+").query(&mut con).unwrap();
+    let mut ids: Vec<i64> = entries
+        .iter()
+        .map(|(_, kv)| {
+            kv.iter().find(|(k, _)| k == "alert_id").unwrap().1.parse::<u64>().unwrap() as i64
+        })
+        .collect();
+    ids.sort_unstable();
+    let frontiers = (0..2)
+        .map(|w| redis::cmd("GET").arg(keys.frontier(w)).query::<String>(&mut con).unwrap())
+        .collect();
+    (stats, ids, frontiers)
+}
+
 fn expected_alerts(r: &Reference, t: Time) -> BTreeSet<(i64, String, i64, String)> {
     r.alerts_until(t)
         .into_iter()
@@ -158,17 +201,27 @@ fn sink_holds_exactly_the_reference_below_the_frontier_and_empties_with_the_wind
         job: "test".into(),
         commit_interval: Duration::from_millis(50),
     };
-    let at_hold: Arc<Mutex<Option<Tables>>> = Arc::default();
+    let redis_config = RedisSinkConfig {
+        url: endpoints.redis_url(),
+        job: schema.clone(),
+        commit_interval: Duration::from_millis(50),
+        stream_max_len: 100_000,
+        ttl: Duration::from_secs(3_600),
+    };
+    let cards: Vec<u64> = (0..6).collect();
+    let at_hold: Arc<Mutex<Option<(Tables, ReadModel)>>> = Arc::default();
     let barrier = Arc::new(Barrier::new(2));
     {
         let (events, fraud, at_hold, barrier, conninfo) =
             (events.clone(), fraud.clone(), at_hold.clone(), barrier.clone(), conninfo.clone());
+        let (url, job, cards) = (endpoints.redis_url(), schema.clone(), cards.clone());
         timely::execute(timely::Config::process(2), move |worker| {
             let (index, peers) = (worker.index(), worker.peers());
-            let (mut input, committed) = worker.dataflow::<Time, _, _>(|scope| {
+            let (mut input, committed, in_redis) = worker.dataflow::<Time, _, _>(|scope| {
                 let (input, events) = scope.new_collection::<Transaction, Diff>();
                 let out = events.detect_fraud(&fraud);
-                (input, pg_sink(out.stats, out.alerts, &sink_config))
+                let pg = pg_sink(out.stats.clone(), out.alerts.clone(), &sink_config);
+                (input, pg, redis_sink(out.stats, out.alerts, &redis_config))
             });
             for x in events.iter().filter(|x| x.event_id as usize % peers == index) {
                 let t = fraud.time_of(x.event_time_ms);
@@ -179,13 +232,14 @@ fn sink_holds_exactly_the_reference_below_the_frontier_and_empties_with_the_wind
             input.advance_to(hold);
             input.flush();
             let deadline = Instant::now() + Duration::from_secs(60);
-            while committed.frontier() < hold {
+            while committed.frontier() < hold || in_redis.frontier() < hold {
                 assert!(Instant::now() < deadline, "worker {index} committed up to {hold}");
                 worker.step_or_park(Some(Duration::from_millis(5)));
             }
             barrier.wait();
             if index == 0 {
-                *at_hold.lock().unwrap() = Some(read_tables(&conninfo));
+                let read = (read_tables(&conninfo), read_redis(&url, &job, &cards));
+                *at_hold.lock().unwrap() = Some(read);
             }
             barrier.wait();
             // Then the rest of the stream, and the end of input.
@@ -203,18 +257,29 @@ fn sink_holds_exactly_the_reference_below_the_frontier_and_empties_with_the_wind
     }
 
     let reference = Reference::new(&fraud, &events);
-    let (stats, alerts, frontiers) =
-        at_hold.lock().unwrap().take().expect("tables read at the hold");
+    let alert_ids = |t: Time| -> Vec<i64> {
+        let mut ids: Vec<i64> = reference.alerts_until(t).iter().map(|a| a.id as i64).collect();
+        ids.sort_unstable();
+        ids
+    };
+    let ((stats, alerts, frontiers), (r_stats, r_alerts, r_frontiers)) =
+        at_hold.lock().unwrap().take().expect("stores read at the hold");
     assert_eq!(frontiers, vec![hold as i64, hold as i64], "both workers' checkpoints at the hold");
     assert!(
         !stats.is_empty() && !alerts.is_empty(),
         "the hold is mid-stream: something to compare"
     );
-    assert_eq!(stats, reference.stats_at(hold - 1), "statistics below the hold");
-    assert_eq!(alerts, expected_alerts(&reference, hold - 1), "alerts below the hold");
+    assert_eq!(stats, reference.stats_at(hold - 1), "PostgreSQL statistics below the hold");
+    assert_eq!(alerts, expected_alerts(&reference, hold - 1), "PostgreSQL alerts below the hold");
+    assert_eq!(r_frontiers, vec![format!("{hold:020}"); 2], "Redis frontiers at the hold");
+    assert_eq!(r_stats, reference.stats_at(hold - 1), "Redis statistics below the hold");
+    assert_eq!(r_alerts, alert_ids(hold - 1), "Redis alert stream below the hold");
 
     let (stats, alerts, frontiers) = read_tables(&conninfo);
     assert!(stats.is_empty(), "every window emptied, every row deleted: {} left", stats.len());
     assert_eq!(alerts, expected_alerts(&reference, Time::MAX), "all alerts, once each");
     assert_eq!(frontiers, vec![i64::MAX, i64::MAX], "end of input committed");
+    let (r_stats, r_alerts, _) = read_redis(&endpoints.redis_url(), &schema, &cards);
+    assert!(r_stats.is_empty(), "Redis: every window's fields deleted: {} left", r_stats.len());
+    assert_eq!(r_alerts, alert_ids(Time::MAX), "Redis: every alert in the stream once");
 }

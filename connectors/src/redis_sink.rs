@@ -1,0 +1,172 @@
+//! The Redis sink: the read model for an authorisation service.
+//!
+//! Layout, under a prefix per job (`tripwire:{job}:`):
+//! - `card:{id}`, a hash: per window `w{ms}:count`, `:sum`, `:max`,
+//!   `:merchants`, `:countries`; and `last_alert` (JSON) with
+//!   `last_alert_time`. It expires after the longest window without updates,
+//!   which is when every window of the card is empty anyway.
+//! - `alerts`, a stream of recent alerts, capped near `stream_max_len`.
+//! - `frontier:{worker}`: the worker's committed frontier.
+//!
+//! Each batch is applied by one Lua script, atomically with the worker's
+//! frontier; a batch at or below the stored frontier is skipped, and alerts
+//! below it are not added again, so a replay after a crash neither loses nor
+//! doubles anything. Statistics are absolute values, so rewriting one is
+//! harmless. Redis runs its own committer thread: when it is down it falls
+//! behind alone, PostgreSQL keeps committing.
+
+use std::time::Duration;
+
+use differential_dataflow::VecCollection;
+use redis::aio::MultiplexedConnection;
+use tripwire_dataflow::{Alert, CardWindow, Diff, Time, WindowStats};
+
+use crate::commit::{frontier_sink, Batch, Committed, Store};
+
+/// Where and how the Redis sink writes.
+#[derive(Clone, Debug)]
+pub struct RedisSinkConfig {
+    /// `redis://host:port/`.
+    pub url: String,
+    /// The job's name: the key prefix is `tripwire:{job}:`.
+    pub job: String,
+    /// Commit at most this often.
+    pub commit_interval: Duration,
+    /// The alert stream keeps about this many entries.
+    pub stream_max_len: usize,
+    /// Card hashes expire this long after their last update (the longest window).
+    pub ttl: Duration,
+}
+
+const SCRIPT: &str = r#"
+-- KEYS[1] frontier key, KEYS[2] alert stream
+-- ARGV: frontier (20-digit), prefix, ttl ms, stream max len, #upserts, #deletes, #alerts, then
+-- upserts (card, window, count, sum, max, merchants, countries), deletes (card, window),
+-- alerts (card, id, rule, time (20-digit), event time, details).
+local frontier = ARGV[1]
+local current = redis.call('GET', KEYS[1])
+if current and frontier <= current then return 0 end
+local prefix, ttl, maxlen = ARGV[2], ARGV[3], ARGV[4]
+local nu, nd, na = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local i = 8
+for _ = 1, nu do
+  local key, w = prefix .. 'card:' .. ARGV[i], 'w' .. ARGV[i + 1]
+  redis.call('HSET', key, w .. ':count', ARGV[i + 2], w .. ':sum', ARGV[i + 3], w .. ':max', ARGV[i + 4],
+    w .. ':merchants', ARGV[i + 5], w .. ':countries', ARGV[i + 6])
+  redis.call('PEXPIRE', key, ttl)
+  i = i + 7
+end
+for _ = 1, nd do
+  local key, w = prefix .. 'card:' .. ARGV[i], 'w' .. ARGV[i + 1]
+  redis.call('HDEL', key, w .. ':count', w .. ':sum', w .. ':max', w .. ':merchants', w .. ':countries')
+  i = i + 2
+end
+for _ = 1, na do
+  -- An alert below the stored frontier was added by an earlier batch.
+  if not current or ARGV[i + 3] >= current then
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 'alert_id', ARGV[i + 1], 'card_id', ARGV[i],
+      'rule', ARGV[i + 2], 'event_time', ARGV[i + 4], 'details', ARGV[i + 5])
+    local key = prefix .. 'card:' .. ARGV[i]
+    redis.call('HSET', key, 'last_alert', ARGV[i + 5], 'last_alert_rule', ARGV[i + 2], 'last_alert_time', ARGV[i + 4])
+    redis.call('PEXPIRE', key, ttl)
+  end
+  i = i + 6
+end
+redis.call('SET', KEYS[1], frontier)
+return 1
+"#;
+
+/// A frontier as 20 zero-padded digits, so that Lua compares them exactly, as strings.
+fn padded(t: Time) -> String {
+    format!("{t:020}")
+}
+
+/// Apply `stats` and `alerts` of this worker to Redis, atomically with its frontier.
+pub fn redis_sink<'s>(
+    stats: VecCollection<'s, Time, (CardWindow, WindowStats), Diff>,
+    alerts: VecCollection<'s, Time, Alert, Diff>,
+    config: &RedisSinkConfig,
+) -> Committed {
+    let worker = stats.inner.scope().index();
+    let store = Redis { config: config.clone(), worker, script: redis::Script::new(SCRIPT) };
+    frontier_sink("RedisSink", stats, alerts, config.commit_interval, store)
+}
+
+/// The keys of one job's read model.
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    /// Keys of `job`.
+    pub fn new(job: &str) -> Self {
+        Keys { prefix: format!("tripwire:{job}:") }
+    }
+    /// A card's hash.
+    pub fn card(&self, card_id: u64) -> String {
+        format!("{}card:{card_id}", self.prefix)
+    }
+    /// The alert stream.
+    pub fn alerts(&self) -> String {
+        format!("{}alerts", self.prefix)
+    }
+    /// A worker's frontier.
+    pub fn frontier(&self, worker: usize) -> String {
+        format!("{}frontier:{worker}", self.prefix)
+    }
+}
+
+struct Redis {
+    config: RedisSinkConfig,
+    worker: usize,
+    script: redis::Script,
+}
+
+impl Store for Redis {
+    type Conn = MultiplexedConnection;
+
+    async fn connect(&mut self) -> Result<MultiplexedConnection, String> {
+        let client = redis::Client::open(self.config.url.as_str()).map_err(|e| e.to_string())?;
+        client.get_multiplexed_async_connection().await.map_err(|e| e.to_string())
+    }
+
+    async fn commit(&mut self, conn: &mut MultiplexedConnection, b: &Batch) -> Result<(), String> {
+        let keys = Keys::new(&self.config.job);
+        let mut invocation = self.script.prepare_invoke();
+        invocation
+            .key(keys.frontier(self.worker))
+            .key(keys.alerts())
+            .arg(padded(b.frontier))
+            .arg(&keys.prefix)
+            .arg(self.config.ttl.as_millis() as u64)
+            .arg(self.config.stream_max_len)
+            .arg(b.upserts.len())
+            .arg(b.deletes.len())
+            .arg(b.alerts.len());
+        for (k, s, _) in &b.upserts {
+            invocation
+                .arg(k.card_id)
+                .arg(k.window_ms)
+                .arg(s.count)
+                .arg(s.sum)
+                .arg(s.max_amount)
+                .arg(s.distinct_merchants)
+                .arg(s.distinct_countries);
+        }
+        for (k, _) in &b.deletes {
+            invocation.arg(k.card_id).arg(k.window_ms);
+        }
+        for (a, t) in &b.alerts {
+            let details = serde_json::to_string(&a.details).map_err(|e| e.to_string())?;
+            invocation
+                .arg(a.card_id)
+                .arg(a.id)
+                .arg(a.rule.name())
+                .arg(padded(*t))
+                .arg(a.event_time_ms)
+                .arg(details);
+        }
+        let _applied: i64 = invocation.invoke_async(conn).await.map_err(|e| e.to_string())?;
+        Ok(())
+    }
+}
