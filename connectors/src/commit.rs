@@ -61,11 +61,19 @@ pub trait Store: Send + 'static {
 }
 
 /// Run the frontier-driven commit operator named `name` for this worker, writing to `store`.
+///
+/// `resume_from` is the frontier an earlier run committed (0 for a first run).
+/// A replay recomputes the outputs below it from partial windows; they are
+/// consolidated into a batch of their own, ending exactly at `resume_from`,
+/// and dropped. Without that boundary a row inserted before `resume_from` and
+/// deleted after it would cancel out inside one batch, and the earlier run's
+/// row would never be deleted.
 pub fn frontier_sink<'s, S: Store>(
     name: &str,
     stats: VecCollection<'s, Time, (CardWindow, WindowStats), Diff>,
     alerts: VecCollection<'s, Time, Alert, Diff>,
     commit_interval: Duration,
+    resume_from: Time,
     store: S,
 ) -> Committed {
     let scope = stats.inner.scope();
@@ -99,7 +107,16 @@ pub fn frontier_sink<'s, S: Store>(
                 .min()
                 .unwrap_or(Time::MAX);
             let done = frontier == Time::MAX;
-            if held.is_none() && frontier > sent && (done || last_sent.elapsed() >= interval) {
+            if sent < resume_from && frontier >= resume_from {
+                // The replayed past: consolidated up to the resume point, then dropped.
+                drop(batch(resume_from, &mut pending_stats, &mut pending_alerts));
+                sent = resume_from;
+            }
+            if held.is_none()
+                && sent >= resume_from
+                && frontier > sent
+                && (done || last_sent.elapsed() >= interval)
+            {
                 held = Some(batch(frontier, &mut pending_stats, &mut pending_alerts));
             }
             if let Some(b) = held.take() {

@@ -10,6 +10,7 @@
 //! | `TRIPWIRE_KAFKA_CONTROLLER_PORT` | `9093` (local broker only) |
 //! | `TRIPWIRE_PG_HOST` / `TRIPWIRE_PG_PORT` | `127.0.0.1` / `5432` |
 //! | `TRIPWIRE_PG_USER` / `TRIPWIRE_PG_PASSWORD` / `TRIPWIRE_PG_DATABASE` | `tripwire` each |
+//! | `TRIPWIRE_PG_SCHEMA` | none (the role's default schema) |
 //! | `TRIPWIRE_REDIS_HOST` / `TRIPWIRE_REDIS_PORT` | `127.0.0.1` / `6379` |
 //! | `TRIPWIRE_PROMETHEUS_HOST` / `TRIPWIRE_PROMETHEUS_PORT` | `127.0.0.1` / `9090` |
 
@@ -32,6 +33,8 @@ pub struct Endpoints {
     pub pg_password: String,
     /// Database holding Tripwire's tables.
     pub pg_database: String,
+    /// Schema for Tripwire's tables (created if missing); `None` = the role's default.
+    pub pg_schema: Option<String>,
     /// Redis host.
     pub redis_host: String,
     /// Redis port.
@@ -53,6 +56,7 @@ impl Default for Endpoints {
             pg_user: "tripwire".into(),
             pg_password: "tripwire".into(),
             pg_database: "tripwire".into(),
+            pg_schema: None,
             redis_host: "127.0.0.1".into(),
             redis_port: 6379,
             prometheus_host: "127.0.0.1".into(),
@@ -93,6 +97,7 @@ impl Endpoints {
             pg_user: text("TRIPWIRE_PG_USER", d.pg_user),
             pg_password: text("TRIPWIRE_PG_PASSWORD", d.pg_password),
             pg_database: text("TRIPWIRE_PG_DATABASE", d.pg_database),
+            pg_schema: lookup("TRIPWIRE_PG_SCHEMA"),
             redis_host: text("TRIPWIRE_REDIS_HOST", d.redis_host),
             redis_port: port("TRIPWIRE_REDIS_PORT", d.redis_port)?,
             prometheus_host: text("TRIPWIRE_PROMETHEUS_HOST", d.prometheus_host),
@@ -102,10 +107,14 @@ impl Endpoints {
 
     /// A tokio-postgres connection string for the Tripwire role.
     pub fn postgres_config(&self) -> String {
-        format!(
+        let mut c = format!(
             "host={} port={} user={} password={} dbname={} application_name=tripwire",
             self.pg_host, self.pg_port, self.pg_user, self.pg_password, self.pg_database
-        )
+        );
+        if let Some(schema) = &self.pg_schema {
+            c.push_str(&format!(" options='-c search_path={schema}'"));
+        }
+        c
     }
 
     /// A `redis://` URL.

@@ -68,7 +68,43 @@ pub struct SourceConfig {
     pub start_offsets: HashMap<i32, i64>,
     /// Size and event-time limits.
     pub limits: Limits,
+    /// Resuming after a crash: where lateness state starts and what to skip.
+    pub resume: Option<Resume>,
+    /// Records between two progress samples of a partition: fewer re-read after a crash, more rows.
+    pub sample_every: u64,
 }
+
+/// How a restarted source reproduces the original run's decisions.
+///
+/// Each partition restarts at a recorded offset `o` (see [`ProgressSample`]),
+/// with its largest event time so far set to the sample's, so that every
+/// lateness decision comes out as before. Records below `skip_below`
+/// (`committed frontier − longest window`) still move the watermark, but are
+/// not emitted: no output at or after the committed frontier depends on them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Resume {
+    /// Event time below which accepted records are not emitted.
+    pub skip_below: Time,
+    /// Per partition, the largest event time before its start offset.
+    pub max_seen: HashMap<i32, Time>,
+}
+
+/// "Before offset `offset` of `partition`, the largest event time was `max_event_time`":
+/// recorded as the source reads, so that a restart knows where to begin.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProgressSample {
+    /// Topic.
+    pub topic: String,
+    /// Partition.
+    pub partition: i32,
+    /// The next offset to read.
+    pub offset: i64,
+    /// Largest event time among the partition's records before `offset`.
+    pub max_event_time: Time,
+}
+
+/// Samples the source has taken and a sink has not yet stored.
+pub type Progress = Arc<std::sync::Mutex<Vec<ProgressSample>>>;
 
 impl SourceConfig {
     /// Defaults for `topic` at `bootstrap`: 5 s lateness, 30 s idle timeout, unbounded.
@@ -84,6 +120,8 @@ impl SourceConfig {
             bounded: false,
             start_offsets: HashMap::new(),
             limits: Limits::default(),
+            resume: None,
+            sample_every: 5_000,
         }
     }
 }
@@ -113,6 +151,8 @@ pub struct Source<'s> {
     pub events: VecCollection<'s, Time, Transaction, Diff>,
     /// Rejected records, at the capability's time when they were read.
     pub dead_letters: StreamVec<'s, Time, DeadLetter>,
+    /// Progress samples for the PostgreSQL sink to store.
+    pub progress: Progress,
 }
 
 /// The source could not be set up.
@@ -147,6 +187,7 @@ impl ConsumerContext for SourceContext {}
 struct PartitionState {
     partition: i32,
     max_seen: Option<Time>,
+    since_sample: u64,
     last_record: Instant,
     /// In bounded mode: the offset to stop at (exclusive).
     end: Option<i64>,
@@ -204,7 +245,8 @@ pub fn kafka_source<'s>(
         let start_at = config.start_offsets.get(&p).copied().unwrap_or(0);
         partitions.push(PartitionState {
             partition: p,
-            max_seen: None,
+            max_seen: config.resume.as_ref().and_then(|r| r.max_seen.get(&p).copied()),
+            since_sample: 0,
             last_record: Instant::now(),
             done: end.is_some_and(|e| e <= start_at),
             end,
@@ -229,6 +271,9 @@ pub fn kafka_source<'s>(
         index_of.insert(p.partition, i);
     }
     let mut last_commit = Instant::now();
+    let progress: Progress = Arc::default();
+    let samples = progress.clone();
+    let skip_below = config.resume.as_ref().map_or(0, |r| r.skip_below);
 
     builder.build(move |capabilities| {
         let mut caps = Some(capabilities);
@@ -295,7 +340,22 @@ pub fn kafka_source<'s>(
                     }
                     Ok((x, t))
                 });
+                part.since_sample += 1;
+                if part.since_sample >= config.sample_every {
+                    part.since_sample = 0;
+                    if let Some(max_event_time) = part.max_seen {
+                        samples.lock().expect("progress samples").push(ProgressSample {
+                            topic: config.topic.clone(),
+                            partition: part.partition,
+                            offset: msg.offset() + 1,
+                            max_event_time,
+                        });
+                    }
+                }
                 match verdict {
+                    // Replayed below what any uncommitted output needs: the
+                    // watermark moved, nothing else to do.
+                    Ok((x, _)) if x.event_time_ms < skip_below => {}
                     Ok((x, t)) => events_session.give((x, t, 1 as Diff)),
                     Err(rejected) => {
                         tracing::warn!(
@@ -368,5 +428,5 @@ pub fn kafka_source<'s>(
         }
     });
 
-    Ok(Source { events: events.as_collection(), dead_letters })
+    Ok(Source { events: events.as_collection(), dead_letters, progress })
 }

@@ -9,9 +9,11 @@
 //! - `frontier:{worker}`: the worker's committed frontier.
 //!
 //! Each batch is applied by one Lua script, atomically with the worker's
-//! frontier; a batch at or below the stored frontier is skipped, and alerts
-//! below it are not added again, so a replay after a crash neither loses nor
-//! doubles anything. Statistics are absolute values, so rewriting one is
+//! frontier; a batch at or below the stored frontier is skipped, an alert
+//! enters the stream only if its marker key `alert:{id}` is new, and changes
+//! below the frontier the job had committed when this run started are
+//! dropped (a replay recomputes them from partial windows), so a replay after
+//! a crash or a rescale neither loses nor doubles anything. Statistics are absolute values, so rewriting one is
 //! harmless. Redis runs its own committer thread: when it is down it falls
 //! behind alone, PostgreSQL keeps committing.
 
@@ -36,6 +38,25 @@ pub struct RedisSinkConfig {
     pub stream_max_len: usize,
     /// Card hashes expire this long after their last update (the longest window).
     pub ttl: Duration,
+    /// The least stored worker frontier when this run started (0 for a first
+    /// run); changes below it are dropped, as in the PostgreSQL sink.
+    pub resume_from: Time,
+}
+
+/// The least frontier stored by `job`'s Redis sink workers, `None` if they never stored one.
+pub async fn committed_frontier(url: &str, job: &str) -> Result<Option<Time>, redis::RedisError> {
+    let client = redis::Client::open(url)?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let pattern = format!("{}frontier:*", Keys::new(job).prefix);
+    let keys: Vec<String> = redis::cmd("KEYS").arg(pattern).query_async(&mut conn).await?;
+    let mut least: Option<Time> = None;
+    for k in keys {
+        let v: String = redis::cmd("GET").arg(k).query_async(&mut conn).await?;
+        if let Ok(f) = v.parse::<Time>() {
+            least = Some(least.map_or(f, |l| l.min(f)));
+        }
+    }
+    Ok(least)
 }
 
 const SCRIPT: &str = r#"
@@ -62,8 +83,8 @@ for _ = 1, nd do
   i = i + 2
 end
 for _ = 1, na do
-  -- An alert below the stored frontier was added by an earlier batch.
-  if not current or ARGV[i + 3] >= current then
+  -- Each alert enters the stream once, whichever worker or run commits it.
+  if redis.call('SET', prefix .. 'alert:' .. ARGV[i + 1], '1', 'NX', 'PX', ttl) then
     redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 'alert_id', ARGV[i + 1], 'card_id', ARGV[i],
       'rule', ARGV[i + 2], 'event_time', ARGV[i + 4], 'details', ARGV[i + 5])
     local key = prefix .. 'card:' .. ARGV[i]
@@ -89,7 +110,7 @@ pub fn redis_sink<'s>(
 ) -> Committed {
     let worker = stats.inner.scope().index();
     let store = Redis { config: config.clone(), worker, script: redis::Script::new(SCRIPT) };
-    frontier_sink("RedisSink", stats, alerts, config.commit_interval, store)
+    frontier_sink("RedisSink", stats, alerts, config.commit_interval, config.resume_from, store)
 }
 
 /// The keys of one job's read model.
@@ -127,11 +148,16 @@ impl Store for Redis {
 
     async fn connect(&mut self) -> Result<MultiplexedConnection, String> {
         let client = redis::Client::open(self.config.url.as_str()).map_err(|e| e.to_string())?;
-        client.get_multiplexed_async_connection().await.map_err(|e| e.to_string())
+        let conn = client.get_multiplexed_async_connection().await.map_err(|e| e.to_string())?;
+        Ok(conn)
     }
 
     async fn commit(&mut self, conn: &mut MultiplexedConnection, b: &Batch) -> Result<(), String> {
         let keys = Keys::new(&self.config.job);
+        let resume = self.config.resume_from;
+        let upserts: Vec<_> = b.upserts.iter().filter(|u| u.2 >= resume).collect();
+        let deletes: Vec<_> = b.deletes.iter().filter(|d| d.1 >= resume).collect();
+        let alerts: Vec<_> = b.alerts.iter().filter(|a| a.1 >= resume).collect();
         let mut invocation = self.script.prepare_invoke();
         invocation
             .key(keys.frontier(self.worker))
@@ -140,10 +166,10 @@ impl Store for Redis {
             .arg(&keys.prefix)
             .arg(self.config.ttl.as_millis() as u64)
             .arg(self.config.stream_max_len)
-            .arg(b.upserts.len())
-            .arg(b.deletes.len())
-            .arg(b.alerts.len());
-        for (k, s, _) in &b.upserts {
+            .arg(upserts.len())
+            .arg(deletes.len())
+            .arg(alerts.len());
+        for (k, s, _) in upserts {
             invocation
                 .arg(k.card_id)
                 .arg(k.window_ms)
@@ -153,10 +179,10 @@ impl Store for Redis {
                 .arg(s.distinct_merchants)
                 .arg(s.distinct_countries);
         }
-        for (k, _) in &b.deletes {
+        for (k, _) in deletes {
             invocation.arg(k.card_id).arg(k.window_ms);
         }
-        for (a, t) in &b.alerts {
+        for (a, t) in alerts {
             let details = serde_json::to_string(&a.details).map_err(|e| e.to_string())?;
             invocation
                 .arg(a.card_id)

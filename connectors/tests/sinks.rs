@@ -200,6 +200,8 @@ fn sink_holds_exactly_the_reference_below_the_frontier_and_empties_with_the_wind
         conninfo: conninfo.clone(),
         job: "test".into(),
         commit_interval: Duration::from_millis(50),
+        progress: None,
+        resume_from: 0,
     };
     let redis_config = RedisSinkConfig {
         url: endpoints.redis_url(),
@@ -207,6 +209,7 @@ fn sink_holds_exactly_the_reference_below_the_frontier_and_empties_with_the_wind
         commit_interval: Duration::from_millis(50),
         stream_max_len: 100_000,
         ttl: Duration::from_secs(3_600),
+        resume_from: 0,
     };
     let cards: Vec<u64> = (0..6).collect();
     let at_hold: Arc<Mutex<Option<(Tables, ReadModel)>>> = Arc::default();

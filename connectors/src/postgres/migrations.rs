@@ -85,6 +85,14 @@ FROM checkpoints GROUP BY job;
 
 /// Apply every migration `client`'s database lacks; returns the versions applied now.
 pub async fn migrate(client: &mut Client) -> Result<Vec<i32>, tokio_postgres::Error> {
+    // A schema named in search_path (TRIPWIRE_PG_SCHEMA) is created on first use.
+    let path: String = client.query_one("SHOW search_path", &[]).await?.get(0);
+    if let Some(first) = path.split(',').map(str::trim).next() {
+        if !first.is_empty() && !first.starts_with('"') && first != "public" {
+            let ident = first.replace('"', "");
+            client.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS \"{ident}\"")).await?;
+        }
+    }
     client
         .batch_execute(
             "CREATE TABLE IF NOT EXISTS tripwire_migrations (

@@ -1,8 +1,10 @@
-//! PostgreSQL: the schema's migrations and the exactly-once sink.
+//! PostgreSQL: the schema's migrations, the exactly-once sink, and where a restart resumes.
 
 pub mod migrations;
+pub mod resume;
 pub mod sink;
 
 pub use crate::commit::Committed;
 pub use migrations::migrate;
+pub use resume::{committed_frontier, resume_point, ResumePoint};
 pub use sink::{pg_sink, PgSinkConfig};

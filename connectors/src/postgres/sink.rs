@@ -15,6 +15,7 @@ use tripwire_dataflow::{Alert, CardWindow, Diff, Time, WindowStats};
 
 use super::migrate;
 use crate::commit::{frontier_sink, Batch, Committed, Store};
+use crate::kafka_source::{Progress, ProgressSample};
 
 /// Where and how the sink commits.
 #[derive(Clone, Debug)]
@@ -25,6 +26,12 @@ pub struct PgSinkConfig {
     pub job: String,
     /// Commit at most this often (a batch also waits for the frontier to move).
     pub commit_interval: Duration,
+    /// The source's progress samples, stored with each commit, if any.
+    pub progress: Option<Progress>,
+    /// The job's committed frontier when this run started (0 for a first run):
+    /// updates below it were committed by an earlier run, and a replay
+    /// recomputes them from partial windows, so they are dropped.
+    pub resume_from: Time,
 }
 
 /// Commit `stats` and `alerts` of this worker to PostgreSQL, exactly once per frontier.
@@ -35,7 +42,7 @@ pub fn pg_sink<'s>(
 ) -> Committed {
     let worker = stats.inner.scope().index();
     let store = Postgres { config: config.clone(), worker };
-    frontier_sink("PgSink", stats, alerts, config.commit_interval, store)
+    frontier_sink("PgSink", stats, alerts, config.commit_interval, config.resume_from, store)
 }
 
 struct Postgres {
@@ -51,7 +58,19 @@ impl Store for Postgres {
     }
 
     async fn commit(&mut self, conn: &mut Client, batch: &Batch) -> Result<(), String> {
-        commit(conn, &self.config.job, self.worker, batch).await.map_err(|e| e.to_string())
+        let resume = self.config.resume_from;
+        let samples = match &self.config.progress {
+            Some(p) => std::mem::take(&mut *p.lock().expect("progress samples")),
+            None => Vec::new(),
+        };
+        let result = commit(conn, &self.config.job, self.worker, batch, resume, &samples).await;
+        if result.is_err() {
+            // Not stored: keep them for the retry.
+            if let Some(p) = &self.config.progress {
+                p.lock().expect("progress samples").extend(samples);
+            }
+        }
+        result.map_err(|e| e.to_string())
     }
 }
 
@@ -72,12 +91,32 @@ async fn commit(
     job: &str,
     worker: usize,
     b: &Batch,
+    resume: Time,
+    samples: &[ProgressSample],
 ) -> Result<(), tokio_postgres::Error> {
     let as_i64 = |t: Time| t.min(i64::MAX as u64) as i64;
+    // What an earlier run committed is not rewritten from a replay's partial windows.
+    let upserts: Vec<&(CardWindow, WindowStats, Time)> =
+        b.upserts.iter().filter(|u| u.2 >= resume).collect();
+    let deletes: Vec<&(CardWindow, Time)> = b.deletes.iter().filter(|d| d.1 >= resume).collect();
+    let alerts: Vec<&(Alert, Time)> = b.alerts.iter().filter(|a| a.1 >= resume).collect();
     let tx = client.transaction().await?;
-    if !b.upserts.is_empty() {
+    if !samples.is_empty() {
+        let topics: Vec<&str> = samples.iter().map(|s| s.topic.as_str()).collect();
+        let partitions: Vec<i32> = samples.iter().map(|s| s.partition).collect();
+        let offsets: Vec<i64> = samples.iter().map(|s| s.offset).collect();
+        let maxes: Vec<i64> = samples.iter().map(|s| as_i64(s.max_event_time)).collect();
+        tx.execute(
+            "INSERT INTO source_progress (job, topic, partition, \"offset\", max_event_time)
+             SELECT $1, * FROM UNNEST($2::text[], $3::int[], $4::bigint[], $5::bigint[])
+             ON CONFLICT DO NOTHING",
+            &[&job, &topics, &partitions, &offsets, &maxes],
+        )
+        .await?;
+    }
+    if !upserts.is_empty() {
         let col = |f: &dyn Fn(&(CardWindow, WindowStats, Time)) -> i64| -> Vec<i64> {
-            b.upserts.iter().map(f).collect()
+            upserts.iter().map(|u| f(u)).collect()
         };
         tx.execute(
             "INSERT INTO window_stats (card_id, window_ms, count, sum_minor, max_amount_minor,
@@ -103,10 +142,10 @@ async fn commit(
         )
         .await?;
     }
-    if !b.deletes.is_empty() {
-        let cards: Vec<i64> = b.deletes.iter().map(|d| d.0.card_id as i64).collect();
-        let windows: Vec<i64> = b.deletes.iter().map(|d| d.0.window_ms as i64).collect();
-        let as_of: Vec<i64> = b.deletes.iter().map(|d| as_i64(d.1)).collect();
+    if !deletes.is_empty() {
+        let cards: Vec<i64> = deletes.iter().map(|d| d.0.card_id as i64).collect();
+        let windows: Vec<i64> = deletes.iter().map(|d| d.0.window_ms as i64).collect();
+        let as_of: Vec<i64> = deletes.iter().map(|d| as_i64(d.1)).collect();
         tx.execute(
             "DELETE FROM window_stats w
              USING UNNEST($1::bigint[], $2::bigint[], $3::bigint[]) AS d(card_id, window_ms, as_of)
@@ -115,14 +154,13 @@ async fn commit(
         )
         .await?;
     }
-    if !b.alerts.is_empty() {
-        let ids: Vec<i64> = b.alerts.iter().map(|(a, _)| a.id as i64).collect();
-        let cards: Vec<i64> = b.alerts.iter().map(|(a, _)| a.card_id as i64).collect();
-        let rules: Vec<&str> = b.alerts.iter().map(|(a, _)| a.rule.name()).collect();
-        let triggers: Vec<i64> = b.alerts.iter().map(|(a, _)| a.trigger_event as i64).collect();
-        let times: Vec<i64> = b.alerts.iter().map(|(a, _)| as_i64(a.event_time_ms)).collect();
-        let details: Vec<String> = b
-            .alerts
+    if !alerts.is_empty() {
+        let ids: Vec<i64> = alerts.iter().map(|(a, _)| a.id as i64).collect();
+        let cards: Vec<i64> = alerts.iter().map(|(a, _)| a.card_id as i64).collect();
+        let rules: Vec<&str> = alerts.iter().map(|(a, _)| a.rule.name()).collect();
+        let triggers: Vec<i64> = alerts.iter().map(|(a, _)| a.trigger_event as i64).collect();
+        let times: Vec<i64> = alerts.iter().map(|(a, _)| as_i64(a.event_time_ms)).collect();
+        let details: Vec<String> = alerts
             .iter()
             .map(|(a, _)| serde_json::to_string(&a.details).expect("details serialize"))
             .collect();

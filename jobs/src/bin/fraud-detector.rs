@@ -17,8 +17,13 @@ use serde::Deserialize;
 use tripwire_connectors::dead_letter_sink::dead_letter_sink;
 use tripwire_connectors::kafka_admin::ensure_topic;
 use tripwire_connectors::kafka_source::{kafka_source, SourceConfig};
-use tripwire_connectors::postgres::{pg_sink, PgSinkConfig};
-use tripwire_connectors::redis_sink::{redis_sink, RedisSinkConfig};
+use tripwire_connectors::postgres::migrations::migrate;
+use tripwire_connectors::postgres::{
+    committed_frontier as pg_committed, pg_sink, resume_point, PgSinkConfig,
+};
+use tripwire_connectors::redis_sink::{
+    committed_frontier as redis_committed, redis_sink, RedisSinkConfig,
+};
 use tripwire_connectors::registry::EmbeddedRegistry;
 use tripwire_connectors::Endpoints;
 use tripwire_dataflow::{DetectFraud, FraudConfig, Time};
@@ -54,6 +59,9 @@ struct Args {
     /// Read the topic to its current end, commit, and exit (bulk loads, demos, tests).
     #[arg(long)]
     bounded: bool,
+    /// Records per partition between two progress samples (restart points).
+    #[arg(long, default_value_t = 5_000)]
+    sample_every: u64,
     /// Timely: worker threads per process.
     #[arg(short = 'w', long, default_value_t = 1)]
     workers: usize,
@@ -124,17 +132,61 @@ fn main() -> Result<()> {
     } else {
         timely::CommunicationConfig::Process(args.workers)
     };
+    // Resume where the job's sinks have committed, if they ever did: each sink
+    // drops what it already has, the source re-reads what the slower one needs.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let (pg_frontier, redis_frontier, resume) = rt
+        .block_on(async {
+            let (mut client, conn) =
+                tokio_postgres::connect(&endpoints.postgres_config(), tokio_postgres::NoTls)
+                    .await?;
+            tokio::spawn(conn);
+            migrate(&mut client).await?;
+            let pg = pg_committed(&client, &args.job).await?;
+            let redis = redis_committed(&endpoints.redis_url(), &args.job).await?;
+            let resume = match pg.into_iter().chain(redis).min() {
+                Some(f) => Some(
+                    resume_point(
+                        &client,
+                        &args.job,
+                        &args.topic,
+                        f,
+                        fraud.max_window(),
+                        fraud.tick_ms,
+                    )
+                    .await?,
+                ),
+                None => None,
+            };
+            anyhow::Ok((pg, redis, resume))
+        })
+        .context("reading the job's checkpoints")?;
+    if let Some(r) = &resume {
+        tracing::info!(
+            frontier = r.frontier,
+            ?pg_frontier,
+            ?redis_frontier,
+            skip_below = r.resume.skip_below,
+            partitions_resumed = r.start_offsets.len(),
+            "resuming from checkpoints"
+        );
+    }
     let source = SourceConfig {
+        start_offsets: resume.as_ref().map(|r| r.start_offsets.clone()).unwrap_or_default(),
+        resume: resume.map(|r| r.resume),
         group_id: args.job.clone(),
         lateness_ms: args.lateness_ms,
         idle_timeout: (args.idle_timeout_s > 0).then(|| Duration::from_secs(args.idle_timeout_s)),
         bounded: args.bounded,
+        sample_every: args.sample_every,
         ..SourceConfig::new(&endpoints.kafka_bootstrap, &args.topic)
     };
     let sink = PgSinkConfig {
         conninfo: endpoints.postgres_config(),
         job: args.job.clone(),
         commit_interval: Duration::from_millis(args.commit_interval_ms),
+        progress: None,
+        resume_from: pg_frontier.unwrap_or(0),
     };
     let read_model = RedisSinkConfig {
         url: endpoints.redis_url(),
@@ -143,6 +195,7 @@ fn main() -> Result<()> {
         stream_max_len: 100_000,
         // A card's hash outlives its longest window by a minute, then goes.
         ttl: Duration::from_millis(fraud.max_window() + 60_000),
+        resume_from: redis_frontier.unwrap_or(0),
     };
     tracing::info!(job = %args.job, topic = %args.topic, workers = args.workers,
         processes = args.processes, process = args.process, "starting");

@@ -1,0 +1,63 @@
+//! Where a restarted job resumes: its committed frontier, and per partition the
+//! recorded offset before which nothing it still needs lies.
+
+use std::collections::HashMap;
+
+use tokio_postgres::Client;
+use tripwire_dataflow::Time;
+
+use crate::kafka_source::Resume;
+
+/// A restarted job's starting point.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ResumePoint {
+    /// The least committed frontier over the job's sink workers.
+    pub frontier: Time,
+    /// Per partition, the offset to start at (absent: the beginning).
+    pub start_offsets: HashMap<i32, i64>,
+    /// What the source needs to reproduce the earlier run's decisions.
+    pub resume: Resume,
+}
+
+/// The least frontier `job`'s PostgreSQL sink workers committed, `None` if they never did.
+pub async fn committed_frontier(
+    client: &Client,
+    job: &str,
+) -> Result<Option<Time>, tokio_postgres::Error> {
+    let row =
+        client.query_one("SELECT min(frontier) FROM checkpoints WHERE job = $1", &[&job]).await?;
+    Ok(row.get::<_, Option<i64>>(0).map(|f| f as Time))
+}
+
+/// Where `job` resumes reading `topic` so that every output at a time `>= frontier` is recomputed.
+///
+/// Those outputs depend only on events at or after `frontier - longest - tick`;
+/// each partition restarts at the latest sample whose largest earlier event
+/// time lies below that (or at its beginning).
+pub async fn resume_point(
+    client: &Client,
+    job: &str,
+    topic: &str,
+    frontier: Time,
+    longest: Time,
+    tick: Time,
+) -> Result<ResumePoint, tokio_postgres::Error> {
+    let skip_below = frontier.saturating_sub(longest.saturating_add(tick.max(1)));
+    let rows = client
+        .query(
+            "SELECT DISTINCT ON (partition) partition, \"offset\", max_event_time
+             FROM source_progress
+             WHERE job = $1 AND topic = $2 AND max_event_time < $3
+             ORDER BY partition, \"offset\" DESC",
+            &[&job, &topic, &(skip_below.min(i64::MAX as u64) as i64)],
+        )
+        .await?;
+    let mut point = ResumePoint { frontier, ..ResumePoint::default() };
+    point.resume.skip_below = skip_below;
+    for r in rows {
+        let partition: i32 = r.get(0);
+        point.start_offsets.insert(partition, r.get(1));
+        point.resume.max_seen.insert(partition, r.get::<_, i64>(2) as Time);
+    }
+    Ok(point)
+}

@@ -1,0 +1,200 @@
+//! Exactly once under SIGKILL: the fraud-detector binary is killed several
+//! times while it reads a topic, restarted each time, and finally runs to the
+//! topic's end. PostgreSQL and Redis must then hold exactly the reference
+//! model's result over the accepted input: every alert once, no statistics
+//! left (every window has emptied at the end of input), frontiers at the end.
+//!
+//! Needs the stack up (`./tripwire stack up`, or run through `./tripwire test`).
+
+use std::collections::BTreeSet;
+use std::process::{Child, Command};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::ClientConfig;
+use tokio_postgres::NoTls;
+use tripwire_connectors::avro::{Limits, TransactionCodec};
+use tripwire_connectors::kafka_admin::ensure_topic;
+use tripwire_connectors::redis_sink::Keys;
+use tripwire_connectors::registry::EmbeddedRegistry;
+use tripwire_connectors::Endpoints;
+use tripwire_dataflow::reference::Reference;
+use tripwire_dataflow::{FraudConfig, Time};
+use tripwire_jobs::generator::{Expect, GenConfig, Generator};
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64
+}
+
+struct Run {
+    topic: String,
+    job: String,
+    schema: String,
+}
+
+impl Run {
+    fn start(&self) -> Child {
+        Command::new(env!("CARGO_BIN_EXE_fraud-detector"))
+            .args(["--topic", &self.topic, "--dlq-topic", &format!("{}-dlq", self.topic)])
+            .args(["--job", &self.job, "--bounded", "-w", "2"])
+            .args(["--commit-interval-ms", "20", "--idle-timeout-s", "0", "--sample-every", "300"])
+            .env("TRIPWIRE_PG_SCHEMA", &self.schema)
+            .env("RUST_LOG", "error")
+            .spawn()
+            .expect("fraud-detector starts")
+    }
+}
+
+fn pg(schema: &str) -> (tokio::runtime::Runtime, tokio_postgres::Client) {
+    let mut endpoints = Endpoints::from_env().unwrap();
+    endpoints.pg_schema = Some(schema.to_string());
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let client = rt.block_on(async {
+        let (c, conn) = tokio_postgres::connect(&endpoints.postgres_config(), NoTls).await.unwrap();
+        tokio::spawn(conn);
+        c
+    });
+    (rt, client)
+}
+
+/// The least checkpoint of the job, once both workers have one.
+fn committed(rt: &tokio::runtime::Runtime, c: &tokio_postgres::Client, job: &str) -> Option<i64> {
+    rt.block_on(async {
+        let rows = c
+            .query("SELECT min(frontier), count(*) FROM checkpoints WHERE job = $1", &[&job])
+            .await
+            .ok()?;
+        let (min, n): (Option<i64>, i64) = (rows[0].get(0), rows[0].get(1));
+        (n == 2).then_some(min).flatten()
+    })
+}
+
+#[test]
+fn killed_and_restarted_job_leaves_exactly_the_reference_result() {
+    let endpoints = Endpoints::from_env().unwrap();
+    let id = format!("{}_{}", std::process::id(), now_ms());
+    let run = Run {
+        topic: format!("crash_{id}"),
+        job: format!("crash_{id}"),
+        schema: format!("crash_{id}"),
+    };
+    ensure_topic(&endpoints.kafka_bootstrap, &run.topic, 6).expect("topic; is the stack up?");
+
+    let now = now_ms();
+    let plan = Generator::new(GenConfig {
+        seed: 11,
+        cards: 500,
+        partitions: 6,
+        start_ms: now - 3 * 3_600_000,
+        spacing_ms: 40,
+        fraud_per_10k: 40,
+        bad_per_10k: 10,
+        v1_percent: 30,
+        lateness_ms: 5_000,
+        out_of_order_per_10k: 300,
+        now_ms: now,
+    })
+    .generate(30_000);
+    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", &endpoints.kafka_bootstrap)
+        .set("enable.idempotence", "true")
+        .create()
+        .unwrap();
+    for p in &plan {
+        let mut record =
+            BaseRecord::to(&run.topic).partition(p.partition).key(&p.key).payload(&p.payload);
+        while let Err((_, back)) = producer.send(record) {
+            record = back;
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    producer.flush(Duration::from_secs(60)).unwrap();
+
+    // Kill it three times, each time after it has committed more than before.
+    let (rt, client) = pg(&run.schema);
+    let mut kills = Vec::new();
+    for _ in 0..3 {
+        let before = committed(&rt, &client, &run.job).unwrap_or(0);
+        let mut child = run.start();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let now = committed(&rt, &client, &run.job).unwrap_or(0);
+            if now > before && now < i64::MAX {
+                child.kill().expect("SIGKILL");
+                child.wait().unwrap();
+                kills.push(now);
+                break;
+            }
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("the job ended ({status}) before it could be killed; progress {now}");
+            }
+            assert!(Instant::now() < deadline, "no progress to kill at");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    let status = run.start().wait().unwrap();
+    assert!(status.success(), "the last run finishes: {status}");
+
+    // The judge: the reference model over the records the source accepts.
+    let registry = Arc::new(EmbeddedRegistry::new().unwrap());
+    let mut codec = TransactionCodec::new(registry, Limits::default());
+    let accepted: Vec<_> = plan
+        .iter()
+        .filter(|p| matches!(p.expect, Expect::Accept(_)))
+        .map(|p| codec.decode(&p.payload, now_ms()).expect("accepted records decode"))
+        .collect();
+    let fraud = FraudConfig::default();
+    let reference = Reference::new(&fraud, &accepted);
+    let want: BTreeSet<i64> =
+        reference.alerts_until(Time::MAX).iter().map(|a| a.id as i64).collect();
+    assert!(want.len() > 50, "the input fires rules: {}", want.len());
+
+    let (alerts, stats, frontiers) = rt.block_on(async {
+        let alerts: Vec<i64> = client
+            .query("SELECT alert_id FROM alerts", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let stats: i64 =
+            client.query_one("SELECT count(*) FROM window_stats", &[]).await.unwrap().get(0);
+        let frontiers: Vec<i64> = client
+            .query("SELECT frontier FROM checkpoints WHERE job = $1", &[&run.job])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        (alerts, stats, frontiers)
+    });
+    let got: BTreeSet<i64> = alerts.iter().copied().collect();
+    let missing = want.difference(&got).count();
+    let extra = got.difference(&want).count();
+    println!(
+        "kills at frontiers {kills:?}; alerts: {} matched, {missing} missing, {extra} extra",
+        want.len() - missing
+    );
+    assert_eq!((missing, extra), (0, 0), "PostgreSQL alerts equal the reference's");
+    assert_eq!(stats, 0, "every window emptied at the end of input");
+    assert_eq!(frontiers, vec![i64::MAX, i64::MAX]);
+
+    // Redis: every alert in the stream exactly once.
+    let mut con = redis::Client::open(endpoints.redis_url()).unwrap().get_connection().unwrap();
+    let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+        .arg(Keys::new(&run.job).alerts())
+        .arg("-")
+        .arg("+")
+        .query(&mut con)
+        .unwrap();
+    let ids: Vec<i64> = entries
+        .iter()
+        .map(|(_, kv)| {
+            kv.iter().find(|(k, _)| k == "alert_id").unwrap().1.parse::<u64>().unwrap() as i64
+        })
+        .collect();
+    let unique: BTreeSet<i64> = ids.iter().copied().collect();
+    assert_eq!(ids.len(), unique.len(), "no alert twice in the Redis stream");
+    assert_eq!(unique, want, "the Redis stream holds exactly the reference's alerts");
+}
