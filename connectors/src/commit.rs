@@ -166,12 +166,15 @@ fn batch(
         false
     });
     let mut b = Batch { frontier, ..Batch::default() };
+    // A key the batch touched ends either with its one current row or with
+    // none; "none" is written as a (guarded) delete even when the batch's own
+    // changes cancel out (inserted and deleted within it), because the store
+    // may hold a row this run did not write: one committed by an earlier run
+    // beyond the resume point, or by another worker before a rescale.
     for (key, (values, as_of)) in keys {
-        let mut now = values.iter().filter(|(_, d)| **d > 0).map(|(v, _)| *v);
-        match now.next() {
-            Some(v) => b.upserts.push((key, v, as_of)),
-            None if values.values().any(|d| *d < 0) => b.deletes.push((key, as_of)),
-            None => {}
+        match values.iter().find(|(_, d)| **d > 0) {
+            Some((v, _)) => b.upserts.push((key, *v, as_of)),
+            None => b.deletes.push((key, as_of)),
         }
     }
     alerts.retain(|(a, t, d)| {

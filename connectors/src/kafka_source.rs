@@ -106,6 +106,9 @@ pub struct ProgressSample {
 /// Samples the source has taken and a sink has not yet stored.
 pub type Progress = Arc<std::sync::Mutex<Vec<ProgressSample>>>;
 
+/// Late records the source has rejected and a sink has not yet stored in `late_events`.
+pub type LateEvents = Arc<std::sync::Mutex<Vec<DeadLetter>>>;
+
 impl SourceConfig {
     /// Defaults for `topic` at `bootstrap`: 5 s lateness, 30 s idle timeout, unbounded.
     pub fn new(bootstrap: &str, topic: &str) -> Self {
@@ -153,6 +156,9 @@ pub struct Source<'s> {
     pub dead_letters: StreamVec<'s, Time, DeadLetter>,
     /// Progress samples for the PostgreSQL sink to store.
     pub progress: Progress,
+    /// Late records for the PostgreSQL sink's `late_events` table (they also
+    /// go to the dead-letter topic like every rejected record).
+    pub late: LateEvents,
 }
 
 /// The source could not be set up.
@@ -273,6 +279,8 @@ pub fn kafka_source<'s>(
     let mut last_commit = Instant::now();
     let progress: Progress = Arc::default();
     let samples = progress.clone();
+    let late: LateEvents = Arc::default();
+    let late_out = late.clone();
     let skip_below = config.resume.as_ref().map_or(0, |r| r.skip_below);
 
     builder.build(move |capabilities| {
@@ -365,7 +373,7 @@ pub fn kafka_source<'s>(
                             "dead letter: {}",
                             rejected.detail
                         );
-                        dead_session.give(DeadLetter {
+                        let letter = DeadLetter {
                             reason: rejected.reason,
                             detail: rejected.detail,
                             topic: msg.topic().to_string(),
@@ -373,7 +381,11 @@ pub fn kafka_source<'s>(
                             offset: msg.offset(),
                             key: msg.key().map(<[u8]>::to_vec),
                             payload: payload.to_vec(),
-                        });
+                        };
+                        if letter.reason == DeadLetterReason::Late {
+                            late_out.lock().expect("late events").push(letter.clone());
+                        }
+                        dead_session.give(letter);
                     }
                 }
             }
@@ -428,5 +440,5 @@ pub fn kafka_source<'s>(
         }
     });
 
-    Ok(Source { events: events.as_collection(), dead_letters, progress })
+    Ok(Source { events: events.as_collection(), dead_letters, progress, late })
 }

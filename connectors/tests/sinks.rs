@@ -201,6 +201,7 @@ fn sink_holds_exactly_the_reference_below_the_frontier_and_empties_with_the_wind
         job: "test".into(),
         commit_interval: Duration::from_millis(50),
         progress: None,
+        late: None,
         resume_from: 0,
     };
     let redis_config = RedisSinkConfig {

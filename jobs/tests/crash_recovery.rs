@@ -15,6 +15,7 @@ use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedPr
 use rdkafka::ClientConfig;
 use tokio_postgres::NoTls;
 use tripwire_connectors::avro::{Limits, TransactionCodec};
+use tripwire_connectors::dead_letter::DeadLetterReason;
 use tripwire_connectors::kafka_admin::ensure_topic;
 use tripwire_connectors::redis_sink::Keys;
 use tripwire_connectors::registry::EmbeddedRegistry;
@@ -31,6 +32,26 @@ struct Run {
     topic: String,
     job: String,
     schema: String,
+    config_file: String,
+}
+
+/// Windows of seconds, not hours: the 20 minutes of input then span many
+/// windows, and a restart resumes from recorded offsets instead of the start.
+fn fraud_config() -> FraudConfig {
+    use tripwire_dataflow::config::*;
+    FraudConfig {
+        windows: vec![5_000, 30_000, 60_000],
+        tick_ms: 1,
+        velocity: VelocityConfig { limits: vec![(5_000, 3), (60_000, 12)] },
+        amount_spike: AmountSpikeConfig { window_ms: 60_000, factor_percent: 500, min_history: 3 },
+        travel: TravelConfig { max_speed_kmh: 900, lookback_ms: 60_000 },
+        card_testing: CardTestingConfig {
+            small_amount_minor: 500,
+            min_merchants: 3,
+            window_ms: 30_000,
+        },
+        country_hopping: CountryHoppingConfig { min_countries: 3, window_ms: 60_000 },
+    }
 }
 
 impl Run {
@@ -39,6 +60,7 @@ impl Run {
             .args(["--topic", &self.topic, "--dlq-topic", &format!("{}-dlq", self.topic)])
             .args(["--job", &self.job, "--bounded", "-w", "2"])
             .args(["--commit-interval-ms", "20", "--idle-timeout-s", "0", "--sample-every", "300"])
+            .args(["--config", &self.config_file])
             .env("TRIPWIRE_PG_SCHEMA", &self.schema)
             .env("RUST_LOG", "error")
             .spawn()
@@ -74,10 +96,18 @@ fn committed(rt: &tokio::runtime::Runtime, c: &tokio_postgres::Client, job: &str
 fn killed_and_restarted_job_leaves_exactly_the_reference_result() {
     let endpoints = Endpoints::from_env().unwrap();
     let id = format!("{}_{}", std::process::id(), now_ms());
+    let config_file = std::env::temp_dir().join(format!("crash_{id}.toml"));
+    #[derive(serde::Serialize)]
+    struct File {
+        fraud: FraudConfig,
+    }
+    std::fs::write(&config_file, toml::to_string(&File { fraud: fraud_config() }).unwrap())
+        .unwrap();
     let run = Run {
         topic: format!("crash_{id}"),
         job: format!("crash_{id}"),
         schema: format!("crash_{id}"),
+        config_file: config_file.display().to_string(),
     };
     ensure_topic(&endpoints.kafka_bootstrap, &run.topic, 6).expect("topic; is the stack up?");
 
@@ -144,13 +174,15 @@ fn killed_and_restarted_job_leaves_exactly_the_reference_result() {
         .filter(|p| matches!(p.expect, Expect::Accept(_)))
         .map(|p| codec.decode(&p.payload, now_ms()).expect("accepted records decode"))
         .collect();
-    let fraud = FraudConfig::default();
+    let fraud = fraud_config();
     let reference = Reference::new(&fraud, &accepted);
     let want: BTreeSet<i64> =
         reference.alerts_until(Time::MAX).iter().map(|a| a.id as i64).collect();
     assert!(want.len() > 50, "the input fires rules: {}", want.len());
 
-    let (alerts, stats, frontiers) = rt.block_on(async {
+    let late_planned =
+        plan.iter().filter(|p| p.expect == Expect::Reject(DeadLetterReason::Late)).count();
+    let (alerts, stats, frontiers, late) = rt.block_on(async {
         let alerts: Vec<i64> = client
             .query("SELECT alert_id FROM alerts", &[])
             .await
@@ -167,7 +199,15 @@ fn killed_and_restarted_job_leaves_exactly_the_reference_result() {
             .iter()
             .map(|r| r.get(0))
             .collect();
-        (alerts, stats, frontiers)
+        let late: i64 = client
+            .query_one(
+                "SELECT count(*) FROM late_events WHERE topic = $1 AND reason = 'late'",
+                &[&run.topic],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        (alerts, stats, frontiers, late)
     });
     let got: BTreeSet<i64> = alerts.iter().copied().collect();
     let missing = want.difference(&got).count();
@@ -179,6 +219,33 @@ fn killed_and_restarted_job_leaves_exactly_the_reference_result() {
     assert_eq!((missing, extra), (0, 0), "PostgreSQL alerts equal the reference's");
     assert_eq!(stats, 0, "every window emptied at the end of input");
     assert_eq!(frontiers, vec![i64::MAX, i64::MAX]);
+    assert!(late_planned > 0, "the input has late records");
+    assert_eq!(late as usize, late_planned, "every late record in late_events, once");
+    let (samples, resumed): (i64, i64) = rt.block_on(async {
+        let r = client
+            .query_one(
+                "SELECT count(*), count(DISTINCT partition) FROM source_progress WHERE job = $1",
+                &[&run.job],
+            )
+            .await
+            .unwrap();
+        (r.get(0), r.get(1))
+    });
+    assert!(samples > 0 && resumed == 6, "restart points recorded for every partition: {samples}");
+    // The restarts did resume from recorded offsets: some sample lies below the
+    // last kill's frontier minus the longest window.
+    let below: i64 = rt.block_on(async {
+        let skip = kills.iter().max().unwrap() - fraud.max_window() as i64 - 1;
+        client
+            .query_one(
+                "SELECT count(*) FROM source_progress WHERE job = $1 AND max_event_time < $2",
+                &[&run.job, &skip],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    });
+    assert!(below > 0, "a restart point below the resume frontier existed");
 
     // Redis: every alert in the stream exactly once.
     let mut con = redis::Client::open(endpoints.redis_url()).unwrap().get_connection().unwrap();

@@ -15,7 +15,9 @@ use tripwire_dataflow::{Alert, CardWindow, Diff, Time, WindowStats};
 
 use super::migrate;
 use crate::commit::{frontier_sink, Batch, Committed, Store};
-use crate::kafka_source::{Progress, ProgressSample};
+use std::sync::{Arc, Mutex};
+
+use crate::kafka_source::{DeadLetter, LateEvents, Progress, ProgressSample};
 
 /// Where and how the sink commits.
 #[derive(Clone, Debug)]
@@ -28,6 +30,8 @@ pub struct PgSinkConfig {
     pub commit_interval: Duration,
     /// The source's progress samples, stored with each commit, if any.
     pub progress: Option<Progress>,
+    /// The source's late records, stored in `late_events` with each commit, if any.
+    pub late: Option<LateEvents>,
     /// The job's committed frontier when this run started (0 for a first run):
     /// updates below it were committed by an earlier run, and a replay
     /// recomputes them from partial windows, so they are dropped.
@@ -50,6 +54,14 @@ struct Postgres {
     worker: usize,
 }
 
+/// Everything the source left in `shared` for this commit.
+fn take<T>(shared: &Option<Arc<Mutex<Vec<T>>>>) -> Vec<T> {
+    match shared {
+        Some(v) => std::mem::take(&mut *v.lock().expect("shared with the source")),
+        None => Vec::new(),
+    }
+}
+
 impl Store for Postgres {
     type Conn = Client;
 
@@ -59,15 +71,16 @@ impl Store for Postgres {
 
     async fn commit(&mut self, conn: &mut Client, batch: &Batch) -> Result<(), String> {
         let resume = self.config.resume_from;
-        let samples = match &self.config.progress {
-            Some(p) => std::mem::take(&mut *p.lock().expect("progress samples")),
-            None => Vec::new(),
-        };
-        let result = commit(conn, &self.config.job, self.worker, batch, resume, &samples).await;
+        let (samples, late) = (take(&self.config.progress), take(&self.config.late));
+        let result =
+            commit(conn, &self.config.job, self.worker, batch, resume, &samples, &late).await;
         if result.is_err() {
             // Not stored: keep them for the retry.
             if let Some(p) = &self.config.progress {
                 p.lock().expect("progress samples").extend(samples);
+            }
+            if let Some(l) = &self.config.late {
+                l.lock().expect("late events").extend(late);
             }
         }
         result.map_err(|e| e.to_string())
@@ -93,6 +106,7 @@ async fn commit(
     b: &Batch,
     resume: Time,
     samples: &[ProgressSample],
+    late: &[DeadLetter],
 ) -> Result<(), tokio_postgres::Error> {
     let as_i64 = |t: Time| t.min(i64::MAX as u64) as i64;
     // What an earlier run committed is not rewritten from a replay's partial windows.
@@ -101,6 +115,21 @@ async fn commit(
     let deletes: Vec<&(CardWindow, Time)> = b.deletes.iter().filter(|d| d.1 >= resume).collect();
     let alerts: Vec<&(Alert, Time)> = b.alerts.iter().filter(|a| a.1 >= resume).collect();
     let tx = client.transaction().await?;
+    if !late.is_empty() {
+        // Keyed by their source coordinates: a replay re-reads them, and finds them there.
+        let topics: Vec<&str> = late.iter().map(|d| d.topic.as_str()).collect();
+        let partitions: Vec<i32> = late.iter().map(|d| d.partition).collect();
+        let offsets: Vec<i64> = late.iter().map(|d| d.offset).collect();
+        let reasons: Vec<&str> = late.iter().map(|d| d.reason.as_str()).collect();
+        let details: Vec<&str> = late.iter().map(|d| d.detail.as_str()).collect();
+        tx.execute(
+            "INSERT INTO late_events (topic, partition, \"offset\", reason, detail)
+             SELECT * FROM UNNEST($1::text[], $2::int[], $3::bigint[], $4::text[], $5::text[])
+             ON CONFLICT DO NOTHING",
+            &[&topics, &partitions, &offsets, &reasons, &details],
+        )
+        .await?;
+    }
     if !samples.is_empty() {
         let topics: Vec<&str> = samples.iter().map(|s| s.topic.as_str()).collect();
         let partitions: Vec<i32> = samples.iter().map(|s| s.partition).collect();

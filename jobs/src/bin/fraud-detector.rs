@@ -186,6 +186,7 @@ fn main() -> Result<()> {
         job: args.job.clone(),
         commit_interval: Duration::from_millis(args.commit_interval_ms),
         progress: None,
+        late: None,
         resume_from: pg_frontier.unwrap_or(0),
     };
     let read_model = RedisSinkConfig {
@@ -212,6 +213,12 @@ fn main() -> Result<()> {
                 dead_letter_sink(input.dead_letters, &bootstrap, &dlq)
                     .expect("dead-letter producer");
                 let out = input.events.detect_fraud(&fraud);
+                // The source's restart points and late records go with the PostgreSQL commits.
+                let sink = PgSinkConfig {
+                    progress: Some(input.progress),
+                    late: Some(input.late),
+                    ..sink.clone()
+                };
                 pg_sink(out.stats.clone(), out.alerts.clone(), &sink);
                 redis_sink(out.stats, out.alerts, &read_model);
             });
