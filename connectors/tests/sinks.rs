@@ -16,29 +16,10 @@ use tokio_postgres::NoTls;
 use tripwire_connectors::postgres::{pg_sink, PgSinkConfig};
 use tripwire_connectors::redis_sink::{redis_sink, Keys, RedisSinkConfig};
 use tripwire_connectors::Endpoints;
-use tripwire_dataflow::config::{
-    AmountSpikeConfig, CardTestingConfig, CountryHoppingConfig, TravelConfig, VelocityConfig,
-};
 use tripwire_dataflow::reference::Reference;
 use tripwire_dataflow::{
     Channel, DetectFraud, Diff, FraudConfig, Metric, StatKey, Time, Transaction,
 };
-
-fn config() -> FraudConfig {
-    FraudConfig {
-        windows: vec![1_000, 5_000, 20_000],
-        tick_ms: 1,
-        velocity: VelocityConfig { limits: vec![(1_000, 2), (20_000, 6)] },
-        amount_spike: AmountSpikeConfig { window_ms: 20_000, factor_percent: 300, min_history: 2 },
-        travel: TravelConfig { max_speed_kmh: 900, lookback_ms: 20_000 },
-        card_testing: CardTestingConfig {
-            small_amount_minor: 500,
-            min_merchants: 3,
-            window_ms: 10_000,
-        },
-        country_hopping: CountryHoppingConfig { min_countries: 3, window_ms: 20_000 },
-    }
-}
 
 fn events() -> Vec<Transaction> {
     let cities = [
@@ -193,7 +174,7 @@ fn sink_holds_exactly_the_reference_below_the_frontier_and_empties_with_the_wind
     let conninfo = format!("{admin} options='-c search_path={schema}'");
 
     let events = events();
-    let fraud = config();
+    let fraud = FraudConfig::seconds();
     // Hold the input at the time of the 250th event: a point in the middle of windows.
     let hold = fraud.time_of(events[250].event_time_ms);
     let sink_config = PgSinkConfig {

@@ -109,6 +109,29 @@ impl Default for FraudConfig {
 }
 
 impl FraudConfig {
+    /// Windows of seconds instead of hours (1 s, 5 s, 20 s, 60 s), thresholds to
+    /// match: for tests and demos whose input spans minutes, so that windows
+    /// fill, slide and empty many times over.
+    pub fn seconds() -> Self {
+        FraudConfig {
+            windows: vec![1_000, 5_000, 20_000, 60_000],
+            tick_ms: 1,
+            velocity: VelocityConfig { limits: vec![(1_000, 3), (20_000, 8)] },
+            amount_spike: AmountSpikeConfig {
+                window_ms: 60_000,
+                factor_percent: 300,
+                min_history: 3,
+            },
+            travel: TravelConfig { max_speed_kmh: 900, lookback_ms: 30_000 },
+            card_testing: CardTestingConfig {
+                small_amount_minor: 500,
+                min_merchants: 3,
+                window_ms: 10_000,
+            },
+            country_hopping: CountryHoppingConfig { min_countries: 3, window_ms: 20_000 },
+        }
+    }
+
     /// The timely time of an event time: rounded up to the tick.
     pub fn time_of(&self, event_time_ms: Time) -> Time {
         event_time_ms.div_ceil(self.tick_ms.max(1)) * self.tick_ms.max(1)

@@ -6,26 +6,11 @@
 mod common;
 
 use common::{assert_matches_reference, run_dataflow, Rng, Scenario, Topology, CITIES};
-use tripwire_dataflow::config::{
-    AmountSpikeConfig, CardTestingConfig, CountryHoppingConfig, TravelConfig, VelocityConfig,
-};
 use tripwire_dataflow::{Channel, FraudConfig, Time, Transaction};
 
-/// Windows of seconds instead of hours, so that short streams slide through them many times.
+/// The seconds-scale windows, at `tick_ms`.
 fn compact_config(tick_ms: Time) -> FraudConfig {
-    FraudConfig {
-        windows: vec![1_000, 5_000, 20_000, 60_000],
-        tick_ms,
-        velocity: VelocityConfig { limits: vec![(1_000, 3), (20_000, 8)] },
-        amount_spike: AmountSpikeConfig { window_ms: 60_000, factor_percent: 300, min_history: 3 },
-        travel: TravelConfig { max_speed_kmh: 900, lookback_ms: 30_000 },
-        card_testing: CardTestingConfig {
-            small_amount_minor: 500,
-            min_merchants: 3,
-            window_ms: 10_000,
-        },
-        country_hopping: CountryHoppingConfig { min_countries: 3, window_ms: 20_000 },
-    }
+    FraudConfig { tick_ms, ..FraudConfig::seconds() }
 }
 
 /// A random stream: a few cards so windows fill, bursts, boundary hits, huge amounts.

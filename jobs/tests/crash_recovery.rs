@@ -35,25 +35,6 @@ struct Run {
     config_file: String,
 }
 
-/// Windows of seconds, not hours: the 20 minutes of input then span many
-/// windows, and a restart resumes from recorded offsets instead of the start.
-fn fraud_config() -> FraudConfig {
-    use tripwire_dataflow::config::*;
-    FraudConfig {
-        windows: vec![5_000, 30_000, 60_000],
-        tick_ms: 1,
-        velocity: VelocityConfig { limits: vec![(5_000, 3), (60_000, 12)] },
-        amount_spike: AmountSpikeConfig { window_ms: 60_000, factor_percent: 500, min_history: 3 },
-        travel: TravelConfig { max_speed_kmh: 900, lookback_ms: 60_000 },
-        card_testing: CardTestingConfig {
-            small_amount_minor: 500,
-            min_merchants: 3,
-            window_ms: 30_000,
-        },
-        country_hopping: CountryHoppingConfig { min_countries: 3, window_ms: 60_000 },
-    }
-}
-
 impl Run {
     fn start(&self) -> Child {
         Command::new(env!("CARGO_BIN_EXE_fraud-detector"))
@@ -101,7 +82,7 @@ fn killed_and_restarted_job_leaves_exactly_the_reference_result() {
     struct File {
         fraud: FraudConfig,
     }
-    std::fs::write(&config_file, toml::to_string(&File { fraud: fraud_config() }).unwrap())
+    std::fs::write(&config_file, toml::to_string(&File { fraud: FraudConfig::seconds() }).unwrap())
         .unwrap();
     let run = Run {
         topic: format!("crash_{id}"),
@@ -174,7 +155,7 @@ fn killed_and_restarted_job_leaves_exactly_the_reference_result() {
         .filter(|p| matches!(p.expect, Expect::Accept(_)))
         .map(|p| codec.decode(&p.payload, now_ms()).expect("accepted records decode"))
         .collect();
-    let fraud = fraud_config();
+    let fraud = FraudConfig::seconds();
     let reference = Reference::new(&fraud, &accepted);
     let want: BTreeSet<i64> =
         reference.alerts_until(Time::MAX).iter().map(|a| a.id as i64).collect();
