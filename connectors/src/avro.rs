@@ -24,6 +24,11 @@ use crate::registry::SchemaRegistry;
 /// The Confluent wire format's magic byte.
 pub const MAGIC: u8 = 0;
 
+/// The largest amount accepted, in minor units (10 billion in major units):
+/// far above any card payment, and low enough that a window's sum of
+/// millions of such amounts still fits in an `i64`.
+pub const MAX_AMOUNT_MINOR: i64 = 1_000_000_000_000;
+
 /// A transaction as the Avro schemas spell it (v2; v1 lacks `device_id`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 // The schema-aware deserializer matches the struct's name to the record's.
@@ -218,6 +223,9 @@ pub fn validate(r: AvroTransaction, limits: &Limits, now_ms: i64) -> Result<Tran
     if r.amount_minor <= 0 {
         return invalid(format!("amount_minor {} is not positive", r.amount_minor));
     }
+    if r.amount_minor > MAX_AMOUNT_MINOR {
+        return invalid(format!("amount_minor {} is above {MAX_AMOUNT_MINOR}", r.amount_minor));
+    }
     if !(r.lat.is_finite() && (-90.0..=90.0).contains(&r.lat)) {
         return invalid(format!("lat {} is not within ±90", r.lat));
     }
@@ -388,6 +396,7 @@ mod tests {
         for f in [
             (|r: &mut AvroTransaction| r.amount_minor = 0) as fn(&mut AvroTransaction),
             |r| r.amount_minor = -5,
+            |r| r.amount_minor = i64::MAX,
             |r| r.lat = f64::NAN,
             |r| r.lat = 90.5,
             |r| r.lon = -180.1,
