@@ -40,7 +40,7 @@ pub struct Batch {
 pub struct Committed(Arc<AtomicU64>);
 
 impl Committed {
-    /// Every output at a time below this is in PostgreSQL.
+    /// Every output at a time below this is in the sink's store.
     pub fn frontier(&self) -> Time {
         self.0.load(Ordering::Acquire)
     }

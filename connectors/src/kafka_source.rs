@@ -335,9 +335,9 @@ pub fn kafka_source<'s>(
                             ),
                         ));
                     }
-                    part.max_seen = Some(part.max_seen.map_or(x.event_time_ms, |m| m.max(x.event_time_ms)));
                     let t = fraud.time_of(x.event_time_ms);
                     if t < floor {
+                        // Rejected records never move a watermark, whatever the reason.
                         return Err(Rejected::new(
                             DeadLetterReason::Late,
                             format!(
@@ -346,6 +346,7 @@ pub fn kafka_source<'s>(
                             ),
                         ));
                     }
+                    part.max_seen = Some(part.max_seen.map_or(x.event_time_ms, |m| m.max(x.event_time_ms)));
                     Ok((x, t))
                 });
                 part.since_sample += 1;

@@ -144,7 +144,14 @@ fn main() -> Result<()> {
             migrate(&mut client).await?;
             let pg = pg_committed(&client, &args.job).await?;
             let redis = redis_committed(&endpoints.redis_url(), &args.job).await?;
-            let resume = match pg.into_iter().chain(redis).min() {
+            // A store that never committed (a new Redis, say) needs everything:
+            // then the source replays from the start, and each sink still drops
+            // what its own store already holds.
+            let from = match (pg, redis) {
+                (None, None) => None,
+                (pg, redis) => Some(pg.unwrap_or(0).min(redis.unwrap_or(0))),
+            };
+            let resume = match from {
                 Some(f) => Some(
                     resume_point(
                         &client,
