@@ -7,7 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 
-use crate::stack::Stack;
+use tripwire_cluster::stack::Stack;
 
 fn run_checked(cmd: &mut Command, what: &str) -> Result<()> {
     let status = cmd.status().with_context(|| format!("starting {what}"))?;

@@ -10,7 +10,6 @@
 //! dataflow: the CLI runs jobs, it does not compute.
 
 mod demo;
-mod stack;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, ExitCode, Stdio};
@@ -18,7 +17,7 @@ use std::process::{Command, ExitCode, Stdio};
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
-use stack::Stack;
+use tripwire_cluster::stack::Stack;
 
 /// Tripwire's operator CLI.
 #[cfg(test)]
@@ -70,6 +69,11 @@ enum StackCmd {
         /// Only these services (kafka, postgres, redis, prometheus).
         services: Vec<String>,
     },
+    /// Stop and start one service again (what the outage tests do).
+    Restart {
+        /// kafka, postgres, redis or prometheus.
+        service: String,
+    },
     /// One line per service: up or down, and its address.
     Status,
     /// The last lines of each service's log.
@@ -103,6 +107,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             StackCmd::Down { services } => {
                 stack.down(&services)?;
                 Ok(ExitCode::SUCCESS)
+            }
+            StackCmd::Restart { service } => {
+                stack.restart(&service)?;
+                Ok(print_status(&stack))
             }
             StackCmd::Status => Ok(print_status(&stack)),
             StackCmd::Logs { services, lines } => {

@@ -2,12 +2,24 @@
 //!
 //! When a worker's input frontier passes `t`, everything below `t` is final:
 //! the operator consolidates those updates into one [`Batch`] (per card and
-//! window the latest row, or its deletion; new alerts) and hands it to a
-//! committer thread of the sink's own, which writes it, with the worker's
-//! checkpoint, atomically. The database work never runs on the timely worker;
-//! batches travel through a bounded channel, and a full channel only means
-//! the worker keeps buffering. A failed commit is retried with exponential
-//! backoff until it succeeds, so batches land in frontier order, each once.
+//! window the latest row, or its deletion; new alerts; archived events) and
+//! hands it to a committer thread of the sink's own, which writes it, with the
+//! worker's checkpoint, atomically. The database work never runs on the timely
+//! worker; batches travel through a bounded channel.
+//!
+//! - **A store that falls behind** (down, slow): while the channel is full the
+//!   operator folds each new batch into the one it holds ([`Batch::absorb`]),
+//!   so what waits is one batch whose statistics are bounded by the number of
+//!   keys, not by the length of the outage. Only alerts and archived events
+//!   grow with the input; the PostgreSQL sink reports its commits to the
+//!   source, which pauses when too much is uncommitted (backpressure, see
+//!   `kafka_source`).
+//! - **Failures** are retried with exponential backoff behind a circuit
+//!   breaker ([`Breaker`]): after a few failures in a row it opens, commits
+//!   wait out a cool-down, one probe (half-open) decides whether it closes.
+//!   Its state is logged on every change and kept in the metric
+//!   `tripwire_sink_breaker_state{sink,worker}`. Batches land in frontier
+//!   order, each once.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -20,7 +32,9 @@ use std::time::{Duration, Instant};
 use differential_dataflow::VecCollection;
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
-use tripwire_dataflow::{Alert, CardWindow, Diff, Time, WindowStats};
+use tripwire_dataflow::{Alert, CardWindow, Diff, Time, Transaction, WindowStats};
+
+use crate::metrics;
 
 /// What one commit writes: every change below `frontier`, consolidated.
 #[derive(Debug, Default)]
@@ -33,16 +47,65 @@ pub struct Batch {
     pub deletes: Vec<(CardWindow, Time)>,
     /// New alerts, each with the (timely) time it belongs to.
     pub alerts: Vec<(Alert, Time)>,
+    /// Accepted events to archive (when the sink archives).
+    pub archive: Vec<Transaction>,
 }
 
-/// The sink's view of its progress: the frontier below which everything is committed.
+impl Batch {
+    /// Rows the batch writes.
+    pub fn rows(&self) -> usize {
+        self.upserts.len() + self.deletes.len() + self.alerts.len() + self.archive.len()
+    }
+
+    /// Fold `later` (the next batch) into this one: per key the later row or
+    /// deletion wins (its changes are the more recent), alerts and archived
+    /// events add up, and the frontier is the later one.
+    pub fn absorb(&mut self, later: Batch) {
+        type Row = (Option<WindowStats>, Time);
+        let mut keys: BTreeMap<CardWindow, Row> = BTreeMap::new();
+        for b in [std::mem::take(self), later] {
+            keys.extend(b.upserts.into_iter().map(|(k, s, t)| (k, (Some(s), t))));
+            keys.extend(b.deletes.into_iter().map(|(k, t)| (k, (None, t))));
+            self.frontier = self.frontier.max(b.frontier);
+            self.alerts.extend(b.alerts);
+            self.archive.extend(b.archive);
+        }
+        for (k, (row, t)) in keys {
+            match row {
+                Some(s) => self.upserts.push((k, s, t)),
+                None => self.deletes.push((k, t)),
+            }
+        }
+    }
+}
+
+/// A sink's progress, shared with whoever needs it (the source, for backpressure; tests).
 #[derive(Clone, Debug, Default)]
-pub struct Committed(Arc<AtomicU64>);
+pub struct Committed(Arc<Marks>);
+
+#[derive(Debug, Default)]
+struct Marks {
+    committed: AtomicU64,
+    input: AtomicU64,
+}
 
 impl Committed {
+    /// A handle for a sink whose store already holds everything below `t`.
+    pub fn starting_at(t: Time) -> Self {
+        let c = Committed::default();
+        c.0.committed.store(t, Ordering::Release);
+        c.0.input.store(t, Ordering::Release);
+        c
+    }
+
     /// Every output at a time below this is in the sink's store.
     pub fn frontier(&self) -> Time {
-        self.0.load(Ordering::Acquire)
+        self.0.committed.load(Ordering::Acquire)
+    }
+
+    /// Every output at a time below this has reached the sink (committed or not yet).
+    pub fn input_frontier(&self) -> Time {
+        self.0.input.load(Ordering::Acquire)
     }
 }
 
@@ -60,72 +123,165 @@ pub trait Store: Send + 'static {
     ) -> impl Future<Output = Result<(), String>>;
 }
 
-/// Run the frontier-driven commit operator named `name` for this worker, writing to `store`.
+/// What a sink commits: statistics and alerts, and optionally the accepted events to archive.
+pub struct SinkInputs<'s> {
+    /// Per card and window, the current statistics.
+    pub stats: VecCollection<'s, Time, (CardWindow, WindowStats), Diff>,
+    /// Alerts.
+    pub alerts: VecCollection<'s, Time, Alert, Diff>,
+    /// Accepted events, when the sink archives them.
+    pub archive: Option<VecCollection<'s, Time, Transaction, Diff>>,
+}
+
+/// How a sink commits.
+#[derive(Clone, Debug)]
+pub struct CommitOptions {
+    /// Commit at most this often (a batch also waits for the frontier to move).
+    pub interval: Duration,
+    /// The frontier an earlier run committed to this store (0 for a first run).
+    ///
+    /// A replay recomputes the outputs below it from partial windows; they are
+    /// dropped as they arrive. (Were they kept, a row inserted before
+    /// `resume_from` and deleted after it would cancel out inside one batch,
+    /// and the earlier run's row would never be deleted.)
+    pub resume_from: Time,
+    /// Report progress here (for the source's backpressure) instead of in a new handle.
+    pub report_to: Option<Committed>,
+}
+
+/// A circuit breaker's state: the value of `tripwire_sink_breaker_state`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BreakerState {
+    /// Commits go through.
+    Closed = 0,
+    /// The store failed repeatedly: commits wait for the cool-down.
+    Open = 1,
+    /// After a cool-down: one commit probes whether the store is back.
+    HalfOpen = 2,
+}
+
+/// The retry policy of a committer: exponential backoff, then a circuit breaker.
 ///
-/// `resume_from` is the frontier an earlier run committed (0 for a first run).
-/// A replay recomputes the outputs below it from partial windows; they are
-/// consolidated into a batch of their own, ending exactly at `resume_from`,
-/// and dropped. Without that boundary a row inserted before `resume_from` and
-/// deleted after it would cancel out inside one batch, and the earlier run's
-/// row would never be deleted.
-pub fn frontier_sink<'s, S: Store>(
+/// Failures in a row below `threshold` are retried after 100 ms, 200 ms, ...;
+/// the `threshold`-th opens the breaker, after which each attempt is a
+/// half-open probe following a cool-down that doubles up to `max_cooldown`.
+/// A success closes it and resets everything.
+#[derive(Debug)]
+pub struct Breaker {
+    state: BreakerState,
+    failures: u32,
+    threshold: u32,
+    max_cooldown: Duration,
+    opened: Option<Instant>,
+}
+
+impl Breaker {
+    /// A closed breaker that opens after `threshold` failures in a row.
+    pub fn new(threshold: u32, max_cooldown: Duration) -> Self {
+        Breaker { state: BreakerState::Closed, failures: 0, threshold, max_cooldown, opened: None }
+    }
+
+    /// Its state.
+    pub fn state(&self) -> BreakerState {
+        self.state
+    }
+
+    /// A commit failed: the new state, and how long to wait before the next attempt.
+    pub fn failed(&mut self) -> (BreakerState, Duration) {
+        self.failures += 1;
+        let wait = Duration::from_millis(100)
+            .saturating_mul(1 << (self.failures - 1).min(16))
+            .min(self.max_cooldown);
+        if self.failures >= self.threshold {
+            self.state = BreakerState::Open;
+            self.opened.get_or_insert_with(Instant::now);
+        }
+        (self.state, wait)
+    }
+
+    /// The cool-down is over: the next attempt is a probe.
+    pub fn probe(&mut self) -> BreakerState {
+        if self.state == BreakerState::Open {
+            self.state = BreakerState::HalfOpen;
+        }
+        self.state
+    }
+
+    /// A commit succeeded: closed again; how long it had been open, if it was.
+    pub fn succeeded(&mut self) -> Option<Duration> {
+        self.state = BreakerState::Closed;
+        self.failures = 0;
+        self.opened.take().map(|t| t.elapsed())
+    }
+}
+
+/// Run the frontier-driven commit operator named `name` for this worker, writing to `store`.
+pub fn frontier_sink<S: Store>(
     name: &str,
-    stats: VecCollection<'s, Time, (CardWindow, WindowStats), Diff>,
-    alerts: VecCollection<'s, Time, Alert, Diff>,
-    commit_interval: Duration,
-    resume_from: Time,
+    inputs: SinkInputs<'_>,
+    options: CommitOptions,
     store: S,
 ) -> Committed {
-    let scope = stats.inner.scope();
+    let scope = inputs.stats.inner.scope();
     let worker = scope.index();
-    let committed = Committed::default();
+    let resume_from = options.resume_from;
+    let committed = options.report_to.clone().unwrap_or_default();
+    committed.0.committed.fetch_max(resume_from, Ordering::AcqRel);
+    committed.0.input.fetch_max(resume_from, Ordering::AcqRel);
     let (tx, rx) = sync_channel::<Batch>(4);
     let thread = spawn_committer(name, store, worker, rx, committed.clone());
 
     let mut builder = OperatorBuilder::new(name.to_owned(), scope);
     let activator = scope.activator_for(builder.operator_info().address);
-    let mut stats_in = builder.new_input(stats.inner, Pipeline);
-    let mut alerts_in = builder.new_input(alerts.inner, Pipeline);
-    let interval = commit_interval;
+    let mut stats_in = builder.new_input(inputs.stats.inner, Pipeline);
+    let mut alerts_in = builder.new_input(inputs.alerts.inner, Pipeline);
+    let mut archive_in = inputs.archive.map(|a| builder.new_input(a.inner, Pipeline));
+    let interval = options.interval;
     let name = name.to_owned();
+    let marks = committed.clone();
 
     builder.build(move |_caps| {
-        let mut pending_stats: Vec<((CardWindow, WindowStats), Time, Diff)> = Vec::new();
-        let mut pending_alerts: Vec<(Alert, Time, Diff)> = Vec::new();
-        let mut sent: Time = 0;
+        let mut pending = Pending::default();
+        let mut sent: Time = resume_from;
         let mut last_sent = Instant::now() - interval;
         let mut held: Option<Batch> = None;
         let mut tx = Some(tx);
         let mut thread = Some(thread);
         move |frontiers| {
-            stats_in.for_each(|_cap, data| pending_stats.append(data));
-            alerts_in.for_each(|_cap, data| pending_alerts.append(data));
+            // The replayed past (below `resume_from`) is dropped as it arrives.
+            let keep = |t: &Time| *t >= resume_from;
+            stats_in.for_each(|_cap, data| {
+                pending.stats.extend(data.drain(..).filter(|(_, t, _)| keep(t)))
+            });
+            alerts_in.for_each(|_cap, data| {
+                pending.alerts.extend(data.drain(..).filter(|(_, t, _)| keep(t)))
+            });
+            if let Some(input) = archive_in.as_mut() {
+                input.for_each(|_cap, data| {
+                    pending.archive.extend(data.drain(..).filter(|(_, t, _)| keep(t)))
+                });
+            }
             // Everything below the least input frontier is final; an empty frontier means all of it.
             let frontier = frontiers
                 .iter()
                 .map(|f| f.frontier().iter().min().copied().unwrap_or(Time::MAX))
                 .min()
                 .unwrap_or(Time::MAX);
+            marks.0.input.fetch_max(frontier, Ordering::AcqRel);
             let done = frontier == Time::MAX;
-            if sent < resume_from && frontier >= resume_from {
-                // The replayed past: consolidated up to the resume point, then dropped.
-                drop(batch(resume_from, &mut pending_stats, &mut pending_alerts));
-                sent = resume_from;
-            }
-            if held.is_none()
-                && sent >= resume_from
-                && frontier > sent
-                && (done || last_sent.elapsed() >= interval)
-            {
-                held = Some(batch(frontier, &mut pending_stats, &mut pending_alerts));
+            if frontier > sent && (done || last_sent.elapsed() >= interval) {
+                let next = pending.batch(frontier);
+                sent = frontier;
+                last_sent = Instant::now();
+                match held.as_mut() {
+                    // The store is behind: what waits stays one batch.
+                    Some(h) => h.absorb(next),
+                    None => held = Some(next),
+                }
             }
             if let Some(b) = held.take() {
-                let f = b.frontier;
                 match tx.as_ref().map(|tx| tx.try_send(b)) {
-                    Some(Ok(())) => {
-                        sent = f;
-                        last_sent = Instant::now();
-                    }
+                    Some(Ok(())) => {}
                     Some(Err(TrySendError::Full(b))) => held = Some(b),
                     Some(Err(TrySendError::Disconnected(_))) | None => {
                         panic!("the committer of {name} on worker {worker} has stopped")
@@ -148,45 +304,60 @@ pub fn frontier_sink<'s, S: Store>(
     committed
 }
 
-/// Take every update below `frontier` and consolidate it into one batch.
-fn batch(
-    frontier: Time,
-    stats: &mut Vec<((CardWindow, WindowStats), Time, Diff)>,
-    alerts: &mut Vec<(Alert, Time, Diff)>,
-) -> Batch {
-    // Per key: the net change of each value, and the latest time it changed.
-    let mut keys: BTreeMap<CardWindow, (BTreeMap<WindowStats, Diff>, Time)> = BTreeMap::new();
-    stats.retain(|((key, value), t, d)| {
-        if *t >= frontier {
-            return true;
+/// Updates that reached the operator and are not yet in a batch.
+#[derive(Default)]
+struct Pending {
+    stats: Vec<((CardWindow, WindowStats), Time, Diff)>,
+    alerts: Vec<(Alert, Time, Diff)>,
+    archive: Vec<(Transaction, Time, Diff)>,
+}
+
+impl Pending {
+    /// Take every update below `frontier` and consolidate it into one batch.
+    fn batch(&mut self, frontier: Time) -> Batch {
+        // Per key: the net change of each value, and the latest time it changed.
+        let mut keys: BTreeMap<CardWindow, (BTreeMap<WindowStats, Diff>, Time)> = BTreeMap::new();
+        self.stats.retain(|((key, value), t, d)| {
+            if *t >= frontier {
+                return true;
+            }
+            let entry = keys.entry(*key).or_insert_with(|| (BTreeMap::new(), 0));
+            *entry.0.entry(*value).or_default() += d;
+            entry.1 = entry.1.max(*t);
+            false
+        });
+        let mut b = Batch { frontier, ..Batch::default() };
+        // A key the batch touched ends either with its one current row or with
+        // none; "none" is written as a (guarded) delete even when the batch's own
+        // changes cancel out (inserted and deleted within it), because the store
+        // may hold a row this run did not write: one committed by an earlier run
+        // beyond the resume point, or by another worker before a rescale.
+        for (key, (values, as_of)) in keys {
+            match values.iter().find(|(_, d)| **d > 0) {
+                Some((v, _)) => b.upserts.push((key, *v, as_of)),
+                None => b.deletes.push((key, as_of)),
+            }
         }
-        let entry = keys.entry(*key).or_insert_with(|| (BTreeMap::new(), 0));
-        *entry.0.entry(*value).or_default() += d;
-        entry.1 = entry.1.max(*t);
-        false
-    });
-    let mut b = Batch { frontier, ..Batch::default() };
-    // A key the batch touched ends either with its one current row or with
-    // none; "none" is written as a (guarded) delete even when the batch's own
-    // changes cancel out (inserted and deleted within it), because the store
-    // may hold a row this run did not write: one committed by an earlier run
-    // beyond the resume point, or by another worker before a rescale.
-    for (key, (values, as_of)) in keys {
-        match values.iter().find(|(_, d)| **d > 0) {
-            Some((v, _)) => b.upserts.push((key, *v, as_of)),
-            None => b.deletes.push((key, as_of)),
-        }
+        self.alerts.retain(|(a, t, d)| {
+            if *t >= frontier {
+                return true;
+            }
+            if *d > 0 {
+                b.alerts.push((a.clone(), *t));
+            }
+            false
+        });
+        self.archive.retain(|(x, t, d)| {
+            if *t >= frontier {
+                return true;
+            }
+            if *d > 0 {
+                b.archive.push(x.clone());
+            }
+            false
+        });
+        b
     }
-    alerts.retain(|(a, t, d)| {
-        if *t >= frontier {
-            return true;
-        }
-        if *d > 0 {
-            b.alerts.push((a.clone(), *t));
-        }
-        false
-    });
-    b
 }
 
 fn spawn_committer<S: Store>(
@@ -204,37 +375,66 @@ fn spawn_committer<S: Store>(
                 .enable_all()
                 .build()
                 .expect("tokio runtime");
+            let worker_label = worker.to_string();
+            let breaker_gauge = metrics::sink_breaker_state().with_label_values(&[&name, &worker_label]);
+            let seconds = metrics::commit_seconds().with_label_values(&[&name]);
+            let rows = metrics::committed_rows_total().with_label_values(&[&name]);
+            let failures = metrics::commit_failures_total().with_label_values(&[&name]);
+            breaker_gauge.set(BreakerState::Closed as i64);
             rt.block_on(async move {
                 let mut conn: Option<S::Conn> = None;
-                let mut backoff = Duration::from_millis(100);
+                let mut breaker = Breaker::new(3, Duration::from_secs(5));
                 for batch in rx {
                     loop {
-                        if conn.is_none() {
-                            match store.connect().await {
-                                Ok(c) => conn = Some(c),
-                                Err(e) => tracing::warn!(sink = %name, worker, error = %e, "connect failed; retrying"),
-                            }
-                        }
+                        let started = Instant::now();
                         let result = match conn.as_mut() {
                             Some(c) => store.commit(c, &batch).await,
-                            None => Err(String::new()),
+                            None => match store.connect().await {
+                                Ok(mut c) => {
+                                    let r = store.commit(&mut c, &batch).await;
+                                    conn = Some(c);
+                                    r
+                                }
+                                Err(e) => Err(format!("connect: {e}")),
+                            },
                         };
                         match result {
                             Ok(()) => {
-                                backoff = Duration::from_millis(100);
-                                committed.0.store(batch.frontier, Ordering::Release);
+                                let took = started.elapsed();
+                                committed.0.committed.fetch_max(batch.frontier, Ordering::AcqRel);
+                                seconds.observe(took.as_secs_f64());
+                                rows.inc_by(batch.rows() as u64);
                                 tracing::debug!(sink = %name, worker, frontier = batch.frontier,
                                     upserts = batch.upserts.len(), deletes = batch.deletes.len(),
-                                    alerts = batch.alerts.len(), "committed");
+                                    alerts = batch.alerts.len(), archived = batch.archive.len(),
+                                    rows = batch.rows(), latency_us = took.as_micros() as u64,
+                                    "committed");
+                                if let Some(outage) = breaker.succeeded() {
+                                    breaker_gauge.set(BreakerState::Closed as i64);
+                                    tracing::info!(sink = %name, worker, outage_ms = outage.as_millis() as u64,
+                                        frontier = batch.frontier, "circuit breaker closed: store is back");
+                                }
                                 break;
                             }
                             Err(e) => {
-                                if !e.is_empty() {
-                                    tracing::warn!(sink = %name, worker, error = %e, "commit failed; retrying");
-                                }
+                                failures.inc();
                                 conn = None;
-                                tokio::time::sleep(backoff).await;
-                                backoff = (backoff * 2).min(Duration::from_secs(5));
+                                let before = breaker.state();
+                                let (state, wait) = breaker.failed();
+                                if state != before {
+                                    breaker_gauge.set(state as i64);
+                                }
+                                if before != BreakerState::Open && state == BreakerState::Open {
+                                    tracing::warn!(sink = %name, worker, error = %e, retry_in_ms = wait.as_millis() as u64,
+                                        "circuit breaker open: commits wait for the store");
+                                } else {
+                                    tracing::warn!(sink = %name, worker, error = %e, retry_in_ms = wait.as_millis() as u64,
+                                        breaker = ?state, "commit failed; retrying");
+                                }
+                                tokio::time::sleep(wait).await;
+                                if breaker.probe() == BreakerState::HalfOpen {
+                                    breaker_gauge.set(BreakerState::HalfOpen as i64);
+                                }
                             }
                         }
                     }
@@ -242,4 +442,62 @@ fn spawn_committer<S: Store>(
             });
         })
         .expect("committer thread starts")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn breaker_opens_after_threshold_probes_half_open_and_closes_on_success() {
+        let mut b = Breaker::new(3, Duration::from_secs(5));
+        assert_eq!(b.failed(), (BreakerState::Closed, Duration::from_millis(100)));
+        assert_eq!(b.failed(), (BreakerState::Closed, Duration::from_millis(200)));
+        assert_eq!(b.failed(), (BreakerState::Open, Duration::from_millis(400)));
+        assert_eq!(b.probe(), BreakerState::HalfOpen);
+        // A failed probe opens it again, with a longer cool-down, capped.
+        for _ in 0..10 {
+            assert_eq!(b.failed().0, BreakerState::Open);
+            b.probe();
+        }
+        assert_eq!(b.failed().1, Duration::from_secs(5));
+        assert!(b.succeeded().is_some(), "it had been open");
+        assert_eq!(b.state(), BreakerState::Closed);
+        assert_eq!(b.failed(), (BreakerState::Closed, Duration::from_millis(100)), "reset");
+        assert!(b.succeeded().is_none(), "it had not opened");
+    }
+
+    fn key(card_id: u64) -> CardWindow {
+        CardWindow { card_id, window_ms: 60_000 }
+    }
+
+    fn stats(count: i64) -> WindowStats {
+        WindowStats {
+            count,
+            sum: count * 10,
+            max_amount: 10,
+            distinct_merchants: 1,
+            distinct_countries: 1,
+        }
+    }
+
+    #[test]
+    fn absorbing_a_later_batch_keeps_each_keys_latest_state_and_every_alert() {
+        let mut early = Batch {
+            frontier: 10,
+            upserts: vec![(key(1), stats(1), 3), (key(2), stats(2), 4)],
+            deletes: vec![(key(3), 5)],
+            ..Batch::default()
+        };
+        let later = Batch {
+            frontier: 20,
+            upserts: vec![(key(3), stats(7), 15)],
+            deletes: vec![(key(1), 12)],
+            ..Batch::default()
+        };
+        early.absorb(later);
+        assert_eq!(early.frontier, 20);
+        assert_eq!(early.upserts, vec![(key(2), stats(2), 4), (key(3), stats(7), 15)]);
+        assert_eq!(early.deletes, vec![(key(1), 12)]);
+    }
 }

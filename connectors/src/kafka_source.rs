@@ -22,10 +22,18 @@
 //!   function of each partition's records (replay-exact), at the cost of
 //!   stalling on quiet partitions. Partitions read to their end in bounded mode
 //!   are simply done.
+//! - **Backpressure**: with [`SourceConfig::max_in_flight`] set, the source
+//!   counts the events it emitted at times the PostgreSQL sink has not yet
+//!   committed ([`Source::feedback`], handed to the sink as its `report_to`).
+//!   Above the bound it pauses every partition whose watermark is ahead of the
+//!   dataflow's frontier and keeps reading only those holding the frontier
+//!   back, which is what lets commits, and so the count, move again. Memory
+//!   stays bounded while a store is down, and a slow store slows the source
+//!   instead of filling the heap.
 //! - **Bad records** (undecodable, invalid, too far in the future or past, late)
 //!   leave on the dead-letter stream with their reason and coordinates.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -40,6 +48,7 @@ use timely::dataflow::{Scope, StreamVec};
 use tripwire_dataflow::{Diff, FraudConfig, Time, Transaction};
 
 use crate::avro::{Limits, TransactionCodec};
+use crate::commit::Committed;
 use crate::dead_letter::{DeadLetterReason, Rejected};
 use crate::registry::SchemaRegistry;
 
@@ -72,6 +81,9 @@ pub struct SourceConfig {
     pub resume: Option<Resume>,
     /// Records between two progress samples of a partition: fewer re-read after a crash, more rows.
     pub sample_every: u64,
+    /// Most events this worker may have emitted that the sink reporting to
+    /// [`Source::feedback`] has not committed; `None` reads freely.
+    pub max_in_flight: Option<u64>,
 }
 
 /// How a restarted source reproduces the original run's decisions.
@@ -125,6 +137,7 @@ impl SourceConfig {
             limits: Limits::default(),
             resume: None,
             sample_every: 5_000,
+            max_in_flight: None,
         }
     }
 }
@@ -159,6 +172,8 @@ pub struct Source<'s> {
     /// Late records for the PostgreSQL sink's `late_events` table (they also
     /// go to the dead-letter topic like every rejected record).
     pub late: LateEvents,
+    /// For the sink whose commits release backpressure (its `report_to`).
+    pub feedback: Committed,
 }
 
 /// The source could not be set up.
@@ -198,6 +213,8 @@ struct PartitionState {
     /// In bounded mode: the offset to stop at (exclusive).
     end: Option<i64>,
     done: bool,
+    /// Held back by backpressure.
+    paused: bool,
 }
 
 fn wall_clock_ms() -> i64 {
@@ -256,6 +273,7 @@ pub fn kafka_source<'s>(
             last_record: Instant::now(),
             done: end.is_some_and(|e| e <= start_at),
             end,
+            paused: false,
         });
     }
     client.assign(&assignment)?;
@@ -282,6 +300,13 @@ pub fn kafka_source<'s>(
     let late: LateEvents = Arc::default();
     let late_out = late.clone();
     let skip_below = config.resume.as_ref().map_or(0, |r| r.skip_below);
+    let feedback = Committed::default();
+    let released = feedback.clone();
+    // Events emitted and not yet committed, by time.
+    let mut in_flight: BTreeMap<Time, u64> = BTreeMap::new();
+    let mut in_flight_total: u64 = 0;
+    let paused_gauge =
+        crate::metrics::source_paused_partitions().with_label_values(&[&index.to_string()]);
 
     builder.build(move |capabilities| {
         let mut caps = Some(capabilities);
@@ -365,7 +390,13 @@ pub fn kafka_source<'s>(
                     // Replayed below what any uncommitted output needs: the
                     // watermark moved, nothing else to do.
                     Ok((x, _)) if x.event_time_ms < skip_below => {}
-                    Ok((x, t)) => events_session.give((x, t, 1 as Diff)),
+                    Ok((x, t)) => {
+                        if config.max_in_flight.is_some() {
+                            *in_flight.entry(t).or_default() += 1;
+                            in_flight_total += 1;
+                        }
+                        events_session.give((x, t, 1 as Diff))
+                    }
                     Err(rejected) => {
                         tracing::warn!(
                             reason = rejected.reason.as_str(),
@@ -392,6 +423,45 @@ pub fn kafka_source<'s>(
             }
             drop(events_session);
             drop(dead_session);
+
+            if let Some(max) = config.max_in_flight {
+                let committed = released.frontier();
+                while let Some(entry) = in_flight.first_entry() {
+                    if *entry.key() >= committed {
+                        break;
+                    }
+                    in_flight_total -= entry.remove();
+                }
+                let over = in_flight_total > max;
+                let frontier = released.input_frontier();
+                let (mut pause, mut resume) = (TopicPartitionList::new(), TopicPartitionList::new());
+                for p in partitions.iter_mut() {
+                    let ahead = p
+                        .max_seen
+                        .is_some_and(|m| fraud.time_of(m.saturating_sub(config.lateness_ms)) > frontier);
+                    let hold = over && !p.done && ahead;
+                    if hold != p.paused {
+                        p.paused = hold;
+                        let list = if hold { &mut pause } else { &mut resume };
+                        list.add_partition(&config.topic, p.partition);
+                    }
+                }
+                if pause.count() + resume.count() > 0 {
+                    let paused = partitions.iter().filter(|p| p.paused).count();
+                    paused_gauge.set(paused as i64);
+                    tracing::info!(worker = index, uncommitted = in_flight_total, committed, frontier,
+                        paused, "backpressure: {} partitions paused", paused);
+                    // A failure here only loosens the bound; reading goes on.
+                    for (list, what) in [(&pause, "pause"), (&resume, "resume")] {
+                        if list.count() > 0 {
+                            let r = if what == "pause" { client.pause(list) } else { client.resume(list) };
+                            if let Err(e) = r {
+                                tracing::warn!(error = %e, "could not {what} partitions");
+                            }
+                        }
+                    }
+                }
+            }
 
             // The capability: the least watermark over partitions still holding it.
             let idle = |p: &PartitionState| {
@@ -441,5 +511,5 @@ pub fn kafka_source<'s>(
         }
     });
 
-    Ok(Source { events: events.as_collection(), dead_letters, progress, late })
+    Ok(Source { events: events.as_collection(), dead_letters, progress, late, feedback })
 }

@@ -19,11 +19,10 @@
 
 use std::time::Duration;
 
-use differential_dataflow::VecCollection;
 use redis::aio::MultiplexedConnection;
-use tripwire_dataflow::{Alert, CardWindow, Diff, Time, WindowStats};
+use tripwire_dataflow::Time;
 
-use crate::commit::{frontier_sink, Batch, Committed, Store};
+use crate::commit::{frontier_sink, Batch, CommitOptions, Committed, SinkInputs, Store};
 
 /// Where and how the Redis sink writes.
 #[derive(Clone, Debug)]
@@ -102,15 +101,18 @@ fn padded(t: Time) -> String {
     format!("{t:020}")
 }
 
-/// Apply `stats` and `alerts` of this worker to Redis, atomically with its frontier.
-pub fn redis_sink<'s>(
-    stats: VecCollection<'s, Time, (CardWindow, WindowStats), Diff>,
-    alerts: VecCollection<'s, Time, Alert, Diff>,
-    config: &RedisSinkConfig,
-) -> Committed {
-    let worker = stats.inner.scope().index();
+/// Apply this worker's statistics and alerts to Redis, atomically with its frontier.
+///
+/// The read model keeps no archive: `inputs.archive` should be `None`.
+pub fn redis_sink(inputs: SinkInputs<'_>, config: &RedisSinkConfig) -> Committed {
+    let worker = inputs.stats.inner.scope().index();
     let store = Redis { config: config.clone(), worker, script: redis::Script::new(SCRIPT) };
-    frontier_sink("RedisSink", stats, alerts, config.commit_interval, config.resume_from, store)
+    let options = CommitOptions {
+        interval: config.commit_interval,
+        resume_from: config.resume_from,
+        report_to: None,
+    };
+    frontier_sink("RedisSink", inputs, options, store)
 }
 
 /// The keys of one job's read model.
@@ -154,10 +156,7 @@ impl Store for Redis {
 
     async fn commit(&mut self, conn: &mut MultiplexedConnection, b: &Batch) -> Result<(), String> {
         let keys = Keys::new(&self.config.job);
-        let resume = self.config.resume_from;
-        let upserts: Vec<_> = b.upserts.iter().filter(|u| u.2 >= resume).collect();
-        let deletes: Vec<_> = b.deletes.iter().filter(|d| d.1 >= resume).collect();
-        let alerts: Vec<_> = b.alerts.iter().filter(|a| a.1 >= resume).collect();
+        let (upserts, deletes, alerts) = (&b.upserts, &b.deletes, &b.alerts);
         let mut invocation = self.script.prepare_invoke();
         invocation
             .key(keys.frontier(self.worker))

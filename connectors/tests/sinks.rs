@@ -13,6 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use differential_dataflow::input::Input;
 use tokio_postgres::NoTls;
+use tripwire_connectors::commit::SinkInputs;
 use tripwire_connectors::postgres::{pg_sink, PgSinkConfig};
 use tripwire_connectors::redis_sink::{redis_sink, Keys, RedisSinkConfig};
 use tripwire_connectors::Endpoints;
@@ -184,6 +185,7 @@ fn sink_holds_exactly_the_reference_below_the_frontier_and_empties_with_the_wind
         progress: None,
         late: None,
         resume_from: 0,
+        report_to: None,
     };
     let redis_config = RedisSinkConfig {
         url: endpoints.redis_url(),
@@ -205,8 +207,11 @@ fn sink_holds_exactly_the_reference_below_the_frontier_and_empties_with_the_wind
             let (mut input, committed, in_redis) = worker.dataflow::<Time, _, _>(|scope| {
                 let (input, events) = scope.new_collection::<Transaction, Diff>();
                 let out = events.detect_fraud(&fraud);
-                let pg = pg_sink(out.stats.clone(), out.alerts.clone(), &sink_config);
-                (input, pg, redis_sink(out.stats, out.alerts, &redis_config))
+                let (stats, alerts) = (out.stats, out.alerts);
+                let to_pg =
+                    SinkInputs { stats: stats.clone(), alerts: alerts.clone(), archive: None };
+                let pg = pg_sink(to_pg, &sink_config);
+                (input, pg, redis_sink(SinkInputs { stats, alerts, archive: None }, &redis_config))
             });
             for x in events.iter().filter(|x| x.event_id as usize % peers == index) {
                 let t = fraud.time_of(x.event_time_ms);

@@ -197,6 +197,21 @@ impl Stack {
         Ok(())
     }
 
+    /// Stop the service named `name` and start it again; waits until it answers.
+    ///
+    /// Only a service this stack runs on this machine can be restarted.
+    pub fn restart(&self, name: &str) -> Result<()> {
+        let Some(s) = self.services().into_iter().find(|s| s.name() == name) else {
+            bail!("no service named {name:?} (kafka, postgres, redis, prometheus)");
+        };
+        if !is_local(&s.address()) {
+            bail!("{name} at {} is not on this machine; it cannot be restarted", s.address());
+        }
+        self.down(&[name.to_string()])?;
+        self.up()?;
+        Ok(())
+    }
+
     /// One line per service: up or down, address, and who runs it.
     pub fn status(&self) -> Vec<(String, bool)> {
         self.services()

@@ -7,10 +7,11 @@
 use tokio_postgres::Client;
 
 /// `(version, what, SQL)`, in order. Never edit a shipped migration: add one.
-pub const MIGRATIONS: &[(i32, &str, &str)] = &[(
-    1,
-    "stats, alerts, late events, archive, checkpoints, progress",
-    r#"
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (
+        1,
+        "stats, alerts, late events, archive, checkpoints, progress",
+        r#"
 CREATE TABLE window_stats (
     card_id            bigint NOT NULL,
     window_ms          bigint NOT NULL,
@@ -81,7 +82,29 @@ SELECT job, min(frontier) AS frontier_ms,
        to_timestamp(least(min(frontier), 253402300799000) / 1000.0) AS complete_up_to
 FROM checkpoints GROUP BY job;
 "#,
-)];
+    ),
+    (
+        2,
+        "archive: typed columns instead of a jsonb record",
+        // Version 1 created the archive but never wrote it: typed columns are
+        // cheaper to write than a jsonb per event and plain to query. NOT NULL
+        // without a default fails loudly should rows exist after all.
+        r#"
+ALTER TABLE raw_transactions
+    DROP COLUMN record,
+    ADD COLUMN account_id   bigint NOT NULL,
+    ADD COLUMN merchant_id  bigint NOT NULL,
+    ADD COLUMN mcc          int    NOT NULL,
+    ADD COLUMN currency     text   NOT NULL,
+    ADD COLUMN country      text   NOT NULL,
+    ADD COLUMN lat_e6       int    NOT NULL,
+    ADD COLUMN lon_e6       int    NOT NULL,
+    ADD COLUMN channel      text   NOT NULL,
+    ADD COLUMN device_id    bigint;
+CREATE INDEX raw_transactions_card_time ON raw_transactions (card_id, event_time);
+"#,
+    ),
+];
 
 /// Apply every migration `client`'s database lacks; returns the versions applied now.
 pub async fn migrate(client: &mut Client) -> Result<Vec<i32>, tokio_postgres::Error> {

@@ -5,16 +5,16 @@
 //! anything: statistics are absolute values upserted under a version guard
 //! (`as_of` only moves forward), emptied windows are deleted under the same
 //! guard, alerts are inserted with `ON CONFLICT DO NOTHING` on their
-//! deterministic id. All of it goes in bulk (`UNNEST` over arrays).
+//! deterministic id, archived events likewise on their event id. All of it
+//! goes in bulk (`UNNEST` over arrays).
 
 use std::time::Duration;
 
-use differential_dataflow::VecCollection;
 use tokio_postgres::{Client, NoTls};
-use tripwire_dataflow::{Alert, CardWindow, Diff, Time, WindowStats};
+use tripwire_dataflow::{CardWindow, Channel, Time, WindowStats};
 
 use super::migrate;
-use crate::commit::{frontier_sink, Batch, Committed, Store};
+use crate::commit::{frontier_sink, Batch, CommitOptions, Committed, SinkInputs, Store};
 use std::sync::{Arc, Mutex};
 
 use crate::kafka_source::{DeadLetter, LateEvents, Progress, ProgressSample};
@@ -36,17 +36,21 @@ pub struct PgSinkConfig {
     /// updates below it were committed by an earlier run, and a replay
     /// recomputes them from partial windows, so they are dropped.
     pub resume_from: Time,
+    /// Report commits here (the source's backpressure handle), if given.
+    pub report_to: Option<Committed>,
 }
 
-/// Commit `stats` and `alerts` of this worker to PostgreSQL, exactly once per frontier.
-pub fn pg_sink<'s>(
-    stats: VecCollection<'s, Time, (CardWindow, WindowStats), Diff>,
-    alerts: VecCollection<'s, Time, Alert, Diff>,
-    config: &PgSinkConfig,
-) -> Committed {
-    let worker = stats.inner.scope().index();
+/// Commit this worker's statistics and alerts (and archived events, if given) to
+/// PostgreSQL, exactly once per frontier.
+pub fn pg_sink(inputs: SinkInputs<'_>, config: &PgSinkConfig) -> Committed {
+    let worker = inputs.stats.inner.scope().index();
     let store = Postgres { config: config.clone(), worker };
-    frontier_sink("PgSink", stats, alerts, config.commit_interval, config.resume_from, store)
+    let options = CommitOptions {
+        interval: config.commit_interval,
+        resume_from: config.resume_from,
+        report_to: config.report_to.clone(),
+    };
+    frontier_sink("PgSink", inputs, options, store)
 }
 
 struct Postgres {
@@ -70,10 +74,8 @@ impl Store for Postgres {
     }
 
     async fn commit(&mut self, conn: &mut Client, batch: &Batch) -> Result<(), String> {
-        let resume = self.config.resume_from;
         let (samples, late) = (take(&self.config.progress), take(&self.config.late));
-        let result =
-            commit(conn, &self.config.job, self.worker, batch, resume, &samples, &late).await;
+        let result = commit(conn, &self.config.job, self.worker, batch, &samples, &late).await;
         if result.is_err() {
             // Not stored: keep them for the retry.
             if let Some(p) = &self.config.progress {
@@ -104,16 +106,11 @@ async fn commit(
     job: &str,
     worker: usize,
     b: &Batch,
-    resume: Time,
     samples: &[ProgressSample],
     late: &[DeadLetter],
 ) -> Result<(), tokio_postgres::Error> {
     let as_i64 = |t: Time| t.min(i64::MAX as u64) as i64;
-    // What an earlier run committed is not rewritten from a replay's partial windows.
-    let upserts: Vec<&(CardWindow, WindowStats, Time)> =
-        b.upserts.iter().filter(|u| u.2 >= resume).collect();
-    let deletes: Vec<&(CardWindow, Time)> = b.deletes.iter().filter(|d| d.1 >= resume).collect();
-    let alerts: Vec<&(Alert, Time)> = b.alerts.iter().filter(|a| a.1 >= resume).collect();
+    let (upserts, deletes, alerts) = (&b.upserts, &b.deletes, &b.alerts);
     let tx = client.transaction().await?;
     if !late.is_empty() {
         // Keyed by their source coordinates: a replay re-reads them, and finds them there.
@@ -145,7 +142,7 @@ async fn commit(
     }
     if !upserts.is_empty() {
         let col = |f: &dyn Fn(&(CardWindow, WindowStats, Time)) -> i64| -> Vec<i64> {
-            upserts.iter().map(|u| f(u)).collect()
+            upserts.iter().map(f).collect()
         };
         tx.execute(
             "INSERT INTO window_stats (card_id, window_ms, count, sum_minor, max_amount_minor,
@@ -203,6 +200,9 @@ async fn commit(
         )
         .await?;
     }
+    if !b.archive.is_empty() {
+        archive(&tx, &b.archive).await?;
+    }
     tx.execute(
         "INSERT INTO checkpoints (job, worker, frontier) VALUES ($1, $2, $3)
          ON CONFLICT (job, worker) DO UPDATE
@@ -211,5 +211,54 @@ async fn commit(
     )
     .await?;
     tx.commit().await?;
+    Ok(())
+}
+
+/// Archive accepted events, once each (a replay finds them there).
+async fn archive(
+    tx: &tokio_postgres::Transaction<'_>,
+    events: &[tripwire_dataflow::Transaction],
+) -> Result<(), tokio_postgres::Error> {
+    let col = |f: &dyn Fn(&tripwire_dataflow::Transaction) -> i64| -> Vec<i64> {
+        events.iter().map(f).collect()
+    };
+    let text = |f: &dyn Fn(&tripwire_dataflow::Transaction) -> &[u8]| -> Vec<&str> {
+        events.iter().map(|x| std::str::from_utf8(f(x)).unwrap_or("?")).collect()
+    };
+    let channels: Vec<&str> = events
+        .iter()
+        .map(|x| match x.channel {
+            Channel::Pos => "POS",
+            Channel::Ecom => "ECOM",
+            Channel::Atm => "ATM",
+        })
+        .collect();
+    let devices: Vec<Option<i64>> = events.iter().map(|x| x.device_id.map(|d| d as i64)).collect();
+    tx.execute(
+        "INSERT INTO raw_transactions (event_id, card_id, account_id, merchant_id, mcc,
+             amount_minor, currency, country, lat_e6, lon_e6, channel, event_time, device_id)
+         SELECT e, c, a, m, mcc, amt, cur, ctry, lat, lon, ch, to_timestamp(t / 1000.0), dev
+         FROM UNNEST($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[],
+                     $6::bigint[], $7::text[], $8::text[], $9::bigint[], $10::bigint[],
+                     $11::text[], $12::bigint[], $13::bigint[])
+              AS x(e, c, a, m, mcc, amt, cur, ctry, lat, lon, ch, t, dev)
+         ON CONFLICT (event_id) DO NOTHING",
+        &[
+            &col(&|x| x.event_id as i64),
+            &col(&|x| x.card_id as i64),
+            &col(&|x| x.account_id as i64),
+            &col(&|x| x.merchant_id as i64),
+            &col(&|x| i64::from(x.mcc)),
+            &col(&|x| x.amount_minor),
+            &text(&|x| &x.currency),
+            &text(&|x| &x.country),
+            &col(&|x| i64::from(x.lat_e6)),
+            &col(&|x| i64::from(x.lon_e6)),
+            &channels,
+            &col(&|x| x.event_time_ms as i64),
+            &devices,
+        ],
+    )
+    .await?;
     Ok(())
 }

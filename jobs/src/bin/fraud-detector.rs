@@ -14,6 +14,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use serde::Deserialize;
+use tripwire_connectors::commit::SinkInputs;
 use tripwire_connectors::dead_letter_sink::dead_letter_sink;
 use tripwire_connectors::kafka_admin::ensure_topic;
 use tripwire_connectors::kafka_source::{kafka_source, SourceConfig};
@@ -62,6 +63,13 @@ struct Args {
     /// Records per partition between two progress samples (restart points).
     #[arg(long, default_value_t = 5_000)]
     sample_every: u64,
+    /// Archive every accepted event in PostgreSQL's `raw_transactions`.
+    #[arg(long, env = "TRIPWIRE_ARCHIVE", default_value_t = true, action = clap::ArgAction::Set)]
+    archive: bool,
+    /// Backpressure: most events a worker may have read that PostgreSQL has not
+    /// committed before its source pauses; 0 = no bound.
+    #[arg(long, default_value_t = 2_000_000)]
+    max_uncommitted: u64,
     /// Timely: worker threads per process.
     #[arg(short = 'w', long, default_value_t = 1)]
     workers: usize,
@@ -186,6 +194,7 @@ fn main() -> Result<()> {
         idle_timeout: (args.idle_timeout_s > 0).then(|| Duration::from_secs(args.idle_timeout_s)),
         bounded: args.bounded,
         sample_every: args.sample_every,
+        max_in_flight: (args.max_uncommitted > 0).then_some(args.max_uncommitted),
         ..SourceConfig::new(&endpoints.kafka_bootstrap, &args.topic)
     };
     let sink = PgSinkConfig {
@@ -195,6 +204,7 @@ fn main() -> Result<()> {
         progress: None,
         late: None,
         resume_from: pg_frontier.unwrap_or(0),
+        report_to: None,
     };
     let read_model = RedisSinkConfig {
         url: endpoints.redis_url(),
@@ -209,6 +219,7 @@ fn main() -> Result<()> {
         processes = args.processes, process = args.process, "starting");
     let bootstrap = endpoints.kafka_bootstrap.clone();
     let dlq = args.dlq_topic.clone();
+    let archive = args.archive;
     // The dead-letter topic is the job's own output: it creates it (same partitions as the input).
     ensure_topic(&bootstrap, &dlq, 12).with_context(|| format!("creating topic {dlq}"))?;
     let guards = timely::execute(
@@ -219,15 +230,25 @@ fn main() -> Result<()> {
                 let input = kafka_source(scope, &source, &fraud, registry).expect("Kafka source");
                 dead_letter_sink(input.dead_letters, &bootstrap, &dlq)
                     .expect("dead-letter producer");
+                let archived = archive.then(|| input.events.clone());
                 let out = input.events.detect_fraud(&fraud);
-                // The source's restart points and late records go with the PostgreSQL commits.
+                // The source's restart points and late records go with the
+                // PostgreSQL commits, which also release its backpressure.
                 let sink = PgSinkConfig {
                     progress: Some(input.progress),
                     late: Some(input.late),
+                    report_to: Some(input.feedback),
                     ..sink.clone()
                 };
-                pg_sink(out.stats.clone(), out.alerts.clone(), &sink);
-                redis_sink(out.stats, out.alerts, &read_model);
+                let stats = out.stats;
+                let alerts = out.alerts;
+                pg_sink(
+                    SinkInputs { stats: stats.clone(), alerts: alerts.clone(), archive: archived },
+                    &sink,
+                );
+                // Redis is the read model: it keeps up on its own, folding
+                // batches while it is behind, and never holds the source back.
+                redis_sink(SinkInputs { stats, alerts, archive: None }, &read_model);
             });
         },
     )

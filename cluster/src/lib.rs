@@ -1,0 +1,10 @@
+//! The library behind the `tripwire` CLI, shared with tests that drive the stack.
+//!
+//! - [`stack`]: the local Kafka, PostgreSQL, Redis and Prometheus on loopback,
+//!   installed when missing, started, stopped and restarted (the chaos and
+//!   outage tests restart services through it).
+//!
+//! Depends on `tripwire-connectors` (addresses and clients), never on the
+//! dataflow: the CLI runs jobs, it does not compute.
+
+pub mod stack;
