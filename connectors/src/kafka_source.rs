@@ -25,11 +25,12 @@
 //! - **Backpressure**: with [`SourceConfig::max_in_flight`] set, the source
 //!   counts the events it emitted at times the PostgreSQL sink has not yet
 //!   committed ([`Source::feedback`], handed to the sink as its `report_to`).
-//!   Above the bound it pauses every partition whose watermark is ahead of the
-//!   dataflow's frontier and keeps reading only those holding the frontier
-//!   back, which is what lets commits, and so the count, move again. Memory
-//!   stays bounded while a store is down, and a slow store slows the source
-//!   instead of filling the heap.
+//!   Above the bound it pauses its partitions. Should the sink have committed
+//!   everything up to the dataflow's frontier and the count still be above
+//!   the bound (many events ahead of the frontier), the partitions whose
+//!   watermark holds the frontier back read on, since only they can let
+//!   commits, and so the count, move again. Memory stays bounded while a
+//!   store is down, and a slow store slows the source instead of filling the heap.
 //! - **Bad records** (undecodable, invalid, too far in the future or past, late)
 //!   leave on the dead-letter stream with their reason and coordinates.
 
@@ -434,12 +435,15 @@ pub fn kafka_source<'s>(
                 }
                 let over = in_flight_total > max;
                 let frontier = released.input_frontier();
+                // Once the sink has committed all it has, only more input can
+                // move the frontier: then the partitions holding it back read on.
+                let caught_up = committed >= frontier;
                 let (mut pause, mut resume) = (TopicPartitionList::new(), TopicPartitionList::new());
                 for p in partitions.iter_mut() {
                     let ahead = p
                         .max_seen
                         .is_some_and(|m| fraud.time_of(m.saturating_sub(config.lateness_ms)) > frontier);
-                    let hold = over && !p.done && ahead;
+                    let hold = over && !p.done && (ahead || !caught_up);
                     if hold != p.paused {
                         p.paused = hold;
                         let list = if hold { &mut pause } else { &mut resume };

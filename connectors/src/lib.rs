@@ -14,6 +14,7 @@
 //! - [`kafka_source`]: the timely source over statically assigned partitions.
 //! - [`dead_letter_sink`]: rejected records to the dead-letter topic, with headers.
 //! - [`metrics`]: the Prometheus metrics of the connectors.
+//! - [`readback`]: a job's results read back from PostgreSQL and Redis, for comparisons.
 //! - [`redis_sink`]: the Redis read model for an authorisation service.
 //! - [`postgres`]: the schema's migrations and the exactly-once PostgreSQL sink.
 //!
@@ -31,6 +32,7 @@ pub mod kafka_admin;
 pub mod kafka_source;
 pub mod metrics;
 pub mod postgres;
+pub mod readback;
 pub mod redis_sink;
 pub mod registry;
 

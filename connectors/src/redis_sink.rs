@@ -127,7 +127,11 @@ impl Keys {
     }
     /// A card's hash.
     pub fn card(&self, card_id: u64) -> String {
-        format!("{}card:{card_id}", self.prefix)
+        format!("{}{card_id}", self.card_prefix())
+    }
+    /// What every card hash's key starts with.
+    pub fn card_prefix(&self) -> String {
+        format!("{}card:", self.prefix)
     }
     /// The alert stream.
     pub fn alerts(&self) -> String {

@@ -15,12 +15,11 @@ use differential_dataflow::input::Input;
 use tokio_postgres::NoTls;
 use tripwire_connectors::commit::SinkInputs;
 use tripwire_connectors::postgres::{pg_sink, PgSinkConfig};
-use tripwire_connectors::redis_sink::{redis_sink, Keys, RedisSinkConfig};
+use tripwire_connectors::readback::{self, AlertRow};
+use tripwire_connectors::redis_sink::{redis_sink, RedisSinkConfig};
 use tripwire_connectors::Endpoints;
 use tripwire_dataflow::reference::Reference;
-use tripwire_dataflow::{
-    Channel, DetectFraud, Diff, FraudConfig, Metric, StatKey, Time, Transaction,
-};
+use tripwire_dataflow::{Channel, DetectFraud, Diff, FraudConfig, StatKey, Time, Transaction};
 
 fn events() -> Vec<Transaction> {
     let cities = [
@@ -61,97 +60,33 @@ fn events() -> Vec<Transaction> {
         .collect()
 }
 
-/// The tables' contents: statistics per metric, and alerts as (id, rule, trigger, details).
-type Tables = (BTreeMap<StatKey, i64>, BTreeSet<(i64, String, i64, String)>, Vec<i64>);
+/// The tables' contents: statistics per metric, alerts, checkpoint frontiers.
+type Tables = (BTreeMap<StatKey, i64>, BTreeSet<AlertRow>, Vec<i64>);
 
 fn read_tables(conninfo: &str) -> Tables {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
         let (client, conn) = tokio_postgres::connect(conninfo, NoTls).await.unwrap();
         tokio::spawn(conn);
-        let mut stats = BTreeMap::new();
-        for r in client
-            .query("SELECT card_id, window_ms, count, sum_minor, max_amount_minor, distinct_merchants, distinct_countries FROM window_stats", &[])
-            .await
-            .unwrap()
-        {
-            let (card_id, window_ms) = (r.get::<_, i64>(0) as u64, r.get::<_, i64>(1) as u64);
-            for (i, metric) in Metric::ALL.into_iter().enumerate() {
-                stats.insert(StatKey { card_id, window_ms, metric }, r.get::<_, i64>(2 + i));
-            }
-        }
-        let alerts = client
-            .query("SELECT alert_id, rule, trigger_event, details::text FROM alerts", &[])
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| (r.get(0), r.get(1), r.get(2), canonical(r.get(3))))
-            .collect();
-        let frontiers = client
-            .query("SELECT frontier FROM checkpoints ORDER BY worker", &[])
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        (stats, alerts, frontiers)
+        let stats = readback::pg_stats(&client).await.unwrap();
+        let alerts = readback::pg_alerts(&client).await.unwrap();
+        (stats, alerts, readback::pg_frontiers(&client, "test").await.unwrap())
     })
 }
 
-/// JSON with sorted keys, so that jsonb's and serde's spellings compare.
-fn canonical(json: &str) -> String {
-    serde_json::from_str::<serde_json::Value>(json).unwrap().to_string()
-}
-
 /// Redis: statistics per metric from the card hashes, alert ids in the stream, frontiers.
-type ReadModel = (BTreeMap<StatKey, i64>, Vec<i64>, Vec<String>);
+type ReadModel = (BTreeMap<StatKey, i64>, Vec<i64>, Vec<Option<Time>>);
 
-fn read_redis(url: &str, job: &str, cards: &[u64]) -> ReadModel {
-    let keys = Keys::new(job);
+fn read_redis(url: &str, job: &str) -> ReadModel {
     let mut con = redis::Client::open(url).unwrap().get_connection().unwrap();
-    let mut stats = BTreeMap::new();
-    for &card_id in cards {
-        let fields: BTreeMap<String, String> =
-            redis::cmd("HGETALL").arg(keys.card(card_id)).query(&mut con).unwrap();
-        for (field, value) in fields {
-            let Some((w, name)) = field.strip_prefix('w').and_then(|f| f.split_once(':')) else {
-                continue;
-            };
-            let metric = match name {
-                "count" => Metric::Count,
-                "sum" => Metric::Sum,
-                "max" => Metric::MaxAmount,
-                "merchants" => Metric::DistinctMerchants,
-                "countries" => Metric::DistinctCountries,
-                other => panic!("unexpected field {other}"),
-            };
-            let key = StatKey { card_id, window_ms: w.parse().unwrap(), metric };
-            stats.insert(key, value.parse().unwrap());
-        }
-    }
-    let entries: Vec<(String, Vec<(String, String)>)> =
-        redis::cmd("XRANGE").arg(keys.alerts()).arg("-").arg("+").query(&mut con).unwrap();
-    let mut ids: Vec<i64> = entries
-        .iter()
-        .map(|(_, kv)| {
-            kv.iter().find(|(k, _)| k == "alert_id").unwrap().1.parse::<u64>().unwrap() as i64
-        })
-        .collect();
+    let stats = readback::redis_stats(&mut con, job).unwrap();
+    let mut ids = readback::redis_alert_ids(&mut con, job).unwrap();
     ids.sort_unstable();
-    let frontiers = (0..2)
-        .map(|w| redis::cmd("GET").arg(keys.frontier(w)).query::<String>(&mut con).unwrap())
-        .collect();
-    (stats, ids, frontiers)
+    (stats, ids, readback::redis_frontiers(&mut con, job, 2).unwrap())
 }
 
-fn expected_alerts(r: &Reference, t: Time) -> BTreeSet<(i64, String, i64, String)> {
-    r.alerts_until(t)
-        .into_iter()
-        .map(|a| {
-            let details = canonical(&serde_json::to_string(&a.details).unwrap());
-            (a.id as i64, a.rule.name().to_string(), a.trigger_event as i64, details)
-        })
-        .collect()
+fn expected_alerts(r: &Reference, t: Time) -> BTreeSet<AlertRow> {
+    r.alerts_until(t).iter().map(readback::alert_row).collect()
 }
 
 #[test]
@@ -195,13 +130,12 @@ fn sink_holds_exactly_the_reference_below_the_frontier_and_empties_with_the_wind
         ttl: Duration::from_secs(3_600),
         resume_from: 0,
     };
-    let cards: Vec<u64> = (0..6).collect();
     let at_hold: Arc<Mutex<Option<(Tables, ReadModel)>>> = Arc::default();
     let barrier = Arc::new(Barrier::new(2));
     {
         let (events, fraud, at_hold, barrier, conninfo) =
             (events.clone(), fraud.clone(), at_hold.clone(), barrier.clone(), conninfo.clone());
-        let (url, job, cards) = (endpoints.redis_url(), schema.clone(), cards.clone());
+        let (url, job) = (endpoints.redis_url(), schema.clone());
         timely::execute(timely::Config::process(2), move |worker| {
             let (index, peers) = (worker.index(), worker.peers());
             let (mut input, committed, in_redis) = worker.dataflow::<Time, _, _>(|scope| {
@@ -228,7 +162,7 @@ fn sink_holds_exactly_the_reference_below_the_frontier_and_empties_with_the_wind
             }
             barrier.wait();
             if index == 0 {
-                let read = (read_tables(&conninfo), read_redis(&url, &job, &cards));
+                let read = (read_tables(&conninfo), read_redis(&url, &job));
                 *at_hold.lock().unwrap() = Some(read);
             }
             barrier.wait();
@@ -261,7 +195,7 @@ fn sink_holds_exactly_the_reference_below_the_frontier_and_empties_with_the_wind
     );
     assert_eq!(stats, reference.stats_at(hold - 1), "PostgreSQL statistics below the hold");
     assert_eq!(alerts, expected_alerts(&reference, hold - 1), "PostgreSQL alerts below the hold");
-    assert_eq!(r_frontiers, vec![format!("{hold:020}"); 2], "Redis frontiers at the hold");
+    assert_eq!(r_frontiers, vec![Some(hold); 2], "Redis frontiers at the hold");
     assert_eq!(r_stats, reference.stats_at(hold - 1), "Redis statistics below the hold");
     assert_eq!(r_alerts, alert_ids(hold - 1), "Redis alert stream below the hold");
 
@@ -269,7 +203,7 @@ fn sink_holds_exactly_the_reference_below_the_frontier_and_empties_with_the_wind
     assert!(stats.is_empty(), "every window emptied, every row deleted: {} left", stats.len());
     assert_eq!(alerts, expected_alerts(&reference, Time::MAX), "all alerts, once each");
     assert_eq!(frontiers, vec![i64::MAX, i64::MAX], "end of input committed");
-    let (r_stats, r_alerts, _) = read_redis(&endpoints.redis_url(), &schema, &cards);
+    let (r_stats, r_alerts, _) = read_redis(&endpoints.redis_url(), &schema);
     assert!(r_stats.is_empty(), "Redis: every window's fields deleted: {} left", r_stats.len());
     assert_eq!(r_alerts, alert_ids(Time::MAX), "Redis: every alert in the stream once");
 }

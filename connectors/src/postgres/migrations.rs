@@ -113,16 +113,22 @@ pub async fn migrate(client: &mut Client) -> Result<Vec<i32>, tokio_postgres::Er
     if let Some(first) = path.split(',').map(str::trim).next() {
         if !first.is_empty() && !first.starts_with('"') && first != "public" {
             let ident = first.replace('"', "");
-            client.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS \"{ident}\"")).await?;
+            // IF NOT EXISTS alone races between processes starting together.
+            let tx = client.transaction().await?;
+            tx.execute("SELECT pg_advisory_xact_lock(7342001)", &[]).await?;
+            tx.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS \"{ident}\"")).await?;
+            tx.commit().await?;
         }
     }
-    client
-        .batch_execute(
-            "CREATE TABLE IF NOT EXISTS tripwire_migrations (
-                 version int PRIMARY KEY, description text NOT NULL,
-                 applied_at timestamptz NOT NULL DEFAULT now())",
-        )
-        .await?;
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock(7342001)", &[]).await?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS tripwire_migrations (
+             version int PRIMARY KEY, description text NOT NULL,
+             applied_at timestamptz NOT NULL DEFAULT now())",
+    )
+    .await?;
+    tx.commit().await?;
     let mut applied = Vec::new();
     for (version, description, sql) in MIGRATIONS {
         let tx = client.transaction().await?;

@@ -20,7 +20,7 @@ use tripwire_connectors::kafka_admin::ensure_topic;
 use tripwire_connectors::kafka_source::{kafka_source, SourceConfig};
 use tripwire_connectors::postgres::migrations::migrate;
 use tripwire_connectors::postgres::{
-    committed_frontier as pg_committed, pg_sink, resume_point, PgSinkConfig,
+    committed_frontier as pg_committed, pg_sink, resume_point, PgSinkConfig, ResumePoint,
 };
 use tripwire_connectors::redis_sink::{
     committed_frontier as redis_committed, redis_sink, RedisSinkConfig,
@@ -143,39 +143,25 @@ fn main() -> Result<()> {
     // Resume where the job's sinks have committed, if they ever did: each sink
     // drops what it already has, the source re-reads what the slower one needs.
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let (pg_frontier, redis_frontier, resume) = rt
-        .block_on(async {
-            let (mut client, conn) =
-                tokio_postgres::connect(&endpoints.postgres_config(), tokio_postgres::NoTls)
-                    .await?;
-            tokio::spawn(conn);
-            migrate(&mut client).await?;
-            let pg = pg_committed(&client, &args.job).await?;
-            let redis = redis_committed(&endpoints.redis_url(), &args.job).await?;
-            // A store that never committed (a new Redis, say) needs everything:
-            // then the source replays from the start, and each sink still drops
-            // what its own store already holds.
-            let from = match (pg, redis) {
-                (None, None) => None,
-                (pg, redis) => Some(pg.unwrap_or(0).min(redis.unwrap_or(0))),
-            };
-            let resume = match from {
-                Some(f) => Some(
-                    resume_point(
-                        &client,
-                        &args.job,
-                        &args.topic,
-                        f,
-                        fraud.max_window(),
-                        fraud.tick_ms,
-                    )
-                    .await?,
-                ),
-                None => None,
-            };
-            anyhow::Ok((pg, redis, resume))
-        })
-        .context("reading the job's checkpoints")?;
+    // Both stores' checkpoints decide where the source starts, so a start
+    // during an outage waits for the store to answer (a running job keeps
+    // committing to PostgreSQL through a Redis outage; a starting one cannot
+    // know what Redis lacks until it can ask).
+    let mut wait = Duration::from_millis(200);
+    let (pg_frontier, redis_frontier, resume) = loop {
+        match rt.block_on(read_checkpoints(&endpoints, &args.job, &args.topic, &fraud)) {
+            Ok(found) => break found,
+            Err(e) => {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    retry_in_ms = wait.as_millis() as u64,
+                    "cannot read the job's checkpoints yet; waiting for the stores"
+                );
+                std::thread::sleep(wait);
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+        }
+    };
     if let Some(r) = &resume {
         tracing::info!(
             frontier = r.frontier,
@@ -258,4 +244,32 @@ fn main() -> Result<()> {
     }
     tracing::info!("finished");
     Ok(())
+}
+
+/// Both stores' committed frontiers and, if either ever committed, where to resume.
+async fn read_checkpoints(
+    endpoints: &Endpoints,
+    job: &str,
+    topic: &str,
+    fraud: &FraudConfig,
+) -> Result<(Option<Time>, Option<Time>, Option<ResumePoint>)> {
+    let (mut client, conn) =
+        tokio_postgres::connect(&endpoints.postgres_config(), tokio_postgres::NoTls)
+            .await
+            .context("connecting to PostgreSQL")?;
+    tokio::spawn(conn);
+    migrate(&mut client).await.context("migrating PostgreSQL")?;
+    let pg = pg_committed(&client, job).await.context("PostgreSQL checkpoints")?;
+    let redis = redis_committed(&endpoints.redis_url(), job).await.context("Redis frontiers")?;
+    // A store that never committed (a new Redis, say) needs everything: then
+    // the source replays from the start, and each sink still drops what its
+    // own store already holds.
+    let from = match (pg, redis) {
+        (None, None) => return Ok((pg, redis, None)),
+        (pg, redis) => pg.unwrap_or(0).min(redis.unwrap_or(0)),
+    };
+    let resume = resume_point(&client, job, topic, from, fraud.max_window(), fraud.tick_ms)
+        .await
+        .context("restart offsets")?;
+    Ok((pg, redis, Some(resume)))
 }

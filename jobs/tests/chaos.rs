@@ -1,0 +1,692 @@
+//! The chaos test: exactly once while processes die and services restart.
+//!
+//! txgen's generator bulk-loads `TRIPWIRE_CHAOS_EVENTS` events (default
+//! 1,000,000) into 6 partitions, with out-of-order, late and bad records and
+//! every fraud scenario. `fraud-detector` runs as 2 processes × 1 worker from
+//! a hosts file. A driver SIGKILLs a random process at random moments
+//! `TRIPWIRE_CHAOS_KILLS` times (default 12), each time stopping the other and
+//! restarting the group as a supervisor would; along the way PostgreSQL is
+//! stopped until the source has paused (backpressure) and the breaker has
+//! opened, Redis is stopped until PostgreSQL has committed more without it,
+//! and the Kafka broker is restarted under a running group, which must carry
+//! on without a restart. Any process that dies on its own outside those
+//! checks is restarted with its group, as the supervisor would.
+//!
+//! The job runs unbounded with idle release off, so once the input is read
+//! its frontier stops at `F`, the least over partitions of the last
+//! watermark. At `F`, PostgreSQL's statistics, alerts and archive and Redis's
+//! card hashes and alert stream must equal the reference model's over the
+//! accepted input, key for key, and equal a second run with no failures.
+//! The comparison counts (matched, missing, extra) are printed, with the
+//! commit latency, recovery time and commit throughput read from the job's logs.
+//!
+//! Needs the stack up on this machine (`./tripwire test` brings it up): the
+//! test stops and starts its services.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::ClientConfig;
+use tokio_postgres::NoTls;
+use tripwire_cluster::stack::{is_local, Stack};
+use tripwire_connectors::avro::{Limits, TransactionCodec};
+use tripwire_connectors::kafka_admin::ensure_topic;
+use tripwire_connectors::readback::{self, AlertRow};
+use tripwire_connectors::registry::EmbeddedRegistry;
+use tripwire_connectors::Endpoints;
+use tripwire_dataflow::reference::Reference;
+use tripwire_dataflow::{FraudConfig, StatKey, Time, Transaction};
+use tripwire_jobs::generator::{Expect, GenConfig, Generator};
+
+const PROCESSES: usize = 2;
+const LATENESS_MS: i64 = 5_000;
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64
+}
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// SplitMix64: the driver's own seeded randomness.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        (z ^ (z >> 31)) % n.max(1)
+    }
+}
+
+/// One job (a name, a PostgreSQL schema, a Redis prefix) over the test's topic.
+struct Job {
+    name: String,
+    topic: String,
+    config_file: String,
+    logs: PathBuf,
+    attempts: usize,
+}
+
+/// A running group: one child per process, with its log file.
+struct Group {
+    children: Vec<Child>,
+    logs: Vec<PathBuf>,
+    spawned_ms: i64,
+}
+
+impl Job {
+    /// Start every process of the group, with a fresh hosts file (fresh ports).
+    fn spawn(&mut self) -> Group {
+        let listeners: Vec<TcpListener> =
+            (0..PROCESSES).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+        let hosts: String = listeners
+            .iter()
+            .map(|l| format!("127.0.0.1:{}\n", l.local_addr().unwrap().port()))
+            .collect();
+        drop(listeners);
+        let attempt = self.attempts;
+        self.attempts += 1;
+        let hosts_file = self.logs.join(format!("hosts-{attempt}.txt"));
+        std::fs::write(&hosts_file, hosts).unwrap();
+        let spawned_ms = now_ms();
+        let mut children = Vec::new();
+        let mut logs = Vec::new();
+        for p in 0..PROCESSES {
+            let log = self.logs.join(format!("{}-{attempt}-p{p}.log", self.name));
+            let out = File::create(&log).unwrap();
+            let child = Command::new(env!("CARGO_BIN_EXE_fraud-detector"))
+                .args(["--topic", &self.topic, "--dlq-topic", &format!("{}-dlq", self.topic)])
+                .args(["--job", &self.name, "--config", &self.config_file, "--log-json"])
+                .args(["-w", "1", "-n", &PROCESSES.to_string(), "-p", &p.to_string()])
+                .args(["-h", &hosts_file.display().to_string()])
+                .args(["--lateness-ms", &LATENESS_MS.to_string(), "--idle-timeout-s", "0"])
+                .args(["--commit-interval-ms", "100", "--sample-every", "2000"])
+                .args(["--max-uncommitted", "100000"])
+                .env("TRIPWIRE_PG_SCHEMA", &self.name)
+                .env("RUST_LOG", "info,tripwire_connectors::commit=debug")
+                .stdout(Stdio::from(out.try_clone().unwrap()))
+                .stderr(Stdio::from(out))
+                .spawn()
+                .expect("fraud-detector starts");
+            children.push(child);
+            logs.push(log);
+        }
+        Group { children, logs, spawned_ms }
+    }
+}
+
+impl Group {
+    /// SIGKILL process `first`, then the others (a timely cluster cannot lose a member).
+    fn kill(&mut self, first: usize) {
+        let n = self.children.len();
+        for i in 0..n {
+            let c = &mut self.children[(first + i) % n];
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// A process that ended on its own, with its status.
+    fn ended(&mut self) -> Option<String> {
+        self.children.iter_mut().enumerate().find_map(|(i, c)| {
+            c.try_wait().unwrap().map(|status| format!("process {i} ended: {status}"))
+        })
+    }
+
+    /// Every log line of the group so far that contains `needle`.
+    fn log_lines(&self, needle: &str) -> Vec<String> {
+        self.logs
+            .iter()
+            .flat_map(|l| BufReader::new(File::open(l).unwrap()).lines().map_while(Result::ok))
+            .filter(|l| l.contains(needle))
+            .collect()
+    }
+}
+
+/// The test's view of the stores, reconnecting across restarts.
+struct Stores {
+    rt: tokio::runtime::Runtime,
+    endpoints: Endpoints,
+}
+
+impl Stores {
+    fn pg(&self, schema: &str) -> Option<tokio_postgres::Client> {
+        let mut e = self.endpoints.clone();
+        e.pg_schema = Some(schema.to_string());
+        self.rt.block_on(async {
+            let (c, conn) = tokio_postgres::connect(&e.postgres_config(), NoTls).await.ok()?;
+            tokio::spawn(conn);
+            Some(c)
+        })
+    }
+
+    /// The least PostgreSQL checkpoint of `job`, once every worker has one.
+    fn pg_frontier(&self, job: &str) -> Option<i64> {
+        let c = self.pg(job)?;
+        let f = self.rt.block_on(readback::pg_frontiers(&c, job)).ok()?;
+        (f.len() == PROCESSES).then(|| f.iter().copied().min()).flatten()
+    }
+
+    fn redis(&self) -> Option<redis::Connection> {
+        redis::Client::open(self.endpoints.redis_url()).ok()?.get_connection().ok()
+    }
+
+    /// The least Redis frontier of `job`, once every worker has one.
+    fn redis_frontier(&self, job: &str) -> Option<Time> {
+        let f = readback::redis_frontiers(&mut self.redis()?, job, PROCESSES).ok()?;
+        f.into_iter().collect::<Option<Vec<Time>>>()?.into_iter().min()
+    }
+}
+
+/// Run `group` until `done`, restarting it (as the supervisor would) if a
+/// process ends on its own, unless `no_restart` names why that would be a failure.
+fn run_until(
+    job: &mut Job,
+    group: &mut Group,
+    what: &str,
+    timeout: Duration,
+    no_restart: Option<&str>,
+    mut done: impl FnMut(&Group) -> bool,
+) {
+    let deadline = Instant::now() + timeout;
+    while !done(group) {
+        if let Some(why) = group.ended() {
+            if let Some(context) = no_restart {
+                panic!(
+                    "{why} {context}; log: {}",
+                    group
+                        .logs
+                        .iter()
+                        .map(|l| l.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+            println!("  {why}; restarting the group");
+            group.kill(0);
+            *group = job.spawn();
+        }
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Matched, missing and extra entries of `got` against `want` (a changed value is both).
+fn compare<K: Ord, V: PartialEq>(
+    want: &BTreeMap<K, V>,
+    got: &BTreeMap<K, V>,
+) -> (usize, usize, usize) {
+    let matched = want.iter().filter(|(k, v)| got.get(k) == Some(v)).count();
+    (matched, want.len() - matched, got.len() - matched)
+}
+
+fn as_map<K: Ord + Clone>(set: &BTreeSet<K>) -> BTreeMap<K, ()> {
+    set.iter().map(|k| (k.clone(), ())).collect()
+}
+
+/// Everything a job left in the stores at the end.
+#[derive(PartialEq, Debug)]
+struct Results {
+    stats: BTreeMap<StatKey, i64>,
+    alerts: BTreeSet<AlertRow>,
+    archive: BTreeSet<i64>,
+    redis_stats: BTreeMap<StatKey, i64>,
+    redis_alerts: Vec<i64>,
+}
+
+fn read_results(stores: &Stores, job: &str) -> Results {
+    let c = stores.pg(job).expect("PostgreSQL is up");
+    let (stats, alerts, archive) = stores.rt.block_on(async {
+        (
+            readback::pg_stats(&c).await.unwrap(),
+            readback::pg_alerts(&c).await.unwrap(),
+            readback::pg_archive(&c).await.unwrap(),
+        )
+    });
+    let mut con = stores.redis().expect("Redis is up");
+    let redis_stats = readback::redis_stats(&mut con, job).unwrap();
+    let mut redis_alerts = readback::redis_alert_ids(&mut con, job).unwrap();
+    redis_alerts.sort_unstable();
+    Results { stats, alerts, archive, redis_stats, redis_alerts }
+}
+
+/// `2026-11-24T19:40:01.123456Z` → ms since the epoch.
+fn rfc3339_ms(s: &str) -> Option<i64> {
+    let (date, time) = s.trim_end_matches('Z').split_once('T')?;
+    let mut d = date.split('-').map(|x| x.parse::<i64>());
+    let (y, m, day) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
+    // Days since the epoch of a proleptic Gregorian date (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * ((m + 9) % 12) + 2) / 5 + day - 1;
+    let days = era * 146_097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719_468;
+    let mut t = time.split(':');
+    let (h, min) = (t.next()?.parse::<i64>().ok()?, t.next()?.parse::<i64>().ok()?);
+    let sec: f64 = t.next()?.parse().ok()?;
+    Some(((days * 24 + h) * 60 + min) * 60_000 + (sec * 1000.0) as i64)
+}
+
+/// A `committed` log line of the PostgreSQL sink: (wall ms, latency µs, rows).
+fn pg_commits(lines: &[String]) -> Vec<(i64, u64, u64)> {
+    lines
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["fields"]["message"] == "committed" && v["fields"]["sink"] == "PgSink")
+        .filter_map(|v| {
+            Some((
+                rfc3339_ms(v["timestamp"].as_str()?)?,
+                v["fields"]["latency_us"].as_u64()?,
+                v["fields"]["rows"].as_u64()?,
+            ))
+        })
+        .collect()
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+#[test]
+fn chaos_leaves_exactly_the_reference_result_and_that_of_a_run_without_failures() {
+    let stack = Stack::from_env().unwrap();
+    let endpoints = stack.endpoints.clone();
+    let pg_address = format!("{}:{}", endpoints.pg_host, endpoints.pg_port);
+    let redis_address = format!("{}:{}", endpoints.redis_host, endpoints.redis_port);
+    for address in [&endpoints.kafka_bootstrap, &pg_address, &redis_address] {
+        if !is_local(address) {
+            println!("skipped: {address} is not on this machine, so the test cannot restart it");
+            return;
+        }
+    }
+    let events = env_or("TRIPWIRE_CHAOS_EVENTS", 1_000_000);
+    let kills = env_or("TRIPWIRE_CHAOS_KILLS", 12) as usize;
+    let seed = env_or("TRIPWIRE_CHAOS_SEED", 7);
+    let id = format!("{}_{}", std::process::id(), now_ms());
+    let topic = format!("chaos_{id}");
+    let logs = std::env::temp_dir().join(format!("chaos_{id}"));
+    std::fs::create_dir_all(&logs).unwrap();
+    // The default rules with every window and look-back capped at an hour:
+    // the scenarios (timed for the defaults) fire, and a restart re-reads at
+    // most an hour of event time rather than a day.
+    const MINUTE: Time = 60_000;
+    let default = FraudConfig::default();
+    let fraud = FraudConfig {
+        windows: vec![MINUTE, 5 * MINUTE, 20 * MINUTE, 60 * MINUTE],
+        amount_spike: tripwire_dataflow::config::AmountSpikeConfig {
+            window_ms: 60 * MINUTE,
+            ..default.amount_spike.clone()
+        },
+        travel: tripwire_dataflow::config::TravelConfig {
+            lookback_ms: 60 * MINUTE,
+            ..default.travel.clone()
+        },
+        ..default
+    };
+    #[derive(serde::Serialize)]
+    struct FileConfig<'a> {
+        fraud: &'a FraudConfig,
+    }
+    let config_file = logs.join("job.toml");
+    std::fs::write(&config_file, toml::to_string(&FileConfig { fraud: &fraud }).unwrap()).unwrap();
+    ensure_topic(&endpoints.kafka_bootstrap, &topic, 6).expect("topic; is the stack up?");
+
+    // The input, produced before any job starts.
+    let started = Instant::now();
+    let now = now_ms();
+    let plan = Generator::new(GenConfig {
+        seed,
+        cards: 20_000,
+        partitions: 6,
+        start_ms: now - 6 * 3_600_000,
+        spacing_ms: 20,
+        fraud_per_10k: 5,
+        bad_per_10k: 5,
+        v1_percent: 30,
+        lateness_ms: LATENESS_MS,
+        out_of_order_per_10k: 300,
+        now_ms: now,
+    })
+    .generate(events);
+    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", &endpoints.kafka_bootstrap)
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "10")
+        .set("compression.type", "snappy")
+        .create()
+        .unwrap();
+    for p in &plan {
+        let mut record =
+            BaseRecord::to(&topic).partition(p.partition).key(&p.key).payload(&p.payload);
+        while let Err((_, back)) = producer.send(record) {
+            record = back;
+            producer.poll(Duration::from_millis(1));
+        }
+    }
+    producer.flush(Duration::from_secs(120)).unwrap();
+    println!("input: {} records ({events} events) in {:?}", plan.len(), started.elapsed());
+
+    // What the source will accept, and where the frontier must end: the least
+    // over partitions of the last watermark.
+    let registry = Arc::new(EmbeddedRegistry::new().unwrap());
+    let mut codec = TransactionCodec::new(registry, Limits::default());
+    let mut accepted: Vec<Transaction> = Vec::new();
+    let mut last_in_partition: HashMap<i32, Time> = HashMap::new();
+    for p in plan.iter().filter(|p| matches!(p.expect, Expect::Accept(_))) {
+        let x = codec.decode(&p.payload, now_ms()).expect("accepted records decode");
+        let last = last_in_partition.entry(p.partition).or_default();
+        *last = (*last).max(x.event_time_ms);
+        accepted.push(x);
+    }
+    let end = (0..6)
+        .map(|p| fraud.time_of(last_in_partition[&p].saturating_sub(LATENESS_MS as Time)))
+        .min()
+        .unwrap();
+    let start = accepted.iter().map(|x| fraud.time_of(x.event_time_ms)).min().unwrap();
+    let late = plan.iter().filter(|p| matches!(p.expect, Expect::Reject(_))).count();
+    let scenarios: BTreeSet<_> = plan.iter().filter_map(|p| p.label).collect();
+    assert_eq!(scenarios.len(), 5, "every fraud scenario is in the input");
+    assert!(late > 0, "the input has rejected records");
+
+    let stores = Stores {
+        rt: tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap(),
+        endpoints: endpoints.clone(),
+    };
+    let mut rng = Rng(seed);
+    let mut job = Job {
+        name: format!("chaos_{id}"),
+        topic: topic.clone(),
+        config_file: config_file.display().to_string(),
+        logs: logs.clone(),
+        attempts: 0,
+    };
+    let name = job.name.clone();
+    let committed = |job: &str| stores.pg_frontier(job).unwrap_or(0);
+
+    // Kill points: mostly at random progress (so that kills spread over the
+    // input), some at a random time after a start (so that some hit start-up).
+    let mut targets: Vec<i64> =
+        (0..kills).map(|_| (start + rng.below(end - start)) as i64).collect();
+    targets.sort_unstable();
+    let mut group = job.spawn();
+    let mut recoveries: Vec<i64> = Vec::new();
+    let mut outages = Vec::new();
+    println!("driver: {kills} kills; the frontier must end at {end}");
+    for (k, target) in targets.iter().enumerate() {
+        match k {
+            2 => {
+                // PostgreSQL stops: the source must pause and the breaker open.
+                let before = committed(&name);
+                run_until(
+                    &mut job,
+                    &mut group,
+                    "a commit before the PostgreSQL outage",
+                    Duration::from_secs(120),
+                    None,
+                    |_: &Group| committed(&name) > before,
+                );
+                let (pauses, opens) = (
+                    group.log_lines("backpressure").len(),
+                    group.log_lines("circuit breaker open").len(),
+                );
+                stack.down(&["postgres".to_string()]).unwrap();
+                let t = Instant::now();
+                run_until(
+                    &mut job,
+                    &mut group,
+                    "the source paused and the breaker opened",
+                    Duration::from_secs(120),
+                    Some("while PostgreSQL was down"),
+                    |g: &Group| {
+                        g.log_lines("circuit breaker open").len() > opens
+                            && g.log_lines("backpressure")
+                                .iter()
+                                .skip(pauses)
+                                .any(|l| !l.contains("\"paused\":0"))
+                    },
+                );
+                stack.up().unwrap();
+                outages.push(format!(
+                    "PostgreSQL down {:?}: source paused, breaker opened",
+                    t.elapsed()
+                ));
+            }
+            5 => {
+                // Redis stops under a running group: PostgreSQL must keep committing.
+                let before = committed(&name);
+                run_until(
+                    &mut job,
+                    &mut group,
+                    "a commit before the Redis outage",
+                    Duration::from_secs(120),
+                    None,
+                    |_: &Group| committed(&name) > before,
+                );
+                let before = committed(&name);
+                stack.down(&["redis".to_string()]).unwrap();
+                let t = Instant::now();
+                run_until(
+                    &mut job,
+                    &mut group,
+                    "PostgreSQL commits while Redis is down",
+                    Duration::from_secs(120),
+                    None,
+                    |_: &Group| {
+                        let now = committed(&name);
+                        now > before || now >= end as i64
+                    },
+                );
+                stack.up().unwrap();
+                outages.push(format!("Redis down {:?}: PostgreSQL committed on", t.elapsed()));
+            }
+            8 => {
+                // The broker restarts under the running group, which must carry on.
+                let before = committed(&name);
+                run_until(
+                    &mut job,
+                    &mut group,
+                    "a commit before the broker restart",
+                    Duration::from_secs(120),
+                    None,
+                    |_: &Group| committed(&name) > before,
+                );
+                let t = Instant::now();
+                stack.restart("kafka").unwrap();
+                let back = committed(&name);
+                run_until(
+                    &mut job,
+                    &mut group,
+                    "progress after the broker restart",
+                    Duration::from_secs(180),
+                    Some("after the broker restart: the source must reconnect"),
+                    |_: &Group| {
+                        let now = committed(&name);
+                        now > back || now >= end as i64
+                    },
+                );
+                outages.push(format!("Kafka restarted, progress resumed after {:?}", t.elapsed()));
+            }
+            _ => {}
+        }
+        if rng.below(5) == 0 {
+            // A random moment soon after the start.
+            let wait = Duration::from_millis(rng.below(1_500));
+            let until = Instant::now() + wait;
+            run_until(
+                &mut job,
+                &mut group,
+                "a random moment",
+                wait + Duration::from_secs(60),
+                None,
+                |_: &Group| Instant::now() >= until,
+            );
+        } else {
+            run_until(
+                &mut job,
+                &mut group,
+                "the next kill point",
+                Duration::from_secs(300),
+                None,
+                |_: &Group| committed(&name) >= *target,
+            );
+            let until = Instant::now() + Duration::from_millis(rng.below(200));
+            run_until(
+                &mut job,
+                &mut group,
+                "a random moment",
+                Duration::from_secs(60),
+                None,
+                |_: &Group| Instant::now() >= until,
+            );
+        }
+        let victim = rng.below(PROCESSES as u64) as usize;
+        let at = committed(&name);
+        group.kill(victim);
+        group = job.spawn();
+        let spawned = group.spawned_ms;
+        println!("  kill {}: process {victim} at committed frontier {at}", k + 1);
+        recoveries.push(spawned);
+    }
+    run_until(
+        &mut job,
+        &mut group,
+        "both stores committed up to the end",
+        Duration::from_secs(600),
+        None,
+        |_: &Group| {
+            committed(&name) >= end as i64 && stores.redis_frontier(&name).unwrap_or(0) >= end
+        },
+    );
+    let all_logs: Vec<String> = (0..job.attempts)
+        .flat_map(|a| (0..PROCESSES).map(move |p| (a, p)))
+        .flat_map(|(a, p)| {
+            let l = logs.join(format!("{name}-{a}-p{p}.log"));
+            BufReader::new(File::open(l).unwrap()).lines().map_while(Result::ok).collect::<Vec<_>>()
+        })
+        .collect();
+    let breaker_closed = all_logs.iter().filter(|l| l.contains("circuit breaker closed")).count();
+    group.kill(0);
+    let chaos_elapsed = started.elapsed();
+
+    // The same input once more, without failures.
+    let mut calm = Job { name: format!("calm_{id}"), attempts: 0, ..job };
+    let calm_name = calm.name.clone();
+    let mut calm_group = calm.spawn();
+    let calm_start = Instant::now();
+    run_until(
+        &mut calm,
+        &mut calm_group,
+        "the run without failures reached the end",
+        Duration::from_secs(600),
+        Some("in the run without failures"),
+        |_: &Group| {
+            committed(&calm_name) >= end as i64
+                && stores.redis_frontier(&calm_name).unwrap_or(0) >= end
+        },
+    );
+    let calm_elapsed = calm_start.elapsed();
+    calm_group.kill(0);
+
+    // The judge: the reference model over the accepted input, card by card
+    // (every statistic and rule is per card), at the final frontier.
+    let mut by_card: BTreeMap<u64, Vec<Transaction>> = BTreeMap::new();
+    for x in &accepted {
+        by_card.entry(x.card_id).or_default().push(x.clone());
+    }
+    let mut want_stats = BTreeMap::new();
+    let mut want_alerts = BTreeSet::new();
+    for events in by_card.values() {
+        let r = Reference::new(&fraud, events);
+        want_stats.extend(r.stats_at(end - 1));
+        want_alerts.extend(r.alerts_until(end - 1).iter().map(readback::alert_row));
+    }
+    let want_archive: BTreeSet<i64> = accepted
+        .iter()
+        .filter(|x| fraud.time_of(x.event_time_ms) < end)
+        .map(|x| x.event_id as i64)
+        .collect();
+    let want_alert_ids: BTreeSet<i64> = want_alerts.iter().map(|a| a.0).collect();
+
+    let got = read_results(&stores, &name);
+    let calm_got = read_results(&stores, &calm_name);
+    let frontiers =
+        stores.rt.block_on(readback::pg_frontiers(&stores.pg(&name).unwrap(), &name)).unwrap();
+    let redis_ids: BTreeSet<i64> = got.redis_alerts.iter().copied().collect();
+    let rows = [
+        ("PostgreSQL window_stats", compare(&want_stats, &got.stats)),
+        ("PostgreSQL alerts", compare(&as_map(&want_alerts), &as_map(&got.alerts))),
+        ("PostgreSQL raw_transactions", compare(&as_map(&want_archive), &as_map(&got.archive))),
+        ("Redis card statistics", compare(&want_stats, &got.redis_stats)),
+        ("Redis alert stream", compare(&as_map(&want_alert_ids), &as_map(&redis_ids))),
+    ];
+    println!(
+        "\nchaos: {kills} kills, {} group starts, {:?} in all; {}",
+        job_attempts(&logs, &name),
+        chaos_elapsed,
+        outages.join("; ")
+    );
+    println!("{:<30}{:>10}{:>10}{:>8}", "against the reference", "matched", "missing", "extra");
+    for (what, (m, miss, extra)) in &rows {
+        println!("{what:<30}{m:>10}{miss:>10}{extra:>8}");
+    }
+
+    // Figures: commit latency and throughput of PostgreSQL, recovery after restarts.
+    let commits = pg_commits(&all_logs);
+    let mut latencies: Vec<u64> = commits.iter().map(|c| c.1).collect();
+    latencies.sort_unstable();
+    let (rows_total, busy_us): (u64, u64) =
+        commits.iter().fold((0, 0), |(r, b), c| (r + c.2, b + c.1));
+    let mut recovery: Vec<i64> = recoveries
+        .iter()
+        .filter_map(|spawned| {
+            commits.iter().map(|c| c.0).filter(|t| t > spawned).min().map(|t| t - spawned)
+        })
+        .collect();
+    recovery.sort_unstable();
+    if !latencies.is_empty() && !recovery.is_empty() {
+        println!(
+            "PostgreSQL commits: {} ({} rows), latency p50 {:.1} ms, p99 {:.1} ms; {:.0} rows/s of commit time; recovery (start to first commit) p50 {} ms, max {} ms; run without failures {:?} ({:.0} events/s)",
+            commits.len(),
+            rows_total,
+            percentile(&latencies, 0.5) as f64 / 1000.0,
+            percentile(&latencies, 0.99) as f64 / 1000.0,
+            rows_total as f64 / (busy_us.max(1) as f64 / 1e6),
+            recovery[recovery.len() / 2],
+            recovery[recovery.len() - 1],
+            calm_elapsed,
+            events as f64 / calm_elapsed.as_secs_f64(),
+        );
+    }
+
+    assert_eq!(frontiers, vec![end as i64; PROCESSES], "every worker committed up to the end");
+    assert!(want_stats.len() > 1_000 && want_alerts.len() > 500, "the comparison has substance");
+    for (what, (_, missing, extra)) in &rows {
+        assert_eq!((*missing, *extra), (0, 0), "{what} equal the reference's");
+    }
+    assert_eq!(got.redis_alerts.len(), redis_ids.len(), "no alert twice in the Redis stream");
+    assert!(breaker_closed > 0, "the breaker closed again once PostgreSQL was back");
+    assert!(got == calm_got, "the run with failures equals the run without");
+    let _ = std::fs::remove_dir_all(&logs);
+}
+
+fn job_attempts(logs: &std::path::Path, name: &str) -> usize {
+    std::fs::read_dir(logs)
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| {
+            let f = e.file_name().to_string_lossy().into_owned();
+            f.starts_with(name) && f.ends_with("-p0.log")
+        })
+        .count()
+}
