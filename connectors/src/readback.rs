@@ -138,7 +138,7 @@ pub fn redis_frontiers(
     let keys = Keys::new(job);
     (0..workers)
         .map(|w| {
-            let v: Option<String> = redis::cmd("GET").arg(keys.frontier(w)).query(con)?;
+            let v: Option<String> = redis::cmd("HGET").arg(keys.frontiers()).arg(w).query(con)?;
             Ok(v.and_then(|v| v.parse().ok()))
         })
         .collect()

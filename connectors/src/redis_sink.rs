@@ -6,7 +6,9 @@
 //!   `last_alert_time`. It expires after the longest window without updates,
 //!   which is when every window of the card is empty anyway.
 //! - `alerts`, a stream of recent alerts, capped near `stream_max_len`.
-//! - `frontier:{worker}`: the worker's committed frontier.
+//! - `frontiers`, a hash: per sink worker, its committed frontier. It always
+//!   holds one field per worker of the current run ([`fit_frontiers`]), so
+//!   the least of them is what every key is complete up to.
 //!
 //! Each batch is applied by one Lua script, atomically with the worker's
 //! frontier; a batch at or below the stored frontier is skipped, an alert
@@ -46,29 +48,59 @@ pub struct RedisSinkConfig {
 pub async fn committed_frontier(url: &str, job: &str) -> Result<Option<Time>, redis::RedisError> {
     let client = redis::Client::open(url)?;
     let mut conn = client.get_multiplexed_async_connection().await?;
-    let pattern = format!("{}frontier:*", Keys::new(job).prefix);
-    let keys: Vec<String> = redis::cmd("KEYS").arg(pattern).query_async(&mut conn).await?;
-    let mut least: Option<Time> = None;
-    for k in keys {
-        let v: String = redis::cmd("GET").arg(k).query_async(&mut conn).await?;
-        if let Ok(f) = v.parse::<Time>() {
-            least = Some(least.map_or(f, |l| l.min(f)));
-        }
-    }
-    Ok(least)
+    let all: Vec<(String, String)> =
+        redis::cmd("HGETALL").arg(Keys::new(job).frontiers()).query_async(&mut conn).await?;
+    Ok(all.iter().filter_map(|(_, v)| v.parse::<Time>().ok()).min())
 }
 
+/// Make `job`'s frontiers fit a run of `workers` sink workers, before it starts.
+///
+/// A worker's frontier speaks only for the keys that worker owned, and which
+/// worker owns a key depends on how many there are. So a first run starts
+/// every worker at 0 (a worker that never commits then holds the least
+/// frontier at 0, as it should), and a run with another worker count starts
+/// every worker at the least frontier of the last run, up to which all keys
+/// are complete whoever owned them. Atomic, and harmless to repeat.
+pub async fn fit_frontiers(url: &str, job: &str, workers: usize) -> Result<(), redis::RedisError> {
+    let client = redis::Client::open(url)?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let _: i64 = redis::Script::new(FIT)
+        .key(Keys::new(job).frontiers())
+        .arg(workers)
+        .invoke_async(&mut conn)
+        .await?;
+    Ok(())
+}
+
+const FIT: &str = r#"
+-- KEYS[1] the frontiers hash; ARGV[1] the number of workers of the run about to start.
+local n = tonumber(ARGV[1])
+local all = redis.call('HGETALL', KEYS[1])
+local least, fits = nil, (#all / 2 == n)
+for i = 1, #all, 2 do
+  local w = tonumber(all[i])
+  if w == nil or w >= n then fits = false end
+  if least == nil or all[i + 1] < least then least = all[i + 1] end
+end
+if fits then return 0 end
+redis.call('DEL', KEYS[1])
+for w = 0, n - 1 do
+  redis.call('HSET', KEYS[1], tostring(w), least or '00000000000000000000')
+end
+return 1
+"#;
+
 const SCRIPT: &str = r#"
--- KEYS[1] frontier key, KEYS[2] alert stream
+-- KEYS[1] frontiers hash, KEYS[2] alert stream; ARGV[8] this worker's field
 -- ARGV: frontier (20-digit), prefix, ttl ms, stream max len, #upserts, #deletes, #alerts, then
 -- upserts (card, window, count, sum, max, merchants, countries), deletes (card, window),
 -- alerts (card, id, rule, time (20-digit), event time, details).
 local frontier = ARGV[1]
-local current = redis.call('GET', KEYS[1])
+local current = redis.call('HGET', KEYS[1], ARGV[8])
 if current and frontier <= current then return 0 end
 local prefix, ttl, maxlen = ARGV[2], ARGV[3], ARGV[4]
 local nu, nd, na = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
-local i = 8
+local i = 9
 for _ = 1, nu do
   local key, w = prefix .. 'card:' .. ARGV[i], 'w' .. ARGV[i + 1]
   redis.call('HSET', key, w .. ':count', ARGV[i + 2], w .. ':sum', ARGV[i + 3], w .. ':max', ARGV[i + 4],
@@ -92,7 +124,7 @@ for _ = 1, na do
   end
   i = i + 6
 end
-redis.call('SET', KEYS[1], frontier)
+redis.call('HSET', KEYS[1], ARGV[8], frontier)
 return 1
 "#;
 
@@ -137,9 +169,9 @@ impl Keys {
     pub fn alerts(&self) -> String {
         format!("{}alerts", self.prefix)
     }
-    /// A worker's frontier.
-    pub fn frontier(&self, worker: usize) -> String {
-        format!("{}frontier:{worker}", self.prefix)
+    /// The hash of sink workers' frontiers (field: the worker's index).
+    pub fn frontiers(&self) -> String {
+        format!("{}frontiers", self.prefix)
     }
 }
 
@@ -163,7 +195,7 @@ impl Store for Redis {
         let (upserts, deletes, alerts) = (&b.upserts, &b.deletes, &b.alerts);
         let mut invocation = self.script.prepare_invoke();
         invocation
-            .key(keys.frontier(self.worker))
+            .key(keys.frontiers())
             .key(keys.alerts())
             .arg(padded(b.frontier))
             .arg(&keys.prefix)
@@ -171,7 +203,8 @@ impl Store for Redis {
             .arg(self.config.stream_max_len)
             .arg(upserts.len())
             .arg(deletes.len())
-            .arg(alerts.len());
+            .arg(alerts.len())
+            .arg(self.worker);
         for (k, s, _) in upserts {
             invocation
                 .arg(k.card_id)

@@ -1,6 +1,7 @@
-//! Exactly once under SIGKILL: the fraud-detector binary is killed several
-//! times while it reads a topic, restarted each time, and finally runs to the
-//! topic's end. PostgreSQL and Redis must then hold exactly the reference
+//! Exactly once under SIGKILL and rescaling: the fraud-detector binary is
+//! killed several times while it reads a topic, restarted each time with
+//! another number of workers (2, 3, 1 threads in one process), and finally
+//! runs to the topic's end as 2 processes × 2 workers. PostgreSQL and Redis must then hold exactly the reference
 //! model's result over the accepted input: every alert once, no statistics
 //! left (every window has emptied at the end of input), frontiers at the end.
 //!
@@ -17,7 +18,7 @@ use tokio_postgres::NoTls;
 use tripwire_connectors::avro::{Limits, TransactionCodec};
 use tripwire_connectors::dead_letter::DeadLetterReason;
 use tripwire_connectors::kafka_admin::ensure_topic;
-use tripwire_connectors::redis_sink::Keys;
+use tripwire_connectors::readback;
 use tripwire_connectors::registry::EmbeddedRegistry;
 use tripwire_connectors::Endpoints;
 use tripwire_dataflow::reference::Reference;
@@ -36,16 +37,32 @@ struct Run {
 }
 
 impl Run {
-    fn start(&self) -> Child {
-        Command::new(env!("CARGO_BIN_EXE_fraud-detector"))
-            .args(["--topic", &self.topic, "--dlq-topic", &format!("{}-dlq", self.topic)])
-            .args(["--job", &self.job, "--bounded", "-w", "2"])
-            .args(["--commit-interval-ms", "20", "--idle-timeout-s", "0", "--sample-every", "300"])
-            .args(["--config", &self.config_file])
-            .env("TRIPWIRE_PG_SCHEMA", &self.schema)
-            .env("RUST_LOG", "error")
-            .spawn()
-            .expect("fraud-detector starts")
+    /// Start the job as `processes` processes of `workers` workers each.
+    fn start(&self, processes: usize, workers: usize) -> Vec<Child> {
+        let hosts = std::env::temp_dir().join(format!("{}-hosts.txt", self.job));
+        let ports: Vec<std::net::TcpListener> =
+            (0..processes).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+        let lines: String = ports
+            .iter()
+            .map(|l| format!("127.0.0.1:{}\n", l.local_addr().unwrap().port()))
+            .collect();
+        drop(ports);
+        std::fs::write(&hosts, lines).unwrap();
+        (0..processes)
+            .map(|p| {
+                Command::new(env!("CARGO_BIN_EXE_fraud-detector"))
+                    .args(["--topic", &self.topic, "--dlq-topic", &format!("{}-dlq", self.topic)])
+                    .args(["--job", &self.job, "--bounded", "-w", &workers.to_string()])
+                    .args(["-n", &processes.to_string(), "-p", &p.to_string()])
+                    .args(["-h", &hosts.display().to_string()])
+                    .args(["--commit-interval-ms", "20", "--idle-timeout-s", "0"])
+                    .args(["--sample-every", "300", "--config", &self.config_file])
+                    .env("TRIPWIRE_PG_SCHEMA", &self.schema)
+                    .env("RUST_LOG", "error")
+                    .spawn()
+                    .expect("fraud-detector starts")
+            })
+            .collect()
     }
 }
 
@@ -61,15 +78,12 @@ fn pg(schema: &str) -> (tokio::runtime::Runtime, tokio_postgres::Client) {
     (rt, client)
 }
 
-/// The least checkpoint of the job, once both workers have one.
+/// The least checkpoint of the job (a starting run gives every one of its workers a row).
 fn committed(rt: &tokio::runtime::Runtime, c: &tokio_postgres::Client, job: &str) -> Option<i64> {
     rt.block_on(async {
-        let rows = c
-            .query("SELECT min(frontier), count(*) FROM checkpoints WHERE job = $1", &[&job])
-            .await
-            .ok()?;
-        let (min, n): (Option<i64>, i64) = (rows[0].get(0), rows[0].get(1));
-        (n == 2).then_some(min).flatten()
+        let rows =
+            c.query("SELECT min(frontier) FROM checkpoints WHERE job = $1", &[&job]).await.ok()?;
+        rows[0].get(0)
     })
 }
 
@@ -122,12 +136,13 @@ fn killed_and_restarted_job_leaves_exactly_the_reference_result() {
     }
     producer.flush(Duration::from_secs(60)).unwrap();
 
-    // Kill it three times, each time after it has committed more than before.
+    // Kill it three times, each time after it has committed more than before,
+    // each time with another number of workers.
     let (rt, client) = pg(&run.schema);
     let mut kills = Vec::new();
-    for _ in 0..3 {
+    for workers in [2, 3, 1] {
         let before = committed(&rt, &client, &run.job).unwrap_or(0);
-        let mut child = run.start();
+        let mut child = run.start(1, workers).pop().unwrap();
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             let now = committed(&rt, &client, &run.job).unwrap_or(0);
@@ -144,8 +159,10 @@ fn killed_and_restarted_job_leaves_exactly_the_reference_result() {
             std::thread::sleep(Duration::from_millis(5));
         }
     }
-    let status = run.start().wait().unwrap();
-    assert!(status.success(), "the last run finishes: {status}");
+    for mut child in run.start(2, 2) {
+        let status = child.wait().unwrap();
+        assert!(status.success(), "the last run finishes: {status}");
+    }
 
     // The judge: the reference model over the records the source accepts.
     let registry = Arc::new(EmbeddedRegistry::new().unwrap());
@@ -199,7 +216,7 @@ fn killed_and_restarted_job_leaves_exactly_the_reference_result() {
     );
     assert_eq!((missing, extra), (0, 0), "PostgreSQL alerts equal the reference's");
     assert_eq!(stats, 0, "every window emptied at the end of input");
-    assert_eq!(frontiers, vec![i64::MAX, i64::MAX]);
+    assert_eq!(frontiers, vec![i64::MAX; 4], "the last run's four workers, at the end");
     assert!(late_planned > 0, "the input has late records");
     assert_eq!(late as usize, late_planned, "every late record in late_events, once");
     let (samples, resumed): (i64, i64) = rt.block_on(async {
@@ -230,18 +247,7 @@ fn killed_and_restarted_job_leaves_exactly_the_reference_result() {
 
     // Redis: every alert in the stream exactly once.
     let mut con = redis::Client::open(endpoints.redis_url()).unwrap().get_connection().unwrap();
-    let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
-        .arg(Keys::new(&run.job).alerts())
-        .arg("-")
-        .arg("+")
-        .query(&mut con)
-        .unwrap();
-    let ids: Vec<i64> = entries
-        .iter()
-        .map(|(_, kv)| {
-            kv.iter().find(|(k, _)| k == "alert_id").unwrap().1.parse::<u64>().unwrap() as i64
-        })
-        .collect();
+    let ids = readback::redis_alert_ids(&mut con, &run.job).unwrap();
     let unique: BTreeSet<i64> = ids.iter().copied().collect();
     assert_eq!(ids.len(), unique.len(), "no alert twice in the Redis stream");
     assert_eq!(unique, want, "the Redis stream holds exactly the reference's alerts");

@@ -29,6 +29,40 @@ pub async fn committed_frontier(
     Ok(row.get::<_, Option<i64>>(0).map(|f| f as Time))
 }
 
+/// Make `job`'s checkpoints fit a run of `workers` sink workers, before it starts.
+///
+/// A worker's checkpoint speaks only for the keys that worker owned, and which
+/// worker owns a key depends on how many there are. So a first run starts
+/// every worker at 0 (a worker that never commits then holds the least
+/// frontier at 0, as it should), and a run with another worker count (a
+/// rescale) starts every worker at the least frontier of the last run, up to
+/// which all keys are complete whoever owned them. One transaction, under a
+/// lock, harmless to repeat: every process of a starting job calls it.
+pub async fn fit_checkpoints(
+    client: &mut Client,
+    job: &str,
+    workers: usize,
+) -> Result<(), tokio_postgres::Error> {
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock(7342002)", &[]).await?;
+    let rows = tx.query("SELECT worker, frontier FROM checkpoints WHERE job = $1", &[&job]).await?;
+    let mut present: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
+    present.sort_unstable();
+    if present.iter().copied().eq(0..workers as i32) {
+        return tx.commit().await;
+    }
+    let least: i64 = rows.iter().map(|r| r.get::<_, i64>(1)).min().unwrap_or(0);
+    tx.execute("DELETE FROM checkpoints WHERE job = $1", &[&job]).await?;
+    tx.execute(
+        "INSERT INTO checkpoints (job, worker, frontier)
+         SELECT $1, w, $2 FROM generate_series(0, $3 - 1) AS w",
+        &[&job, &least, &(workers as i32)],
+    )
+    .await?;
+    tracing::info!(job, workers, previous = ?present, frontier = least, "checkpoints fitted to the worker count");
+    tx.commit().await
+}
+
 /// Where `job` resumes reading `topic` so that every output at a time `>= frontier` is recomputed.
 ///
 /// Those outputs depend only on events at or after `frontier - longest - tick`;

@@ -20,10 +20,11 @@ use tripwire_connectors::kafka_admin::ensure_topic;
 use tripwire_connectors::kafka_source::{kafka_source, SourceConfig};
 use tripwire_connectors::postgres::migrations::migrate;
 use tripwire_connectors::postgres::{
-    committed_frontier as pg_committed, pg_sink, resume_point, PgSinkConfig, ResumePoint,
+    committed_frontier as pg_committed, fit_checkpoints, pg_sink, resume_point, PgSinkConfig,
+    ResumePoint,
 };
 use tripwire_connectors::redis_sink::{
-    committed_frontier as redis_committed, redis_sink, RedisSinkConfig,
+    committed_frontier as redis_committed, fit_frontiers, redis_sink, RedisSinkConfig,
 };
 use tripwire_connectors::registry::EmbeddedRegistry;
 use tripwire_connectors::Endpoints;
@@ -149,7 +150,13 @@ fn main() -> Result<()> {
     // know what Redis lacks until it can ask).
     let mut wait = Duration::from_millis(200);
     let (pg_frontier, redis_frontier, resume) = loop {
-        match rt.block_on(read_checkpoints(&endpoints, &args.job, &args.topic, &fraud)) {
+        match rt.block_on(read_checkpoints(
+            &endpoints,
+            &args.job,
+            &args.topic,
+            &fraud,
+            args.workers * args.processes,
+        )) {
             Ok(found) => break found,
             Err(e) => {
                 tracing::warn!(
@@ -252,6 +259,7 @@ async fn read_checkpoints(
     job: &str,
     topic: &str,
     fraud: &FraudConfig,
+    workers: usize,
 ) -> Result<(Option<Time>, Option<Time>, Option<ResumePoint>)> {
     let (mut client, conn) =
         tokio_postgres::connect(&endpoints.postgres_config(), tokio_postgres::NoTls)
@@ -259,6 +267,8 @@ async fn read_checkpoints(
             .context("connecting to PostgreSQL")?;
     tokio::spawn(conn);
     migrate(&mut client).await.context("migrating PostgreSQL")?;
+    fit_checkpoints(&mut client, job, workers).await.context("fitting PostgreSQL checkpoints")?;
+    fit_frontiers(&endpoints.redis_url(), job, workers).await.context("fitting Redis frontiers")?;
     let pg = pg_committed(&client, job).await.context("PostgreSQL checkpoints")?;
     let redis = redis_committed(&endpoints.redis_url(), job).await.context("Redis frontiers")?;
     // A store that never committed (a new Redis, say) needs everything: then
