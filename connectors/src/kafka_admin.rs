@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::ClientConfig;
 
@@ -26,4 +27,16 @@ pub fn ensure_topic(bootstrap: &str, topic: &str, partitions: i32) -> Result<(),
         }
     }
     Ok(())
+}
+
+/// How many partitions `topic` has; `None` if it does not exist.
+pub fn partition_count(bootstrap: &str, topic: &str) -> Result<Option<usize>, KafkaError> {
+    let client: BaseConsumer = ClientConfig::new().set("bootstrap.servers", bootstrap).create()?;
+    let metadata = client.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    Ok(metadata
+        .topics()
+        .first()
+        .filter(|t| t.error().is_none())
+        .map(|t| t.partitions().len())
+        .filter(|n| *n > 0))
 }

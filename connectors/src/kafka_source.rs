@@ -247,13 +247,7 @@ pub fn kafka_source<'s>(
         // as an end-of-partition event rather than as a last record.
         .set("enable.partition.eof", if config.bounded { "true" } else { "false" })
         .create_with_context(SourceContext)?;
-    let metadata = client.fetch_metadata(Some(&config.topic), Duration::from_secs(10))?;
-    let count = metadata
-        .topics()
-        .first()
-        .filter(|t| t.error().is_none())
-        .map(|t| t.partitions().len())
-        .filter(|n| *n > 0)
+    let count = crate::kafka_admin::partition_count(&config.bootstrap, &config.topic)?
         .ok_or_else(|| SourceError::NoTopic(config.topic.clone()))?;
     let mine: Vec<i32> = (0..count as i32).filter(|p| *p as usize % peers == index).collect();
     let mut assignment = TopicPartitionList::new();

@@ -4,7 +4,9 @@
 //!
 //! - [`generator`]: deterministic traffic for `txgen`: benign spending,
 //!   labelled fraud scenarios, bad input, out-of-order and late records.
+//! - [`layered`]: flags over environment over a TOML file over defaults.
 //!
 //! Depends on `tripwire-dataflow` and `tripwire-connectors`.
 
 pub mod generator;
+pub mod layered;

@@ -12,11 +12,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use clap::Parser;
-use serde::Deserialize;
+use clap::{CommandFactory, Parser};
+use serde::{Deserialize, Serialize};
 use tripwire_connectors::commit::SinkInputs;
 use tripwire_connectors::dead_letter_sink::dead_letter_sink;
-use tripwire_connectors::kafka_admin::ensure_topic;
+use tripwire_connectors::kafka_admin::{ensure_topic, partition_count};
 use tripwire_connectors::kafka_source::{kafka_source, SourceConfig};
 use tripwire_connectors::postgres::migrations::migrate;
 use tripwire_connectors::postgres::{
@@ -29,17 +29,28 @@ use tripwire_connectors::redis_sink::{
 use tripwire_connectors::registry::EmbeddedRegistry;
 use tripwire_connectors::Endpoints;
 use tripwire_dataflow::{DetectFraud, FraudConfig, Time};
+use tripwire_jobs::layered::file_args;
 
 /// Tripwire's fraud detector.
-#[derive(Parser, Debug, Clone)]
-#[command(version, about, disable_help_flag = true)]
+///
+/// Settings come from flags, then `TRIPWIRE_*` variables, then the `--config`
+/// file's `[job]` table (keys are the flags' long names), then defaults.
+#[derive(Parser, Debug, Clone, Serialize)]
+#[command(version, about, disable_help_flag = true, args_override_self = true)]
 struct Args {
     /// Print help.
     #[arg(long, action = clap::ArgAction::Help)]
+    #[serde(skip)]
     help: Option<bool>,
-    /// A TOML file with a `[fraud]` table (windows, tick, rule thresholds); defaults otherwise.
+    /// A TOML file: `[job]` settings (any flag below by its long name) and a
+    /// `[fraud]` table (windows, tick, rule thresholds).
     #[arg(long, env = "TRIPWIRE_JOB_CONFIG")]
+    #[serde(skip)]
     config: Option<String>,
+    /// Print the settings in effect, as a TOML file would hold them, and exit.
+    #[arg(long)]
+    #[serde(skip)]
+    print_config: bool,
     /// The job's name in checkpoints.
     #[arg(long, env = "TRIPWIRE_JOB", default_value = "fraud-detector")]
     job: String,
@@ -91,29 +102,46 @@ struct Args {
 #[derive(Deserialize, Default)]
 struct FileConfig {
     #[serde(default)]
+    job: Option<toml::Table>,
+    #[serde(default)]
     fraud: Option<FraudConfig>,
 }
 
+/// What `--print-config` prints.
+#[derive(Serialize)]
+struct Effective<'a> {
+    job: &'a Args,
+    fraud: &'a FraudConfig,
+}
+
 fn main() -> Result<()> {
-    let args = Args::parse();
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let file = match Args::parse_from(&argv).config {
+        Some(path) => {
+            let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+            toml::from_str::<FileConfig>(&text).with_context(|| format!("parsing {path}"))?
+        }
+        None => FileConfig::default(),
+    };
+    let layered = file_args(&Args::command(), &argv, &file.job.unwrap_or_default(), |var| {
+        std::env::var(var).ok()
+    })
+    .map_err(|e| anyhow::anyhow!("config file: {e}"))?;
+    let args = Args::parse_from(layered);
+    let fraud = file.fraud.unwrap_or_default();
+    if let Err(e) = fraud.validate() {
+        bail!("invalid [fraud] config: {e}");
+    }
+    if args.print_config {
+        print!("{}", toml::to_string(&Effective { job: &args, fraud: &fraud })?);
+        return Ok(());
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     if args.log_json {
         tracing_subscriber::fmt().json().with_env_filter(filter).init();
     } else {
         tracing_subscriber::fmt().with_env_filter(filter).init();
-    }
-    let fraud = match &args.config {
-        Some(path) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
-            let file: FileConfig =
-                toml::from_str(&text).with_context(|| format!("parsing {path}"))?;
-            file.fraud.unwrap_or_default()
-        }
-        None => FraudConfig::default(),
-    };
-    if let Err(e) = fraud.validate() {
-        bail!("invalid [fraud] config: {e}");
     }
     let endpoints = Endpoints::from_env()?;
     let communication = if args.processes > 1 {
@@ -213,8 +241,13 @@ fn main() -> Result<()> {
     let bootstrap = endpoints.kafka_bootstrap.clone();
     let dlq = args.dlq_topic.clone();
     let archive = args.archive;
-    // The dead-letter topic is the job's own output: it creates it (same partitions as the input).
-    ensure_topic(&bootstrap, &dlq, 12).with_context(|| format!("creating topic {dlq}"))?;
+    // The dead-letter topic is the job's own output: it creates it, with as
+    // many partitions as the input (a missing input is the source's error to report).
+    let partitions = partition_count(&bootstrap, &args.topic)
+        .with_context(|| format!("reading topic {}", args.topic))?
+        .unwrap_or(1);
+    ensure_topic(&bootstrap, &dlq, partitions as i32)
+        .with_context(|| format!("creating topic {dlq}"))?;
     let guards = timely::execute(
         timely::Config { communication, worker: timely::WorkerConfig::default() },
         move |worker| {
