@@ -315,25 +315,39 @@ struct Pending {
 impl Pending {
     /// Take every update below `frontier` and consolidate it into one batch.
     fn batch(&mut self, frontier: Time) -> Batch {
-        // Per key: the net change of each value, and the latest time it changed.
-        let mut keys: BTreeMap<CardWindow, (BTreeMap<WindowStats, Diff>, Time)> = BTreeMap::new();
+        // Per key, the updates at the latest time it changed: they say what it
+        // ends as. (Net changes over the whole batch cannot: a row that goes
+        // A → B → A nets to nothing, exactly like one inserted and deleted.)
+        let mut keys: BTreeMap<CardWindow, (Time, Vec<(WindowStats, Diff)>)> = BTreeMap::new();
         self.stats.retain(|((key, value), t, d)| {
             if *t >= frontier {
                 return true;
             }
-            let entry = keys.entry(*key).or_insert_with(|| (BTreeMap::new(), 0));
-            *entry.0.entry(*value).or_default() += d;
-            entry.1 = entry.1.max(*t);
+            let entry = keys.entry(*key).or_insert_with(|| (*t, Vec::new()));
+            if *t > entry.0 {
+                *entry = (*t, Vec::new());
+            }
+            if *t == entry.0 {
+                entry.1.push((*value, *d));
+            }
             false
         });
         let mut b = Batch { frontier, ..Batch::default() };
         // A key the batch touched ends either with its one current row or with
-        // none; "none" is written as a (guarded) delete even when the batch's own
-        // changes cancel out (inserted and deleted within it), because the store
-        // may hold a row this run did not write: one committed by an earlier run
-        // beyond the resume point, or by another worker before a rescale.
-        for (key, (values, as_of)) in keys {
-            match values.iter().find(|(_, d)| **d > 0) {
+        // none; "none" is written as a (guarded) delete even when the key was
+        // inserted and deleted within the batch, because the store may hold a
+        // row this run did not write: one committed by an earlier run beyond
+        // the resume point, or by another worker before a rescale.
+        for (key, (as_of, mut last)) in keys {
+            last.sort_unstable_by_key(|(v, _)| *v);
+            let mut net: Vec<(WindowStats, Diff)> = Vec::new();
+            for (v, d) in last {
+                match net.last_mut() {
+                    Some((w, n)) if *w == v => *n += d,
+                    _ => net.push((v, d)),
+                }
+            }
+            match net.iter().find(|(_, d)| *d > 0) {
                 Some((v, _)) => b.upserts.push((key, *v, as_of)),
                 None => b.deletes.push((key, as_of)),
             }
@@ -479,6 +493,29 @@ mod tests {
             distinct_merchants: 1,
             distinct_countries: 1,
         }
+    }
+
+    #[test]
+    fn a_row_that_returns_to_an_earlier_value_within_a_batch_is_kept() {
+        // 5 → 6 at time 3, 6 → 5 at time 7: nets to nothing, ends as 5.
+        let updates = vec![
+            ((key(1), stats(5)), 3, -1),
+            ((key(1), stats(6)), 3, 1),
+            ((key(1), stats(6)), 7, -1),
+            ((key(1), stats(5)), 7, 1),
+            // Inserted at 2, deleted at 4: ends with no row.
+            ((key(2), stats(1)), 2, 1),
+            ((key(2), stats(1)), 4, -1),
+            // Changed at 5 and again at 12, beyond the frontier.
+            ((key(3), stats(1)), 5, 1),
+            ((key(3), stats(1)), 12, -1),
+            ((key(3), stats(2)), 12, 1),
+        ];
+        let mut p = Pending { stats: updates, ..Pending::default() };
+        let b = p.batch(10);
+        assert_eq!(b.upserts, vec![(key(1), stats(5), 7), (key(3), stats(1), 5)]);
+        assert_eq!(b.deletes, vec![(key(2), 4)]);
+        assert_eq!(p.stats.len(), 2, "the updates at 12 wait for a later batch");
     }
 
     #[test]

@@ -186,7 +186,16 @@ impl Store for Redis {
 
     async fn connect(&mut self) -> Result<MultiplexedConnection, String> {
         let client = redis::Client::open(self.config.url.as_str()).map_err(|e| e.to_string())?;
-        let conn = client.get_multiplexed_async_connection().await.map_err(|e| e.to_string())?;
+        // One script applies a whole batch: tens of thousands of writes can
+        // take longer than the client's default response timeout (0.5 s), and
+        // a timed-out commit is retried, so the wait is long on purpose.
+        let config = redis::AsyncConnectionConfig::new()
+            .set_response_timeout(Some(Duration::from_secs(30)))
+            .set_connection_timeout(Some(Duration::from_secs(5)));
+        let conn = client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .map_err(|e| e.to_string())?;
         Ok(conn)
     }
 

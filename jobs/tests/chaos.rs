@@ -126,6 +126,24 @@ impl Job {
     }
 }
 
+impl Drop for Group {
+    /// A failing test leaves no process behind.
+    fn drop(&mut self) {
+        self.kill(0);
+    }
+}
+
+/// Brings every service back when dropped, so that a failing test does not leave one stopped.
+struct Restore<'a>(&'a Stack);
+
+impl Drop for Restore<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.0.up() {
+            eprintln!("could not bring the stack back up: {e:#}");
+        }
+    }
+}
+
 impl Group {
     /// SIGKILL process `first`, then the others (a timely cluster cannot lose a member).
     fn kill(&mut self, first: usize) {
@@ -310,6 +328,7 @@ fn chaos_leaves_exactly_the_reference_result_and_that_of_a_run_without_failures(
             return;
         }
     }
+    let _restore = Restore(&stack);
     let events = env_or("TRIPWIRE_CHAOS_EVENTS", 1_000_000);
     let kills = env_or("TRIPWIRE_CHAOS_KILLS", 12) as usize;
     let seed = env_or("TRIPWIRE_CHAOS_SEED", 7);
