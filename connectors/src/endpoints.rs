@@ -13,6 +13,8 @@
 //! | `TRIPWIRE_PG_SCHEMA` | none (the role's default schema) |
 //! | `TRIPWIRE_REDIS_HOST` / `TRIPWIRE_REDIS_PORT` | `127.0.0.1` / `6379` |
 //! | `TRIPWIRE_PROMETHEUS_HOST` / `TRIPWIRE_PROMETHEUS_PORT` | `127.0.0.1` / `9090` |
+//! | `TRIPWIRE_REGISTRY_HOST` / `TRIPWIRE_REGISTRY_PORT` | `127.0.0.1` / `8081` |
+//! | `TRIPWIRE_REGISTRY_URL` | `http://{host}:{port}/apis/ccompat/v7` (the stack's registry) |
 
 use std::env;
 
@@ -43,6 +45,12 @@ pub struct Endpoints {
     pub prometheus_host: String,
     /// Prometheus port.
     pub prometheus_port: u16,
+    /// Schema registry host (the local stack's).
+    pub registry_host: String,
+    /// Schema registry port.
+    pub registry_port: u16,
+    /// Base URL of the Confluent-compatible schema registry API.
+    pub registry_url: String,
 }
 
 impl Default for Endpoints {
@@ -61,6 +69,9 @@ impl Default for Endpoints {
             redis_port: 6379,
             prometheus_host: "127.0.0.1".into(),
             prometheus_port: 9090,
+            registry_host: "127.0.0.1".into(),
+            registry_port: 8081,
+            registry_url: "http://127.0.0.1:8081/apis/ccompat/v7".into(),
         }
     }
 }
@@ -102,6 +113,15 @@ impl Endpoints {
             redis_port: port("TRIPWIRE_REDIS_PORT", d.redis_port)?,
             prometheus_host: text("TRIPWIRE_PROMETHEUS_HOST", d.prometheus_host),
             prometheus_port: port("TRIPWIRE_PROMETHEUS_PORT", d.prometheus_port)?,
+            registry_host: text("TRIPWIRE_REGISTRY_HOST", d.registry_host),
+            registry_port: port("TRIPWIRE_REGISTRY_PORT", d.registry_port)?,
+            registry_url: String::new(),
+        })
+        .map(|mut e| {
+            e.registry_url = lookup("TRIPWIRE_REGISTRY_URL").unwrap_or_else(|| {
+                format!("http://{}:{}/apis/ccompat/v7", e.registry_host, e.registry_port)
+            });
+            e
         })
     }
 
@@ -120,6 +140,11 @@ impl Endpoints {
     /// A `redis://` URL.
     pub fn redis_url(&self) -> String {
         format!("redis://{}:{}/", self.redis_host, self.redis_port)
+    }
+
+    /// `host:port` of the local schema registry.
+    pub fn registry_address(&self) -> String {
+        format!("{}:{}", self.registry_host, self.registry_port)
     }
 
     /// `host:port` of Prometheus.

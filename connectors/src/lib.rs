@@ -7,6 +7,7 @@
 //! - [`registry`]: writer schemas by id, embedded from `schemas/`.
 //! - [`avro`]: the transaction codec (Confluent wire format, serde decoding,
 //!   validation into the dataflow's event).
+//! - [`confluent_registry`]: a Confluent Schema Registry REST client with a cache.
 //! - [`codes`]: the currency and country codes the source accepts.
 //! - [`commit`]: the frontier-driven commit operator every sink shares.
 //! - [`dead_letter`]: why a record was rejected.
@@ -25,6 +26,7 @@
 pub mod avro;
 pub mod codes;
 pub mod commit;
+pub mod confluent_registry;
 pub mod dead_letter;
 pub mod dead_letter_sink;
 pub mod endpoints;

@@ -99,6 +99,27 @@ pub struct GenConfig {
     pub out_of_order_per_10k: u64,
     /// Wall-clock time the consumer will judge event times against.
     pub now_ms: i64,
+    /// The ids records are framed with: the embedded registry's, or those a
+    /// schema registry assigned when txgen registered the schemas.
+    pub schema_ids: SchemaIds,
+}
+
+/// Wire-format schema ids of the three schemas the generator writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SchemaIds {
+    /// Transaction v1.
+    pub v1: u32,
+    /// Transaction v2.
+    pub v2: u32,
+    /// The alert record (written to the transactions topic as the wrong-schema class).
+    pub alert: u32,
+}
+
+impl SchemaIds {
+    /// The ids of `schemas/manifest.json`, which the embedded registry serves.
+    pub const EMBEDDED: SchemaIds = SchemaIds { v1: 1, v2: 2, alert: 3 };
+    /// An id no registry here hands out: the unknown-schema-id class.
+    pub const UNKNOWN: u32 = 0x7fff_fff0;
 }
 
 impl Default for GenConfig {
@@ -115,6 +136,7 @@ impl Default for GenConfig {
             lateness_ms: 5_000,
             out_of_order_per_10k: 100,
             now_ms: 0,
+            schema_ids: SchemaIds::EMBEDDED,
         }
     }
 }
@@ -235,7 +257,8 @@ impl Generator {
     fn plan(&mut self, r: AvroTransaction, label: Option<Scenario>, out: &mut Vec<Planned>) {
         let partition = self.partition_of(r.card_id as u64);
         let v1 = self.rng.below(100) < self.config.v1_percent;
-        let (id, schema) = if v1 { (1, self.v1.clone()) } else { (2, self.v2.clone()) };
+        let ids = self.config.schema_ids;
+        let (id, schema) = if v1 { (ids.v1, self.v1.clone()) } else { (ids.v2, self.v2.clone()) };
         let payload = encode(&r, id, &schema).expect("generated records encode");
         let seen = &mut self.max_seen[partition as usize];
         let late = seen.is_some_and(|m| r.event_time + self.config.lateness_ms < m);
@@ -253,7 +276,9 @@ impl Generator {
     fn bad(&mut self, reason: DeadLetterReason, out: &mut Vec<Planned>) {
         let card = self.rng.below(self.config.cards);
         let mut r = self.record(card, self.clock_ms);
-        let v2 = |g: &Generator, r: &AvroTransaction| encode(r, 2, &g.v2).expect("encodes");
+        let v2 = |g: &Generator, r: &AvroTransaction| {
+            encode(r, g.config.schema_ids.v2, &g.v2).expect("encodes")
+        };
         let payload = match reason {
             DeadLetterReason::Truncated => {
                 let b = v2(self, &r);
@@ -266,7 +291,7 @@ impl Generator {
             }
             DeadLetterReason::UnknownSchemaId => {
                 let mut b = v2(self, &r);
-                b[1..5].copy_from_slice(&4242u32.to_be_bytes());
+                b[1..5].copy_from_slice(&SchemaIds::UNKNOWN.to_be_bytes());
                 b
             }
             DeadLetterReason::WrongSchema => {
@@ -285,7 +310,8 @@ impl Generator {
                         .build()
                         .and_then(|w| w.write_value_to_vec(alert))
                         .expect("alert encodes");
-                let mut b = vec![0, 0, 0, 0, 3];
+                let mut b = vec![0];
+                b.extend(self.config.schema_ids.alert.to_be_bytes());
                 b.extend(datum);
                 b
             }

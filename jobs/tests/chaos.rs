@@ -43,7 +43,7 @@ use tripwire_connectors::registry::EmbeddedRegistry;
 use tripwire_connectors::Endpoints;
 use tripwire_dataflow::reference::Reference;
 use tripwire_dataflow::{FraudConfig, StatKey, Time, Transaction};
-use tripwire_jobs::generator::{Expect, GenConfig, Generator};
+use tripwire_jobs::generator::{Expect, GenConfig, Generator, SchemaIds};
 
 const PROCESSES: usize = 2;
 const LATENESS_MS: i64 = 5_000;
@@ -376,6 +376,7 @@ fn chaos_leaves_exactly_the_reference_result_and_that_of_a_run_without_failures(
         lateness_ms: LATENESS_MS,
         out_of_order_per_10k: 300,
         now_ms: now,
+        schema_ids: SchemaIds::EMBEDDED,
     })
     .generate(events);
     let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()

@@ -23,7 +23,7 @@ use tripwire_connectors::registry::EmbeddedRegistry;
 use tripwire_connectors::Endpoints;
 use tripwire_dataflow::reference::Reference;
 use tripwire_dataflow::{FraudConfig, Time};
-use tripwire_jobs::generator::{Expect, GenConfig, Generator};
+use tripwire_jobs::generator::{Expect, GenConfig, Generator, SchemaIds};
 
 fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64
@@ -119,6 +119,7 @@ fn killed_and_restarted_job_leaves_exactly_the_reference_result() {
         lateness_ms: 5_000,
         out_of_order_per_10k: 300,
         now_ms: now,
+        schema_ids: SchemaIds::EMBEDDED,
     })
     .generate(30_000);
     let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()

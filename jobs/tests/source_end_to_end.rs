@@ -23,7 +23,7 @@ use tripwire_connectors::kafka_source::{kafka_source, SourceConfig};
 use tripwire_connectors::registry::EmbeddedRegistry;
 use tripwire_connectors::Endpoints;
 use tripwire_dataflow::FraudConfig;
-use tripwire_jobs::generator::{Expect, GenConfig, Generator};
+use tripwire_jobs::generator::{Expect, GenConfig, Generator, SchemaIds};
 
 const PARTITIONS: i32 = 6;
 
@@ -70,6 +70,7 @@ fn source_accepts_every_good_record_once_and_dead_letters_every_bad_one_with_its
         lateness_ms: 5_000,
         out_of_order_per_10k: 400,
         now_ms: now,
+        schema_ids: SchemaIds::EMBEDDED,
     };
     let plan = Generator::new(config.clone()).generate(4_000);
 

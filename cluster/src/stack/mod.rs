@@ -1,4 +1,4 @@
-//! `tripwire stack`: the local Kafka, PostgreSQL, Redis and Prometheus, installed and run on loopback.
+//! `tripwire stack`: the local Kafka, PostgreSQL, Redis, Prometheus and schema registry, installed and run on loopback.
 //!
 //! Every service follows one life cycle ([`Service`]): probe it at its address;
 //! if it does not answer and the address is local, install what is missing,
@@ -13,6 +13,7 @@ mod postgres;
 mod process;
 mod prometheus;
 mod redis;
+mod registry;
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -81,13 +82,14 @@ impl Stack {
         Ok(Stack { root, home, endpoints })
     }
 
-    /// The four services, in start order.
+    /// The services, in start order.
     pub fn services(&self) -> Vec<Box<dyn Service>> {
         vec![
             Box::new(kafka::Kafka::new(self.clone())),
             Box::new(postgres::Postgres::new(self.clone())),
             Box::new(redis::Redis::new(self.clone())),
             Box::new(prometheus::Prometheus::new(self.clone())),
+            Box::new(registry::Registry::new(self.clone())),
         ]
     }
 
@@ -202,7 +204,7 @@ impl Stack {
     /// Only a service this stack runs on this machine can be restarted.
     pub fn restart(&self, name: &str) -> Result<()> {
         let Some(s) = self.services().into_iter().find(|s| s.name() == name) else {
-            bail!("no service named {name:?} (kafka, postgres, redis, prometheus)");
+            bail!("no service named {name:?} (kafka, postgres, redis, prometheus, registry)");
         };
         if !is_local(&s.address()) {
             bail!("{name} at {} is not on this machine; it cannot be restarted", s.address());

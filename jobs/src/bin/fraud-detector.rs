@@ -15,6 +15,7 @@ use anyhow::{bail, Context, Result};
 use clap::{CommandFactory, Parser};
 use serde::{Deserialize, Serialize};
 use tripwire_connectors::commit::SinkInputs;
+use tripwire_connectors::confluent_registry::ConfluentRegistry;
 use tripwire_connectors::dead_letter_sink::dead_letter_sink;
 use tripwire_connectors::kafka_admin::{ensure_topic, partition_count};
 use tripwire_connectors::kafka_source::{kafka_source, SourceConfig};
@@ -26,7 +27,7 @@ use tripwire_connectors::postgres::{
 use tripwire_connectors::redis_sink::{
     committed_frontier as redis_committed, fit_frontiers, redis_sink, RedisSinkConfig,
 };
-use tripwire_connectors::registry::EmbeddedRegistry;
+use tripwire_connectors::registry::{EmbeddedRegistry, SchemaRegistry};
 use tripwire_connectors::Endpoints;
 use tripwire_dataflow::{DetectFraud, FraudConfig, Time};
 use tripwire_jobs::layered::file_args;
@@ -94,6 +95,10 @@ struct Args {
     /// Timely: hosts file, one `host:port` per process.
     #[arg(short = 'h', long)]
     hostfile: Option<String>,
+    /// Look writer schemas up in the schema registry at `TRIPWIRE_REGISTRY_URL`
+    /// (Confluent REST API) instead of the embedded `schemas/` manifest.
+    #[arg(long, env = "TRIPWIRE_SCHEMA_REGISTRY")]
+    schema_registry: bool,
     /// Log as JSON lines.
     #[arg(long, env = "TRIPWIRE_LOG_JSON")]
     log_json: bool,
@@ -248,10 +253,15 @@ fn main() -> Result<()> {
         .unwrap_or(1);
     ensure_topic(&bootstrap, &dlq, partitions as i32)
         .with_context(|| format!("creating topic {dlq}"))?;
+    let registry: Arc<dyn SchemaRegistry> = if args.schema_registry {
+        Arc::new(ConfluentRegistry::new(&endpoints.registry_url))
+    } else {
+        Arc::new(EmbeddedRegistry::new().context("embedded schemas")?)
+    };
     let guards = timely::execute(
         timely::Config { communication, worker: timely::WorkerConfig::default() },
         move |worker| {
-            let registry = Arc::new(EmbeddedRegistry::new().expect("embedded schemas"));
+            let registry = registry.clone();
             worker.dataflow::<Time, _, _>(|scope| {
                 let input = kafka_source(scope, &source, &fraud, registry).expect("Kafka source");
                 dead_letter_sink(input.dead_letters, &bootstrap, &dlq)

@@ -11,14 +11,16 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::Parser;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::ClientConfig;
+use tripwire_connectors::confluent_registry::ConfluentRegistry;
 use tripwire_connectors::kafka_admin::ensure_topic;
+use tripwire_connectors::registry::{EmbeddedRegistry, SchemaRegistry};
 use tripwire_connectors::Endpoints;
-use tripwire_jobs::generator::{Expect, GenConfig, Generator};
+use tripwire_jobs::generator::{Expect, GenConfig, Generator, SchemaIds};
 
 /// Produce generated card transactions (Avro, Confluent wire format) to Kafka.
 #[derive(Parser, Debug)]
@@ -69,6 +71,11 @@ struct Args {
     /// Produce in Kafka transactions of this many records (transactional mode).
     #[arg(long)]
     transaction_records: Option<usize>,
+    /// Register the schemas with the schema registry at `TRIPWIRE_REGISTRY_URL`
+    /// (subject `{topic}-value`, BACKWARD compatibility) and frame records with
+    /// the ids it assigns, instead of the embedded manifest's.
+    #[arg(long)]
+    schema_registry: bool,
 }
 
 fn now_ms() -> i64 {
@@ -77,7 +84,13 @@ fn now_ms() -> i64 {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let bootstrap = Endpoints::from_env()?.kafka_bootstrap;
+    let endpoints = Endpoints::from_env()?;
+    let bootstrap = endpoints.kafka_bootstrap.clone();
+    let schema_ids = if args.schema_registry {
+        register_schemas(&endpoints.registry_url, &args.topic)?
+    } else {
+        SchemaIds::EMBEDDED
+    };
     ensure_topic(&bootstrap, &args.topic, args.partitions)?;
 
     let mut cfg = ClientConfig::new();
@@ -114,6 +127,7 @@ fn main() -> Result<()> {
         bad_per_10k: args.bad_per_10k,
         v1_percent: args.v1_percent,
         now_ms: now,
+        schema_ids,
         ..GenConfig::default()
     })
     .generate(events);
@@ -179,4 +193,22 @@ fn main() -> Result<()> {
         plan.len() as f64 / secs
     );
     Ok(())
+}
+
+/// Register transaction v1 and v2 under `{topic}-value` (checking v2 against
+/// the subject's BACKWARD rule first) and the alert schema under `alerts-value`.
+fn register_schemas(url: &str, topic: &str) -> Result<SchemaIds> {
+    let registry = ConfluentRegistry::new(url).retry_for(Duration::from_secs(30));
+    let embedded = EmbeddedRegistry::new()?;
+    let schema = |id| embedded.schema(id).map(|s| (*s).clone()).context("embedded schema");
+    let subject = format!("{topic}-value");
+    registry.set_compatibility(Some(&subject), "BACKWARD")?;
+    let v1 = registry.register(&subject, &schema(1)?)?;
+    if !registry.is_compatible(&subject, &schema(2)?)? {
+        bail!("transaction v2 is not BACKWARD compatible with what {subject} holds");
+    }
+    let v2 = registry.register(&subject, &schema(2)?)?;
+    let alert = registry.register("alerts-value", &schema(3)?)?;
+    eprintln!("txgen: schemas registered at {url}: {subject} v1 = id {v1}, v2 = id {v2}; alerts-value = id {alert}");
+    Ok(SchemaIds { v1, v2, alert })
 }
