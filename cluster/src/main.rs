@@ -11,6 +11,13 @@
 
 mod demo;
 
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use tripwire_cluster::launch::{self, Launch};
+use tripwire_cluster::query;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Command, ExitCode, Stdio};
 
@@ -49,6 +56,33 @@ enum Cmd {
     /// Bring the stack up, generate traffic with txgen, run the fraud detector over it,
     /// and show what it found.
     Demo,
+    /// Start a job as one process per line of a hosts file, and supervise the group.
+    Launch(LaunchArgs),
+    /// Copy the job binary, its config and the hosts file to the remote hosts, then launch.
+    Submit(LaunchArgs),
+    /// Per process of a launched group: up or down, pid, frontier, events/s, last commit, restarts.
+    Status {
+        /// The group's name (as given to launch).
+        #[arg(long, default_value = "fraud-detector")]
+        name: String,
+        /// Worker threads per process (to map checkpoints to processes).
+        #[arg(short = 'w', long, default_value_t = 1)]
+        workers: usize,
+        /// The jobs' metrics base port.
+        #[arg(long, default_value_t = 9250)]
+        metrics_port: u16,
+    },
+    /// Stop a launched group cleanly (SIGTERM to its supervisor).
+    Stop {
+        /// The group's name (as given to launch).
+        #[arg(long, default_value = "fraud-detector")]
+        name: String,
+    },
+    /// Canned queries against PostgreSQL, printed as tables.
+    Query {
+        #[command(subcommand)]
+        what: QueryCmd,
+    },
     /// Bring the stack up and run every test of the workspace.
     Test {
         /// Leave the services this command started running afterwards.
@@ -58,6 +92,87 @@ enum Cmd {
         #[arg(last = true)]
         cargo_args: Vec<String>,
     },
+}
+
+#[derive(clap::Args)]
+struct LaunchArgs {
+    /// Hosts file: one `host:port` per process (timely's format; `#` comments).
+    #[arg(long)]
+    hosts: PathBuf,
+    /// Worker threads per process.
+    #[arg(short = 'w', long, default_value_t = 1)]
+    workers: usize,
+    /// The job's TOML config, passed as `--config`.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The group's name, for status and stop (and the job's checkpoints unless it gets `--job`).
+    #[arg(long, default_value = "fraud-detector")]
+    name: String,
+    /// Give up after this many restarts of the group.
+    #[arg(long, default_value_t = 10)]
+    max_restarts: u32,
+    /// Where remote hosts keep the submitted files.
+    #[arg(long, default_value = "tripwire-job")]
+    remote_dir: String,
+    /// Environment for the job, `NAME=VALUE` (repeatable).
+    #[arg(long = "env", value_parser = parse_env)]
+    env: Vec<(String, String)>,
+    /// The job binary.
+    binary: PathBuf,
+    /// Arguments for the job (after `--`).
+    #[arg(last = true)]
+    args: Vec<String>,
+}
+
+impl LaunchArgs {
+    fn launch(self) -> Launch {
+        Launch {
+            name: self.name,
+            hosts_file: self.hosts,
+            workers: self.workers,
+            config: self.config,
+            binary: self.binary,
+            args: self.args,
+            max_restarts: self.max_restarts,
+            remote_dir: self.remote_dir,
+            env: self.env,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum QueryCmd {
+    /// Alerts since a time, newest first, optionally of one rule or card.
+    Alerts {
+        /// How far back, e.g. "2 hours".
+        #[arg(long, default_value = "1 hour")]
+        since: String,
+        /// Only this rule (velocity, amount_spike, impossible_travel, card_testing, country_hopping).
+        #[arg(long)]
+        rule: Option<String>,
+        /// Only this card.
+        #[arg(long)]
+        card: Option<u64>,
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// The cards with the most alerts.
+    Riskiest {
+        /// How far back, e.g. "1 day".
+        #[arg(long, default_value = "1 day")]
+        since: String,
+        /// How many cards.
+        #[arg(long, default_value_t = 10)]
+        limit: u32,
+    },
+    /// One card's windows.
+    Card {
+        /// The card id.
+        id: u64,
+    },
+    /// How far results are complete, per job.
+    Progress,
 }
 
 #[derive(Subcommand)]
@@ -118,6 +233,46 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             }
         },
+        Cmd::Launch(a) => supervise(&stack, a.launch()),
+        Cmd::Submit(a) => {
+            let l = a.launch();
+            launch::submit(&l)?;
+            supervise(&stack, l)
+        }
+        Cmd::Status { name, workers, metrics_port } => {
+            let Some(state) = launch::read_state(&stack.home, &name) else {
+                println!("no group named {name} is running (launch it with `tripwire launch --name {name} ...`)");
+                return Ok(ExitCode::FAILURE);
+            };
+            print!("{}", query::status(&stack.endpoints, &state, workers, metrics_port)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Stop { name } => {
+            let Some(state) = launch::read_state(&stack.home, &name) else {
+                println!("no group named {name} is running");
+                return Ok(ExitCode::FAILURE);
+            };
+            tripwire_cluster::stack::process::stop(
+                state.supervisor,
+                "TERM",
+                std::time::Duration::from_secs(60),
+            )?;
+            println!("stopped {name}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Query { what } => {
+            let sql = match what {
+                QueryCmd::Alerts { since, rule, card, limit } => {
+                    query::alerts_sql(&since, rule.as_deref(), card, limit)?
+                }
+                QueryCmd::Riskiest { since, limit } => query::riskiest_sql(&since, limit)?,
+                QueryCmd::Card { id } => query::card_sql(id),
+                QueryCmd::Progress => query::PROGRESS_SQL.to_string(),
+            };
+            let (columns, rows) = query::rows(&stack.endpoints, &sql)?;
+            print!("{}", query::table(&columns, &rows));
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Demo => {
             stack.up()?;
             if print_status(&stack) != ExitCode::SUCCESS {
@@ -160,6 +315,34 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(if status.success() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
     }
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("{s:?} is not NAME=VALUE"))
+}
+
+/// Run a launched group until it ends; SIGINT or SIGTERM stops it cleanly.
+fn supervise(stack: &Stack, launch: Launch) -> Result<ExitCode> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    std::thread::spawn(move || {
+        let rt =
+            tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        rt.block_on(async {
+            use tokio::signal::unix::{signal, SignalKind};
+            let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        });
+        flag.store(true, Ordering::SeqCst);
+    });
+    let restarts = launch.supervise(&stack.home, stop)?;
+    eprintln!("launch: done after {restarts} restarts");
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `(passed, failed)` from a libtest line like `test result: ok. 8 passed; 0 failed; ...`.

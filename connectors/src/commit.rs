@@ -23,7 +23,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, TrySendError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -107,6 +107,27 @@ impl Committed {
     pub fn input_frontier(&self) -> Time {
         self.0.input.load(Ordering::Acquire)
     }
+}
+
+/// Set when the process is shutting down: no committer starts another commit.
+static STOPPING: AtomicBool = AtomicBool::new(false);
+/// Commits under way in this process.
+static COMMITTING: AtomicUsize = AtomicUsize::new(0);
+
+/// For a clean shutdown (SIGTERM): let every commit under way in this process
+/// finish, start no new one, and return once none runs (or after `limit`).
+///
+/// Batches not yet begun are simply not written; the next run replays them.
+pub fn finish_current_commits(limit: Duration) -> bool {
+    STOPPING.store(true, Ordering::SeqCst);
+    let deadline = Instant::now() + limit;
+    while COMMITTING.load(Ordering::SeqCst) > 0 {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    true
 }
 
 /// A store a committer thread writes batches to.
@@ -400,6 +421,13 @@ fn spawn_committer<S: Store>(
                 let mut breaker = Breaker::new(3, Duration::from_secs(5));
                 for batch in rx {
                     loop {
+                        // Announce the commit, then look at STOPPING (in that
+                        // order, so that a shutdown either sees it or stops it).
+                        COMMITTING.fetch_add(1, Ordering::SeqCst);
+                        if STOPPING.load(Ordering::SeqCst) {
+                            COMMITTING.fetch_sub(1, Ordering::SeqCst);
+                            std::future::pending::<()>().await;
+                        }
                         let started = Instant::now();
                         let result = match conn.as_mut() {
                             Some(c) => store.commit(c, &batch).await,
@@ -412,6 +440,7 @@ fn spawn_committer<S: Store>(
                                 Err(e) => Err(format!("connect: {e}")),
                             },
                         };
+                        COMMITTING.fetch_sub(1, Ordering::SeqCst);
                         match result {
                             Ok(()) => {
                                 let took = started.elapsed();

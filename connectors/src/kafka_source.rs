@@ -216,6 +216,8 @@ struct PartitionState {
     done: bool,
     /// Held back by backpressure.
     paused: bool,
+    /// `tripwire_source_events_total` of this partition.
+    events: prometheus::IntCounter,
 }
 
 fn wall_clock_ms() -> i64 {
@@ -269,6 +271,7 @@ pub fn kafka_source<'s>(
             done: end.is_some_and(|e| e <= start_at),
             end,
             paused: false,
+            events: crate::metrics::source_events_total().with_label_values(&[&p.to_string()]),
         });
     }
     client.assign(&assignment)?;
@@ -386,6 +389,7 @@ pub fn kafka_source<'s>(
                     // watermark moved, nothing else to do.
                     Ok((x, _)) if x.event_time_ms < skip_below => {}
                     Ok((x, t)) => {
+                        part.events.inc();
                         if config.max_in_flight.is_some() {
                             *in_flight.entry(t).or_default() += 1;
                             in_flight_total += 1;

@@ -85,3 +85,57 @@ pub fn source_paused_partitions() -> &'static IntGaugeVec {
         .expect("metric registered once")
     })
 }
+
+/// `tripwire_source_events_total{partition}`: accepted events the source emitted.
+pub fn source_events_total() -> &'static IntCounterVec {
+    static C: OnceLock<IntCounterVec> = OnceLock::new();
+    C.get_or_init(|| {
+        register_int_counter_vec!(
+            "tripwire_source_events_total",
+            "Accepted events the source read and emitted, by partition.",
+            &["partition"]
+        )
+        .expect("metric registered once")
+    })
+}
+
+/// Serve `/metrics` (Prometheus text format), `/health` (the process is up) and
+/// `/ready` (`ready()` says so) on `address`, from a thread of its own.
+pub fn serve(
+    address: &str,
+    ready: impl Fn() -> bool + Send + 'static,
+) -> std::io::Result<std::net::SocketAddr> {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind(address)?;
+    let bound = listener.local_addr()?;
+    std::thread::Builder::new().name("metrics".into()).spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(2)));
+            let mut line = String::new();
+            if BufReader::new(&stream).read_line(&mut line).is_err() {
+                continue;
+            }
+            let path = line.split_whitespace().nth(1).unwrap_or("/");
+            let (status, kind, body) = match path {
+                "/metrics" => {
+                    let mut buf = Vec::new();
+                    let encoder = prometheus::TextEncoder::new();
+                    let _ = prometheus::Encoder::encode(&encoder, &prometheus::gather(), &mut buf);
+                    ("200 OK", "text/plain; version=0.0.4", buf)
+                }
+                "/health" => ("200 OK", "text/plain", b"ok\n".to_vec()),
+                "/ready" if ready() => ("200 OK", "text/plain", b"ready\n".to_vec()),
+                "/ready" => ("503 Service Unavailable", "text/plain", b"not ready\n".to_vec()),
+                _ => ("404 Not Found", "text/plain", b"not found\n".to_vec()),
+            };
+            let mut s = &stream;
+            let _ = write!(
+                s,
+                "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = s.write_all(&body);
+        }
+    })?;
+    Ok(bound)
+}

@@ -23,34 +23,29 @@
 //! Needs the stack up on this machine (`./tripwire test` brings it up): the
 //! test stops and starts its services.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
-use rdkafka::ClientConfig;
 use tokio_postgres::NoTls;
 use tripwire_cluster::stack::{is_local, Stack};
-use tripwire_connectors::avro::{Limits, TransactionCodec};
 use tripwire_connectors::kafka_admin::ensure_topic;
 use tripwire_connectors::readback::{self, AlertRow};
-use tripwire_connectors::registry::EmbeddedRegistry;
 use tripwire_connectors::Endpoints;
 use tripwire_dataflow::reference::Reference;
 use tripwire_dataflow::{FraudConfig, StatKey, Time, Transaction};
 use tripwire_jobs::generator::{Expect, GenConfig, Generator, SchemaIds};
 
+use common::{accepted, now_ms, produce};
+
 const PROCESSES: usize = 2;
 const LATENESS_MS: i64 = 5_000;
-
-fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64
-}
 
 fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -379,36 +374,12 @@ fn chaos_leaves_exactly_the_reference_result_and_that_of_a_run_without_failures(
         schema_ids: SchemaIds::EMBEDDED,
     })
     .generate(events);
-    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
-        .set("bootstrap.servers", &endpoints.kafka_bootstrap)
-        .set("enable.idempotence", "true")
-        .set("linger.ms", "10")
-        .set("compression.type", "snappy")
-        .create()
-        .unwrap();
-    for p in &plan {
-        let mut record =
-            BaseRecord::to(&topic).partition(p.partition).key(&p.key).payload(&p.payload);
-        while let Err((_, back)) = producer.send(record) {
-            record = back;
-            producer.poll(Duration::from_millis(1));
-        }
-    }
-    producer.flush(Duration::from_secs(120)).unwrap();
+    produce(&endpoints.kafka_bootstrap, &topic, &plan);
     println!("input: {} records ({events} events) in {:?}", plan.len(), started.elapsed());
 
     // What the source will accept, and where the frontier must end: the least
     // over partitions of the last watermark.
-    let registry = Arc::new(EmbeddedRegistry::new().unwrap());
-    let mut codec = TransactionCodec::new(registry, Limits::default());
-    let mut accepted: Vec<Transaction> = Vec::new();
-    let mut last_in_partition: HashMap<i32, Time> = HashMap::new();
-    for p in plan.iter().filter(|p| matches!(p.expect, Expect::Accept(_))) {
-        let x = codec.decode(&p.payload, now_ms()).expect("accepted records decode");
-        let last = last_in_partition.entry(p.partition).or_default();
-        *last = (*last).max(x.event_time_ms);
-        accepted.push(x);
-    }
+    let (accepted, last_in_partition) = accepted(&plan);
     let end = (0..6)
         .map(|p| fraud.time_of(last_in_partition[&p].saturating_sub(LATENESS_MS as Time)))
         .min()

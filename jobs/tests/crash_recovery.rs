@@ -7,27 +7,22 @@
 //!
 //! Needs the stack up (`./tripwire stack up`, or run through `./tripwire test`).
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::process::{Child, Command};
-use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
-use rdkafka::ClientConfig;
 use tokio_postgres::NoTls;
-use tripwire_connectors::avro::{Limits, TransactionCodec};
 use tripwire_connectors::dead_letter::DeadLetterReason;
 use tripwire_connectors::kafka_admin::ensure_topic;
 use tripwire_connectors::readback;
-use tripwire_connectors::registry::EmbeddedRegistry;
 use tripwire_connectors::Endpoints;
 use tripwire_dataflow::reference::Reference;
 use tripwire_dataflow::{FraudConfig, Time};
 use tripwire_jobs::generator::{Expect, GenConfig, Generator, SchemaIds};
 
-fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64
-}
+use common::{accepted, now_ms, produce};
 
 struct Run {
     topic: String,
@@ -122,20 +117,7 @@ fn killed_and_restarted_job_leaves_exactly_the_reference_result() {
         schema_ids: SchemaIds::EMBEDDED,
     })
     .generate(30_000);
-    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
-        .set("bootstrap.servers", &endpoints.kafka_bootstrap)
-        .set("enable.idempotence", "true")
-        .create()
-        .unwrap();
-    for p in &plan {
-        let mut record =
-            BaseRecord::to(&run.topic).partition(p.partition).key(&p.key).payload(&p.payload);
-        while let Err((_, back)) = producer.send(record) {
-            record = back;
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    }
-    producer.flush(Duration::from_secs(60)).unwrap();
+    produce(&endpoints.kafka_bootstrap, &run.topic, &plan);
 
     // Kill it three times, each time after it has committed more than before,
     // each time with another number of workers.
@@ -166,13 +148,7 @@ fn killed_and_restarted_job_leaves_exactly_the_reference_result() {
     }
 
     // The judge: the reference model over the records the source accepts.
-    let registry = Arc::new(EmbeddedRegistry::new().unwrap());
-    let mut codec = TransactionCodec::new(registry, Limits::default());
-    let accepted: Vec<_> = plan
-        .iter()
-        .filter(|p| matches!(p.expect, Expect::Accept(_)))
-        .map(|p| codec.decode(&p.payload, now_ms()).expect("accepted records decode"))
-        .collect();
+    let (accepted, _) = accepted(&plan);
     let fraud = FraudConfig::seconds();
     let reference = Reference::new(&fraud, &accepted);
     let want: BTreeSet<i64> =

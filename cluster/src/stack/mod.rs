@@ -10,7 +10,7 @@
 mod install;
 mod kafka;
 mod postgres;
-mod process;
+pub mod process;
 mod prometheus;
 mod redis;
 mod registry;

@@ -14,11 +14,12 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{CommandFactory, Parser};
 use serde::{Deserialize, Serialize};
-use tripwire_connectors::commit::SinkInputs;
+use tripwire_connectors::commit::{finish_current_commits, SinkInputs};
 use tripwire_connectors::confluent_registry::ConfluentRegistry;
 use tripwire_connectors::dead_letter_sink::dead_letter_sink;
 use tripwire_connectors::kafka_admin::{ensure_topic, partition_count};
 use tripwire_connectors::kafka_source::{kafka_source, SourceConfig};
+use tripwire_connectors::metrics::serve;
 use tripwire_connectors::postgres::migrations::migrate;
 use tripwire_connectors::postgres::{
     committed_frontier as pg_committed, fit_checkpoints, pg_sink, resume_point, PgSinkConfig,
@@ -99,6 +100,9 @@ struct Args {
     /// (Confluent REST API) instead of the embedded `schemas/` manifest.
     #[arg(long, env = "TRIPWIRE_SCHEMA_REGISTRY")]
     schema_registry: bool,
+    /// Serve /metrics, /health and /ready on this port plus the process index; 0 = not at all.
+    #[arg(long, env = "TRIPWIRE_METRICS_PORT", default_value_t = 9250)]
+    metrics_port: u16,
     /// Log as JSON lines.
     #[arg(long, env = "TRIPWIRE_LOG_JSON")]
     log_json: bool,
@@ -149,6 +153,36 @@ fn main() -> Result<()> {
         tracing_subscriber::fmt().with_env_filter(filter).init();
     }
     let endpoints = Endpoints::from_env()?;
+    // SIGTERM / SIGINT: finish the commits under way, start no new one, exit.
+    // What was not committed is replayed by the next run.
+    std::thread::spawn(|| {
+        let rt =
+            tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let signal = rt.block_on(async {
+            use tokio::signal::unix::{signal, SignalKind};
+            let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+            tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = tokio::signal::ctrl_c() => "SIGINT",
+            }
+        });
+        let clean = finish_current_commits(Duration::from_secs(30));
+        tracing::info!(signal, clean, "stopping: commits under way finished");
+        std::process::exit(if signal == "SIGTERM" { 143 } else { 130 });
+    });
+    let source_ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    if args.metrics_port > 0 {
+        let port = args.metrics_port as usize + args.process;
+        let ready = source_ready.clone();
+        // Ready: the source is assigned and no sink's circuit breaker is open.
+        let served = serve(&format!("0.0.0.0:{port}"), move || {
+            ready.load(std::sync::atomic::Ordering::Acquire) && no_breaker_open()
+        });
+        match served {
+            Ok(addr) => tracing::info!(%addr, "serving /metrics, /health, /ready"),
+            Err(e) => tracing::warn!(port, error = %e, "cannot serve metrics"),
+        }
+    }
     let communication = if args.processes > 1 {
         let Some(path) = &args.hostfile else { bail!("-n {} needs -h HOSTFILE", args.processes) };
         let addresses: Vec<String> = std::fs::read_to_string(path)
@@ -258,12 +292,14 @@ fn main() -> Result<()> {
     } else {
         Arc::new(EmbeddedRegistry::new().context("embedded schemas")?)
     };
+    let source_ready = source_ready.clone();
     let guards = timely::execute(
         timely::Config { communication, worker: timely::WorkerConfig::default() },
         move |worker| {
             let registry = registry.clone();
             worker.dataflow::<Time, _, _>(|scope| {
                 let input = kafka_source(scope, &source, &fraud, registry).expect("Kafka source");
+                source_ready.store(true, std::sync::atomic::Ordering::Release);
                 dead_letter_sink(input.dead_letters, &bootstrap, &dlq)
                     .expect("dead-letter producer");
                 let archived = archive.then(|| input.events.clone());
@@ -325,4 +361,13 @@ async fn read_checkpoints(
         .await
         .context("restart offsets")?;
     Ok((pg, redis, Some(resume)))
+}
+
+/// Whether every sink's circuit breaker in this process is closed.
+fn no_breaker_open() -> bool {
+    prometheus::gather()
+        .iter()
+        .filter(|f| f.name() == "tripwire_sink_breaker_state")
+        .flat_map(|f| f.get_metric())
+        .all(|m| m.get_gauge().get_value() == 0.0)
 }

@@ -1,0 +1,197 @@
+//! `tripwire launch` (the supervisor in `tripwire-cluster`) running the fraud
+//! detector from a hosts file: a 3-process group gives the same result as one
+//! process, and a group that loses a process to SIGKILL is restarted as a
+//! whole and still leaves exactly the reference's result.
+//!
+//! Needs the stack up (`./tripwire stack up`, or run through `./tripwire test`).
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_postgres::NoTls;
+use tripwire_cluster::launch::{read_state, Launch};
+use tripwire_cluster::stack::Stack;
+use tripwire_connectors::kafka_admin::ensure_topic;
+use tripwire_connectors::readback::{self, AlertRow};
+use tripwire_dataflow::reference::Reference;
+use tripwire_dataflow::FraudConfig;
+use tripwire_jobs::generator::{GenConfig, Generator, SchemaIds};
+
+use common::{accepted, now_ms, produce};
+
+struct Fixture {
+    stack: Stack,
+    topic: String,
+    config_file: PathBuf,
+    dir: PathBuf,
+    want_alerts: BTreeSet<AlertRow>,
+    want_archive: BTreeSet<i64>,
+}
+
+fn fixture(name: &str) -> Fixture {
+    let stack = Stack::from_env().unwrap();
+    let id = format!("{name}_{}_{}", std::process::id(), now_ms());
+    let dir = std::env::temp_dir().join(&id);
+    std::fs::create_dir_all(&dir).unwrap();
+    let fraud = FraudConfig::seconds();
+    #[derive(serde::Serialize)]
+    struct File<'a> {
+        fraud: &'a FraudConfig,
+    }
+    let config_file = dir.join("job.toml");
+    std::fs::write(&config_file, toml::to_string(&File { fraud: &fraud }).unwrap()).unwrap();
+    ensure_topic(&stack.endpoints.kafka_bootstrap, &id, 6).expect("topic; is the stack up?");
+    let now = now_ms();
+    let plan = Generator::new(GenConfig {
+        seed: 5,
+        cards: 400,
+        partitions: 6,
+        start_ms: now - 3_600_000,
+        spacing_ms: 40,
+        fraud_per_10k: 40,
+        bad_per_10k: 10,
+        v1_percent: 30,
+        lateness_ms: 5_000,
+        out_of_order_per_10k: 300,
+        now_ms: now,
+        schema_ids: SchemaIds::EMBEDDED,
+    })
+    .generate(40_000);
+    produce(&stack.endpoints.kafka_bootstrap, &id, &plan);
+    let (events, _) = accepted(&plan);
+    let reference = Reference::new(&fraud, &events);
+    Fixture {
+        want_alerts: reference.alerts_until(u64::MAX).iter().map(readback::alert_row).collect(),
+        want_archive: events.iter().map(|x| x.event_id as i64).collect(),
+        stack,
+        topic: id,
+        config_file,
+        dir,
+    }
+}
+
+impl Fixture {
+    fn launch(&self, job: &str, addresses: &[String]) -> Launch {
+        let hosts = self.dir.join(format!("{job}-hosts.txt"));
+        let text: String = addresses.iter().map(|a| format!("{a}\n")).collect();
+        std::fs::write(&hosts, format!("# {job}\n{text}")).unwrap();
+        Launch {
+            name: job.to_string(),
+            hosts_file: hosts,
+            workers: 1,
+            config: Some(self.config_file.clone()),
+            binary: PathBuf::from(env!("CARGO_BIN_EXE_fraud-detector")),
+            args: ["--topic", &self.topic, "--dlq-topic", &format!("{}-dlq", self.topic)]
+                .into_iter()
+                .chain(["--job", job, "--bounded", "--idle-timeout-s", "0"])
+                .chain([
+                    "--commit-interval-ms",
+                    "50",
+                    "--sample-every",
+                    "500",
+                    "--metrics-port",
+                    "0",
+                ])
+                .map(String::from)
+                .collect(),
+            max_restarts: 5,
+            remote_dir: String::new(),
+            env: vec![
+                ("TRIPWIRE_PG_SCHEMA".into(), job.into()),
+                ("RUST_LOG".into(), "error".into()),
+            ],
+        }
+    }
+
+    /// The job's checkpoint frontiers; none while its tables do not exist yet.
+    fn frontiers(&self, job: &str) -> Vec<i64> {
+        let mut e = self.stack.endpoints.clone();
+        e.pg_schema = Some(job.to_string());
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let Ok((c, conn)) = tokio_postgres::connect(&e.postgres_config(), NoTls).await else {
+                return Vec::new();
+            };
+            tokio::spawn(conn);
+            readback::pg_frontiers(&c, job).await.unwrap_or_default()
+        })
+    }
+
+    /// Alerts and archived event ids the job left in its schema.
+    fn results(&self, job: &str) -> (BTreeSet<AlertRow>, BTreeSet<i64>, Vec<i64>) {
+        let mut e = self.stack.endpoints.clone();
+        e.pg_schema = Some(job.to_string());
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let (c, conn) = tokio_postgres::connect(&e.postgres_config(), NoTls).await.unwrap();
+            tokio::spawn(conn);
+            (
+                readback::pg_alerts(&c).await.unwrap(),
+                readback::pg_archive(&c).await.unwrap(),
+                readback::pg_frontiers(&c, job).await.unwrap(),
+            )
+        })
+    }
+}
+
+/// Free loopback ports for `n` processes.
+fn addresses(n: usize) -> Vec<String> {
+    let ls: Vec<_> = (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    ls.iter().map(|l| l.local_addr().unwrap().to_string()).collect()
+}
+
+#[test]
+fn three_processes_from_a_hosts_file_equal_one_process_and_a_killed_one_restarts_the_group() {
+    let f = fixture("launch");
+    let home = f.dir.join("home");
+
+    // One process, then three, each to the end of the topic.
+    let one = format!("{}_one", f.topic);
+    let restarts = f.launch(&one, &addresses(1)).supervise(&home, Arc::default()).unwrap();
+    assert_eq!(restarts, 0);
+    let three = format!("{}_three", f.topic);
+    let restarts = f.launch(&three, &addresses(3)).supervise(&home, Arc::default()).unwrap();
+    assert_eq!(restarts, 0);
+    let (alerts_one, archive_one, frontiers_one) = f.results(&one);
+    let (alerts_three, archive_three, frontiers_three) = f.results(&three);
+    assert_eq!(frontiers_one, vec![i64::MAX]);
+    assert_eq!(frontiers_three, vec![i64::MAX; 3], "each of the three processes finished");
+    assert!(f.want_alerts.len() > 50, "the input fires rules: {}", f.want_alerts.len());
+    assert_eq!(alerts_one, f.want_alerts, "one process: the reference's alerts");
+    assert_eq!(alerts_three, alerts_one, "three processes: the same alerts");
+    assert_eq!(archive_one, f.want_archive);
+    assert_eq!(archive_three, archive_one, "three processes: the same archive");
+
+    // Three processes again; one is SIGKILLed once the group has committed something.
+    let killed = format!("{}_killed", f.topic);
+    let launch = f.launch(&killed, &addresses(3));
+    let stop = Arc::new(AtomicBool::new(false));
+    let supervisor = {
+        let (launch, home, stop) = (launch.clone(), home.clone(), stop.clone());
+        std::thread::spawn(move || launch.supervise(&home, stop))
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let victim = loop {
+        let committed = f.frontiers(&killed);
+        let state = read_state(&home, &killed);
+        if let Some(s) = state.filter(|_| committed.iter().any(|c| *c > 0 && *c < i64::MAX)) {
+            break s.processes[1].1;
+        }
+        assert!(!supervisor.is_finished(), "the group finished before it could be killed");
+        assert!(Instant::now() < deadline, "no commit to kill after");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    std::process::Command::new("kill").args(["-KILL", &victim.to_string()]).status().unwrap();
+    let restarts = supervisor.join().unwrap().unwrap();
+    assert!(restarts >= 1, "the group was restarted");
+    let (alerts, archive, frontiers) = f.results(&killed);
+    assert_eq!(frontiers, vec![i64::MAX; 3]);
+    assert_eq!(alerts, f.want_alerts, "after the kill and restart: exactly the reference's alerts");
+    assert_eq!(archive, f.want_archive, "and every accepted event archived once");
+    let _ = std::fs::remove_dir_all(&f.dir);
+}
