@@ -78,6 +78,11 @@ enum Cmd {
         #[arg(long, default_value = "fraud-detector")]
         name: String,
     },
+    /// Relay TCP connections: `LISTEN=TARGET` pairs (used to reach the stack from network namespaces).
+    Forward {
+        /// `host:port=host:port`, repeatable.
+        mappings: Vec<String>,
+    },
     /// Canned queries against PostgreSQL, printed as tables.
     Query {
         #[command(subcommand)]
@@ -258,6 +263,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 std::time::Duration::from_secs(60),
             )?;
             println!("stopped {name}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Forward { mappings } => {
+            tripwire_cluster::forward::run(&mappings)?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Query { what } => {

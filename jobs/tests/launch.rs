@@ -195,3 +195,127 @@ fn three_processes_from_a_hosts_file_equal_one_process_and_a_killed_one_restarts
     assert_eq!(archive, f.want_archive, "and every accepted event archived once");
     let _ = std::fs::remove_dir_all(&f.dir);
 }
+
+/// Three network namespaces on a bridge, each with an address of its own, and
+/// TCP relays that carry their loopback ports for the stack to the host's.
+struct Namespaces {
+    names: Vec<String>,
+    bridge: String,
+    relays: Vec<std::process::Child>,
+}
+
+impl Drop for Namespaces {
+    fn drop(&mut self) {
+        for r in &mut self.relays {
+            let _ = r.kill();
+            let _ = r.wait();
+        }
+        for n in &self.names {
+            let _ = ip(&["netns", "del", n]);
+        }
+        let _ = ip(&["link", "del", &self.bridge]);
+    }
+}
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = std::process::Command::new("ip").args(args).output().map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
+    }
+}
+
+/// Set up `n` namespaces on subnet `10.77.{net}.0/24`; the host is `.1`, namespace i is `.(11 + i)`.
+fn namespaces(
+    n: usize,
+    net: u32,
+    stack_ports: &[u16],
+    relay_bin: &std::path::Path,
+) -> Result<Namespaces, String> {
+    let tag = std::process::id() % 100_000;
+    let mut ns = Namespaces { names: Vec::new(), bridge: format!("twb{tag}"), relays: Vec::new() };
+    let host = format!("10.77.{net}.1");
+    ip(&["link", "add", &ns.bridge, "type", "bridge"])?;
+    ip(&["addr", "add", &format!("{host}/24"), "dev", &ns.bridge])?;
+    ip(&["link", "set", &ns.bridge, "up"])?;
+    for i in 0..n {
+        let name = format!("tw{tag}n{i}");
+        ip(&["netns", "add", &name])?;
+        ns.names.push(name.clone());
+        let veth = format!("twv{tag}{i}");
+        ip(&["link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &name])?;
+        ip(&["link", "set", &veth, "master", &ns.bridge, "up"])?;
+        let inside = |args: &[&str]| -> Result<(), String> {
+            let mut a = vec!["netns", "exec", &name, "ip"];
+            a.extend_from_slice(args);
+            ip(&a)
+        };
+        inside(&["addr", "add", &format!("10.77.{net}.{}/24", 11 + i), "dev", "eth0"])?;
+        inside(&["link", "set", "eth0", "up"])?;
+        inside(&["link", "set", "lo", "up"])?;
+        // In the namespace: its loopback ports of the stack, relayed to the host's bridge address.
+        let maps: Vec<String> =
+            stack_ports.iter().map(|p| format!("127.0.0.1:{p}={host}:{p}")).collect();
+        let relay = std::process::Command::new("ip")
+            .args(["netns", "exec", &name])
+            .arg(relay_bin)
+            .arg("forward")
+            .args(&maps)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        ns.relays.push(relay);
+    }
+    // On the host: the bridge address's ports, relayed to the stack on loopback.
+    for p in stack_ports {
+        tripwire_cluster::forward::relay(&format!("{host}:{p}"), &format!("127.0.0.1:{p}"))
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(ns)
+}
+
+#[test]
+fn processes_in_separate_network_namespaces_give_the_same_result() {
+    let relay_bin = PathBuf::from(env!("CARGO_BIN_EXE_fraud-detector")).with_file_name("tripwire");
+    if !relay_bin.exists() {
+        println!("skipped: {} is not built (./tripwire test builds it)", relay_bin.display());
+        return;
+    }
+    if let Err(e) = ip(&["netns", "add", &format!("twprobe{}", std::process::id())]) {
+        println!("skipped: this machine does not allow network namespaces ({e})");
+        return;
+    }
+    let _ = ip(&["netns", "del", &format!("twprobe{}", std::process::id())]);
+    let f = fixture("netns");
+    let e = &f.stack.endpoints;
+    let port = |a: &str| a.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).unwrap();
+    let stack_ports = [port(&e.kafka_bootstrap), e.pg_port, e.redis_port];
+    let net = std::process::id() % 200 + 20;
+    let ns = namespaces(3, net, &stack_ports, &relay_bin).expect("namespaces");
+    let home = f.dir.join("home");
+
+    let one = format!("{}_one", f.topic);
+    f.launch(&one, &addresses(1)).supervise(&home, Arc::default()).unwrap();
+    // One hosts file: each process at its namespace's own address.
+    let spread = format!("{}_ns", f.topic);
+    let mut launch = f.launch(&spread, &[]);
+    let lines: String = ns
+        .names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| format!("10.77.{net}.{}:2101 # netns {n}\n", 11 + i))
+        .collect();
+    std::fs::write(&launch.hosts_file, lines).unwrap();
+    launch.max_restarts = 0;
+    launch.supervise(&home, Arc::default()).expect("the namespaced group finishes");
+    let (alerts_one, archive_one, _) = f.results(&one);
+    let (alerts, archive, frontiers) = f.results(&spread);
+    assert_eq!(frontiers, vec![i64::MAX; 3]);
+    assert_eq!(alerts_one, f.want_alerts);
+    assert_eq!(alerts, alerts_one, "three namespaces: the same alerts as one process");
+    assert_eq!(archive, archive_one, "and the same archive");
+    drop(ns);
+    let _ = std::fs::remove_dir_all(&f.dir);
+}
