@@ -187,10 +187,16 @@ impl Launch {
         }
     }
 
-    fn spawn(&self, hosts: &[Host], out: &Arc<Mutex<std::io::Stdout>>) -> Result<Group> {
+    fn spawn(
+        &self,
+        hosts: &[Host],
+        out: &Arc<Mutex<std::io::Stdout>>,
+        restarts: u32,
+    ) -> Result<Group> {
         let mut group = Group { children: Vec::new(), printers: Vec::new() };
         for i in 0..hosts.len() {
             let mut cmd = self.command(hosts, i)?;
+            cmd.env("TRIPWIRE_RESTARTS", restarts.to_string());
             cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
             let mut child = match cmd.spawn() {
                 Ok(c) => c,
@@ -240,7 +246,7 @@ impl Launch {
         };
         let mut backoff = Duration::from_secs(1);
         let result = loop {
-            let mut group = self.spawn(&hosts, &out)?;
+            let mut group = self.spawn(&hosts, &out, state.restarts)?;
             state.started_ms = now_ms();
             for (i, c) in group.children.iter().enumerate() {
                 state.processes[i].1 = c.id();

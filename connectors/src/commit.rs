@@ -415,6 +415,9 @@ fn spawn_committer<S: Store>(
             let seconds = metrics::commit_seconds().with_label_values(&[&name]);
             let rows = metrics::committed_rows_total().with_label_values(&[&name]);
             let failures = metrics::commit_failures_total().with_label_values(&[&name]);
+            let frontier_gauge =
+                metrics::committed_frontier().with_label_values(&[&name, &worker_label]);
+            let batch_rows = metrics::commit_batch_rows().with_label_values(&[&name]);
             breaker_gauge.set(BreakerState::Closed as i64);
             rt.block_on(async move {
                 let mut conn: Option<S::Conn> = None;
@@ -447,6 +450,8 @@ fn spawn_committer<S: Store>(
                                 committed.0.committed.fetch_max(batch.frontier, Ordering::AcqRel);
                                 seconds.observe(took.as_secs_f64());
                                 rows.inc_by(batch.rows() as u64);
+                                batch_rows.observe(batch.rows() as f64);
+                                frontier_gauge.set(batch.frontier.min(i64::MAX as u64) as i64);
                                 tracing::debug!(sink = %name, worker, frontier = batch.frontier,
                                     upserts = batch.upserts.len(), deletes = batch.deletes.len(),
                                     alerts = batch.alerts.len(), archived = batch.archive.len(),

@@ -119,6 +119,9 @@ pub struct ProgressSample {
 /// Samples the source has taken and a sink has not yet stored.
 pub type Progress = Arc<std::sync::Mutex<Vec<ProgressSample>>>;
 
+/// Sampled `(time, Kafka timestamp)` of emitted records, for the end-to-end latency a sink measures.
+pub type ProduceTimes = Arc<std::sync::Mutex<Vec<(Time, i64)>>>;
+
 /// Late records the source has rejected and a sink has not yet stored in `late_events`.
 pub type LateEvents = Arc<std::sync::Mutex<Vec<DeadLetter>>>;
 
@@ -175,6 +178,8 @@ pub struct Source<'s> {
     pub late: LateEvents,
     /// For the sink whose commits release backpressure (its `report_to`).
     pub feedback: Committed,
+    /// Sampled produce times, for the sink that measures end-to-end latency.
+    pub produce_times: ProduceTimes,
 }
 
 /// The source could not be set up.
@@ -193,6 +198,10 @@ pub enum SourceError {
 struct SourceContext;
 
 impl ClientContext for SourceContext {
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        SourceContext::lag(&statistics);
+    }
+
     fn error(&self, error: KafkaError, reason: &str) {
         match error {
             KafkaError::PartitionEOF(_)
@@ -205,6 +214,46 @@ impl ClientContext for SourceContext {
 }
 
 impl ConsumerContext for SourceContext {}
+
+impl SourceContext {
+    /// librdkafka's statistics (every `statistics.interval.ms`): consumer lag per partition.
+    fn lag(statistics: &rdkafka::Statistics) {
+        for topic in statistics.topics.values() {
+            for (p, part) in &topic.partitions {
+                if *p >= 0 && part.consumer_lag >= 0 {
+                    crate::metrics::consumer_lag()
+                        .with_label_values(&[&p.to_string()])
+                        .set(part.consumer_lag);
+                }
+            }
+        }
+    }
+}
+
+/// `tripwire_transactions_total` and `tripwire_transaction_amount_minor`, with
+/// the counters looked up once per channel and country rather than per record.
+#[derive(Default)]
+struct Business {
+    by_kind: HashMap<(tripwire_dataflow::Channel, [u8; 2]), prometheus::IntCounter>,
+}
+
+impl Business {
+    fn count(&mut self, x: &Transaction) {
+        self.by_kind
+            .entry((x.channel, x.country))
+            .or_insert_with(|| {
+                let channel = match x.channel {
+                    tripwire_dataflow::Channel::Pos => "POS",
+                    tripwire_dataflow::Channel::Ecom => "ECOM",
+                    tripwire_dataflow::Channel::Atm => "ATM",
+                };
+                let country = String::from_utf8_lossy(&x.country).into_owned();
+                crate::metrics::transactions_total().with_label_values(&[channel, &country])
+            })
+            .inc();
+        crate::metrics::transaction_amount().observe(x.amount_minor as f64);
+    }
+}
 
 struct PartitionState {
     partition: i32,
@@ -248,6 +297,8 @@ pub fn kafka_source<'s>(
         // last offset is a commit marker, never a record, so the end is seen
         // as an end-of-partition event rather than as a last record.
         .set("enable.partition.eof", if config.bounded { "true" } else { "false" })
+        // Consumer lag per partition for `tripwire_consumer_lag`, from librdkafka's own view.
+        .set("statistics.interval.ms", "2000")
         .create_with_context(SourceContext)?;
     let count = crate::kafka_admin::partition_count(&config.bootstrap, &config.topic)?
         .ok_or_else(|| SourceError::NoTopic(config.topic.clone()))?;
@@ -299,6 +350,10 @@ pub fn kafka_source<'s>(
     let late_out = late.clone();
     let skip_below = config.resume.as_ref().map_or(0, |r| r.skip_below);
     let feedback = Committed::default();
+    let produce_times: ProduceTimes = Arc::default();
+    let produced = produce_times.clone();
+    let mut business = Business::default();
+    let mut emitted: u64 = 0;
     let released = feedback.clone();
     // Events emitted and not yet committed, by time.
     let mut in_flight: BTreeMap<Time, u64> = BTreeMap::new();
@@ -390,6 +445,14 @@ pub fn kafka_source<'s>(
                     Ok((x, _)) if x.event_time_ms < skip_below => {}
                     Ok((x, t)) => {
                         part.events.inc();
+                        business.count(&x);
+                        emitted += 1;
+                        // One record in 64 is followed to its commit.
+                        if emitted.is_multiple_of(64) {
+                            if let Some(ts) = msg.timestamp().to_millis() {
+                                produced.lock().expect("produce times").push((t, ts));
+                            }
+                        }
                         if config.max_in_flight.is_some() {
                             *in_flight.entry(t).or_default() += 1;
                             in_flight_total += 1;
@@ -513,5 +576,12 @@ pub fn kafka_source<'s>(
         }
     });
 
-    Ok(Source { events: events.as_collection(), dead_letters, progress, late, feedback })
+    Ok(Source {
+        events: events.as_collection(),
+        dead_letters,
+        progress,
+        late,
+        feedback,
+        produce_times,
+    })
 }

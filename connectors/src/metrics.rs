@@ -3,8 +3,9 @@
 use std::sync::OnceLock;
 
 use prometheus::{
-    exponential_buckets, register_histogram_vec, register_int_counter_vec, register_int_gauge_vec,
-    HistogramVec, IntCounterVec, IntGaugeVec,
+    exponential_buckets, register_histogram, register_histogram_vec, register_int_counter_vec,
+    register_int_gauge, register_int_gauge_vec, Histogram, HistogramVec, IntCounterVec, IntGauge,
+    IntGaugeVec,
 };
 
 /// `tripwire_dead_letters_total{reason}`: records sent to the dead-letter topic, by reason.
@@ -99,10 +100,11 @@ pub fn source_events_total() -> &'static IntCounterVec {
     })
 }
 
-/// Serve `/metrics` (Prometheus text format), `/health` (the process is up) and
+/// Serve `/metrics` (Prometheus text format, every sample labelled `process`), `/health` (the process is up) and
 /// `/ready` (`ready()` says so) on `address`, from a thread of its own.
 pub fn serve(
     address: &str,
+    process: usize,
     ready: impl Fn() -> bool + Send + 'static,
 ) -> std::io::Result<std::net::SocketAddr> {
     use std::io::{BufRead, BufReader, Write};
@@ -117,12 +119,7 @@ pub fn serve(
             }
             let path = line.split_whitespace().nth(1).unwrap_or("/");
             let (status, kind, body) = match path {
-                "/metrics" => {
-                    let mut buf = Vec::new();
-                    let encoder = prometheus::TextEncoder::new();
-                    let _ = prometheus::Encoder::encode(&encoder, &prometheus::gather(), &mut buf);
-                    ("200 OK", "text/plain; version=0.0.4", buf)
-                }
+                "/metrics" => ("200 OK", "text/plain; version=0.0.4", encode_with_process(process)),
                 "/health" => ("200 OK", "text/plain", b"ok\n".to_vec()),
                 "/ready" if ready() => ("200 OK", "text/plain", b"ready\n".to_vec()),
                 "/ready" => ("503 Service Unavailable", "text/plain", b"not ready\n".to_vec()),
@@ -138,4 +135,139 @@ pub fn serve(
         }
     })?;
     Ok(bound)
+}
+
+/// `tripwire_transactions_total{channel,country}`: accepted transactions.
+pub fn transactions_total() -> &'static IntCounterVec {
+    static C: OnceLock<IntCounterVec> = OnceLock::new();
+    C.get_or_init(|| {
+        register_int_counter_vec!(
+            "tripwire_transactions_total",
+            "Accepted transactions, by channel and merchant country.",
+            &["channel", "country"]
+        )
+        .expect("metric registered once")
+    })
+}
+
+/// `tripwire_transaction_amount_minor`: amounts of accepted transactions, in minor units.
+pub fn transaction_amount() -> &'static Histogram {
+    static H: OnceLock<Histogram> = OnceLock::new();
+    H.get_or_init(|| {
+        register_histogram!(
+            "tripwire_transaction_amount_minor",
+            "Amounts of accepted transactions, in minor units (cents).",
+            exponential_buckets(100.0, 4.0, 10).expect("buckets")
+        )
+        .expect("metric registered once")
+    })
+}
+
+/// `tripwire_alerts_total{rule}`: alerts committed to PostgreSQL.
+pub fn alerts_total() -> &'static IntCounterVec {
+    static C: OnceLock<IntCounterVec> = OnceLock::new();
+    C.get_or_init(|| {
+        register_int_counter_vec!(
+            "tripwire_alerts_total",
+            "Alerts committed to PostgreSQL, by rule.",
+            &["rule"]
+        )
+        .expect("metric registered once")
+    })
+}
+
+/// `tripwire_consumer_lag{partition}`: records behind the partition's end (librdkafka statistics).
+pub fn consumer_lag() -> &'static IntGaugeVec {
+    static G: OnceLock<IntGaugeVec> = OnceLock::new();
+    G.get_or_init(|| {
+        register_int_gauge_vec!(
+            "tripwire_consumer_lag",
+            "Records between the source's position and the partition's end.",
+            &["partition"]
+        )
+        .expect("metric registered once")
+    })
+}
+
+/// `tripwire_committed_frontier_ms{sink,worker}`: event time below which the sink has committed everything.
+pub fn committed_frontier() -> &'static IntGaugeVec {
+    static G: OnceLock<IntGaugeVec> = OnceLock::new();
+    G.get_or_init(|| {
+        register_int_gauge_vec!(
+            "tripwire_committed_frontier_ms",
+            "Event time (ms) below which the sink worker has committed every result.",
+            &["sink", "worker"]
+        )
+        .expect("metric registered once")
+    })
+}
+
+/// `tripwire_commit_batch_rows{sink}`: rows per committed batch.
+pub fn commit_batch_rows() -> &'static HistogramVec {
+    static H: OnceLock<HistogramVec> = OnceLock::new();
+    H.get_or_init(|| {
+        register_histogram_vec!(
+            "tripwire_commit_batch_rows",
+            "Rows written by one commit.",
+            &["sink"],
+            exponential_buckets(1.0, 4.0, 12).expect("buckets")
+        )
+        .expect("metric registered once")
+    })
+}
+
+/// `tripwire_end_to_end_latency_seconds`: from a record's produce time to the commit that covers it.
+pub fn end_to_end_latency() -> &'static Histogram {
+    static H: OnceLock<Histogram> = OnceLock::new();
+    H.get_or_init(|| {
+        register_histogram!(
+            "tripwire_end_to_end_latency_seconds",
+            "From a record's Kafka timestamp to the PostgreSQL commit covering its results (sampled).",
+            exponential_buckets(0.001, 2.0, 18).expect("buckets")
+        )
+        .expect("metric registered once")
+    })
+}
+
+/// `tripwire_state{worker,what}`: the fraud computation's state (cards, entries, due times).
+pub fn state_size() -> &'static IntGaugeVec {
+    static G: OnceLock<IntGaugeVec> = OnceLock::new();
+    G.get_or_init(|| {
+        register_int_gauge_vec!(
+            "tripwire_state",
+            "Size of a worker's window state: cards, entries (events held), due times.",
+            &["worker", "what"]
+        )
+        .expect("metric registered once")
+    })
+}
+
+/// `tripwire_group_restarts`: restarts of this process's group so far (from the supervisor).
+pub fn group_restarts() -> &'static IntGauge {
+    static G: OnceLock<IntGauge> = OnceLock::new();
+    G.get_or_init(|| {
+        register_int_gauge!(
+            "tripwire_group_restarts",
+            "How many times the supervisor has restarted this process's group."
+        )
+        .expect("metric registered once")
+    })
+}
+
+/// Everything registered, each sample labelled with `process`.
+pub fn encode_with_process(process: usize) -> Vec<u8> {
+    let mut families = prometheus::gather();
+    for f in &mut families {
+        for m in f.mut_metric().iter_mut() {
+            let mut label = prometheus::proto::LabelPair::default();
+            label.set_name("process".into());
+            label.set_value(process.to_string());
+            let mut labels = m.take_label();
+            labels.push(label);
+            m.set_label(labels);
+        }
+    }
+    let mut buf = Vec::new();
+    let _ = prometheus::Encoder::encode(&prometheus::TextEncoder::new(), &families, &mut buf);
+    buf
 }

@@ -121,6 +121,7 @@ fn sink_holds_exactly_the_reference_below_the_frontier_and_empties_with_the_wind
         late: None,
         resume_from: 0,
         report_to: None,
+        produce_times: None,
     };
     let redis_config = RedisSinkConfig {
         url: endpoints.redis_url(),

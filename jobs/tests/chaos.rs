@@ -106,7 +106,14 @@ impl Job {
                 .args(["-w", "1", "-n", &PROCESSES.to_string(), "-p", &p.to_string()])
                 .args(["-h", &hosts_file.display().to_string()])
                 .args(["--lateness-ms", &LATENESS_MS.to_string(), "--idle-timeout-s", "0"])
-                .args(["--commit-interval-ms", "100", "--sample-every", "2000"])
+                .args([
+                    "--commit-interval-ms",
+                    "100",
+                    "--sample-every",
+                    "2000",
+                    "--metrics-port",
+                    "0",
+                ])
                 .args(["--max-uncommitted", "100000"])
                 .env("TRIPWIRE_PG_SCHEMA", &self.name)
                 .env("RUST_LOG", "info,tripwire_connectors::commit=debug")

@@ -51,7 +51,14 @@ impl Run {
                     .args(["-n", &processes.to_string(), "-p", &p.to_string()])
                     .args(["-h", &hosts.display().to_string()])
                     .args(["--commit-interval-ms", "20", "--idle-timeout-s", "0"])
-                    .args(["--sample-every", "300", "--config", &self.config_file])
+                    .args([
+                        "--sample-every",
+                        "300",
+                        "--config",
+                        &self.config_file,
+                        "--metrics-port",
+                        "0",
+                    ])
                     .env("TRIPWIRE_PG_SCHEMA", &self.schema)
                     .env("RUST_LOG", "error")
                     .spawn()

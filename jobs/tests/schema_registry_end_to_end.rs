@@ -64,7 +64,7 @@ fn records_framed_with_registry_ids_are_all_read_through_the_registry() {
 
     let status = Command::new(env!("CARGO_BIN_EXE_fraud-detector"))
         .args(["--topic", &topic, "--dlq-topic", &format!("{topic}-dlq"), "--job", &topic])
-        .args(["--bounded", "--idle-timeout-s", "0", "--schema-registry"])
+        .args(["--bounded", "--idle-timeout-s", "0", "--schema-registry", "--metrics-port", "0"])
         .env("TRIPWIRE_PG_SCHEMA", &topic)
         .env("RUST_LOG", "error")
         .status()
@@ -102,7 +102,7 @@ fn records_framed_with_registry_ids_are_all_read_through_the_registry() {
         let control = format!("{topic}_control");
         let status = Command::new(env!("CARGO_BIN_EXE_fraud-detector"))
             .args(["--topic", &topic, "--dlq-topic", &format!("{topic}-dlq"), "--job", &control])
-            .args(["--bounded", "--idle-timeout-s", "0"])
+            .args(["--bounded", "--idle-timeout-s", "0", "--metrics-port", "0"])
             .env("TRIPWIRE_PG_SCHEMA", &control)
             .env("RUST_LOG", "error")
             .status()

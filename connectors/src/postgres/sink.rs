@@ -8,7 +8,7 @@
 //! deterministic id, archived events likewise on their event id. All of it
 //! goes in bulk (`UNNEST` over arrays).
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio_postgres::{Client, NoTls};
 use tripwire_dataflow::{CardWindow, Channel, Time, WindowStats};
@@ -17,7 +17,7 @@ use super::migrate;
 use crate::commit::{frontier_sink, Batch, CommitOptions, Committed, SinkInputs, Store};
 use std::sync::{Arc, Mutex};
 
-use crate::kafka_source::{DeadLetter, LateEvents, Progress, ProgressSample};
+use crate::kafka_source::{DeadLetter, LateEvents, ProduceTimes, Progress, ProgressSample};
 
 /// Where and how the sink commits.
 #[derive(Clone, Debug)]
@@ -38,6 +38,9 @@ pub struct PgSinkConfig {
     pub resume_from: Time,
     /// Report commits here (the source's backpressure handle), if given.
     pub report_to: Option<Committed>,
+    /// The source's sampled produce times: each is observed as end-to-end
+    /// latency when the commit covering it lands.
+    pub produce_times: Option<ProduceTimes>,
 }
 
 /// Commit this worker's statistics and alerts (and archived events, if given) to
@@ -76,6 +79,24 @@ impl Store for Postgres {
     async fn commit(&mut self, conn: &mut Client, batch: &Batch) -> Result<(), String> {
         let (samples, late) = (take(&self.config.progress), take(&self.config.late));
         let result = commit(conn, &self.config.job, self.worker, batch, &samples, &late).await;
+        if result.is_ok() {
+            for (a, _) in &batch.alerts {
+                crate::metrics::alerts_total().with_label_values(&[a.rule.name()]).inc();
+            }
+            if let Some(times) = &self.config.produce_times {
+                let now = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as i64);
+                let histogram = crate::metrics::end_to_end_latency();
+                times.lock().expect("produce times").retain(|(t, ts)| {
+                    if *t >= batch.frontier {
+                        return true;
+                    }
+                    histogram.observe((now - ts).max(0) as f64 / 1000.0);
+                    false
+                });
+            }
+        }
         if result.is_err() {
             // Not stored: keep them for the retry.
             if let Some(p) = &self.config.progress {

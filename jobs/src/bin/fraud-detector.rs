@@ -170,12 +170,15 @@ fn main() -> Result<()> {
         tracing::info!(signal, clean, "stopping: commits under way finished");
         std::process::exit(if signal == "SIGTERM" { 143 } else { 130 });
     });
+    // The supervisor (`tripwire launch`) says how often it restarted the group.
+    let restarts = std::env::var("TRIPWIRE_RESTARTS").ok().and_then(|v| v.parse().ok());
+    tripwire_connectors::metrics::group_restarts().set(restarts.unwrap_or(0));
     let source_ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
     if args.metrics_port > 0 {
         let port = args.metrics_port as usize + args.process;
         let ready = source_ready.clone();
         // Ready: the source is assigned and no sink's circuit breaker is open.
-        let served = serve(&format!("0.0.0.0:{port}"), move || {
+        let served = serve(&format!("0.0.0.0:{port}"), args.process, move || {
             ready.load(std::sync::atomic::Ordering::Acquire) && no_breaker_open()
         });
         match served {
@@ -265,6 +268,7 @@ fn main() -> Result<()> {
         late: None,
         resume_from: pg_frontier.unwrap_or(0),
         report_to: None,
+        produce_times: None,
     };
     let read_model = RedisSinkConfig {
         url: endpoints.redis_url(),
@@ -297,7 +301,7 @@ fn main() -> Result<()> {
         timely::Config { communication, worker: timely::WorkerConfig::default() },
         move |worker| {
             let registry = registry.clone();
-            worker.dataflow::<Time, _, _>(|scope| {
+            let state = worker.dataflow::<Time, _, _>(|scope| {
                 let input = kafka_source(scope, &source, &fraud, registry).expect("Kafka source");
                 source_ready.store(true, std::sync::atomic::Ordering::Release);
                 dead_letter_sink(input.dead_letters, &bootstrap, &dlq)
@@ -310,6 +314,7 @@ fn main() -> Result<()> {
                     progress: Some(input.progress),
                     late: Some(input.late),
                     report_to: Some(input.feedback),
+                    produce_times: Some(input.produce_times),
                     ..sink.clone()
                 };
                 let stats = out.stats;
@@ -321,7 +326,20 @@ fn main() -> Result<()> {
                 // Redis is the read model: it keeps up on its own, folding
                 // batches while it is behind, and never holds the source back.
                 redis_sink(SinkInputs { stats, alerts, archive: None }, &read_model);
+                out.state
             });
+            // Drive the worker here, to publish its state's size as it goes.
+            let index = worker.index().to_string();
+            let gauge = |what: &str| {
+                tripwire_connectors::metrics::state_size().with_label_values(&[&index, what])
+            };
+            let (cards, entries, due) = (gauge("cards"), gauge("entries"), gauge("due_times"));
+            while worker.step_or_park(Some(Duration::from_millis(100))) {
+                let s = state.get();
+                cards.set(s.cards as i64);
+                entries.set(s.entries as i64);
+                due.set(s.due_times as i64);
+            }
         },
     )
     .map_err(|e| anyhow::anyhow!("timely: {e}"))?;
