@@ -157,7 +157,8 @@ impl TransactionCodec {
                 ),
             ));
         }
-        validate(record, &self.limits, now_ms)
+        let event_id = record.event_id;
+        validate(record, &self.limits, now_ms).map_err(|r| r.of_event(event_id))
     }
 
     fn reader(&mut self, id: u32) -> Result<Arc<GenericDatumReader<'static>>, Rejected> {

@@ -69,11 +69,19 @@ pub struct Rejected {
     pub reason: DeadLetterReason,
     /// What exactly was wrong.
     pub detail: String,
+    /// The record's event id, when it could be read (for log correlation).
+    pub event_id: Option<i64>,
 }
 
 impl Rejected {
     /// A rejection of class `reason`.
     pub fn new(reason: DeadLetterReason, detail: impl Into<String>) -> Self {
-        Rejected { reason, detail: detail.into() }
+        Rejected { reason, detail: detail.into(), event_id: None }
+    }
+
+    /// The same rejection, naming the record's event id.
+    pub fn of_event(mut self, event_id: i64) -> Self {
+        self.event_id = Some(event_id);
+        self
     }
 }

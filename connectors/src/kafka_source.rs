@@ -411,7 +411,8 @@ pub fn kafka_source<'s>(
                                 config.lateness_ms,
                                 part.max_seen.unwrap_or_default()
                             ),
-                        ));
+                        )
+                        .of_event(x.event_id as i64));
                     }
                     let t = fraud.time_of(x.event_time_ms);
                     if t < floor {
@@ -422,7 +423,8 @@ pub fn kafka_source<'s>(
                                 "event_time {} is behind the source frontier {floor}: its partition was idle",
                                 x.event_time_ms
                             ),
-                        ));
+                        )
+                        .of_event(x.event_id as i64));
                     }
                     part.max_seen = Some(part.max_seen.map_or(x.event_time_ms, |m| m.max(x.event_time_ms)));
                     Ok((x, t))
@@ -462,6 +464,8 @@ pub fn kafka_source<'s>(
                     Err(rejected) => {
                         tracing::warn!(
                             reason = rejected.reason.as_str(),
+                            event_id = rejected.event_id,
+                            worker = index,
                             partition = msg.partition(),
                             offset = msg.offset(),
                             "dead letter: {}",

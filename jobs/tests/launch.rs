@@ -193,6 +193,36 @@ fn three_processes_from_a_hosts_file_equal_one_process_and_a_killed_one_restarts
     assert_eq!(frontiers, vec![i64::MAX; 3]);
     assert_eq!(alerts, f.want_alerts, "after the kill and restart: exactly the reference's alerts");
     assert_eq!(archive, f.want_archive, "and every accepted event archived once");
+
+    // Stopping (what SIGINT/SIGTERM to `tripwire launch` does): an unbounded
+    // group stops cleanly, its checkpoints intact, no process left behind.
+    let stopped = format!("{}_stopped", f.topic);
+    let mut launch = f.launch(&stopped, &addresses(2));
+    launch.args.retain(|a| a != "--bounded");
+    let stop = Arc::new(AtomicBool::new(false));
+    let supervisor = {
+        let (launch, home, stop) = (launch.clone(), home.clone(), stop.clone());
+        std::thread::spawn(move || launch.supervise(&home, stop))
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let pids: Vec<u32> = loop {
+        let state = read_state(&home, &stopped);
+        let committed = f.frontiers(&stopped);
+        if let Some(s) = state.filter(|_| committed.len() == 2 && committed.iter().all(|c| *c > 0))
+        {
+            break s.processes.iter().map(|p| p.1).collect();
+        }
+        assert!(Instant::now() < deadline, "no commit before the stop");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(supervisor.join().unwrap().unwrap(), 0, "stopped, not restarted");
+    for pid in pids {
+        assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "process {pid} is gone");
+    }
+    assert!(read_state(&home, &stopped).is_none(), "the supervisor's state is cleared");
+    let frontiers = f.frontiers(&stopped);
+    assert!(frontiers.len() == 2 && frontiers.iter().all(|c| *c > 0 && *c < i64::MAX));
     let _ = std::fs::remove_dir_all(&f.dir);
 }
 

@@ -152,6 +152,8 @@ fn main() -> Result<()> {
     } else {
         tracing_subscriber::fmt().with_env_filter(filter).init();
     }
+    // Every line of this process carries its index; worker threads add theirs.
+    let _process = tracing::info_span!("job", process = args.process).entered();
     let endpoints = Endpoints::from_env()?;
     // SIGTERM / SIGINT: finish the commits under way, start no new one, exit.
     // What was not committed is replayed by the next run.
@@ -297,9 +299,11 @@ fn main() -> Result<()> {
         Arc::new(EmbeddedRegistry::new().context("embedded schemas")?)
     };
     let source_ready = source_ready.clone();
+    let process = args.process;
     let guards = timely::execute(
         timely::Config { communication, worker: timely::WorkerConfig::default() },
         move |worker| {
+            let _span = tracing::info_span!("worker", process, worker = worker.index()).entered();
             let registry = registry.clone();
             let state = worker.dataflow::<Time, _, _>(|scope| {
                 let input = kafka_source(scope, &source, &fraud, registry).expect("Kafka source");
