@@ -260,6 +260,18 @@ pub fn is_local(address: &str) -> bool {
     host == "localhost" || host == "::1" || host.starts_with("127.")
 }
 
+/// A TCP connection to `address` for a probe: two seconds to connect, two to answer.
+pub fn connect_briefly(address: &str) -> Result<std::net::TcpStream> {
+    use std::net::ToSocketAddrs;
+    let addr = address
+        .to_socket_addrs()?
+        .next()
+        .with_context(|| format!("{address} resolves to nothing"))?;
+    let s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    Ok(s)
+}
+
 /// Split `host:port`, for services that must be told where to listen.
 pub fn split_address(address: &str) -> Result<(String, u16)> {
     let (host, port) =

@@ -1,12 +1,10 @@
 //! Redis from Debian's packages, with its data under the stack's home.
 
 use std::io::{Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
 use std::path::PathBuf;
 use std::process::Command;
-use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 
 use super::install::on_path;
 use super::process::ProcessFiles;
@@ -64,13 +62,7 @@ impl Service for Redis {
     }
 
     fn probe(&self) -> Result<()> {
-        let addr = self
-            .address()
-            .to_socket_addrs()?
-            .next()
-            .context("Redis address resolves to nothing")?;
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        let mut s = super::connect_briefly(&self.address())?;
         s.write_all(b"PING\r\n")?;
         let mut buf = [0u8; 64];
         let n = s.read(&mut buf)?;

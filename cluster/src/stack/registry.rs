@@ -9,7 +9,6 @@
 
 use std::fs;
 use std::io::{Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
@@ -100,13 +99,7 @@ impl Service for Registry {
     }
 
     fn probe(&self) -> Result<()> {
-        let addr = self
-            .address()
-            .to_socket_addrs()?
-            .next()
-            .context("registry address resolves to nothing")?;
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        let mut s = super::connect_briefly(&self.address())?;
         write!(
             s,
             "GET /apis/ccompat/v7/subjects HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
