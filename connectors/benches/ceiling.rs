@@ -13,13 +13,10 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::KafkaError;
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use timely::dataflow::operators::core::Inspect;
-use tripwire_connectors::avro::{Limits, TransactionCodec};
+use tripwire_connectors::ceiling::read_topic;
 use tripwire_connectors::kafka_source::{kafka_source, SourceConfig};
 use tripwire_connectors::registry::EmbeddedRegistry;
 use tripwire_connectors::Endpoints;
@@ -34,10 +31,10 @@ fn main() {
     println!("topic {topic} at {bootstrap}, read from offset 0 to its end\n");
     println!("| reader | records | seconds | records/s |");
     println!("|---|---|---|---|");
-    let (n, s) = consume(&bootstrap, &topic, false);
+    let (n, s) = read_topic(&bootstrap, &topic, false);
     println!("| consume only | {n} | {s:.2} | {:.0} |", n as f64 / s);
     let consume_eps = n as f64 / s;
-    let (n, s) = consume(&bootstrap, &topic, true);
+    let (n, s) = read_topic(&bootstrap, &topic, true);
     println!("| consume + decode | {n} | {s:.2} | {:.0} |", n as f64 / s);
     let decode_eps = n as f64 / s;
     let mut source_eps = 0.0;
@@ -49,49 +46,6 @@ fn main() {
     println!(
         "\nconsume_eps={consume_eps:.0}\ndecode_eps={decode_eps:.0}\nsource_eps={source_eps:.0}"
     );
-}
-
-fn consume(bootstrap: &str, topic: &str, decode: bool) -> (u64, f64) {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", "tripwire-ceiling")
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
-        .create()
-        .expect("consumer");
-    let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).expect("metadata");
-    let parts = md.topics()[0].partitions().len();
-    assert!(parts > 0, "topic {topic} is missing: run txgen first");
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..parts as i32 {
-        tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
-    }
-    consumer.assign(&tpl).unwrap();
-    let registry = Arc::new(EmbeddedRegistry::new().unwrap());
-    let mut codec = TransactionCodec::new(registry, Limits::default());
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64;
-    let start = Instant::now();
-    let (mut n, mut eof, mut checksum) = (0u64, 0usize, 0u64);
-    while eof < parts {
-        match consumer.poll(Duration::from_millis(100)) {
-            Some(Ok(m)) => {
-                n += 1;
-                let payload = m.payload().unwrap_or_default();
-                if decode {
-                    if let Ok(x) = codec.decode(payload, now) {
-                        checksum = checksum.wrapping_add(x.event_id);
-                    }
-                } else {
-                    checksum = checksum.wrapping_add(payload.len() as u64);
-                }
-            }
-            Some(Err(KafkaError::PartitionEOF(_))) => eof += 1,
-            Some(Err(e)) => panic!("consume: {e}"),
-            None => {}
-        }
-    }
-    std::hint::black_box(checksum);
-    (n, start.elapsed().as_secs_f64())
 }
 
 fn source(bootstrap: &str, topic: &str, workers: usize) -> (u64, f64) {

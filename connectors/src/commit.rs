@@ -168,6 +168,10 @@ pub struct CommitOptions {
     pub resume_from: Time,
     /// Report progress here (for the source's backpressure) instead of in a new handle.
     pub report_to: Option<Committed>,
+    /// The least commit interval while results are more than a minute behind
+    /// the wall clock (catching up): larger batches consolidate more updates
+    /// per key, so the stores write far fewer rows.
+    pub catch_up_interval: Duration,
 }
 
 /// A circuit breaker's state: the value of `tripwire_sink_breaker_state`.
@@ -249,7 +253,7 @@ pub fn frontier_sink<S: Store>(
     let committed = options.report_to.clone().unwrap_or_default();
     committed.0.committed.fetch_max(resume_from, Ordering::AcqRel);
     committed.0.input.fetch_max(resume_from, Ordering::AcqRel);
-    let (tx, rx) = sync_channel::<Batch>(4);
+    let (tx, rx) = sync_channel::<Batch>(0);
     let thread = spawn_committer(name, store, worker, rx, committed.clone());
 
     let mut builder = OperatorBuilder::new(name.to_owned(), scope);
@@ -258,6 +262,7 @@ pub fn frontier_sink<S: Store>(
     let mut alerts_in = builder.new_input(inputs.alerts.inner, Pipeline);
     let mut archive_in = inputs.archive.map(|a| builder.new_input(a.inner, Pipeline));
     let interval = options.interval;
+    let catch_up = options.catch_up_interval;
     let name = name.to_owned();
     let marks = committed.clone();
 
@@ -290,7 +295,12 @@ pub fn frontier_sink<S: Store>(
                 .unwrap_or(Time::MAX);
             marks.0.input.fetch_max(frontier, Ordering::AcqRel);
             let done = frontier == Time::MAX;
-            if frontier > sent && (done || last_sent.elapsed() >= interval) {
+            // Catching up (results more than a minute behind the wall clock),
+            // nobody waits for each half second: larger batches consolidate
+            // more updates per key and cost the stores far fewer rows.
+            let behind = wall_clock_ms().saturating_sub(frontier) > CATCH_UP_BEHIND_MS;
+            let due = if behind { interval.max(catch_up) } else { interval };
+            if frontier > sent && (done || last_sent.elapsed() >= due) {
                 let next = pending.batch(frontier);
                 sent = frontier;
                 last_sent = Instant::now();
@@ -309,9 +319,17 @@ pub fn frontier_sink<S: Store>(
                     }
                 }
             }
-            if done && held.is_none() {
-                // End of input: let the committer finish and wait for it, so that
-                // a bounded run's results are stored when the dataflow ends.
+            if done {
+                // End of input: hand over the last batch, let the committer
+                // finish and wait for it, so that a bounded run's results are
+                // stored when the dataflow ends. (Waiting here, not coming back
+                // later: with no capability left, the dataflow may be torn
+                // down before a later activation.)
+                if let (Some(b), Some(tx)) = (held.take(), tx.as_ref()) {
+                    if tx.send(b).is_err() {
+                        panic!("the committer of {name} on worker {worker} has stopped");
+                    }
+                }
                 drop(tx.take());
                 if let Some(t) = thread.take() {
                     t.join().expect("committer thread");
@@ -325,6 +343,14 @@ pub fn frontier_sink<S: Store>(
     committed
 }
 
+/// Results further behind the wall clock than this are being caught up on.
+const CATCH_UP_BEHIND_MS: Time = 60_000;
+fn wall_clock_ms() -> Time {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as Time)
+}
+
 /// Updates that reached the operator and are not yet in a batch.
 #[derive(Default)]
 struct Pending {
@@ -336,41 +362,52 @@ struct Pending {
 impl Pending {
     /// Take every update below `frontier` and consolidate it into one batch.
     fn batch(&mut self, frontier: Time) -> Batch {
-        // Per key, the updates at the latest time it changed: they say what it
-        // ends as. (Net changes over the whole batch cannot: a row that goes
-        // A → B → A nets to nothing, exactly like one inserted and deleted.)
-        let mut keys: BTreeMap<CardWindow, (Time, Vec<(WindowStats, Diff)>)> = BTreeMap::new();
+        // Per key, its updates in time order. What the key ends as is what
+        // its last decisive time says: a value inserted then, or none if only
+        // retractions happened then. Times whose changes net to nothing (a row
+        // retracted and inserted unchanged) decide nothing. (Net changes over
+        // the whole batch cannot tell: a row going A → B → A nets to nothing,
+        // exactly like one inserted and deleted.)
+        let mut keys: BTreeMap<CardWindow, Vec<(Time, WindowStats, Diff)>> = BTreeMap::new();
         self.stats.retain(|((key, value), t, d)| {
             if *t >= frontier {
                 return true;
             }
-            let entry = keys.entry(*key).or_insert_with(|| (*t, Vec::new()));
-            if *t > entry.0 {
-                *entry = (*t, Vec::new());
-            }
-            if *t == entry.0 {
-                entry.1.push((*value, *d));
-            }
+            keys.entry(*key).or_default().push((*t, *value, *d));
             false
         });
         let mut b = Batch { frontier, ..Batch::default() };
-        // A key the batch touched ends either with its one current row or with
-        // none; "none" is written as a (guarded) delete even when the key was
-        // inserted and deleted within the batch, because the store may hold a
-        // row this run did not write: one committed by an earlier run beyond
-        // the resume point, or by another worker before a rescale.
-        for (key, (as_of, mut last)) in keys {
-            last.sort_unstable_by_key(|(v, _)| *v);
-            let mut net: Vec<(WindowStats, Diff)> = Vec::new();
-            for (v, d) in last {
-                match net.last_mut() {
-                    Some((w, n)) if *w == v => *n += d,
-                    _ => net.push((v, d)),
+        // A key that ends without a row is written as a (guarded) delete even
+        // when the key was inserted and deleted within the batch, because the
+        // store may hold a row this run did not write: one committed by an
+        // earlier run beyond the resume point, or by another worker before a rescale.
+        for (key, mut updates) in keys {
+            updates.sort_unstable_by_key(|(t, v, _)| (*t, *v));
+            let mut end: Option<(Option<WindowStats>, Time)> = None;
+            let mut i = 0;
+            while i < updates.len() {
+                let t = updates[i].0;
+                let (mut inserted, mut retracted) = (None, false);
+                while i < updates.len() && updates[i].0 == t {
+                    let (v, mut net) = (updates[i].1, 0);
+                    while i < updates.len() && updates[i].0 == t && updates[i].1 == v {
+                        net += updates[i].2;
+                        i += 1;
+                    }
+                    match net.cmp(&0) {
+                        std::cmp::Ordering::Greater => inserted = Some(v),
+                        std::cmp::Ordering::Less => retracted = true,
+                        std::cmp::Ordering::Equal => {}
+                    }
+                }
+                if inserted.is_some() || retracted {
+                    end = Some((inserted, t));
                 }
             }
-            match net.iter().find(|(_, d)| *d > 0) {
-                Some((v, _)) => b.upserts.push((key, *v, as_of)),
-                None => b.deletes.push((key, as_of)),
+            match end {
+                Some((Some(v), t)) => b.upserts.push((key, v, t)),
+                Some((None, t)) => b.deletes.push((key, t)),
+                None => {}
             }
         }
         self.alerts.retain(|(a, t, d)| {
@@ -550,6 +587,24 @@ mod tests {
         assert_eq!(b.upserts, vec![(key(1), stats(5), 7), (key(3), stats(1), 5)]);
         assert_eq!(b.deletes, vec![(key(2), 4)]);
         assert_eq!(p.stats.len(), 2, "the updates at 12 wait for a later batch");
+    }
+
+    #[test]
+    fn a_time_whose_changes_net_to_nothing_decides_nothing() {
+        let updates = vec![
+            // Key 1 changes to 4 at 2, then an unchanged retract-and-insert at 6.
+            ((key(1), stats(3)), 2, -1),
+            ((key(1), stats(4)), 2, 1),
+            ((key(1), stats(4)), 6, -1),
+            ((key(1), stats(4)), 6, 1),
+            // Key 2: only an unchanged retract-and-insert: nothing to write.
+            ((key(2), stats(9)), 5, -1),
+            ((key(2), stats(9)), 5, 1),
+        ];
+        let mut p = Pending { stats: updates, ..Pending::default() };
+        let b = p.batch(10);
+        assert_eq!(b.upserts, vec![(key(1), stats(4), 2)]);
+        assert!(b.deletes.is_empty());
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! - [`avro`]: the transaction codec (Confluent wire format, serde decoding,
 //!   validation into the dataflow's event).
 //! - [`confluent_registry`]: a Confluent Schema Registry REST client with a cache.
+//! - [`ceiling`]: reading a topic as fast as one consumer can (the benchmarks' limit).
 //! - [`codes`]: the currency and country codes the source accepts.
 //! - [`commit`]: the frontier-driven commit operator every sink shares.
 //! - [`dead_letter`]: why a record was rejected.
@@ -24,6 +25,7 @@
 //! rules.
 
 pub mod avro;
+pub mod ceiling;
 pub mod codes;
 pub mod commit;
 pub mod confluent_registry;

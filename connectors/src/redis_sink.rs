@@ -35,6 +35,8 @@ pub struct RedisSinkConfig {
     pub job: String,
     /// Commit at most this often.
     pub commit_interval: Duration,
+    /// Commit at most this often while catching up (see `CommitOptions`).
+    pub catch_up_interval: Duration,
     /// The alert stream keeps about this many entries.
     pub stream_max_len: usize,
     /// Card hashes expire this long after their last update (the longest window).
@@ -91,27 +93,47 @@ return 1
 "#;
 
 const SCRIPT: &str = r#"
--- KEYS[1] frontiers hash, KEYS[2] alert stream; ARGV[8] this worker's field
--- ARGV: frontier (20-digit), prefix, ttl ms, stream max len, #upserts, #deletes, #alerts, then
--- upserts (card, window, count, sum, max, merchants, countries), deletes (card, window),
--- alerts (card, id, rule, time (20-digit), event time, details).
+-- KEYS[1] frontiers hash, KEYS[2] alert stream.
+-- ARGV: frontier (20-digit), prefix, ttl ms, stream max len, #cards, #alerts, this worker's
+-- field; then per card: card, #upserts, #deletes, upserts (window, count, sum, max,
+-- merchants, countries), deletes (window); then alerts (card, id, rule, time (20-digit),
+-- event time, details). One HSET, one HDEL and one PEXPIRE per card, not per window.
 local frontier = ARGV[1]
-local current = redis.call('HGET', KEYS[1], ARGV[8])
+local current = redis.call('HGET', KEYS[1], ARGV[7])
 if current and frontier <= current then return 0 end
 local prefix, ttl, maxlen = ARGV[2], ARGV[3], ARGV[4]
-local nu, nd, na = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
-local i = 9
-for _ = 1, nu do
-  local key, w = prefix .. 'card:' .. ARGV[i], 'w' .. ARGV[i + 1]
-  redis.call('HSET', key, w .. ':count', ARGV[i + 2], w .. ':sum', ARGV[i + 3], w .. ':max', ARGV[i + 4],
-    w .. ':merchants', ARGV[i + 5], w .. ':countries', ARGV[i + 6])
-  redis.call('PEXPIRE', key, ttl)
-  i = i + 7
-end
-for _ = 1, nd do
-  local key, w = prefix .. 'card:' .. ARGV[i], 'w' .. ARGV[i + 1]
-  redis.call('HDEL', key, w .. ':count', w .. ':sum', w .. ':max', w .. ':merchants', w .. ':countries')
-  i = i + 2
+local nc, na = tonumber(ARGV[5]), tonumber(ARGV[6])
+local i = 8
+for _ = 1, nc do
+  local key = prefix .. 'card:' .. ARGV[i]
+  local nu, nd = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+  i = i + 3
+  if nu > 0 then
+    local fields = {}
+    for _ = 1, nu do
+      local w = 'w' .. ARGV[i]
+      local n = #fields
+      fields[n + 1], fields[n + 2] = w .. ':count', ARGV[i + 1]
+      fields[n + 3], fields[n + 4] = w .. ':sum', ARGV[i + 2]
+      fields[n + 5], fields[n + 6] = w .. ':max', ARGV[i + 3]
+      fields[n + 7], fields[n + 8] = w .. ':merchants', ARGV[i + 4]
+      fields[n + 9], fields[n + 10] = w .. ':countries', ARGV[i + 5]
+      i = i + 6
+    end
+    redis.call('HSET', key, unpack(fields))
+    redis.call('PEXPIRE', key, ttl)
+  end
+  if nd > 0 then
+    local fields = {}
+    for _ = 1, nd do
+      local w = 'w' .. ARGV[i]
+      local n = #fields
+      fields[n + 1], fields[n + 2], fields[n + 3] = w .. ':count', w .. ':sum', w .. ':max'
+      fields[n + 4], fields[n + 5] = w .. ':merchants', w .. ':countries'
+      i = i + 1
+    end
+    redis.call('HDEL', key, unpack(fields))
+  end
 end
 for _ = 1, na do
   -- Each alert enters the stream once, whichever worker or run commits it.
@@ -124,7 +146,7 @@ for _ = 1, na do
   end
   i = i + 6
 end
-redis.call('HSET', KEYS[1], ARGV[8], frontier)
+redis.call('HSET', KEYS[1], ARGV[7], frontier)
 return 1
 "#;
 
@@ -143,6 +165,7 @@ pub fn redis_sink(inputs: SinkInputs<'_>, config: &RedisSinkConfig) -> Committed
         interval: config.commit_interval,
         resume_from: config.resume_from,
         report_to: None,
+        catch_up_interval: config.catch_up_interval,
     };
     frontier_sink("RedisSink", inputs, options, store)
 }
@@ -202,6 +225,14 @@ impl Store for Redis {
     async fn commit(&mut self, conn: &mut MultiplexedConnection, b: &Batch) -> Result<(), String> {
         let keys = Keys::new(&self.config.job);
         let (upserts, deletes, alerts) = (&b.upserts, &b.deletes, &b.alerts);
+        // Per card, its upserts and deletes (both come sorted by card, then window).
+        let mut cards: std::collections::BTreeMap<u64, (Vec<_>, Vec<_>)> = Default::default();
+        for (k, s, _) in upserts {
+            cards.entry(k.card_id).or_default().0.push((k.window_ms, s));
+        }
+        for (k, _) in deletes {
+            cards.entry(k.card_id).or_default().1.push(k.window_ms);
+        }
         let mut invocation = self.script.prepare_invoke();
         invocation
             .key(keys.frontiers())
@@ -210,22 +241,23 @@ impl Store for Redis {
             .arg(&keys.prefix)
             .arg(self.config.ttl.as_millis() as u64)
             .arg(self.config.stream_max_len)
-            .arg(upserts.len())
-            .arg(deletes.len())
+            .arg(cards.len())
             .arg(alerts.len())
             .arg(self.worker);
-        for (k, s, _) in upserts {
-            invocation
-                .arg(k.card_id)
-                .arg(k.window_ms)
-                .arg(s.count)
-                .arg(s.sum)
-                .arg(s.max_amount)
-                .arg(s.distinct_merchants)
-                .arg(s.distinct_countries);
-        }
-        for (k, _) in deletes {
-            invocation.arg(k.card_id).arg(k.window_ms);
+        for (card, (ups, dels)) in &cards {
+            invocation.arg(card).arg(ups.len()).arg(dels.len());
+            for (w, s) in ups {
+                invocation
+                    .arg(w)
+                    .arg(s.count)
+                    .arg(s.sum)
+                    .arg(s.max_amount)
+                    .arg(s.distinct_merchants)
+                    .arg(s.distinct_countries);
+            }
+            for w in dels {
+                invocation.arg(w);
+            }
         }
         for (a, t) in alerts {
             let details = serde_json::to_string(&a.details).map_err(|e| e.to_string())?;

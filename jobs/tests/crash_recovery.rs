@@ -51,6 +51,7 @@ impl Run {
                     .args(["-n", &processes.to_string(), "-p", &p.to_string()])
                     .args(["-h", &hosts.display().to_string()])
                     .args(["--commit-interval-ms", "20", "--idle-timeout-s", "0"])
+                    .args(["--catch-up-commit-interval-ms", "0"])
                     .args([
                         "--sample-every",
                         "300",

@@ -28,6 +28,8 @@ pub struct PgSinkConfig {
     pub job: String,
     /// Commit at most this often (a batch also waits for the frontier to move).
     pub commit_interval: Duration,
+    /// Commit at most this often while catching up (see `CommitOptions`).
+    pub catch_up_interval: Duration,
     /// The source's progress samples, stored with each commit, if any.
     pub progress: Option<Progress>,
     /// The source's late records, stored in `late_events` with each commit, if any.
@@ -52,6 +54,7 @@ pub fn pg_sink(inputs: SinkInputs<'_>, config: &PgSinkConfig) -> Committed {
         interval: config.commit_interval,
         resume_from: config.resume_from,
         report_to: config.report_to.clone(),
+        catch_up_interval: config.catch_up_interval,
     };
     frontier_sink("PgSink", inputs, options, store)
 }

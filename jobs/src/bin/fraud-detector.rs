@@ -71,6 +71,10 @@ struct Args {
     /// Commit to PostgreSQL at most this often, ms.
     #[arg(long, default_value_t = 500)]
     commit_interval_ms: u64,
+    /// Commit at most this often while results are more than a minute behind
+    /// the wall clock (catching up), ms; larger batches mean far fewer rows.
+    #[arg(long, default_value_t = 5_000)]
+    catch_up_commit_interval_ms: u64,
     /// Read the topic to its current end, commit, and exit (bulk loads, demos, tests).
     #[arg(long)]
     bounded: bool,
@@ -266,6 +270,7 @@ fn main() -> Result<()> {
         conninfo: endpoints.postgres_config(),
         job: args.job.clone(),
         commit_interval: Duration::from_millis(args.commit_interval_ms),
+        catch_up_interval: Duration::from_millis(args.catch_up_commit_interval_ms),
         progress: None,
         late: None,
         resume_from: pg_frontier.unwrap_or(0),
@@ -276,6 +281,7 @@ fn main() -> Result<()> {
         url: endpoints.redis_url(),
         job: args.job.clone(),
         commit_interval: Duration::from_millis(args.commit_interval_ms),
+        catch_up_interval: Duration::from_millis(args.catch_up_commit_interval_ms),
         stream_max_len: 100_000,
         // A card's hash outlives its longest window by a minute, then goes.
         ttl: Duration::from_millis(fraud.max_window() + 60_000),

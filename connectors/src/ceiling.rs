@@ -1,0 +1,58 @@
+//! The physical limit: a topic read from offset 0 to its end as fast as one
+//! rdkafka consumer can, with or without decoding. The benchmarks compare
+//! Tripwire's throughput against it.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+
+use crate::avro::{Limits, TransactionCodec};
+use crate::registry::EmbeddedRegistry;
+
+/// Read all of `topic` (every partition, one consumer), decoding and validating
+/// each record if `decode`: how many records, in how many seconds.
+pub fn read_topic(bootstrap: &str, topic: &str, decode: bool) -> (u64, f64) {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", "tripwire-ceiling")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .create()
+        .expect("consumer");
+    let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).expect("metadata");
+    let parts = md.topics()[0].partitions().len();
+    assert!(parts > 0, "topic {topic} is missing: run txgen first");
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..parts as i32 {
+        tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
+    }
+    consumer.assign(&tpl).unwrap();
+    let registry = Arc::new(EmbeddedRegistry::new().unwrap());
+    let mut codec = TransactionCodec::new(registry, Limits::default());
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64;
+    let start = Instant::now();
+    let (mut n, mut eof, mut checksum) = (0u64, 0usize, 0u64);
+    while eof < parts {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                n += 1;
+                let payload = m.payload().unwrap_or_default();
+                if decode {
+                    if let Ok(x) = codec.decode(payload, now) {
+                        checksum = checksum.wrapping_add(x.event_id);
+                    }
+                } else {
+                    checksum = checksum.wrapping_add(payload.len() as u64);
+                }
+            }
+            Some(Err(KafkaError::PartitionEOF(_))) => eof += 1,
+            Some(Err(e)) => panic!("consume: {e}"),
+            None => {}
+        }
+    }
+    std::hint::black_box(checksum);
+    (n, start.elapsed().as_secs_f64())
+}
