@@ -509,9 +509,12 @@ fn spawn_committer<S: Store>(
                                 if state != before {
                                     breaker_gauge.set(state as i64);
                                 }
-                                if before != BreakerState::Open && state == BreakerState::Open {
+                                if before == BreakerState::Closed && state == BreakerState::Open {
                                     tracing::warn!(sink = %name, worker, error = %e, retry_in_ms = wait.as_millis() as u64,
                                         "circuit breaker open: commits wait for the store");
+                                } else if before == BreakerState::HalfOpen {
+                                    tracing::warn!(sink = %name, worker, error = %e, retry_in_ms = wait.as_millis() as u64,
+                                        "probe failed: circuit breaker stays open");
                                 } else {
                                     tracing::warn!(sink = %name, worker, error = %e, retry_in_ms = wait.as_millis() as u64,
                                         breaker = ?state, "commit failed; retrying");

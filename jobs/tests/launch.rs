@@ -169,7 +169,10 @@ fn three_processes_from_a_hosts_file_equal_one_process_and_a_killed_one_restarts
 
     // Three processes again; one is SIGKILLed once the group has committed something.
     let killed = format!("{}_killed", f.topic);
-    let launch = f.launch(&killed, &addresses(3));
+    let mut launch = f.launch(&killed, &addresses(3));
+    // Commits at every interval even though the input is an hour old, so that
+    // there is a commit to kill after before the group reads to the end.
+    launch.args.extend(["--catch-up-commit-interval-ms".to_string(), "0".to_string()]);
     let stop = Arc::new(AtomicBool::new(false));
     let supervisor = {
         let (launch, home, stop) = (launch.clone(), home.clone(), stop.clone());
@@ -199,6 +202,7 @@ fn three_processes_from_a_hosts_file_equal_one_process_and_a_killed_one_restarts
     let stopped = format!("{}_stopped", f.topic);
     let mut launch = f.launch(&stopped, &addresses(2));
     launch.args.retain(|a| a != "--bounded");
+    launch.args.extend(["--catch-up-commit-interval-ms".to_string(), "0".to_string()]);
     let stop = Arc::new(AtomicBool::new(false));
     let supervisor = {
         let (launch, home, stop) = (launch.clone(), home.clone(), stop.clone());
