@@ -5,15 +5,19 @@
 //! window the latest row, or its deletion; new alerts; archived events) and
 //! hands it to a committer thread of the sink's own, which writes it, with the
 //! worker's checkpoint, atomically. The database work never runs on the timely
-//! worker; batches travel through a bounded channel.
+//! worker; a batch is handed over only when the committer is free to take it
+//! (a rendezvous channel).
 //!
-//! - **A store that falls behind** (down, slow): while the channel is full the
-//!   operator folds each new batch into the one it holds ([`Batch::absorb`]),
-//!   so what waits is one batch whose statistics are bounded by the number of
-//!   keys, not by the length of the outage. Only alerts and archived events
-//!   grow with the input; the PostgreSQL sink reports its commits to the
-//!   source, which pauses when too much is uncommitted (backpressure, see
-//!   `kafka_source`).
+//! - **A store that falls behind** (busy, slow, down): while the committer is
+//!   busy the operator folds each new batch into the one it holds
+//!   ([`Batch::absorb`]), so what waits is one batch whose statistics are
+//!   bounded by the number of keys, not by the length of the outage, and a
+//!   loaded store gets fewer, better consolidated batches. Only alerts and
+//!   archived events grow with the input; the PostgreSQL sink reports its
+//!   commits to the source, which pauses when too much is uncommitted
+//!   (backpressure, see `kafka_source`).
+//! - **Catching up**: while results are more than a minute behind the wall
+//!   clock, commits wait at least [`CommitOptions::catch_up_interval`].
 //! - **Failures** are retried with exponential backoff behind a circuit
 //!   breaker ([`Breaker`]): after a few failures in a row it opens, commits
 //!   wait out a cool-down, one probe (half-open) decides whether it closes.
