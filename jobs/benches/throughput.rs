@@ -16,107 +16,28 @@
 //! the first `TRIPWIRE_BENCH_NAIVE_EVENTS`, default 50,000, events).
 //! Prints a table and writes `bench/results/throughput.json`.
 
+mod support;
+
 use std::collections::{HashMap, VecDeque};
-use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use support::{bulk_config, env_or, load, now_ms, records_in, unique, write_results, JobRun};
 use tripwire_connectors::avro::{Limits, TransactionCodec};
 use tripwire_connectors::ceiling::read_topic;
-use tripwire_connectors::kafka_admin::{ensure_topic, partition_count};
+use tripwire_connectors::kafka_admin::partition_count;
 use tripwire_connectors::registry::EmbeddedRegistry;
 use tripwire_connectors::Endpoints;
-use tripwire_jobs::generator::{GenConfig, Generator};
-
-fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64
-}
-
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-/// Records in `topic` (the sum of its partitions' end offsets).
-fn records_in(bootstrap: &str, topic: &str) -> i64 {
-    let c: BaseConsumer = ClientConfig::new().set("bootstrap.servers", bootstrap).create().unwrap();
-    let Ok(Some(n)) = partition_count(bootstrap, topic) else { return 0 };
-    (0..n as i32)
-        .map(|p| c.fetch_watermarks(topic, p, Duration::from_secs(10)).map_or(0, |(_, hi)| hi))
-        .sum()
-}
-
-fn load(bootstrap: &str, topic: &str, events: u64) {
-    ensure_topic(bootstrap, topic, 12).unwrap();
-    if records_in(bootstrap, topic) >= events as i64 {
-        println!("topic {topic} already holds the input");
-        return;
-    }
-    let started = Instant::now();
-    let now = now_ms();
-    let plan = Generator::new(GenConfig {
-        seed: 1,
-        cards: 100_000,
-        partitions: 12,
-        spacing_ms: 1,
-        start_ms: now - events as i64 - 3_600_000,
-        fraud_per_10k: 2,
-        bad_per_10k: 1,
-        now_ms: now,
-        ..GenConfig::default()
-    })
-    .generate(events);
-    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("enable.idempotence", "true")
-        .set("compression.type", "snappy")
-        .set("linger.ms", "10")
-        .set("queue.buffering.max.messages", "1000000")
-        .create()
-        .unwrap();
-    for p in &plan {
-        let mut r = BaseRecord::to(topic).partition(p.partition).key(&p.key).payload(&p.payload);
-        while let Err((_, back)) = producer.send(r) {
-            r = back;
-            producer.poll(Duration::from_millis(1));
-        }
-    }
-    producer.flush(Duration::from_secs(300)).unwrap();
-    println!(
-        "loaded {} records into {topic} in {:.1?} (not timed below)",
-        plan.len(),
-        started.elapsed()
-    );
-}
+use tripwire_jobs::generator::Generator;
 
 /// (c): the job, bounded, from offset 0 to the end, exactly once into both stores.
 fn tripwire(topic: &str, workers: usize, archive: bool) -> f64 {
-    let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/fraud-detector");
-    assert!(bin.exists(), "build the job first: cargo build --release -p tripwire-jobs --bins");
-    let job = format!("bench_{}_{}", std::process::id(), now_ms());
-    let started = Instant::now();
-    let status = Command::new(bin)
-        .args(["--topic", topic, "--dlq-topic", &format!("{topic}-dlq"), "--job", &job])
-        .args([
-            "--bounded",
-            "--idle-timeout-s",
-            "0",
-            "--metrics-port",
-            "0",
-            "-w",
-            &workers.to_string(),
-        ])
-        .args(["--archive", if archive { "true" } else { "false" }])
-        .env("TRIPWIRE_PG_SCHEMA", &job)
-        .env("RUST_LOG", "error")
-        .status()
-        .unwrap();
-    assert!(status.success());
-    started.elapsed().as_secs_f64()
+    let job = unique("bench_throughput");
+    let args = vec!["--archive".to_string(), archive.to_string()];
+    JobRun { topic, job: &job, processes: 1, workers, args }.run_bounded()
 }
 
 /// (d): what a team writes by hand: per event, update the card's windows in a
@@ -211,7 +132,9 @@ fn main() {
     let naive_limit = env_or("TRIPWIRE_BENCH_NAIVE_EVENTS", 50_000);
     let bootstrap = Endpoints::from_env().unwrap().kafka_bootstrap;
     let topic = format!("bench_throughput_{events}");
-    load(&bootstrap, &topic, events);
+    if records_in(&bootstrap, &topic) == 0 {
+        load(&bootstrap, &topic, &Generator::new(bulk_config(1, events)).generate(events));
+    }
     let records = records_in(&bootstrap, &topic) as f64;
 
     let (n, s) = read_topic(&bootstrap, &topic, false);
@@ -244,12 +167,5 @@ fn main() {
         "c_over_b": tripwire_eps / decode_eps,
         "c_over_d": tripwire_eps / naive_eps,
     });
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/results");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join("throughput.json"),
-        serde_json::to_string_pretty(&json).unwrap() + "\n",
-    )
-    .unwrap();
-    println!("wrote bench/results/throughput.json");
+    write_results("throughput", &json);
 }

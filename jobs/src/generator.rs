@@ -87,6 +87,10 @@ pub struct GenConfig {
     pub start_ms: i64,
     /// Event-time spacing between consecutive benign events, ms.
     pub spacing_ms: i64,
+    /// Fixed-rate traffic: this many benign events per second of event time
+    /// (overrides `spacing_ms`, so that rates above 1,000/s keep event time
+    /// in step with the wall clock).
+    pub rate_per_s: Option<u64>,
     /// Fraud scenarios per 10,000 benign events, each scenario type.
     pub fraud_per_10k: u64,
     /// Bad records per 10,000 events, each bad-input class.
@@ -97,6 +101,14 @@ pub struct GenConfig {
     pub lateness_ms: i64,
     /// Out-of-order records per 10,000, arriving within the bound.
     pub out_of_order_per_10k: u64,
+    /// Late records per 10,000, beyond the bound.
+    pub late_per_10k: u64,
+    /// Benign near misses per 10,000 events, each kind: legitimate traffic
+    /// that comes close to a rule's threshold without crossing it (five
+    /// payments in a minute, a purchase four times the usual, a trip across a
+    /// nearby border, four small payments at four shops). They measure false
+    /// positives; each uses a card of its own, so labels stay clean.
+    pub near_miss_per_10k: u64,
     /// Wall-clock time the consumer will judge event times against.
     pub now_ms: i64,
     /// The ids records are framed with: the embedded registry's, or those a
@@ -130,11 +142,14 @@ impl Default for GenConfig {
             partitions: 12,
             start_ms: 0,
             spacing_ms: 1,
+            rate_per_s: None,
             fraud_per_10k: 2,
             bad_per_10k: 2,
             v1_percent: 30,
             lateness_ms: 5_000,
             out_of_order_per_10k: 100,
+            late_per_10k: 20,
+            near_miss_per_10k: 0,
             now_ms: 0,
             schema_ids: SchemaIds::EMBEDDED,
         }
@@ -166,6 +181,12 @@ impl Rng {
     }
 }
 
+/// A card's typical payment, minor units: 1,000..=8,000, fixed per card (half of
+/// it stays above the 5.00 of "small" payments card testing looks for).
+fn typical_amount(card: u64) -> i64 {
+    1_000 + (Rng(card).next() % 7_001) as i64
+}
+
 /// Makes the plan.
 pub struct Generator {
     config: GenConfig,
@@ -177,6 +198,8 @@ pub struct Generator {
     /// Per partition, the largest event time planned so far (for late records).
     max_seen: Vec<Option<i64>>,
     clock_ms: i64,
+    /// Benign events planned so far.
+    planned: u64,
     /// Scenario events waiting for the clock to reach their event time, so that
     /// they arrive in time order with the benign traffic (not hours ahead of it,
     /// which would make their partition's later records late).
@@ -186,7 +209,7 @@ pub struct Generator {
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 struct WaitingEvent {
     record: OrdRecord,
-    label: Scenario,
+    label: Option<Scenario>,
 }
 
 /// An `AvroTransaction` with the ordering the waiting queue needs (by id; times are in the key).
@@ -223,6 +246,7 @@ impl Generator {
             next_id: config.seed << 40,
             max_seen: vec![None; config.partitions.max(1) as usize],
             clock_ms: config.start_ms,
+            planned: 0,
             waiting: Default::default(),
             config,
         }
@@ -241,7 +265,9 @@ impl Generator {
             account_id: (card / 2) as i64,
             merchant_id: (card.wrapping_mul(31) + self.rng.below(20)) as i64 % 50_000,
             mcc: [5411, 5812, 5999, 4111][self.rng.below(4) as usize],
-            amount_minor: 500 + self.rng.below(15_000) as i64,
+            // A spending profile per card: a typical amount between 10.00 and
+            // 80.00, each payment half to twice that.
+            amount_minor: typical_amount(card) * (50 + self.rng.below(151) as i64) / 100,
             currency: "EUR".into(),
             country: country.into(),
             lat,
@@ -352,12 +378,7 @@ impl Generator {
         let at = |g: &mut Generator, dt: i64, f: &dyn Fn(&mut AvroTransaction)| {
             let mut r = g.record(card, t + dt);
             f(&mut r);
-            let seq = r.event_id as u64;
-            g.waiting.push(std::cmp::Reverse((
-                t + dt,
-                seq,
-                WaitingEvent { record: OrdRecord(r), label: s },
-            )));
+            g.wait(r, Some(s));
         };
         match s {
             Scenario::Velocity => (0..7).for_each(|i| at(self, i * 6_000, &|_| {})),
@@ -391,20 +412,88 @@ impl Generator {
         }
     }
 
+    /// Queue `r` until the clock reaches its event time.
+    fn wait(&mut self, r: AvroTransaction, label: Option<Scenario>) {
+        let (time, seq) = (r.event_time, r.event_id as u64);
+        self.waiting.push(std::cmp::Reverse((
+            time,
+            seq,
+            WaitingEvent { record: OrdRecord(r), label },
+        )));
+    }
+
+    /// Benign traffic just short of rule `s`'s threshold (see
+    /// [`GenConfig::near_miss_per_10k`]), on a card of its own.
+    fn near_miss(&mut self, s: Scenario) {
+        let card = self.config.cards + 2_000_000_000 + self.rng.below(1_000_000_000);
+        let t = self.clock_ms;
+        let at = |g: &mut Generator, dt: i64, f: &dyn Fn(&mut AvroTransaction)| {
+            let mut r = g.record(card, t + dt);
+            f(&mut r);
+            g.wait(r, None);
+        };
+        match s {
+            // Five payments within a minute: velocity needs more than five.
+            Scenario::Velocity => (0..5).for_each(|i| at(self, i * 10_000, &|_| {})),
+            // Five of 1,000, then 4,000: four times the average, not five.
+            Scenario::AmountSpike => {
+                (0..5).for_each(|i| at(self, i * 60_000, &|r| r.amount_minor = 1_000));
+                at(self, 300_000, &|r| r.amount_minor = 4_000);
+            }
+            // Strasbourg, then Kehl across the Rhine 20 min later: another
+            // country, a few km, walking speed.
+            Scenario::ImpossibleTravel => {
+                at(self, 0, &|r| (r.lat, r.lon, r.country) = (48.5734, 7.7521, "FR".into()));
+                at(self, 1_200_000, &|r| {
+                    (r.lat, r.lon, r.country) = (48.5790, 7.8150, "DE".into())
+                });
+            }
+            // Four small payments at four shops: card testing needs five.
+            Scenario::CardTesting => (0..4).for_each(|i| {
+                at(self, i * 30_000, &|r| {
+                    r.amount_minor = 250;
+                    r.merchant_id = 800_000 + r.event_id % 1_000;
+                })
+            }),
+            // Two countries within the hour: hopping needs three.
+            Scenario::CountryHopping => {
+                at(self, 0, &|r| (r.lat, r.lon, r.country) = (48.5734, 7.7521, "FR".into()));
+                at(self, 600_000, &|r| (r.lat, r.lon, r.country) = (48.5790, 7.8150, "DE".into()));
+                at(self, 1_200_000, &|r| {
+                    (r.lat, r.lon, r.country) = (48.5740, 7.7530, "FR".into())
+                });
+            }
+        }
+    }
+
     /// The plan for `events` benign events, with scenarios, bad records,
-    /// out-of-order and late records mixed in, in produce order.
+    /// out-of-order and late records mixed in, in produce order; scenario
+    /// records still ahead of the last benign event are planned up to the
+    /// wall clock ([`GenConfig::now_ms`]).
     pub fn generate(&mut self, events: u64) -> Vec<Planned> {
+        let mut out = self.generate_more(events);
+        self.release_waiting(self.config.now_ms, &mut out);
+        out
+    }
+
+    /// The plan for the next `events` benign events, continuing where the
+    /// last call ended (fixed-rate traffic is planned a slice at a time);
+    /// scenario records ahead of the last one stay queued for the next call.
+    pub fn generate_more(&mut self, events: u64) -> Vec<Planned> {
         let mut out = Vec::with_capacity(events as usize + events as usize / 100);
         let c = self.config.clone();
-        for n in 0..events {
-            self.clock_ms = c.start_ms + n as i64 * c.spacing_ms;
+        for n in self.planned..self.planned + events {
+            self.clock_ms = match c.rate_per_s {
+                Some(rate) => c.start_ms + (n as i128 * 1000 / rate.max(1) as i128) as i64,
+                None => c.start_ms + n as i64 * c.spacing_ms,
+            };
             let card = self.rng.below(c.cards);
             let roll = self.rng.below(10_000);
             let mut event_time = self.clock_ms;
             if roll < c.out_of_order_per_10k {
                 // Behind, but within the bound: accepted.
                 event_time -= self.rng.below(c.lateness_ms as u64 / 2) as i64;
-            } else if roll < c.out_of_order_per_10k + 20 {
+            } else if roll < c.out_of_order_per_10k + c.late_per_10k {
                 // Beyond the bound: late.
                 event_time -= c.lateness_ms + 1 + self.rng.below(60_000) as i64;
             }
@@ -416,15 +505,20 @@ impl Generator {
                     self.scenario(s);
                 }
             }
+            if c.near_miss_per_10k > 0 {
+                for s in Scenario::ALL {
+                    if self.rng.below(10_000) < c.near_miss_per_10k {
+                        self.near_miss(s);
+                    }
+                }
+            }
             for reason in DeadLetterReason::ALL {
                 if reason != DeadLetterReason::Late && self.rng.below(10_000) < c.bad_per_10k {
                     self.bad(reason, &mut out);
                 }
             }
         }
-        // Scenario events still waiting lie ahead of the last benign event; they
-        // go out only if they are not beyond the wall clock the consumer judges by.
-        self.release_waiting(c.now_ms, &mut out);
+        self.planned += events;
         out
     }
 
@@ -432,7 +526,7 @@ impl Generator {
     fn release_waiting(&mut self, until: i64, out: &mut Vec<Planned>) {
         while self.waiting.peek().is_some_and(|w| w.0 .0 <= until) {
             let std::cmp::Reverse((_, _, w)) = self.waiting.pop().expect("peeked");
-            self.plan(w.record.0, Some(w.label), out);
+            self.plan(w.record.0, w.label, out);
         }
     }
 }

@@ -121,6 +121,9 @@ fn killed_and_restarted_job_leaves_exactly_the_reference_result() {
         v1_percent: 30,
         lateness_ms: 5_000,
         out_of_order_per_10k: 300,
+        late_per_10k: 20,
+        near_miss_per_10k: 0,
+        rate_per_s: None,
         now_ms: now,
         schema_ids: SchemaIds::EMBEDDED,
     })

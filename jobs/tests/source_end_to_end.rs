@@ -69,6 +69,9 @@ fn source_accepts_every_good_record_once_and_dead_letters_every_bad_one_with_its
         v1_percent: 40,
         lateness_ms: 5_000,
         out_of_order_per_10k: 400,
+        late_per_10k: 20,
+        near_miss_per_10k: 0,
+        rate_per_s: None,
         now_ms: now,
         schema_ids: SchemaIds::EMBEDDED,
     };

@@ -20,7 +20,7 @@ use tripwire_connectors::confluent_registry::ConfluentRegistry;
 use tripwire_connectors::kafka_admin::ensure_topic;
 use tripwire_connectors::registry::{EmbeddedRegistry, SchemaRegistry};
 use tripwire_connectors::Endpoints;
-use tripwire_jobs::generator::{Expect, GenConfig, Generator, SchemaIds};
+use tripwire_jobs::generator::{Expect, GenConfig, Generator, Planned, SchemaIds};
 
 /// Produce generated card transactions (Avro, Confluent wire format) to Kafka.
 #[derive(Parser, Debug)]
@@ -56,6 +56,20 @@ struct Args {
     /// Share of records written with schema v1, per cent.
     #[arg(long, default_value_t = 30)]
     v1_percent: u64,
+    /// The consumer's lateness bound, ms: out-of-order records arrive up to
+    /// half of it behind, late records beyond it.
+    #[arg(long, default_value_t = 5_000)]
+    lateness_ms: i64,
+    /// Out-of-order records (within the bound) per 10,000 events.
+    #[arg(long, default_value_t = 100)]
+    out_of_order_per_10k: u64,
+    /// Late records (beyond the bound) per 10,000 events.
+    #[arg(long, default_value_t = 20)]
+    late_per_10k: u64,
+    /// Benign near misses per 10,000 events, for each rule: legitimate
+    /// traffic just short of the rule's threshold (false-positive bait).
+    #[arg(long, default_value_t = 0)]
+    near_miss_per_10k: u64,
     /// Write `event_id,scenario` of every labelled fraud event here.
     #[arg(long)]
     labels: Option<String>,
@@ -111,88 +125,164 @@ fn main() -> Result<()> {
     }
 
     let now = now_ms();
-    let (events, spacing_ms, start_ms) = match args.rate {
-        Some(rate) => (rate * args.seconds, (1000 / rate.max(1)).max(1) as i64, now),
-        // Bulk: event times 1 ms apart, ending an hour before the present so that
-        // every scenario (the longest spans 30 min) completes in the past.
-        None => (args.events, 1, now - args.events as i64 - 3_600_000),
-    };
-    let plan = Generator::new(GenConfig {
+    let config = GenConfig {
         seed: args.seed,
         cards: args.cards,
         partitions: args.partitions,
-        start_ms,
-        spacing_ms,
+        // Bulk: event times 1 ms apart, ending an hour before the present so that
+        // every scenario (the longest spans 30 min) completes in the past.
+        start_ms: now - args.events as i64 - 3_600_000,
+        spacing_ms: 1,
         fraud_per_10k: args.fraud_per_10k,
         bad_per_10k: args.bad_per_10k,
         v1_percent: args.v1_percent,
+        lateness_ms: args.lateness_ms,
+        out_of_order_per_10k: args.out_of_order_per_10k,
+        late_per_10k: args.late_per_10k,
+        near_miss_per_10k: args.near_miss_per_10k,
         now_ms: now,
         schema_ids,
         ..GenConfig::default()
-    })
-    .generate(events);
-
-    let mut labels = match &args.labels {
-        Some(path) => Some(BufWriter::new(File::create(path).context("creating the labels file")?)),
-        None => None,
+    };
+    let mut out = Output {
+        producer,
+        topic: args.topic.clone(),
+        labels: match &args.labels {
+            Some(path) => {
+                Some(BufWriter::new(File::create(path).context("creating the labels file")?))
+            }
+            None => None,
+        },
+        transaction_records: args.transaction_records,
+        in_txn: 0,
+        sent: 0,
     };
     let started = Instant::now();
-    let mut last_report = Instant::now();
-    let mut in_txn = 0usize;
-    for (n, p) in plan.iter().enumerate() {
-        if let Some(rate) = args.rate {
-            // Fixed rate: wait for the record's slot.
-            let due = Duration::from_secs_f64(n as f64 / rate as f64);
-            if let Some(wait) = due.checked_sub(started.elapsed()) {
-                std::thread::sleep(wait);
+    match args.rate {
+        None => {
+            let plan = Generator::new(config).generate(args.events);
+            let mut last_report = Instant::now();
+            for p in &plan {
+                out.send(p)?;
+                if last_report.elapsed() >= Duration::from_secs(2) {
+                    last_report = Instant::now();
+                    let rate = out.sent as f64 / started.elapsed().as_secs_f64();
+                    eprintln!("txgen: {}/{} records, {rate:.0}/s", out.sent, plan.len());
+                }
             }
         }
-        if let Some(size) = args.transaction_records {
-            if in_txn == 0 {
-                producer.begin_transaction()?;
+        Some(rate) => fixed_rate(&mut out, config, rate.max(1), args.seconds)?,
+    }
+    out.finish()?;
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "txgen: {} records to {} in {secs:.1} s, {:.0} records/s",
+        out.sent,
+        args.topic,
+        out.sent as f64 / secs
+    );
+    Ok(())
+}
+
+/// Where records go: the producer, the open transaction, the labels file.
+struct Output {
+    producer: ThreadedProducer<DefaultProducerContext>,
+    topic: String,
+    labels: Option<BufWriter<File>>,
+    transaction_records: Option<usize>,
+    in_txn: usize,
+    sent: u64,
+}
+
+impl Output {
+    fn send(&mut self, p: &Planned) -> Result<()> {
+        if let Some(size) = self.transaction_records {
+            if self.in_txn == 0 {
+                self.producer.begin_transaction()?;
             }
-            in_txn += 1;
-            if in_txn == size {
-                producer.commit_transaction(Duration::from_secs(30))?;
-                in_txn = 0;
+            self.in_txn += 1;
+            if self.in_txn == size {
+                self.producer.commit_transaction(Duration::from_secs(30))?;
+                self.in_txn = 0;
             }
         }
         let mut record =
-            BaseRecord::to(&args.topic).partition(p.partition).key(&p.key).payload(&p.payload);
+            BaseRecord::to(&self.topic).partition(p.partition).key(&p.key).payload(&p.payload);
         loop {
-            match producer.send(record) {
+            match self.producer.send(record) {
                 Ok(()) => break,
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                     record = back;
+                    // The queue drains on rdkafka's own thread; nothing to wait on but time.
                     std::thread::sleep(Duration::from_millis(1));
                 }
                 Err((e, _)) => return Err(e).context("producing"),
             }
         }
-        if let (Some(w), Some(s), Expect::Accept(id)) = (labels.as_mut(), p.label, &p.expect) {
+        if let (Some(w), Some(s), Expect::Accept(id)) = (self.labels.as_mut(), p.label, &p.expect) {
             writeln!(w, "{id},{}", s.rule_name())?;
+        }
+        self.sent += 1;
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        if self.in_txn > 0 {
+            self.producer.commit_transaction(Duration::from_secs(30))?;
+        }
+        self.producer.flush(Duration::from_secs(120))?;
+        if let Some(w) = self.labels.as_mut() {
+            w.flush()?;
+        }
+        Ok(())
+    }
+}
+
+/// Fixed-rate mode: `rate` events/s for `seconds`, each record sent when the
+/// wall clock reaches its slot, so that event time follows the wall clock.
+/// A planner thread makes the traffic a tenth of a second at a time, ahead of
+/// the sender.
+fn fixed_rate(out: &mut Output, mut config: GenConfig, rate: u64, seconds: u64) -> Result<()> {
+    const SLICE_MS: i64 = 100;
+    let per_slice = (rate * SLICE_MS as u64 / 1000).max(1);
+    let slices = seconds * 1000 / SLICE_MS as u64;
+    // Event time starts a moment ahead, while the first slices are planned.
+    let start_ms = now_ms() + 300;
+    config.start_ms = start_ms;
+    config.now_ms = start_ms;
+    config.rate_per_s = Some(per_slice * 1000 / SLICE_MS as u64);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Planned>>(4);
+    let planner = std::thread::spawn(move || {
+        let mut generator = Generator::new(config);
+        for _ in 0..slices {
+            if tx.send(generator.generate_more(per_slice)).is_err() {
+                return;
+            }
+        }
+    });
+    let mut last_report = Instant::now();
+    for (k, slice) in rx.iter().enumerate() {
+        let slice_start = start_ms + k as i64 * SLICE_MS;
+        for (i, p) in slice.iter().enumerate() {
+            let due = slice_start as f64 + i as f64 * SLICE_MS as f64 / slice.len() as f64;
+            let wait = due - now_us() as f64 / 1000.0;
+            if wait > 0.0 {
+                std::thread::sleep(Duration::from_secs_f64(wait / 1000.0));
+            }
+            out.send(p)?;
         }
         if last_report.elapsed() >= Duration::from_secs(2) {
             last_report = Instant::now();
-            let rate = n as f64 / started.elapsed().as_secs_f64();
-            eprintln!("txgen: {n}/{} records, {rate:.0}/s", plan.len());
+            let behind = now_ms() - (slice_start + SLICE_MS);
+            eprintln!("txgen: {} records, {behind} ms behind the schedule", out.sent);
         }
     }
-    if in_txn > 0 {
-        producer.commit_transaction(Duration::from_secs(30))?;
-    }
-    producer.flush(Duration::from_secs(120))?;
-    if let Some(mut w) = labels {
-        w.flush()?;
-    }
-    let secs = started.elapsed().as_secs_f64();
-    println!(
-        "txgen: {} records to {} in {secs:.1} s, {:.0} records/s",
-        plan.len(),
-        args.topic,
-        plan.len() as f64 / secs
-    );
+    planner.join().map_err(|_| anyhow::anyhow!("the planner thread panicked"))?;
     Ok(())
+}
+
+fn now_us() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64)
 }
 
 /// Register transaction v1 and v2 under `{topic}-value` (checking v2 against

@@ -1,0 +1,284 @@
+//! `latency`: from an event's produce time to the commit that makes it visible in PostgreSQL.
+//!
+//! ```text
+//! ./tripwire stack up
+//! cargo build --release -p tripwire-jobs --bins
+//! cargo bench -p tripwire-jobs --bench latency     # TRIPWIRE_BENCH_RATES=10000,50000,100000
+//! ```
+//!
+//! For each rate (events/s): a fresh 12-partition topic and job (2 workers,
+//! exactly-once into PostgreSQL and Redis); `txgen --rate R --seconds S`
+//! (`TRIPWIRE_BENCH_SECONDS`, default 60) produces traffic whose event time is
+//! the wall clock. A trigger on the job's `checkpoints` table notifies the
+//! benchmark of every commit; the notification arrives when the commit is
+//! visible, and the benchmark stamps it on arrival. An event at event time
+//! `e` is visible once every worker's committed frontier is past `e` (the
+//! "results complete up to" view passes it), so its latency is the arrival
+//! time of that notification minus the record's Kafka timestamp (its produce
+//! time). Events of the first 5 s (warm-up) and of the last second (no later
+//! traffic closes their time) are not counted; every other event must have
+//! become visible.
+//!
+//! Settings that bound the latency, all flags of the job and of txgen:
+//! lateness bound L (`TRIPWIRE_BENCH_LATENESS_MS`, default 10 ms: an event's
+//! time is complete once every partition has seen an event L later), commit
+//! interval (`TRIPWIRE_BENCH_COMMIT_MS`, default 10 ms), producer linger 1 ms.
+//!
+//! Prints a table and writes `bench/results/latency.json`.
+
+mod support;
+
+use std::collections::HashMap;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use support::{binary, env_or, free_port, now_us, postgres, quantile, unique, write_results};
+use tokio_postgres::AsyncMessage;
+use tripwire_connectors::avro::{Limits, TransactionCodec};
+use tripwire_connectors::kafka_admin::ensure_topic;
+use tripwire_connectors::postgres::migrate;
+use tripwire_connectors::registry::EmbeddedRegistry;
+
+const WORKERS: usize = 2;
+const WARM_UP_MS: i64 = 5_000;
+const TAIL_MS: i64 = 1_000;
+
+/// Commits as the benchmark saw them: (arrival µs, worker, frontier ms).
+type Commits = Arc<Mutex<Vec<(i64, i32, i64)>>>;
+
+/// Create the job's schema and a trigger that notifies every checkpoint
+/// write, then listen on a thread of its own, stamping each notification.
+fn listen(schema: &str) -> Commits {
+    let (rt, mut client) = postgres(schema);
+    rt.block_on(async {
+        migrate(&mut client).await.unwrap();
+        client
+            .batch_execute(
+                "CREATE FUNCTION bench_notify_checkpoint() RETURNS trigger AS $$
+                 BEGIN
+                     PERFORM pg_notify('bench_checkpoints', NEW.worker || ' ' || NEW.frontier);
+                     RETURN NEW;
+                 END $$ LANGUAGE plpgsql;
+                 CREATE TRIGGER bench_notify AFTER INSERT OR UPDATE ON checkpoints
+                     FOR EACH ROW EXECUTE FUNCTION bench_notify_checkpoint();",
+            )
+            .await
+            .unwrap();
+    });
+    let commits: Commits = Arc::default();
+    let seen = commits.clone();
+    let mut endpoints = support::endpoints();
+    endpoints.pg_schema = Some(schema.to_string());
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async move {
+            let (client, mut conn) =
+                tokio_postgres::connect(&endpoints.postgres_config(), tokio_postgres::NoTls)
+                    .await
+                    .unwrap();
+            let listen = async {
+                client.batch_execute("LISTEN bench_checkpoints").await.unwrap();
+                ready_tx.send(()).unwrap();
+                std::future::pending::<()>().await
+            };
+            let drive = async {
+                while let Some(m) = std::future::poll_fn(|cx| conn.poll_message(cx)).await {
+                    if let Ok(AsyncMessage::Notification(n)) = m {
+                        let at = now_us();
+                        let mut it = n.payload().split(' ').map(|x| x.parse::<i64>().unwrap());
+                        let (w, f) = (it.next().unwrap(), it.next().unwrap());
+                        seen.lock().unwrap().push((at, w as i32, f));
+                    }
+                }
+            };
+            tokio::select! { _ = listen => {}, _ = drive => {} }
+        });
+    });
+    ready_rx.recv_timeout(Duration::from_secs(30)).expect("LISTEN is in place");
+    commits
+}
+
+/// Every record of `topic`: (produce time ms, event time ms).
+fn read_back(bootstrap: &str, topic: &str) -> Vec<(i64, i64)> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", "tripwire-bench-latency")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..12 {
+        tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
+    }
+    consumer.assign(&tpl).unwrap();
+    let mut codec =
+        TransactionCodec::new(Arc::new(EmbeddedRegistry::new().unwrap()), Limits::default());
+    let (mut out, mut eof) = (Vec::new(), 0);
+    while eof < 12 {
+        match consumer.poll(Duration::from_millis(500)) {
+            Some(Ok(m)) => {
+                let produced = m.timestamp().to_millis().expect("records carry CreateTime");
+                let x = codec.decode(m.payload().unwrap_or_default(), produced).unwrap();
+                out.push((produced, x.event_time_ms as i64));
+            }
+            Some(Err(KafkaError::PartitionEOF(_))) => eof += 1,
+            Some(Err(e)) => panic!("reading back: {e}"),
+            None => {}
+        }
+    }
+    out
+}
+
+/// The complete-up-to steps: (arrival µs, least frontier over the workers),
+/// each with a larger frontier than the last.
+fn steps(commits: &[(i64, i32, i64)]) -> Vec<(i64, i64)> {
+    let mut latest: HashMap<i32, i64> = HashMap::new();
+    let mut out: Vec<(i64, i64)> = Vec::new();
+    for &(at, w, f) in commits {
+        latest.insert(w, f);
+        if latest.len() == WORKERS {
+            let least = *latest.values().min().unwrap();
+            if out.last().is_none_or(|l| least > l.1) {
+                out.push((at, least));
+            }
+        }
+    }
+    out
+}
+
+struct Measured {
+    p50: f64,
+    p99: f64,
+    p999: f64,
+    counted: usize,
+    commits: usize,
+}
+
+fn measure(rate: u64, seconds: u64, lateness_ms: u64, commit_ms: u64) -> Measured {
+    let bootstrap = support::endpoints().kafka_bootstrap;
+    let name = unique(&format!("bench_latency_{rate}"));
+    ensure_topic(&bootstrap, &name, 12).unwrap();
+    let commits = listen(&name);
+    let port = free_port();
+    let mut job = Command::new(binary("fraud-detector"))
+        .args(["--topic", &name, "--job", &name, "--dlq-topic", &format!("{name}-dlq")])
+        .args(["-w", &WORKERS.to_string(), "--archive", "false"])
+        .args(["--lateness-ms", &lateness_ms.to_string()])
+        .args(["--commit-interval-ms", &commit_ms.to_string()])
+        .args(["--metrics-port", &port.to_string()])
+        .env("TRIPWIRE_PG_SCHEMA", &name)
+        .env("RUST_LOG", "error")
+        .spawn()
+        .unwrap();
+    // Ready: stores connected, partitions assigned.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let ready = format!("http://127.0.0.1:{port}/ready");
+    while ureq::get(&ready).call().is_err() {
+        assert!(Instant::now() < deadline, "the job did not become ready");
+        assert!(job.try_wait().unwrap().is_none(), "the job exited");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let txgen = Command::new(binary("txgen"))
+        .args(["--topic", &name, "--rate", &rate.to_string(), "--seconds", &seconds.to_string()])
+        .args(["--linger-ms", "1", "--lateness-ms", &lateness_ms.to_string()])
+        .args(["--late-per-10k", "0", "--bad-per-10k", "0"])
+        .status()
+        .unwrap();
+    assert!(txgen.success(), "txgen failed");
+
+    let records = read_back(&bootstrap, &name);
+    let first = records.iter().map(|r| r.0).min().unwrap();
+    let last = records.iter().map(|r| r.0).max().unwrap();
+    let counted: Vec<(i64, i64)> =
+        records.into_iter().filter(|r| r.0 >= first + WARM_UP_MS && r.0 < last - TAIL_MS).collect();
+    let newest = counted.iter().map(|r| r.1).max().unwrap();
+    // Wait until every counted event is visible (the job keeps committing
+    // as the tail's traffic closes their times).
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while steps(&commits.lock().unwrap()).last().is_none_or(|s| s.1 <= newest) {
+        assert!(Instant::now() < deadline, "counted events never became visible");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    job.kill().unwrap();
+    job.wait().unwrap();
+
+    let commits = commits.lock().unwrap().clone();
+    let steps = steps(&commits);
+    let mut latencies: Vec<f64> = counted
+        .iter()
+        .map(|&(produced, event_time)| {
+            // The first step whose frontier is past the event's time.
+            let i = steps.partition_point(|s| s.1 <= event_time);
+            let visible_us = steps[i].0;
+            (visible_us as f64 / 1000.0 - produced as f64).max(0.0)
+        })
+        .collect();
+    if std::env::var_os("TRIPWIRE_BENCH_VERBOSE").is_some() {
+        // Per second of produce time: median and worst, to see stalls.
+        let mut by_second: std::collections::BTreeMap<i64, Vec<f64>> = Default::default();
+        for (l, r) in latencies.iter().zip(&counted) {
+            by_second.entry((r.0 - first) / 1000).or_default().push(*l);
+        }
+        for (sec, mut ls) in by_second {
+            ls.sort_by(f64::total_cmp);
+            println!(
+                "second {sec}: p50 {:.1} ms, max {:.1} ms",
+                quantile(&ls, 0.5),
+                quantile(&ls, 1.0)
+            );
+        }
+    }
+    latencies.sort_by(f64::total_cmp);
+    Measured {
+        p50: quantile(&latencies, 0.5),
+        p99: quantile(&latencies, 0.99),
+        p999: quantile(&latencies, 0.999),
+        counted: latencies.len(),
+        commits: commits.len(),
+    }
+}
+
+fn main() {
+    let rates: Vec<u64> = std::env::var("TRIPWIRE_BENCH_RATES")
+        .unwrap_or_else(|_| "10000,50000,100000".into())
+        .split(',')
+        .map(|r| r.trim().parse().expect("TRIPWIRE_BENCH_RATES: numbers"))
+        .collect();
+    let seconds = env_or("TRIPWIRE_BENCH_SECONDS", 60);
+    let lateness_ms = env_or("TRIPWIRE_BENCH_LATENESS_MS", 10);
+    let commit_ms = env_or("TRIPWIRE_BENCH_COMMIT_MS", 10);
+    let mut results = serde_json::Map::new();
+    let mut table = Vec::new();
+    for &rate in &rates {
+        let m = measure(rate, seconds, lateness_ms, commit_ms);
+        table.push(format!(
+            "| {rate} | {} | {} | {:.1} | {:.1} | {:.1} |",
+            m.counted, m.commits, m.p50, m.p99, m.p999
+        ));
+        results.insert(
+            rate.to_string(),
+            serde_json::json!({
+                "p50_ms": m.p50, "p99_ms": m.p99, "p999_ms": m.p999,
+                "events": m.counted, "checkpoint_writes": m.commits,
+                "seconds": seconds, "workers": WORKERS, "lateness_ms": lateness_ms,
+                "commit_interval_ms": commit_ms, "linger_ms": 1,
+            }),
+        );
+    }
+    println!(
+        "\n{seconds} s per rate, 2 workers, lateness bound {lateness_ms} ms, \
+         commit interval {commit_ms} ms, producer linger 1 ms\n"
+    );
+    println!("| events/s | events counted | checkpoint writes | p50 ms | p99 ms | p99.9 ms |");
+    println!("|---|---|---|---|---|---|");
+    for line in table {
+        println!("{line}");
+    }
+    write_results("latency", &serde_json::Value::Object(results));
+}
