@@ -5,8 +5,8 @@
 //! window the latest row, or its deletion; new alerts; archived events) and
 //! hands it to a committer thread of the sink's own, which writes it, with the
 //! worker's checkpoint, atomically. The database work never runs on the timely
-//! worker; a batch is handed over only when the committer is free to take it
-//! (a rendezvous channel).
+//! worker; a batch is handed over through a one-batch mailbox, which a free
+//! committer empties the moment a batch is posted.
 //!
 //! - **A store that falls behind** (busy, slow, down): while the committer is
 //!   busy the operator folds each new batch into the one it holds
@@ -28,8 +28,7 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, TrySendError};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -257,8 +256,8 @@ pub fn frontier_sink<S: Store>(
     let committed = options.report_to.clone().unwrap_or_default();
     committed.0.committed.fetch_max(resume_from, Ordering::AcqRel);
     committed.0.input.fetch_max(resume_from, Ordering::AcqRel);
-    let (tx, rx) = sync_channel::<Batch>(0);
-    let thread = spawn_committer(name, store, worker, rx, committed.clone());
+    let mailbox = Arc::new(Mailbox::default());
+    let thread = spawn_committer(name, store, worker, mailbox.clone(), committed.clone());
 
     let mut builder = OperatorBuilder::new(name.to_owned(), scope);
     let activator = scope.activator_for(builder.operator_info().address);
@@ -274,8 +273,6 @@ pub fn frontier_sink<S: Store>(
         let mut pending = Pending::default();
         let mut sent: Time = resume_from;
         let mut last_sent = Instant::now() - interval;
-        let mut held: Option<Batch> = None;
-        let mut tx = Some(tx);
         let mut thread = Some(thread);
         move |frontiers| {
             // The replayed past (below `resume_from`) is dropped as it arrives.
@@ -308,39 +305,26 @@ pub fn frontier_sink<S: Store>(
                 let next = pending.batch(frontier);
                 sent = frontier;
                 last_sent = Instant::now();
-                match held.as_mut() {
-                    // The store is behind: what waits stays one batch.
-                    Some(h) => h.absorb(next),
-                    None => held = Some(next),
-                }
+                // Taken at once by a free committer; folded into the waiting
+                // one while it is busy (what waits stays one batch).
+                mailbox.post(next);
             }
-            if let Some(b) = held.take() {
-                match tx.as_ref().map(|tx| tx.try_send(b)) {
-                    Some(Ok(())) => {}
-                    Some(Err(TrySendError::Full(b))) => held = Some(b),
-                    Some(Err(TrySendError::Disconnected(_))) | None => {
-                        panic!("the committer of {name} on worker {worker} has stopped")
-                    }
-                }
+            if thread.as_ref().is_some_and(|t| t.is_finished()) {
+                panic!("the committer of {name} on worker {worker} has stopped");
             }
             if done {
-                // End of input: hand over the last batch, let the committer
+                // End of input: the last batch is posted; let the committer
                 // finish and wait for it, so that a bounded run's results are
                 // stored when the dataflow ends. (Waiting here, not coming back
                 // later: with no capability left, the dataflow may be torn
                 // down before a later activation.)
-                if let (Some(b), Some(tx)) = (held.take(), tx.as_ref()) {
-                    if tx.send(b).is_err() {
-                        panic!("the committer of {name} on worker {worker} has stopped");
-                    }
-                }
-                drop(tx.take());
+                mailbox.close();
                 if let Some(t) = thread.take() {
                     t.join().expect("committer thread");
                 }
-            } else if held.is_some() || frontier > sent {
-                // A batch waits for the channel or the commit interval; come back for it.
-                activator.activate_after(Duration::from_millis(10));
+            } else if frontier > sent {
+                // A batch waits for the commit interval: come back when it is due.
+                activator.activate_after(due.saturating_sub(last_sent.elapsed()));
             }
         }
     });
@@ -436,11 +420,57 @@ impl Pending {
     }
 }
 
+/// Where the commit operator leaves batches for its committer thread: at most
+/// one waits. A free committer takes a batch the moment it is posted; while
+/// the committer is busy, newer batches are folded into the waiting one.
+#[derive(Default)]
+struct Mailbox {
+    state: Mutex<MailboxState>,
+    posted: Condvar,
+}
+
+#[derive(Default)]
+struct MailboxState {
+    waiting: Option<Batch>,
+    closed: bool,
+}
+
+impl Mailbox {
+    fn post(&self, batch: Batch) {
+        let mut s = self.state.lock().expect("mailbox");
+        match s.waiting.as_mut() {
+            Some(w) => w.absorb(batch),
+            None => s.waiting = Some(batch),
+        }
+        self.posted.notify_one();
+    }
+
+    /// No more batches come.
+    fn close(&self) {
+        self.state.lock().expect("mailbox").closed = true;
+        self.posted.notify_one();
+    }
+
+    /// The next batch, waiting for one; `None` once closed and empty.
+    fn take(&self) -> Option<Batch> {
+        let mut s = self.state.lock().expect("mailbox");
+        loop {
+            if let Some(b) = s.waiting.take() {
+                return Some(b);
+            }
+            if s.closed {
+                return None;
+            }
+            s = self.posted.wait(s).expect("mailbox");
+        }
+    }
+}
+
 fn spawn_committer<S: Store>(
     name: &str,
     mut store: S,
     worker: usize,
-    rx: Receiver<Batch>,
+    mailbox: Arc<Mailbox>,
     committed: Committed,
 ) -> JoinHandle<()> {
     let name = name.to_owned();
@@ -463,7 +493,7 @@ fn spawn_committer<S: Store>(
             rt.block_on(async move {
                 let mut conn: Option<S::Conn> = None;
                 let mut breaker = Breaker::new(3, Duration::from_secs(5));
-                for batch in rx {
+                while let Some(batch) = mailbox.take() {
                     loop {
                         // Announce the commit, then look at STOPPING (in that
                         // order, so that a shutdown either sees it or stops it).

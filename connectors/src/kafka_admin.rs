@@ -29,6 +29,27 @@ pub fn ensure_topic(bootstrap: &str, topic: &str, partitions: i32) -> Result<(),
     Ok(())
 }
 
+/// Delete `topics`; one that does not exist is no error.
+pub fn delete_topics(bootstrap: &str, topics: &[&str]) -> Result<(), KafkaError> {
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", bootstrap).create()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a current-thread runtime builds");
+    let results = rt.block_on(admin.delete_topics(
+        topics,
+        &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
+    ))?;
+    for r in results {
+        match r {
+            Ok(_) | Err((_, RDKafkaErrorCode::UnknownTopicOrPartition)) => {}
+            Err((_, code)) => return Err(KafkaError::AdminOp(code)),
+        }
+    }
+    Ok(())
+}
+
 /// How many partitions `topic` has; `None` if it does not exist.
 pub fn partition_count(bootstrap: &str, topic: &str) -> Result<Option<usize>, KafkaError> {
     let client: BaseConsumer = ClientConfig::new().set("bootstrap.servers", bootstrap).create()?;

@@ -27,7 +27,7 @@ mod support;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use support::{env_or, load, now_ms, postgres, unique, write_results, JobRun};
+use support::{clean_up, env_or, load, now_ms, postgres, unique, write_results, JobRun};
 use tripwire_jobs::generator::{Expect, GenConfig, Generator, Scenario};
 
 fn main() {
@@ -91,6 +91,8 @@ fn main() {
         .iter()
         .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect();
+    drop(client);
+    clean_up(&job, &[&topic]);
 
     let mut rows = BTreeMap::new();
     for s in Scenario::ALL {

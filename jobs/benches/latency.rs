@@ -36,7 +36,9 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
-use support::{binary, env_or, free_port, now_us, postgres, quantile, unique, write_results};
+use support::{
+    binary, clean_up, env_or, free_port, now_us, postgres, quantile, unique, write_results,
+};
 use tokio_postgres::AsyncMessage;
 use tripwire_connectors::avro::{Limits, TransactionCodec};
 use tripwire_connectors::kafka_admin::ensure_topic;
@@ -207,6 +209,7 @@ fn measure(rate: u64, seconds: u64, lateness_ms: u64, commit_ms: u64) -> Measure
     }
     job.kill().unwrap();
     job.wait().unwrap();
+    clean_up(&name, &[&name]);
 
     let commits = commits.lock().unwrap().clone();
     let steps = steps(&commits);

@@ -23,7 +23,7 @@ mod support;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use support::{bulk_config, env_or, load, records_in, unique, write_results, JobRun};
+use support::{bulk_config, clean_up, env_or, load, records_in, unique, write_results, JobRun};
 use tripwire_jobs::generator::Generator;
 
 /// Bytes sent so far on every TCP connection to or from `ports`.
@@ -134,6 +134,7 @@ fn main() {
         let job = unique("bench_scaling");
         let args = vec!["--archive".to_string(), "false".to_string()];
         let (secs, bytes) = timed(&JobRun { topic: &topic, job: &job, processes, workers, args });
+        clean_up(&job, &[]);
         if processes > 1 {
             exchanged_per_event = bytes as f64 / records;
         }

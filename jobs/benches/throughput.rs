@@ -25,7 +25,9 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
-use support::{bulk_config, env_or, load, now_ms, records_in, unique, write_results, JobRun};
+use support::{
+    bulk_config, clean_up, env_or, load, now_ms, records_in, unique, write_results, JobRun,
+};
 use tripwire_connectors::avro::{Limits, TransactionCodec};
 use tripwire_connectors::ceiling::read_topic;
 use tripwire_connectors::kafka_admin::partition_count;
@@ -37,7 +39,9 @@ use tripwire_jobs::generator::Generator;
 fn tripwire(topic: &str, workers: usize, archive: bool) -> f64 {
     let job = unique("bench_throughput");
     let args = vec!["--archive".to_string(), archive.to_string()];
-    JobRun { topic, job: &job, processes: 1, workers, args }.run_bounded()
+    let secs = JobRun { topic, job: &job, processes: 1, workers, args }.run_bounded();
+    clean_up(&job, &[]);
+    secs
 }
 
 /// (d): what a team writes by hand: per event, update the card's windows in a
@@ -52,7 +56,8 @@ fn naive(bootstrap: &str, topic: &str, limit: u64) -> (u64, f64) {
                 .unwrap();
         tokio::spawn(conn);
         c.batch_execute(
-            "CREATE TABLE IF NOT EXISTS naive_window_stats (card_id bigint, window_ms bigint,
+            "DROP TABLE IF EXISTS naive_window_stats;
+             CREATE TABLE naive_window_stats (card_id bigint, window_ms bigint,
                  count bigint, sum_minor bigint, PRIMARY KEY (card_id, window_ms))",
         )
         .await

@@ -103,6 +103,12 @@ pub struct GenConfig {
     pub out_of_order_per_10k: u64,
     /// Late records per 10,000, beyond the bound.
     pub late_per_10k: u64,
+    /// Benign amounts follow a spending profile per card (a typical amount,
+    /// each payment half to twice it); without, they are uniform over
+    /// 5.00..155.00 for every card, which makes amount spikes (and, with few
+    /// cards, velocity) fire on benign traffic: tests that need rules to fire
+    /// often use that.
+    pub spending_profiles: bool,
     /// Benign near misses per 10,000 events, each kind: legitimate traffic
     /// that comes close to a rule's threshold without crossing it (five
     /// payments in a minute, a purchase four times the usual, a trip across a
@@ -149,6 +155,7 @@ impl Default for GenConfig {
             lateness_ms: 5_000,
             out_of_order_per_10k: 100,
             late_per_10k: 20,
+            spending_profiles: true,
             near_miss_per_10k: 0,
             now_ms: 0,
             schema_ids: SchemaIds::EMBEDDED,
@@ -265,9 +272,13 @@ impl Generator {
             account_id: (card / 2) as i64,
             merchant_id: (card.wrapping_mul(31) + self.rng.below(20)) as i64 % 50_000,
             mcc: [5411, 5812, 5999, 4111][self.rng.below(4) as usize],
-            // A spending profile per card: a typical amount between 10.00 and
-            // 80.00, each payment half to twice that.
-            amount_minor: typical_amount(card) * (50 + self.rng.below(151) as i64) / 100,
+            amount_minor: if self.config.spending_profiles {
+                // A typical amount per card between 10.00 and 80.00, each
+                // payment half to twice that.
+                typical_amount(card) * (50 + self.rng.below(151) as i64) / 100
+            } else {
+                500 + self.rng.below(15_000) as i64
+            },
             currency: "EUR".into(),
             country: country.into(),
             lat,

@@ -391,6 +391,7 @@ fn chaos_leaves_exactly_the_reference_result_and_that_of_a_run_without_failures(
         out_of_order_per_10k: 300,
         late_per_10k: 20,
         near_miss_per_10k: 0,
+        spending_profiles: true,
         rate_per_s: None,
         now_ms: now,
         schema_ids: SchemaIds::EMBEDDED,

@@ -123,6 +123,8 @@ fn killed_and_restarted_job_leaves_exactly_the_reference_result() {
         out_of_order_per_10k: 300,
         late_per_10k: 20,
         near_miss_per_10k: 0,
+        // Second-scale windows: benign randomness is what fires the rules here.
+        spending_profiles: false,
         rate_per_s: None,
         now_ms: now,
         schema_ids: SchemaIds::EMBEDDED,

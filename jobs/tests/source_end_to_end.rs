@@ -71,6 +71,7 @@ fn source_accepts_every_good_record_once_and_dead_letters_every_bad_one_with_its
         out_of_order_per_10k: 400,
         late_per_10k: 20,
         near_miss_per_10k: 0,
+        spending_profiles: true,
         rate_per_s: None,
         now_ms: now,
         schema_ids: SchemaIds::EMBEDDED,

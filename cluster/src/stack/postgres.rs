@@ -141,7 +141,13 @@ impl Service for Postgres {
             .arg("-c")
             .arg(format!("unix_socket_directories={}", self.socket_dir().display()))
             // Each worker's sink holds connections; tests run many jobs side by side.
-            .args(["-c", "max_connections=200"]);
+            .args(["-c", "max_connections=200"])
+            // A write-heavy workload's usual settings (the defaults suit a
+            // laptop): with max_wal_size at its 1 GB default, a sustained
+            // stream of commits forces a checkpoint every 10-40 s, and each
+            // one's writes and full-page images stall commits for seconds.
+            .args(["-c", "shared_buffers=1GB", "-c", "max_wal_size=16GB"])
+            .args(["-c", "checkpoint_timeout=15min", "-c", "checkpoint_completion_target=0.9"]);
         Ok(c)
     }
 

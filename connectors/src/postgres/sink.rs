@@ -10,7 +10,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::{Client, NoTls, Statement};
 use tripwire_dataflow::{CardWindow, Channel, Time, WindowStats};
 
 use super::migrate;
@@ -72,16 +72,27 @@ fn take<T>(shared: &Option<Arc<Mutex<Vec<T>>>>) -> Vec<T> {
     }
 }
 
-impl Store for Postgres {
-    type Conn = Client;
+/// A connection and its prepared statements.
+struct PgConn {
+    client: Client,
+    statements: Statements,
+}
 
-    async fn connect(&mut self) -> Result<Client, String> {
-        connect(&self.config.conninfo).await.map_err(|e| e.to_string())
+impl Store for Postgres {
+    type Conn = PgConn;
+
+    async fn connect(&mut self) -> Result<PgConn, String> {
+        let client = connect(&self.config.conninfo).await.map_err(|e| e.to_string())?;
+        let statements = Statements::prepare(&client).await.map_err(|e| e.to_string())?;
+        Ok(PgConn { client, statements })
     }
 
-    async fn commit(&mut self, conn: &mut Client, batch: &Batch) -> Result<(), String> {
+    async fn commit(&mut self, conn: &mut PgConn, batch: &Batch) -> Result<(), String> {
         let (samples, late) = (take(&self.config.progress), take(&self.config.late));
-        let result = commit(conn, &self.config.job, self.worker, batch, &samples, &late).await;
+        let (client, st) = (&mut conn.client, &conn.statements);
+        let job = &self.config.job;
+        let result =
+            commit_in_transaction(client, st, job, self.worker, batch, &samples, &late).await;
         if result.is_ok() {
             for (a, _) in &batch.alerts {
                 crate::metrics::alerts_total().with_label_values(&[a.rule.name()]).inc();
@@ -124,9 +135,84 @@ async fn connect(conninfo: &str) -> Result<Client, tokio_postgres::Error> {
     Ok(client)
 }
 
-/// One transaction: the batch's changes and the worker's checkpoint.
-async fn commit(
-    client: &mut Client,
+/// The sink's statements, prepared once per connection.
+struct Statements {
+    late: Statement,
+    samples: Statement,
+    upsert: Statement,
+    delete: Statement,
+    alerts: Statement,
+    archive: Statement,
+    checkpoint: Statement,
+}
+
+impl Statements {
+    async fn prepare(c: &Client) -> Result<Statements, tokio_postgres::Error> {
+        let (late, samples, upsert, delete, alerts, archive, checkpoint) = tokio::try_join!(
+            // Keyed by their source coordinates: a replay re-reads them, and finds them there.
+            c.prepare(
+                "INSERT INTO late_events (topic, partition, \"offset\", reason, detail)
+                 SELECT * FROM UNNEST($1::text[], $2::int[], $3::bigint[], $4::text[], $5::text[])
+                 ON CONFLICT DO NOTHING"
+            ),
+            c.prepare(
+                "INSERT INTO source_progress (job, topic, partition, \"offset\", max_event_time)
+                 SELECT $1, * FROM UNNEST($2::text[], $3::int[], $4::bigint[], $5::bigint[])
+                 ON CONFLICT DO NOTHING"
+            ),
+            c.prepare(
+                "INSERT INTO window_stats (card_id, window_ms, count, sum_minor, max_amount_minor,
+                                           distinct_merchants, distinct_countries, as_of)
+                 SELECT * FROM UNNEST($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[],
+                                      $5::bigint[], $6::bigint[], $7::bigint[], $8::bigint[])
+                 ON CONFLICT (card_id, window_ms) DO UPDATE SET
+                     count = EXCLUDED.count, sum_minor = EXCLUDED.sum_minor,
+                     max_amount_minor = EXCLUDED.max_amount_minor,
+                     distinct_merchants = EXCLUDED.distinct_merchants,
+                     distinct_countries = EXCLUDED.distinct_countries, as_of = EXCLUDED.as_of
+                 WHERE window_stats.as_of <= EXCLUDED.as_of"
+            ),
+            c.prepare(
+                "DELETE FROM window_stats w
+                 USING UNNEST($1::bigint[], $2::bigint[], $3::bigint[]) AS d(card_id, window_ms, as_of)
+                 WHERE w.card_id = d.card_id AND w.window_ms = d.window_ms AND w.as_of <= d.as_of"
+            ),
+            c.prepare(
+                "INSERT INTO alerts (alert_id, card_id, rule, trigger_event, event_time, details)
+                 SELECT a, c, r, t, to_timestamp(e / 1000.0), d::jsonb
+                 FROM UNNEST($1::bigint[], $2::bigint[], $3::text[], $4::bigint[], $5::bigint[],
+                             $6::text[]) AS x(a, c, r, t, e, d)
+                 ON CONFLICT (alert_id) DO NOTHING"
+            ),
+            c.prepare(
+                "INSERT INTO raw_transactions (event_id, card_id, account_id, merchant_id, mcc,
+                     amount_minor, currency, country, lat_e6, lon_e6, channel, event_time, device_id)
+                 SELECT e, c, a, m, mcc, amt, cur, ctry, lat, lon, ch, to_timestamp(t / 1000.0), dev
+                 FROM UNNEST($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[],
+                             $6::bigint[], $7::text[], $8::text[], $9::bigint[], $10::bigint[],
+                             $11::text[], $12::bigint[], $13::bigint[])
+                      AS x(e, c, a, m, mcc, amt, cur, ctry, lat, lon, ch, t, dev)
+                 ON CONFLICT (event_id) DO NOTHING"
+            ),
+            c.prepare(
+                "INSERT INTO checkpoints (job, worker, frontier) VALUES ($1, $2, $3)
+                 ON CONFLICT (job, worker) DO UPDATE
+                     SET frontier = GREATEST(checkpoints.frontier, EXCLUDED.frontier),
+                         updated_at = now()"
+            ),
+        )?;
+        Ok(Statements { late, samples, upsert, delete, alerts, archive, checkpoint })
+    }
+}
+
+/// The batch's changes and the worker's checkpoint, in transaction `tx`.
+///
+/// The statements go out together (tokio-postgres pipelines the requests of
+/// futures polled at once, in order), so a commit costs three round trips,
+/// BEGIN, the statements, COMMIT, however many kinds of change it carries.
+async fn write(
+    tx: &tokio_postgres::Transaction<'_>,
+    st: &Statements,
     job: &str,
     worker: usize,
     b: &Batch,
@@ -135,114 +221,127 @@ async fn commit(
 ) -> Result<(), tokio_postgres::Error> {
     let as_i64 = |t: Time| t.min(i64::MAX as u64) as i64;
     let (upserts, deletes, alerts) = (&b.upserts, &b.deletes, &b.alerts);
-    let tx = client.transaction().await?;
-    if !late.is_empty() {
-        // Keyed by their source coordinates: a replay re-reads them, and finds them there.
-        let topics: Vec<&str> = late.iter().map(|d| d.topic.as_str()).collect();
-        let partitions: Vec<i32> = late.iter().map(|d| d.partition).collect();
-        let offsets: Vec<i64> = late.iter().map(|d| d.offset).collect();
-        let reasons: Vec<&str> = late.iter().map(|d| d.reason.as_str()).collect();
-        let details: Vec<&str> = late.iter().map(|d| d.detail.as_str()).collect();
-        tx.execute(
-            "INSERT INTO late_events (topic, partition, \"offset\", reason, detail)
-             SELECT * FROM UNNEST($1::text[], $2::int[], $3::bigint[], $4::text[], $5::text[])
-             ON CONFLICT DO NOTHING",
-            &[&topics, &partitions, &offsets, &reasons, &details],
-        )
-        .await?;
-    }
-    if !samples.is_empty() {
-        let topics: Vec<&str> = samples.iter().map(|s| s.topic.as_str()).collect();
-        let partitions: Vec<i32> = samples.iter().map(|s| s.partition).collect();
-        let offsets: Vec<i64> = samples.iter().map(|s| s.offset).collect();
-        let maxes: Vec<i64> = samples.iter().map(|s| as_i64(s.max_event_time)).collect();
-        tx.execute(
-            "INSERT INTO source_progress (job, topic, partition, \"offset\", max_event_time)
-             SELECT $1, * FROM UNNEST($2::text[], $3::int[], $4::bigint[], $5::bigint[])
-             ON CONFLICT DO NOTHING",
-            &[&job, &topics, &partitions, &offsets, &maxes],
-        )
-        .await?;
-    }
-    if !upserts.is_empty() {
-        let col = |f: &dyn Fn(&(CardWindow, WindowStats, Time)) -> i64| -> Vec<i64> {
-            upserts.iter().map(f).collect()
-        };
-        tx.execute(
-            "INSERT INTO window_stats (card_id, window_ms, count, sum_minor, max_amount_minor,
-                                       distinct_merchants, distinct_countries, as_of)
-             SELECT * FROM UNNEST($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[],
-                                  $5::bigint[], $6::bigint[], $7::bigint[], $8::bigint[])
-             ON CONFLICT (card_id, window_ms) DO UPDATE SET
-                 count = EXCLUDED.count, sum_minor = EXCLUDED.sum_minor,
-                 max_amount_minor = EXCLUDED.max_amount_minor,
-                 distinct_merchants = EXCLUDED.distinct_merchants,
-                 distinct_countries = EXCLUDED.distinct_countries, as_of = EXCLUDED.as_of
-             WHERE window_stats.as_of <= EXCLUDED.as_of",
-            &[
-                &col(&|u| u.0.card_id as i64),
-                &col(&|u| u.0.window_ms as i64),
-                &col(&|u| u.1.count),
-                &col(&|u| u.1.sum),
-                &col(&|u| u.1.max_amount),
-                &col(&|u| u.1.distinct_merchants),
-                &col(&|u| u.1.distinct_countries),
-                &col(&|u| as_i64(u.2)),
-            ],
-        )
-        .await?;
-    }
-    if !deletes.is_empty() {
-        let cards: Vec<i64> = deletes.iter().map(|d| d.0.card_id as i64).collect();
-        let windows: Vec<i64> = deletes.iter().map(|d| d.0.window_ms as i64).collect();
-        let as_of: Vec<i64> = deletes.iter().map(|d| as_i64(d.1)).collect();
-        tx.execute(
-            "DELETE FROM window_stats w
-             USING UNNEST($1::bigint[], $2::bigint[], $3::bigint[]) AS d(card_id, window_ms, as_of)
-             WHERE w.card_id = d.card_id AND w.window_ms = d.window_ms AND w.as_of <= d.as_of",
-            &[&cards, &windows, &as_of],
-        )
-        .await?;
-    }
-    if !alerts.is_empty() {
-        let ids: Vec<i64> = alerts.iter().map(|(a, _)| a.id as i64).collect();
-        let cards: Vec<i64> = alerts.iter().map(|(a, _)| a.card_id as i64).collect();
-        let rules: Vec<&str> = alerts.iter().map(|(a, _)| a.rule.name()).collect();
-        let triggers: Vec<i64> = alerts.iter().map(|(a, _)| a.trigger_event as i64).collect();
-        let times: Vec<i64> = alerts.iter().map(|(a, _)| as_i64(a.event_time_ms)).collect();
-        let details: Vec<String> = alerts
+    let late_cols = (
+        late.iter().map(|d| d.topic.as_str()).collect::<Vec<_>>(),
+        late.iter().map(|d| d.partition).collect::<Vec<i32>>(),
+        late.iter().map(|d| d.offset).collect::<Vec<i64>>(),
+        late.iter().map(|d| d.reason.as_str()).collect::<Vec<_>>(),
+        late.iter().map(|d| d.detail.as_str()).collect::<Vec<_>>(),
+    );
+    let late_fut = async {
+        if late.is_empty() {
+            return Ok(0);
+        }
+        let (t, p, o, r, d) = &late_cols;
+        tx.execute(&st.late, &[t, p, o, r, d]).await
+    };
+
+    let sample_cols = (
+        samples.iter().map(|s| s.topic.as_str()).collect::<Vec<_>>(),
+        samples.iter().map(|s| s.partition).collect::<Vec<i32>>(),
+        samples.iter().map(|s| s.offset).collect::<Vec<i64>>(),
+        samples.iter().map(|s| as_i64(s.max_event_time)).collect::<Vec<i64>>(),
+    );
+    let samples_fut = async {
+        if samples.is_empty() {
+            return Ok(0);
+        }
+        let (t, p, o, m) = &sample_cols;
+        tx.execute(&st.samples, &[&job, t, p, o, m]).await
+    };
+
+    let col = |f: &dyn Fn(&(CardWindow, WindowStats, Time)) -> i64| -> Vec<i64> {
+        upserts.iter().map(f).collect()
+    };
+    let upsert_cols = [
+        col(&|u| u.0.card_id as i64),
+        col(&|u| u.0.window_ms as i64),
+        col(&|u| u.1.count),
+        col(&|u| u.1.sum),
+        col(&|u| u.1.max_amount),
+        col(&|u| u.1.distinct_merchants),
+        col(&|u| u.1.distinct_countries),
+        col(&|u| as_i64(u.2)),
+    ];
+    let upsert_fut = async {
+        if upserts.is_empty() {
+            return Ok(0);
+        }
+        let [a, b, c, d, e, f, g, h] = &upsert_cols;
+        tx.execute(&st.upsert, &[a, b, c, d, e, f, g, h]).await
+    };
+
+    let delete_cols = (
+        deletes.iter().map(|d| d.0.card_id as i64).collect::<Vec<i64>>(),
+        deletes.iter().map(|d| d.0.window_ms as i64).collect::<Vec<i64>>(),
+        deletes.iter().map(|d| as_i64(d.1)).collect::<Vec<i64>>(),
+    );
+    let delete_fut = async {
+        if deletes.is_empty() {
+            return Ok(0);
+        }
+        let (c, w, a) = &delete_cols;
+        tx.execute(&st.delete, &[c, w, a]).await
+    };
+
+    let alert_cols = (
+        alerts.iter().map(|(a, _)| a.id as i64).collect::<Vec<i64>>(),
+        alerts.iter().map(|(a, _)| a.card_id as i64).collect::<Vec<i64>>(),
+        alerts.iter().map(|(a, _)| a.rule.name()).collect::<Vec<&str>>(),
+        alerts.iter().map(|(a, _)| a.trigger_event as i64).collect::<Vec<i64>>(),
+        alerts.iter().map(|(a, _)| as_i64(a.event_time_ms)).collect::<Vec<i64>>(),
+        alerts
             .iter()
             .map(|(a, _)| serde_json::to_string(&a.details).expect("details serialize"))
-            .collect();
-        tx.execute(
-            "INSERT INTO alerts (alert_id, card_id, rule, trigger_event, event_time, details)
-             SELECT a, c, r, t, to_timestamp(e / 1000.0), d::jsonb
-             FROM UNNEST($1::bigint[], $2::bigint[], $3::text[], $4::bigint[], $5::bigint[], $6::text[])
-                  AS x(a, c, r, t, e, d)
-             ON CONFLICT (alert_id) DO NOTHING",
-            &[&ids, &cards, &rules, &triggers, &times, &details],
-        )
-        .await?;
-    }
-    if !b.archive.is_empty() {
-        archive(&tx, &b.archive).await?;
-    }
-    tx.execute(
-        "INSERT INTO checkpoints (job, worker, frontier) VALUES ($1, $2, $3)
-         ON CONFLICT (job, worker) DO UPDATE
-             SET frontier = GREATEST(checkpoints.frontier, EXCLUDED.frontier), updated_at = now()",
-        &[&job, &(worker as i32), &as_i64(b.frontier)],
-    )
-    .await?;
-    tx.commit().await?;
+            .collect::<Vec<String>>(),
+    );
+    let alerts_fut = async {
+        if alerts.is_empty() {
+            return Ok(0);
+        }
+        let (i, c, r, t, e, d) = &alert_cols;
+        tx.execute(&st.alerts, &[i, c, r, t, e, d]).await
+    };
+
+    let archive_fut = archive(tx, &st.archive, &b.archive);
+    let (worker, frontier) = (worker as i32, as_i64(b.frontier));
+    let checkpoint_fut = async { tx.execute(&st.checkpoint, &[&job, &worker, &frontier]).await };
+    tokio::try_join!(
+        late_fut,
+        samples_fut,
+        upsert_fut,
+        delete_fut,
+        alerts_fut,
+        archive_fut,
+        checkpoint_fut
+    )?;
     Ok(())
+}
+
+/// [`commit`]'s statements, in a transaction of their own.
+async fn commit_in_transaction(
+    client: &mut Client,
+    st: &Statements,
+    job: &str,
+    worker: usize,
+    b: &Batch,
+    samples: &[ProgressSample],
+    late: &[DeadLetter],
+) -> Result<(), tokio_postgres::Error> {
+    let tx = client.transaction().await?;
+    write(&tx, st, job, worker, b, samples, late).await?;
+    tx.commit().await
 }
 
 /// Archive accepted events, once each (a replay finds them there).
 async fn archive(
     tx: &tokio_postgres::Transaction<'_>,
+    statement: &Statement,
     events: &[tripwire_dataflow::Transaction],
-) -> Result<(), tokio_postgres::Error> {
+) -> Result<u64, tokio_postgres::Error> {
+    if events.is_empty() {
+        return Ok(0);
+    }
     let col = |f: &dyn Fn(&tripwire_dataflow::Transaction) -> i64| -> Vec<i64> {
         events.iter().map(f).collect()
     };
@@ -259,14 +358,7 @@ async fn archive(
         .collect();
     let devices: Vec<Option<i64>> = events.iter().map(|x| x.device_id.map(|d| d as i64)).collect();
     tx.execute(
-        "INSERT INTO raw_transactions (event_id, card_id, account_id, merchant_id, mcc,
-             amount_minor, currency, country, lat_e6, lon_e6, channel, event_time, device_id)
-         SELECT e, c, a, m, mcc, amt, cur, ctry, lat, lon, ch, to_timestamp(t / 1000.0), dev
-         FROM UNNEST($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[],
-                     $6::bigint[], $7::text[], $8::text[], $9::bigint[], $10::bigint[],
-                     $11::text[], $12::bigint[], $13::bigint[])
-              AS x(e, c, a, m, mcc, amt, cur, ctry, lat, lon, ch, t, dev)
-         ON CONFLICT (event_id) DO NOTHING",
+        statement,
         &[
             &col(&|x| x.event_id as i64),
             &col(&|x| x.card_id as i64),
@@ -283,6 +375,5 @@ async fn archive(
             &devices,
         ],
     )
-    .await?;
-    Ok(())
+    .await
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::ClientConfig;
-use tripwire_connectors::kafka_admin::{ensure_topic, partition_count};
+use tripwire_connectors::kafka_admin::{delete_topics, ensure_topic, partition_count};
 use tripwire_connectors::Endpoints;
 use tripwire_jobs::generator::{GenConfig, Planned};
 
@@ -197,4 +197,36 @@ pub fn quantile(xs: &[f64], q: f64) -> f64 {
     }
     let rank = ((q * xs.len() as f64).ceil() as usize).clamp(1, xs.len());
     xs[rank - 1]
+}
+
+/// Remove what a benchmark's job left behind: its PostgreSQL schema, its
+/// Redis keys (they would live a day), and `topics` with their dead-letter
+/// topics. A later run never needs them; the results are in the JSON.
+pub fn clean_up(job: &str, topics: &[&str]) {
+    let (rt, client) = postgres(job);
+    rt.block_on(client.batch_execute(&format!("DROP SCHEMA IF EXISTS \"{job}\" CASCADE"))).unwrap();
+    let redis = redis::Client::open(endpoints().redis_url()).unwrap();
+    let mut con = redis.get_connection().unwrap();
+    let pattern = format!("tripwire:{job}:*");
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(10_000)
+            .query(&mut con)
+            .unwrap();
+        if !keys.is_empty() {
+            redis::cmd("UNLINK").arg(&keys).exec(&mut con).unwrap();
+        }
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    let dead: Vec<String> = topics.iter().map(|t| format!("{t}-dlq")).collect();
+    let all: Vec<&str> = topics.iter().copied().chain(dead.iter().map(String::as_str)).collect();
+    delete_topics(&endpoints().kafka_bootstrap, &all).unwrap();
 }
