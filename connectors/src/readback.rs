@@ -95,19 +95,19 @@ pub fn redis_stats(
         };
         let fields: BTreeMap<String, String> = redis::cmd("HGETALL").arg(&key).query(con)?;
         for (field, value) in fields {
-            let Some((w, name)) = field.strip_prefix('w').and_then(|f| f.split_once(':')) else {
+            // `w{ms}` = `count,sum,max,merchants,countries`; other fields are alerts'.
+            let Some(Ok(window_ms)) = field.strip_prefix('w').map(str::parse) else {
                 continue;
             };
-            let metric = match name {
-                "count" => Metric::Count,
-                "sum" => Metric::Sum,
-                "max" => Metric::MaxAmount,
-                "merchants" => Metric::DistinctMerchants,
-                "countries" => Metric::DistinctCountries,
-                _ => continue,
-            };
-            if let (Ok(window_ms), Ok(v)) = (w.parse(), value.parse()) {
-                stats.insert(StatKey { card_id, window_ms, metric }, v);
+            let values: Vec<&str> = value.split(',').collect();
+            if values.len() != Metric::ALL.len() {
+                // Shown to the comparison as a value no reference has.
+                stats.insert(StatKey { card_id, window_ms, metric: Metric::Count }, i64::MIN);
+                continue;
+            }
+            // In the order the sink writes them, which is `Metric::ALL`'s.
+            for (metric, v) in Metric::ALL.into_iter().zip(values) {
+                stats.insert(StatKey { card_id, window_ms, metric }, v.parse().unwrap_or(i64::MIN));
             }
         }
     }

@@ -1,9 +1,10 @@
 //! The Redis sink: the read model for an authorisation service.
 //!
 //! Layout, under a prefix per job (`tripwire:{job}:`):
-//! - `card:{id}`, a hash: per window `w{ms}:count`, `:sum`, `:max`,
-//!   `:merchants`, `:countries`; and `last_alert` (JSON) with
-//!   `last_alert_time`. It expires after the longest window without updates,
+//! - `card:{id}`, a hash: per window a field `w{ms}` holding
+//!   `count,sum,max,merchants,countries` (one field per window, not one per
+//!   statistic: a fifth of the fields to write, and one value to read per
+//!   window); and `last_alert` (JSON) with `last_alert_time`. It expires after the longest window without updates,
 //!   which is when every window of the card is empty anyway.
 //! - `alerts`, a stream of recent alerts, capped near `stream_max_len`.
 //! - `frontiers`, a hash: per sink worker, its committed frontier. It always
@@ -95,9 +96,9 @@ return 1
 const SCRIPT: &str = r#"
 -- KEYS[1] frontiers hash, KEYS[2] alert stream.
 -- ARGV: frontier (20-digit), prefix, ttl ms, stream max len, #cards, #alerts, this worker's
--- field; then per card: card, #upserts, #deletes, upserts (window, count, sum, max,
--- merchants, countries), deletes (window); then alerts (card, id, rule, time (20-digit),
--- event time, details). One HSET, one HDEL and one PEXPIRE per card, not per window.
+-- field; then per card: card, #upserts, #deletes, upserts (field, value), deletes
+-- (field); then alerts (card, id, rule, time (20-digit), event time, details).
+-- One HSET, one HDEL and one PEXPIRE per card, not per window.
 local frontier = ARGV[1]
 local current = redis.call('HGET', KEYS[1], ARGV[7])
 if current and frontier <= current then return 0 end
@@ -109,30 +110,13 @@ for _ = 1, nc do
   local nu, nd = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
   i = i + 3
   if nu > 0 then
-    local fields = {}
-    for _ = 1, nu do
-      local w = 'w' .. ARGV[i]
-      local n = #fields
-      fields[n + 1], fields[n + 2] = w .. ':count', ARGV[i + 1]
-      fields[n + 3], fields[n + 4] = w .. ':sum', ARGV[i + 2]
-      fields[n + 5], fields[n + 6] = w .. ':max', ARGV[i + 3]
-      fields[n + 7], fields[n + 8] = w .. ':merchants', ARGV[i + 4]
-      fields[n + 9], fields[n + 10] = w .. ':countries', ARGV[i + 5]
-      i = i + 6
-    end
-    redis.call('HSET', key, unpack(fields))
+    redis.call('HSET', key, unpack(ARGV, i, i + 2 * nu - 1))
     redis.call('PEXPIRE', key, ttl)
+    i = i + 2 * nu
   end
   if nd > 0 then
-    local fields = {}
-    for _ = 1, nd do
-      local w = 'w' .. ARGV[i]
-      local n = #fields
-      fields[n + 1], fields[n + 2], fields[n + 3] = w .. ':count', w .. ':sum', w .. ':max'
-      fields[n + 4], fields[n + 5] = w .. ':merchants', w .. ':countries'
-      i = i + 1
-    end
-    redis.call('HDEL', key, unpack(fields))
+    redis.call('HDEL', key, unpack(ARGV, i, i + nd - 1))
+    i = i + nd
   end
 end
 for _ = 1, na do
@@ -149,6 +133,11 @@ end
 redis.call('HSET', KEYS[1], ARGV[7], frontier)
 return 1
 "#;
+
+/// The card-hash field of a window: `w{ms}`.
+pub fn window_field(window_ms: impl std::fmt::Display) -> String {
+    format!("w{window_ms}")
+}
 
 /// A frontier as 20 zero-padded digits, so that Lua compares them exactly, as strings.
 fn padded(t: Time) -> String {
@@ -247,16 +236,13 @@ impl Store for Redis {
         for (card, (ups, dels)) in &cards {
             invocation.arg(card).arg(ups.len()).arg(dels.len());
             for (w, s) in ups {
-                invocation
-                    .arg(w)
-                    .arg(s.count)
-                    .arg(s.sum)
-                    .arg(s.max_amount)
-                    .arg(s.distinct_merchants)
-                    .arg(s.distinct_countries);
+                invocation.arg(window_field(w)).arg(format!(
+                    "{},{},{},{},{}",
+                    s.count, s.sum, s.max_amount, s.distinct_merchants, s.distinct_countries
+                ));
             }
             for w in dels {
-                invocation.arg(w);
+                invocation.arg(window_field(w));
             }
         }
         for (a, t) in alerts {

@@ -122,7 +122,7 @@ fn svg(rows: &[(String, usize, f64)], per_worker: f64) -> String {
 fn main() {
     let events = env_or("TRIPWIRE_BENCH_EVENTS", 1_000_000);
     let bootstrap = support::endpoints().kafka_bootstrap;
-    let topic = format!("bench_throughput_{events}");
+    let topic = support::bulk_topic(events);
     if records_in(&bootstrap, &topic) == 0 {
         load(&bootstrap, &topic, &Generator::new(bulk_config(1, events)).generate(events));
     }

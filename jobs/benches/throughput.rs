@@ -136,7 +136,7 @@ fn main() {
     let events = env_or("TRIPWIRE_BENCH_EVENTS", 10_000_000);
     let naive_limit = env_or("TRIPWIRE_BENCH_NAIVE_EVENTS", 50_000);
     let bootstrap = Endpoints::from_env().unwrap().kafka_bootstrap;
-    let topic = format!("bench_throughput_{events}");
+    let topic = support::bulk_topic(events);
     if records_in(&bootstrap, &topic) == 0 {
         load(&bootstrap, &topic, &Generator::new(bulk_config(1, events)).generate(events));
     }
