@@ -366,7 +366,7 @@ impl Pending {
             updates.push((*key, *t, *value, *d));
             false
         });
-        updates.sort_unstable_by(|a, b| (a.0, a.1, a.2).cmp(&(b.0, b.1, b.2)));
+        updates.sort_unstable_by_key(|x| (x.0, x.1, x.2));
         let mut b = Batch { frontier, ..Batch::default() };
         // A key that ends without a row is written as a (guarded) delete even
         // when the key was inserted and deleted within the batch, because the
