@@ -8,14 +8,21 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::ClientConfig;
 
-/// Create `topic` with `partitions` partitions unless it exists (then leave it as it is).
-pub fn ensure_topic(bootstrap: &str, topic: &str, partitions: i32) -> Result<(), KafkaError> {
-    let admin: AdminClient<DefaultClientContext> =
-        ClientConfig::new().set("bootstrap.servers", bootstrap).create()?;
+/// An admin client, and a runtime to wait for its operations on.
+fn admin(
+    bootstrap: &str,
+) -> Result<(AdminClient<DefaultClientContext>, tokio::runtime::Runtime), KafkaError> {
+    let admin = ClientConfig::new().set("bootstrap.servers", bootstrap).create()?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("a current-thread runtime builds");
+    Ok((admin, rt))
+}
+
+/// Create `topic` with `partitions` partitions unless it exists (then leave it as it is).
+pub fn ensure_topic(bootstrap: &str, topic: &str, partitions: i32) -> Result<(), KafkaError> {
+    let (admin, rt) = admin(bootstrap)?;
     let results = rt.block_on(admin.create_topics(
         &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
         &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
@@ -34,12 +41,7 @@ pub fn delete_topics(bootstrap: &str, topics: &[&str]) -> Result<(), KafkaError>
     if topics.is_empty() {
         return Ok(());
     }
-    let admin: AdminClient<DefaultClientContext> =
-        ClientConfig::new().set("bootstrap.servers", bootstrap).create()?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a current-thread runtime builds");
+    let (admin, rt) = admin(bootstrap)?;
     let results = rt.block_on(admin.delete_topics(
         topics,
         &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),

@@ -46,9 +46,7 @@ fn bytes_on(ports: &[u16]) -> u64 {
 /// Run `run` bounded; its seconds and, with several processes, the most
 /// bytes seen on the timely connections between them.
 fn timed(run: &JobRun) -> (f64, u64) {
-    let mut run = JobRun { args: run.args.clone(), ..*run };
-    run.args
-        .extend(["--bounded", "--idle-timeout-s", "0", "--metrics-port", "0"].map(String::from));
+    let run = run.bounded();
     let started = Instant::now();
     let mut children = run.spawn();
     let hosts = std::env::temp_dir().join(format!("{}.hosts", run.job));

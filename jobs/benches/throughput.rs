@@ -47,22 +47,16 @@ fn tripwire(topic: &str, workers: usize, archive: bool) -> f64 {
 /// (d): what a team writes by hand: per event, update the card's windows in a
 /// HashMap and upsert them with one SQL statement.
 fn naive(bootstrap: &str, topic: &str, limit: u64) -> (u64, f64) {
-    let endpoints = Endpoints::from_env().unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let client = rt.block_on(async {
-        let (c, conn) =
-            tokio_postgres::connect(&endpoints.postgres_config(), tokio_postgres::NoTls)
-                .await
-                .unwrap();
-        tokio::spawn(conn);
-        c.batch_execute(
-            "DROP TABLE IF EXISTS naive_window_stats;
+    let (rt, client) = support::postgres_at(&support::endpoints());
+    rt.block_on(async {
+        client
+            .batch_execute(
+                "DROP TABLE IF EXISTS naive_window_stats;
              CREATE TABLE naive_window_stats (card_id bigint, window_ms bigint,
                  count bigint, sum_minor bigint, PRIMARY KEY (card_id, window_ms))",
-        )
-        .await
-        .unwrap();
-        c
+            )
+            .await
+            .unwrap();
     });
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)

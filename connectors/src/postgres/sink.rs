@@ -91,8 +91,7 @@ impl Store for Postgres {
         let (samples, late) = (take(&self.config.progress), take(&self.config.late));
         let (client, st) = (&mut conn.client, &conn.statements);
         let job = &self.config.job;
-        let result =
-            commit_in_transaction(client, st, job, self.worker, batch, &samples, &late).await;
+        let result = commit(client, st, job, self.worker, batch, &samples, &late).await;
         if result.is_ok() {
             for (a, _) in &batch.alerts {
                 crate::metrics::alerts_total().with_label_values(&[a.rule.name()]).inc();
@@ -205,13 +204,13 @@ impl Statements {
     }
 }
 
-/// The batch's changes and the worker's checkpoint, in transaction `tx`.
+/// One transaction: the batch's changes and the worker's checkpoint.
 ///
 /// The statements go out together (tokio-postgres pipelines the requests of
 /// futures polled at once, in order), so a commit costs three round trips,
 /// BEGIN, the statements, COMMIT, however many kinds of change it carries.
-async fn write(
-    tx: &tokio_postgres::Transaction<'_>,
+async fn commit(
+    client: &mut Client,
     st: &Statements,
     job: &str,
     worker: usize,
@@ -221,6 +220,8 @@ async fn write(
 ) -> Result<(), tokio_postgres::Error> {
     let as_i64 = |t: Time| t.min(i64::MAX as u64) as i64;
     let (upserts, deletes, alerts) = (&b.upserts, &b.deletes, &b.alerts);
+    let transaction = client.transaction().await?;
+    let tx = &transaction;
     let late_cols = (
         late.iter().map(|d| d.topic.as_str()).collect::<Vec<_>>(),
         late.iter().map(|d| d.partition).collect::<Vec<i32>>(),
@@ -315,22 +316,7 @@ async fn write(
         archive_fut,
         checkpoint_fut
     )?;
-    Ok(())
-}
-
-/// [`commit`]'s statements, in a transaction of their own.
-async fn commit_in_transaction(
-    client: &mut Client,
-    st: &Statements,
-    job: &str,
-    worker: usize,
-    b: &Batch,
-    samples: &[ProgressSample],
-    late: &[DeadLetter],
-) -> Result<(), tokio_postgres::Error> {
-    let tx = client.transaction().await?;
-    write(&tx, st, job, worker, b, samples, late).await?;
-    tx.commit().await
+    transaction.commit().await
 }
 
 /// Archive accepted events, once each (a replay finds them there).

@@ -163,14 +163,19 @@ impl JobRun<'_> {
             .collect()
     }
 
-    /// Run the job bounded (to the topic's end, everything committed); its seconds.
-    pub fn run_bounded(&self) -> f64 {
+    /// The same run, bounded: to the topic's end, replay-exact lateness, no endpoints.
+    pub fn bounded(&self) -> JobRun<'_> {
         let mut run = JobRun { args: self.args.clone(), ..*self };
         run.args.extend(
             ["--bounded", "--idle-timeout-s", "0", "--metrics-port", "0"].map(String::from),
         );
+        run
+    }
+
+    /// Run the job bounded (to the topic's end, everything committed); its seconds.
+    pub fn run_bounded(&self) -> f64 {
         let started = Instant::now();
-        for mut child in run.spawn() {
+        for mut child in self.bounded().spawn() {
             assert!(child.wait().unwrap().success(), "the job failed");
         }
         started.elapsed().as_secs_f64()
@@ -181,6 +186,11 @@ impl JobRun<'_> {
 pub fn postgres(schema: &str) -> (tokio::runtime::Runtime, tokio_postgres::Client) {
     let mut endpoints = endpoints();
     endpoints.pg_schema = Some(schema.to_string());
+    postgres_at(&endpoints)
+}
+
+/// A PostgreSQL client at `endpoints`, and the runtime driving it.
+pub fn postgres_at(endpoints: &Endpoints) -> (tokio::runtime::Runtime, tokio_postgres::Client) {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let client = rt.block_on(async {
         let (c, conn) =
