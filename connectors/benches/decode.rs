@@ -51,7 +51,7 @@ fn main() {
     let start = Instant::now();
     let mut ok = 0usize;
     for m in &messages {
-        ok += codec.decode(m, now).is_ok() as usize;
+        ok += codec.decode(m, Some(now)).is_ok() as usize;
     }
     let serde_rate = n as f64 / start.elapsed().as_secs_f64();
     assert_eq!(ok, n);

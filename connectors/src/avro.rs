@@ -81,10 +81,11 @@ pub enum AvroChannel {
 pub struct Limits {
     /// Larger messages are rejected as oversize before decoding.
     pub max_message_bytes: usize,
-    /// Event times more than this far ahead of wall-clock time are rejected.
+    /// Event times more than this far ahead of the record's Kafka timestamp are rejected.
     pub max_future_ms: i64,
-    /// Event times more than this far behind wall-clock time are rejected.
-    pub max_age_ms: i64,
+    /// Event times more than this far behind the record's Kafka timestamp are
+    /// rejected; `None` accepts history of any age (a backfill).
+    pub max_age_ms: Option<i64>,
 }
 
 impl Default for Limits {
@@ -96,7 +97,7 @@ impl Default for Limits {
             max_future_ms: 5 * 60_000,
             // Beyond a week the 24 h windows cannot use the record, and Kafka
             // retention is the replay horizon anyway.
-            max_age_ms: 7 * 24 * 3_600_000,
+            max_age_ms: Some(7 * 24 * 3_600_000),
         }
     }
 }
@@ -121,8 +122,14 @@ impl TransactionCodec {
         TransactionCodec { registry, known: HashMap::new(), limits }
     }
 
-    /// Decode and validate one message; `now_ms` is wall-clock time for the future/past checks.
-    pub fn decode(&mut self, bytes: &[u8], now_ms: i64) -> Result<Transaction, Rejected> {
+    /// Decode and validate one message; `log_time_ms` is the Kafka record's
+    /// timestamp, which the future/past checks are judged against (a value in
+    /// the log, so that a replay decides the same); `None` skips those checks.
+    pub fn decode(
+        &mut self,
+        bytes: &[u8],
+        log_time_ms: Option<i64>,
+    ) -> Result<Transaction, Rejected> {
         if bytes.len() > self.limits.max_message_bytes {
             return Err(Rejected::new(
                 Reason::Oversize,
@@ -158,7 +165,7 @@ impl TransactionCodec {
             ));
         }
         let event_id = record.event_id;
-        validate(record, &self.limits, now_ms).map_err(|r| r.of_event(event_id))
+        validate(record, &self.limits, log_time_ms).map_err(|r| r.of_event(event_id))
     }
 
     fn reader(&mut self, id: u32) -> Result<Arc<GenericDatumReader<'static>>, Rejected> {
@@ -219,7 +226,11 @@ fn classify(e: apache_avro::Error) -> Rejected {
 }
 
 /// Check every field's domain and build the dataflow's event.
-pub fn validate(r: AvroTransaction, limits: &Limits, now_ms: i64) -> Result<Transaction, Rejected> {
+pub fn validate(
+    r: AvroTransaction,
+    limits: &Limits,
+    log_time_ms: Option<i64>,
+) -> Result<Transaction, Rejected> {
     let invalid = |what: String| Err(Rejected::new(Reason::InvalidField, what));
     if r.amount_minor <= 0 {
         return invalid(format!("amount_minor {} is not positive", r.amount_minor));
@@ -242,25 +253,36 @@ pub fn validate(r: AvroTransaction, limits: &Limits, now_ms: i64) -> Result<Tran
     if !(0..=9999).contains(&r.mcc) {
         return invalid(format!("mcc {} is not a 4-digit code", r.mcc));
     }
-    if r.event_time > now_ms.saturating_add(limits.max_future_ms) {
-        return Err(Rejected::new(
-            Reason::TooFarInFuture,
-            format!(
-                "event_time {} is {} ms ahead of wall clock",
-                r.event_time,
-                r.event_time - now_ms
-            ),
-        ));
-    }
-    if r.event_time < now_ms.saturating_sub(limits.max_age_ms) || r.event_time < 0 {
+    if r.event_time < 0 {
         return Err(Rejected::new(
             Reason::TooFarInPast,
-            format!(
-                "event_time {} is {} ms behind wall clock",
-                r.event_time,
-                now_ms - r.event_time
-            ),
+            format!("event_time {} is before 1970", r.event_time),
         ));
+    }
+    if let Some(log) = log_time_ms.filter(|l| *l >= 0) {
+        if r.event_time > log.saturating_add(limits.max_future_ms) {
+            return Err(Rejected::new(
+                Reason::TooFarInFuture,
+                format!(
+                    "event_time {} is {} ms ahead of its Kafka timestamp {log} (at most {} allowed)",
+                    r.event_time,
+                    r.event_time - log,
+                    limits.max_future_ms
+                ),
+            ));
+        }
+        if let Some(age) = limits.max_age_ms {
+            if r.event_time < log.saturating_sub(age) {
+                return Err(Rejected::new(
+                    Reason::TooFarInPast,
+                    format!(
+                        "event_time {} is {} ms behind its Kafka timestamp {log} (at most {age} allowed; a backfill accepts any age)",
+                        r.event_time,
+                        log - r.event_time
+                    ),
+                ));
+            }
+        }
     }
     Ok(Transaction {
         event_id: r.event_id as u64,
@@ -340,12 +362,12 @@ mod tests {
     }
 
     fn reason(bytes: &[u8]) -> Reason {
-        codec().0.decode(bytes, NOW).unwrap_err().reason
+        codec().0.decode(bytes, Some(NOW)).unwrap_err().reason
     }
 
     #[test]
     fn v2_record_decodes_into_the_event_with_its_device() {
-        let x = codec().0.decode(&bytes(&record(), 2), NOW).unwrap();
+        let x = codec().0.decode(&bytes(&record(), 2), Some(NOW)).unwrap();
         assert_eq!(x.event_id, 42);
         assert_eq!(x.card_id, 7);
         assert_eq!(x.amount_minor, 1_999);
@@ -361,7 +383,7 @@ mod tests {
     fn v1_record_decodes_with_no_device() {
         let framed = bytes(&record(), 1);
         assert_eq!(&framed[..5], &[0, 0, 0, 0, 1], "magic byte and schema id 1");
-        let x = codec().0.decode(&framed, NOW).unwrap();
+        let x = codec().0.decode(&framed, Some(NOW)).unwrap();
         assert_eq!(x.device_id, None);
         assert_eq!(x.event_id, 42);
     }
@@ -392,7 +414,7 @@ mod tests {
         let bad = |f: fn(&mut AvroTransaction)| {
             let mut r = record();
             f(&mut r);
-            codec().0.decode(&bytes(&r, 2), NOW).unwrap_err()
+            codec().0.decode(&bytes(&r, 2), Some(NOW)).unwrap_err()
         };
         for f in [
             (|r: &mut AvroTransaction| r.amount_minor = 0) as fn(&mut AvroTransaction),
@@ -417,6 +439,29 @@ mod tests {
     }
 
     #[test]
+    fn time_bounds_are_judged_against_the_log_time_and_a_backfill_accepts_any_age() {
+        let month_old = |r: &mut AvroTransaction| r.event_time = NOW - 30 * 86_400_000;
+        let mut r = record();
+        month_old(&mut r);
+        let framed = bytes(&r, 2);
+        // The same record decides the same whenever it is read: only the log's time counts.
+        let (mut c, _) = codec();
+        assert_eq!(c.decode(&framed, Some(NOW)).unwrap_err().reason, Reason::TooFarInPast);
+        let written_then = NOW - 29 * 86_400_000;
+        assert!(c.decode(&framed, Some(written_then)).is_ok(), "a day old when written");
+        let backfill = Limits { max_age_ms: None, ..Limits::default() };
+        let mut c = TransactionCodec::new(Arc::new(EmbeddedRegistry::new().unwrap()), backfill);
+        assert!(c.decode(&framed, Some(NOW)).is_ok(), "a backfill accepts any age");
+        let mut ahead = record();
+        ahead.event_time = NOW + 10 * 365 * 86_400_000;
+        assert_eq!(
+            c.decode(&bytes(&ahead, 2), Some(NOW)).unwrap_err().reason,
+            Reason::TooFarInFuture,
+            "ten years ahead is refused even in a backfill"
+        );
+    }
+
+    #[test]
     fn random_bytes_never_panic_and_always_get_a_reason() {
         // Seeded garbage after a valid header, and fully random messages.
         let mut z: u64 = 0x1234_5678;
@@ -433,7 +478,7 @@ mod tests {
             let mut msg: Vec<u8> = if i % 2 == 0 { good[..5].to_vec() } else { Vec::new() };
             let len = (next() % 120) as usize;
             msg.extend((0..len).map(|_| next() as u8));
-            if c.decode(&msg, NOW).is_err() {
+            if c.decode(&msg, Some(NOW)).is_err() {
                 rejected += 1;
             }
         }

@@ -3,7 +3,7 @@
 //! Tripwire's throughput against it.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
@@ -32,7 +32,6 @@ pub fn read_topic(bootstrap: &str, topic: &str, decode: bool) -> (u64, f64) {
     consumer.assign(&tpl).unwrap();
     let registry = Arc::new(EmbeddedRegistry::new().unwrap());
     let mut codec = TransactionCodec::new(registry, Limits::default());
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64;
     let start = Instant::now();
     let (mut n, mut eof, mut checksum) = (0u64, 0usize, 0u64);
     while eof < parts {
@@ -41,7 +40,7 @@ pub fn read_topic(bootstrap: &str, topic: &str, decode: bool) -> (u64, f64) {
                 n += 1;
                 let payload = m.payload().unwrap_or_default();
                 if decode {
-                    if let Ok(x) = codec.decode(payload, now) {
+                    if let Ok(x) = codec.decode(payload, m.timestamp().to_millis()) {
                         checksum = checksum.wrapping_add(x.event_id);
                     }
                 } else {

@@ -112,6 +112,29 @@ impl Committed {
     }
 }
 
+/// Where a bounded run's input ends: the sinks commit up to it and no further
+/// (the windows as they stand after the last event, not closed at the end of time).
+#[derive(Clone, Debug)]
+pub struct InputEnd(Arc<AtomicU64>);
+
+impl Default for InputEnd {
+    fn default() -> Self {
+        InputEnd(Arc::new(AtomicU64::new(Time::MAX)))
+    }
+}
+
+impl InputEnd {
+    /// The input ends at `t`: every output below it is final, none at or after it is.
+    pub fn set(&self, t: Time) {
+        self.0.store(t, Ordering::Release);
+    }
+
+    /// Where the input ends, once known.
+    pub fn get(&self) -> Option<Time> {
+        Some(self.0.load(Ordering::Acquire)).filter(|t| *t != Time::MAX)
+    }
+}
+
 /// Set when the process is shutting down: no committer starts another commit.
 static STOPPING: AtomicBool = AtomicBool::new(false);
 /// Commits under way in this process.
@@ -139,6 +162,11 @@ pub trait Store: Send + 'static {
     type Conn;
     /// Connect (and prepare: migrations, scripts).
     fn connect(&mut self) -> impl Future<Output = Result<Self::Conn, String>>;
+    /// The frontier the store holds for this worker (`None`: none at all).
+    fn stored_frontier(
+        &mut self,
+        conn: &mut Self::Conn,
+    ) -> impl Future<Output = Result<Option<Time>, String>>;
     /// Write `batch` and the worker's checkpoint atomically; idempotent on replay.
     fn commit(
         &mut self,
@@ -175,6 +203,8 @@ pub struct CommitOptions {
     /// the wall clock (catching up): larger batches consolidate more updates
     /// per key, so the stores write far fewer rows.
     pub catch_up_interval: Duration,
+    /// A bounded run's end, once the source knows it: nothing at or after it is committed.
+    pub end: Option<InputEnd>,
 }
 
 /// A circuit breaker's state: the value of `tripwire_sink_breaker_state`.
@@ -268,6 +298,7 @@ pub fn frontier_sink<S: Store>(
     let catch_up = options.catch_up_interval;
     let name = name.to_owned();
     let marks = committed.clone();
+    let end = options.end.clone();
 
     builder.build(move |_caps| {
         let mut pending = Pending::default();
@@ -294,8 +325,14 @@ pub fn frontier_sink<S: Store>(
                 .map(|f| f.frontier().iter().min().copied().unwrap_or(Time::MAX))
                 .min()
                 .unwrap_or(Time::MAX);
-            marks.0.input.fetch_max(frontier, Ordering::AcqRel);
             let done = frontier == Time::MAX;
+            // A bounded run ends at its input's end, not at the end of time:
+            // what lies beyond (windows closing) is not committed.
+            let frontier = match (done, end.as_ref().and_then(InputEnd::get)) {
+                (true, Some(end)) => end.max(sent),
+                _ => frontier,
+            };
+            marks.0.input.fetch_max(frontier, Ordering::AcqRel);
             // Catching up (results more than a minute behind the wall clock),
             // nobody waits for each half second: larger batches consolidate
             // more updates per key and cost the stores far fewer rows.
@@ -469,6 +506,25 @@ impl Mailbox {
     }
 }
 
+/// Exit status of a process whose store lost acknowledged writes: the
+/// supervisor restarts the group, which resumes from what the stores hold.
+pub const EXIT_STORE_BEHIND: i32 = 75;
+
+/// A store must hold at least what it acknowledged (`acknowledged`); one that
+/// holds less lost writes (restored from an older snapshot, failed over to a
+/// replica that lagged, asynchronous commit). Then the job cannot go on from
+/// where it thinks it is: it says so and exits, and the restarted group
+/// resumes from what the stores hold, which replay repairs.
+fn verify_store(name: &str, worker: usize, held: Option<Time>, acknowledged: Time) {
+    if held.unwrap_or(0) >= acknowledged {
+        return;
+    }
+    tracing::error!(sink = %name, worker, held = ?held, acknowledged,
+        "store lost acknowledged writes: it holds frontier {:?} but had acknowledged {acknowledged}; restarting the group from what the stores hold", held);
+    metrics::store_rollbacks_total().with_label_values(&[name]).inc();
+    std::process::exit(EXIT_STORE_BEHIND);
+}
+
 fn spawn_committer<S: Store>(
     name: &str,
     mut store: S,
@@ -495,6 +551,8 @@ fn spawn_committer<S: Store>(
             breaker_gauge.set(BreakerState::Closed as i64);
             rt.block_on(async move {
                 let mut conn: Option<S::Conn> = None;
+                // What this committer's store has acknowledged, at least.
+                let mut acked: Time = 0;
                 let mut breaker = Breaker::new(3, Duration::from_secs(5));
                 while let Some(batch) = mailbox.take() {
                     loop {
@@ -510,9 +568,16 @@ fn spawn_committer<S: Store>(
                             Some(c) => store.commit(c, &batch).await,
                             None => match store.connect().await {
                                 Ok(mut c) => {
-                                    let r = store.commit(&mut c, &batch).await;
-                                    conn = Some(c);
-                                    r
+                                    let acknowledged = committed.frontier().max(acked);
+                                    match store.stored_frontier(&mut c).await {
+                                        Ok(held) => {
+                                            verify_store(&name, worker, held, acknowledged);
+                                            let r = store.commit(&mut c, &batch).await;
+                                            conn = Some(c);
+                                            r
+                                        }
+                                        Err(e) => Err(format!("reading its frontier: {e}")),
+                                    }
                                 }
                                 Err(e) => Err(format!("connect: {e}")),
                             },
@@ -521,6 +586,7 @@ fn spawn_committer<S: Store>(
                         match result {
                             Ok(()) => {
                                 let took = started.elapsed();
+                                acked = acked.max(batch.frontier);
                                 committed.0.committed.fetch_max(batch.frontier, Ordering::AcqRel);
                                 seconds.observe(took.as_secs_f64());
                                 rows.inc_by(batch.rows() as u64);

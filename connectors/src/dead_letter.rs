@@ -15,19 +15,21 @@ pub enum DeadLetterReason {
     WrongSchema,
     /// A field is missing or out of its domain (amount, coordinates, codes).
     InvalidField,
-    /// Event time too far ahead of wall-clock time.
+    /// Event time too far ahead of the record's Kafka timestamp.
     TooFarInFuture,
-    /// Event time older than the job will ever look back.
+    /// Event time further behind the record's Kafka timestamp than the job looks back.
     TooFarInPast,
     /// Larger than the configured maximum message size.
     Oversize,
     /// Older than its partition's watermark allows (beyond the lateness bound).
     Late,
+    /// The event id of an earlier accepted record of the partition, with other fields.
+    DuplicateId,
 }
 
 impl DeadLetterReason {
     /// Every reason, for metrics that should show zeros too.
-    pub const ALL: [DeadLetterReason; 9] = [
+    pub const ALL: [DeadLetterReason; 10] = [
         DeadLetterReason::Truncated,
         DeadLetterReason::WrongMagic,
         DeadLetterReason::UnknownSchemaId,
@@ -37,6 +39,7 @@ impl DeadLetterReason {
         DeadLetterReason::TooFarInPast,
         DeadLetterReason::Oversize,
         DeadLetterReason::Late,
+        DeadLetterReason::DuplicateId,
     ];
 
     /// The stable name used in headers, metrics and the late-events table.
@@ -51,6 +54,7 @@ impl DeadLetterReason {
             DeadLetterReason::TooFarInPast => "too_far_in_past",
             DeadLetterReason::Oversize => "oversize",
             DeadLetterReason::Late => "late",
+            DeadLetterReason::DuplicateId => "duplicate_id",
         }
     }
 }

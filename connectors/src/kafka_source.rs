@@ -9,19 +9,26 @@
 //! - **Never blocks**: polls with a zero timeout, at most [`SourceConfig::batch`]
 //!   messages per activation, then asks to be scheduled again (at once when it
 //!   found data, after `idle_poll` when it did not).
-//! - **Watermarks**: each partition's watermark is its largest event time so far
-//!   minus the lateness bound `L`; a record below it is late. The operator's
-//!   capability is the minimum watermark over its partitions (rounded to the
-//!   tick). A partition that has not yet produced a record holds it at the start.
-//! - **Idle partitions** (the trade-off): a partition with nothing new for
-//!   `idle_timeout` stops holding the capability back, or a quiet partition
-//!   would stall every result. The price: if it speaks again with an event time
-//!   the capability has passed, that record cannot enter at its time and goes
-//!   to the dead letters as late, a decision that depends on timing rather than
-//!   on the partition's own prefix. `idle_timeout = None` keeps lateness a pure
-//!   function of each partition's records (replay-exact), at the cost of
-//!   stalling on quiet partitions. Partitions read to their end in bounded mode
-//!   are simply done.
+//! - **Decisions** (lateness, duplicates, floors) are made per partition by
+//!   [`crate::partition::Partition`] from the partition's own records and the
+//!   recorded floors only: see there. The operator's capability is the least
+//!   watermark over the partitions that hold it.
+//! - **Idle partitions**: a partition with nothing new for `idle_timeout`
+//!   (default 30 s; not while paused by backpressure, nor while it replays
+//!   what an earlier run recorded) stops holding the capability back, so a
+//!   quiet partition does not stall results; when every partition of the
+//!   worker is quiet, the capability moves to just past the last record read.
+//!   Whenever the capability passes a partition that does not hold it, that
+//!   partition's floor rises to the capability at its current offset, and the
+//!   decision is recorded with the PostgreSQL commit that covers it (Materialize
+//!   calls this reclocking): a replay re-applies it at the same offset, so a
+//!   record the first run found late is late again, whatever the timing.
+//! - **Bounded runs** end at the end of their input, not at the end of time:
+//!   once every worker has read its partitions to their end offsets, the
+//!   workers agree on the end `T` (just past the latest watermark basis of any
+//!   partition), record it as every partition's floor, and the sinks commit
+//!   the results as of `T`, windows as they stand. The same job run again on a
+//!   grown topic continues from there.
 //! - **Backpressure**: with [`SourceConfig::max_in_flight`] set, the source
 //!   counts the events it emitted at times the PostgreSQL sink has not yet
 //!   committed ([`Source::feedback`], handed to the sink as its `report_to`).
@@ -36,7 +43,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use differential_dataflow::{AsCollection, VecCollection};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
@@ -49,8 +56,9 @@ use timely::dataflow::{Scope, StreamVec};
 use tripwire_dataflow::{Diff, FraudConfig, Time, Transaction};
 
 use crate::avro::{Limits, TransactionCodec};
-use crate::commit::Committed;
-use crate::dead_letter::{DeadLetterReason, Rejected};
+use crate::commit::{Committed, InputEnd};
+use crate::dead_letter::DeadLetterReason;
+use crate::partition::{Partition, Restored, Rules, Verdict};
 use crate::registry::SchemaRegistry;
 
 /// How the source reads.
@@ -85,21 +93,23 @@ pub struct SourceConfig {
     /// Most events this worker may have emitted that the sink reporting to
     /// [`Source::feedback`] has not committed; `None` reads freely.
     pub max_in_flight: Option<u64>,
+    /// How far back in event time a copy of an accepted event id makes a duplicate, ms.
+    pub dedup_horizon_ms: Time,
 }
 
 /// How a restarted source reproduces the original run's decisions.
 ///
 /// Each partition restarts at a recorded offset `o` (see [`ProgressSample`]),
-/// with its largest event time so far set to the sample's, so that every
-/// lateness decision comes out as before. Records below `skip_below`
-/// (`committed frontier − longest window`) still move the watermark, but are
+/// with its watermark basis and recorded floors restored, so that every
+/// decision comes out as before. Records below `skip_below` are still judged
+/// (they move the watermark and are remembered for duplicate detection), but
 /// not emitted: no output at or after the committed frontier depends on them.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Resume {
     /// Event time below which accepted records are not emitted.
     pub skip_below: Time,
-    /// Per partition, the largest event time before its start offset.
-    pub max_seen: HashMap<i32, Time>,
+    /// Per partition, what the earlier run leaves it.
+    pub partitions: HashMap<i32, Restored>,
 }
 
 /// "Before offset `offset` of `partition`, the largest event time was `max_event_time`":
@@ -112,9 +122,23 @@ pub struct ProgressSample {
     pub partition: i32,
     /// The next offset to read.
     pub offset: i64,
-    /// Largest event time among the partition's records before `offset`.
+    /// Largest event time among the partition's accepted records before `offset`.
     pub max_event_time: Time,
+    /// The partition's watermark basis before `offset`.
+    pub basis: Time,
 }
+
+/// Source decisions a PostgreSQL commit stores: floors and read positions.
+#[derive(Debug, Default)]
+pub struct SourceDecisions {
+    /// `(partition, offset)` → floor: from that offset on, records below the floor are late.
+    pub floors: BTreeMap<(i32, i64), Time>,
+    /// Per partition, how far the source had read (a replay decides nothing new before it).
+    pub positions: BTreeMap<i32, i64>,
+}
+
+/// Decisions the source has taken and the PostgreSQL sink has not yet stored.
+pub type Decisions = Arc<std::sync::Mutex<SourceDecisions>>;
 
 /// Samples the source has taken and a sink has not yet stored.
 pub type Progress = Arc<std::sync::Mutex<Vec<ProgressSample>>>;
@@ -126,7 +150,7 @@ pub type ProduceTimes = Arc<std::sync::Mutex<Vec<(Time, i64)>>>;
 pub type LateEvents = Arc<std::sync::Mutex<Vec<DeadLetter>>>;
 
 impl SourceConfig {
-    /// Defaults for `topic` at `bootstrap`: 5 s lateness, 30 s idle timeout, unbounded.
+    /// Defaults for `topic` at `bootstrap`: 5 s lateness, 30 s idle timeout, 1 h dedup horizon, unbounded.
     pub fn new(bootstrap: &str, topic: &str) -> Self {
         SourceConfig {
             bootstrap: bootstrap.into(),
@@ -142,6 +166,7 @@ impl SourceConfig {
             resume: None,
             sample_every: 5_000,
             max_in_flight: None,
+            dedup_horizon_ms: 3_600_000,
         }
     }
 }
@@ -180,6 +205,10 @@ pub struct Source<'s> {
     pub feedback: Committed,
     /// Sampled produce times, for the sink that measures end-to-end latency.
     pub produce_times: ProduceTimes,
+    /// Floors and read positions for the PostgreSQL sink to store with its commits.
+    pub decisions: Decisions,
+    /// Where a bounded run ends (set once every worker has read to its end), for the sinks.
+    pub end: InputEnd,
 }
 
 /// The source could not be set up.
@@ -191,6 +220,20 @@ pub enum SourceError {
     /// The topic does not exist.
     #[error("topic {0} does not exist (topics are created on purpose, not automatically)")]
     NoTopic(String),
+    /// Retention removed records a restart needs.
+    #[error(
+        "cannot resume {topic} partition {partition} at offset {wanted}: the earliest offset the broker still has is {earliest} (retention removed records the job needs; raise retention above the longest window plus commit lag, or reset the job)"
+    )]
+    ResumePointGone {
+        /// Topic.
+        topic: String,
+        /// Partition.
+        partition: i32,
+        /// The recorded resume offset.
+        wanted: i64,
+        /// The log's start offset now.
+        earliest: i64,
+    },
 }
 
 /// librdkafka's client callbacks for the source: the end of a partition is
@@ -256,8 +299,8 @@ impl Business {
 }
 
 struct PartitionState {
-    partition: i32,
-    max_seen: Option<Time>,
+    /// The partition's decisions.
+    decide: Partition,
     since_sample: u64,
     last_record: Instant,
     /// In bounded mode: the offset to stop at (exclusive).
@@ -269,8 +312,13 @@ struct PartitionState {
     events: prometheus::IntCounter,
 }
 
-fn wall_clock_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+impl PartitionState {
+    /// Quiet for `timeout`, and neither paused nor replaying recorded decisions.
+    fn idle(&self, timeout: Option<Duration>) -> bool {
+        timeout.is_some_and(|d| self.last_record.elapsed() >= d)
+            && !self.paused
+            && !self.decide.replaying()
+    }
 }
 
 /// Build the source operator for this worker.
@@ -291,7 +339,10 @@ pub fn kafka_source<'s>(
         .set("enable.auto.commit", "false")
         // A transactional producer's aborted batches must never become events.
         .set("isolation.level", "read_committed")
-        // Positions come from the assignment (checkpoints), never from the group.
+        // Positions come from the assignment (checkpoints). A resume offset
+        // that retention removed is checked before assigning (an error, never
+        // a silent jump); a partition started from its beginning starts at
+        // whatever the log still holds.
         .set("auto.offset.reset", "earliest")
         // Bounded runs finish at each partition's end; with transactions the
         // last offset is a commit marker, never a record, so the end is seen
@@ -308,15 +359,23 @@ pub fn kafka_source<'s>(
     for &p in &mine {
         let start = config.start_offsets.get(&p).map_or(Offset::Beginning, |o| Offset::Offset(*o));
         assignment.add_partition_offset(&config.topic, p, start)?;
-        let end = if config.bounded {
-            Some(client.fetch_watermarks(&config.topic, p, Duration::from_secs(10))?.1)
-        } else {
-            None
-        };
+        let (low, high) = client.fetch_watermarks(&config.topic, p, Duration::from_secs(10))?;
+        if let Some(&wanted) = config.start_offsets.get(&p) {
+            if wanted < low {
+                return Err(SourceError::ResumePointGone {
+                    topic: config.topic.clone(),
+                    partition: p,
+                    wanted,
+                    earliest: low,
+                });
+            }
+        }
+        let end = config.bounded.then_some(high);
         let start_at = config.start_offsets.get(&p).copied().unwrap_or(0);
+        let restored =
+            config.resume.as_ref().and_then(|r| r.partitions.get(&p).cloned()).unwrap_or_default();
         partitions.push(PartitionState {
-            partition: p,
-            max_seen: config.resume.as_ref().and_then(|r| r.max_seen.get(&p).copied()),
+            decide: Partition::new(p, start_at, restored),
             since_sample: 0,
             last_record: Instant::now(),
             done: end.is_some_and(|e| e <= start_at),
@@ -331,23 +390,32 @@ pub fn kafka_source<'s>(
     let activator = scope.activator_for(builder.operator_info().address);
     let (events_out, events) = builder.new_output();
     let (dead_out, dead_letters) = builder.new_output();
+    let (ends_out, ends) = builder.new_output();
     let mut events_out =
         OutputBuilder::<_, timely::container::CapacityContainerBuilder<Vec<_>>>::from(events_out);
     let mut dead_out =
         OutputBuilder::<_, timely::container::CapacityContainerBuilder<Vec<_>>>::from(dead_out);
+    let mut ends_out =
+        OutputBuilder::<_, timely::container::CapacityContainerBuilder<Vec<Time>>>::from(ends_out);
 
     let mut codec = TransactionCodec::new(registry, config.limits.clone());
     let config = config.clone();
     let fraud = fraud.clone();
+    let rules =
+        Rules { lateness_ms: config.lateness_ms, dedup_horizon_ms: config.dedup_horizon_ms };
     let mut index_of: HashMap<i32, usize> = HashMap::new();
     for (i, p) in partitions.iter().enumerate() {
-        index_of.insert(p.partition, i);
+        index_of.insert(p.decide.partition, i);
     }
     let mut last_commit = Instant::now();
     let progress: Progress = Arc::default();
     let samples = progress.clone();
     let late: LateEvents = Arc::default();
     let late_out = late.clone();
+    let decisions: Decisions = Arc::default();
+    let decided = decisions.clone();
+    let end = InputEnd::default();
+    let end_for_sinks = end.clone();
     let skip_below = config.resume.as_ref().map_or(0, |r| r.skip_below);
     let feedback = Committed::default();
     let produce_times: ProduceTimes = Arc::default();
@@ -360,6 +428,10 @@ pub fn kafka_source<'s>(
     let mut in_flight_total: u64 = 0;
     let paused_gauge =
         crate::metrics::source_paused_partitions().with_label_values(&[&index.to_string()]);
+    let duplicates = crate::metrics::duplicates_total().with_label_values::<&str>(&[]);
+    // Bounded runs: every worker's end, gathered by every worker (see `agree_on_end`).
+    let agreed = agree_on_end(ends, peers, activator.clone());
+    let mut end_sent = false;
 
     builder.build(move |capabilities| {
         let mut caps = Some(capabilities);
@@ -369,8 +441,6 @@ pub fn kafka_source<'s>(
             let mut dead_handle = dead_out.activate();
             let mut events_session = events_handle.session(&held[0]);
             let mut dead_session = dead_handle.session(&held[1]);
-            let floor = *held[0].time();
-            let now = wall_clock_ms();
             let mut read = 0;
             while read < config.batch {
                 let Some(result) = client.poll(Duration::ZERO) else { break };
@@ -399,59 +469,37 @@ pub fn kafka_source<'s>(
                     }
                 }
                 let payload = msg.payload().unwrap_or_default();
-                let verdict = codec.decode(payload, now).and_then(|x| {
-                    let late_by_partition =
-                        part.max_seen.is_some_and(|m| x.event_time_ms + config.lateness_ms < m);
-                    if late_by_partition {
-                        return Err(Rejected::new(
-                            DeadLetterReason::Late,
-                            format!(
-                                "event_time {} is more than {} ms behind its partition's {}",
-                                x.event_time_ms,
-                                config.lateness_ms,
-                                part.max_seen.unwrap_or_default()
-                            ),
-                        )
-                        .of_event(x.event_id as i64));
+                let log_time = msg.timestamp().to_millis();
+                let verdict = match codec.decode(payload, log_time) {
+                    Ok(x) => {
+                        let t = fraud.time_of(x.event_time_ms);
+                        part.decide.judge(&rules, msg.offset(), log_time, &x, t).map(|v| (x, t, v))
                     }
-                    let t = fraud.time_of(x.event_time_ms);
-                    if t < floor {
-                        // Rejected records never move a watermark, whatever the reason.
-                        return Err(Rejected::new(
-                            DeadLetterReason::Late,
-                            format!(
-                                "event_time {} is behind the source frontier {floor}: its partition was idle",
-                                x.event_time_ms
-                            ),
-                        )
-                        .of_event(x.event_id as i64));
+                    Err(rejected) => {
+                        part.decide.skipped(msg.offset());
+                        Err(rejected)
                     }
-                    part.max_seen = Some(part.max_seen.map_or(x.event_time_ms, |m| m.max(x.event_time_ms)));
-                    Ok((x, t))
-                });
-                part.since_sample += 1;
-                if part.since_sample >= config.sample_every {
-                    part.since_sample = 0;
-                    if let Some(max_event_time) = part.max_seen {
-                        samples.lock().expect("progress samples").push(ProgressSample {
-                            topic: config.topic.clone(),
-                            partition: part.partition,
-                            offset: msg.offset() + 1,
-                            max_event_time,
-                        });
-                    }
-                }
+                };
                 match verdict {
+                    Ok((x, _, Verdict::Duplicate)) => {
+                        duplicates.inc();
+                        tracing::debug!(
+                            event_id = x.event_id,
+                            partition = msg.partition(),
+                            offset = msg.offset(),
+                            "identical duplicate counted once"
+                        );
+                    }
                     // Replayed below what any uncommitted output needs: the
-                    // watermark moved, nothing else to do.
-                    Ok((x, _)) if x.event_time_ms < skip_below => {}
-                    Ok((x, t)) => {
+                    // partition's state moved, nothing else to do.
+                    Ok((x, _, Verdict::Accept)) if x.event_time_ms < skip_below => {}
+                    Ok((x, t, Verdict::Accept)) => {
                         part.events.inc();
                         business.count(&x);
                         emitted += 1;
                         // One record in 64 is followed to its commit.
                         if emitted.is_multiple_of(64) {
-                            if let Some(ts) = msg.timestamp().to_millis() {
+                            if let Some(ts) = log_time {
                                 produced.lock().expect("produce times").push((t, ts));
                             }
                         }
@@ -486,6 +534,24 @@ pub fn kafka_source<'s>(
                         dead_session.give(letter);
                     }
                 }
+                // After the record's dead letter, if any: a restart point is
+                // stored only once the dead letters before it are delivered.
+                let part = &mut partitions[i];
+                part.since_sample += 1;
+                if part.since_sample >= config.sample_every {
+                    part.since_sample = 0;
+                    if let (Some(max_event_time), Some(basis)) =
+                        (part.decide.max_event, part.decide.basis)
+                    {
+                        samples.lock().expect("progress samples").push(ProgressSample {
+                            topic: config.topic.clone(),
+                            partition: part.decide.partition,
+                            offset: msg.offset() + 1,
+                            max_event_time,
+                            basis,
+                        });
+                    }
+                }
             }
             drop(events_session);
             drop(dead_session);
@@ -503,27 +569,42 @@ pub fn kafka_source<'s>(
                 // Once the sink has committed all it has, only more input can
                 // move the frontier: then the partitions holding it back read on.
                 let caught_up = committed >= frontier;
-                let (mut pause, mut resume) = (TopicPartitionList::new(), TopicPartitionList::new());
+                let (mut pause, mut resume) =
+                    (TopicPartitionList::new(), TopicPartitionList::new());
                 for p in partitions.iter_mut() {
                     let ahead = p
-                        .max_seen
-                        .is_some_and(|m| fraud.time_of(m.saturating_sub(config.lateness_ms)) > frontier);
+                        .decide
+                        .watermark(&rules, |t| fraud.time_of(t))
+                        .is_some_and(|w| w > frontier);
                     let hold = over && !p.done && (ahead || !caught_up);
                     if hold != p.paused {
                         p.paused = hold;
+                        // Paused time is not quiet time.
+                        p.last_record = Instant::now();
                         let list = if hold { &mut pause } else { &mut resume };
-                        list.add_partition(&config.topic, p.partition);
+                        list.add_partition(&config.topic, p.decide.partition);
                     }
                 }
                 if pause.count() + resume.count() > 0 {
                     let paused = partitions.iter().filter(|p| p.paused).count();
                     paused_gauge.set(paused as i64);
-                    tracing::info!(worker = index, uncommitted = in_flight_total, committed, frontier,
-                        paused, "backpressure: {} partitions paused", paused);
+                    tracing::info!(
+                        worker = index,
+                        uncommitted = in_flight_total,
+                        committed,
+                        frontier,
+                        paused,
+                        "backpressure: {} partitions paused",
+                        paused
+                    );
                     // A failure here only loosens the bound; reading goes on.
                     for (list, what) in [(&pause, "pause"), (&resume, "resume")] {
                         if list.count() > 0 {
-                            let r = if what == "pause" { client.pause(list) } else { client.resume(list) };
+                            let r = if what == "pause" {
+                                client.pause(list)
+                            } else {
+                                client.resume(list)
+                            };
                             if let Err(e) = r {
                                 tracing::warn!(error = %e, "could not {what} partitions");
                             }
@@ -532,43 +613,69 @@ pub fn kafka_source<'s>(
                 }
             }
 
-            // The capability: the least watermark over partitions still holding it.
-            let idle = |p: &PartitionState| {
-                config.idle_timeout.is_some_and(|d| p.last_record.elapsed() >= d)
-            };
-            let holding: Vec<Option<Time>> = partitions
+            // Just past the latest watermark basis of any partition: where the
+            // capability goes when nothing holds it (all quiet, or all read).
+            let past_last = partitions
                 .iter()
-                .filter(|p| !p.done && !idle(p))
-                .map(|p| p.max_seen.map(|m| m.saturating_sub(config.lateness_ms)))
-                .collect();
+                .filter_map(|p| p.decide.basis)
+                .max()
+                .map(|b| fraud.time_of(b) + 1);
             let all_done = partitions.iter().all(|p| p.done);
-            if all_done {
-                caps = None;
+            let target = if all_done {
+                // Bounded: tell every worker where this one ends, then wait
+                // until all have, and end at the latest of them.
+                if !end_sent {
+                    end_sent = true;
+                    let mine = past_last.unwrap_or(0).max(*held[0].time());
+                    ends_out.activate().session(&held[2]).give(mine);
+                }
+                agreed.get().map(|t| t.max(*held[0].time()))
             } else {
-                let watermark = if holding.is_empty() {
-                    // Every live partition is idle: hold at the least watermark any had.
-                    partitions
-                        .iter()
-                        .filter(|p| !p.done)
-                        .filter_map(|p| p.max_seen.map(|m| m.saturating_sub(config.lateness_ms)))
-                        .min()
+                let holding: Vec<Option<Time>> = partitions
+                    .iter()
+                    .filter(|p| !p.done && !p.idle(config.idle_timeout))
+                    .map(|p| p.decide.watermark(&rules, |t| fraud.time_of(t)))
+                    .collect();
+                if holding.is_empty() {
+                    past_last
                 } else if holding.iter().any(Option::is_none) {
                     None
                 } else {
                     holding.iter().flatten().min().copied()
-                };
-                if let Some(w) = watermark {
-                    let t = fraud.time_of(w);
-                    if t > *held[0].time() {
-                        held[0].downgrade(&t);
-                        held[1].downgrade(&t);
+                }
+            };
+            if let Some(t) = target.filter(|t| *t > *held[0].time()) {
+                // Record the floor of every partition the capability passes
+                // before passing it: a commit at or below `t` carries them.
+                let mut d = decided.lock().expect("source decisions");
+                for p in partitions.iter_mut() {
+                    if p.decide.watermark(&rules, |t| fraud.time_of(t)).is_none_or(|w| w < t) {
+                        if let Some(floor) = p.decide.release_to(t) {
+                            let f = d.floors.entry((p.decide.partition, floor.0)).or_default();
+                            *f = (*f).max(floor.1);
+                        }
                     }
                 }
-                if read > 0 {
-                    activator.activate();
-                } else {
-                    activator.activate_after(config.idle_poll);
+                drop(d);
+                held[0].downgrade(&t);
+                held[1].downgrade(&t);
+                held[2].downgrade(&t);
+            }
+            {
+                let mut d = decided.lock().expect("source decisions");
+                for p in &partitions {
+                    d.positions.insert(p.decide.partition, p.decide.next_offset);
                 }
+            }
+            if all_done && target.is_some() {
+                // Every worker has read its input: the sinks commit up to the
+                // agreed end, and the dataflow ends.
+                end_for_sinks.set(*held[0].time());
+                caps = None;
+            } else if read > 0 {
+                activator.activate();
+            } else {
+                activator.activate_after(config.idle_poll);
             }
             if last_commit.elapsed() >= Duration::from_secs(5) || caps.is_none() {
                 last_commit = Instant::now();
@@ -587,5 +694,30 @@ pub fn kafka_source<'s>(
         late,
         feedback,
         produce_times,
+        decisions,
+        end,
     })
+}
+
+/// Gather every worker's end of input (bounded runs): each worker's source
+/// sends its own once it has read everything; the latest of them, known once
+/// all `peers` have sent theirs, is where the run ends.
+fn agree_on_end(
+    ends: StreamVec<'_, Time, Time>,
+    peers: usize,
+    wake: timely::scheduling::Activator,
+) -> std::rc::Rc<std::cell::Cell<Option<Time>>> {
+    use timely::dataflow::operators::vec::Broadcast;
+    use timely::dataflow::operators::Inspect;
+    let agreed = std::rc::Rc::new(std::cell::Cell::new(None));
+    let result = agreed.clone();
+    let mut heard: Vec<Time> = Vec::new();
+    ends.broadcast().inspect(move |t| {
+        heard.push(*t);
+        if heard.len() == peers {
+            agreed.set(heard.iter().max().copied());
+            wake.activate();
+        }
+    });
+    result
 }

@@ -14,6 +14,7 @@
 //! - [`dead_letter`]: why a record was rejected.
 //! - [`kafka_admin`]: creating topics on purpose.
 //! - [`kafka_source`]: the timely source over statically assigned partitions.
+//! - [`partition`]: one partition's decisions (lateness, floors, duplicates) as plain code.
 //! - [`dead_letter_sink`]: rejected records to the dead-letter topic, with headers.
 //! - [`metrics`]: the Prometheus metrics of the connectors.
 //! - [`readback`]: a job's results read back from PostgreSQL and Redis, for comparisons.
@@ -35,6 +36,7 @@ pub mod endpoints;
 pub mod kafka_admin;
 pub mod kafka_source;
 pub mod metrics;
+pub mod partition;
 pub mod postgres;
 pub mod readback;
 pub mod redis_sink;

@@ -74,6 +74,32 @@ pub fn commit_failures_total() -> &'static IntCounterVec {
     })
 }
 
+/// `tripwire_store_rollbacks_total{sink}`: a store found behind what it had acknowledged.
+pub fn store_rollbacks_total() -> &'static IntCounterVec {
+    static C: OnceLock<IntCounterVec> = OnceLock::new();
+    C.get_or_init(|| {
+        register_int_counter_vec!(
+            "tripwire_store_rollbacks_total",
+            "Times a store was found holding less than it had acknowledged.",
+            &["sink"]
+        )
+        .expect("metric registered once")
+    })
+}
+
+/// `tripwire_duplicates_total`: identical copies of accepted events, counted once and dropped.
+pub fn duplicates_total() -> &'static IntCounterVec {
+    static C: OnceLock<IntCounterVec> = OnceLock::new();
+    C.get_or_init(|| {
+        register_int_counter_vec!(
+            "tripwire_duplicates_total",
+            "Identical resends of an accepted event id (counted once in results, dropped).",
+            &[]
+        )
+        .expect("metric registered once")
+    })
+}
+
 /// `tripwire_source_paused_partitions{worker}`: partitions the source holds back (backpressure).
 pub fn source_paused_partitions() -> &'static IntGaugeVec {
     static G: OnceLock<IntGaugeVec> = OnceLock::new();

@@ -4,28 +4,37 @@
 //! - `card:{id}`, a hash: per window a field `w{ms}` holding
 //!   `count,sum,max,merchants,countries` (one field per window, not one per
 //!   statistic: a fifth of the fields to write, and one value to read per
-//!   window); and `last_alert` (JSON) with `last_alert_time`. It expires after the longest window without updates,
-//!   which is when every window of the card is empty anyway.
-//! - `alerts`, a stream of recent alerts, capped near `stream_max_len`.
-//! - `frontiers`, a hash: per sink worker, its committed frontier. It always
-//!   holds one field per worker of the current run ([`fit_frontiers`]), so
-//!   the least of them is what every key is complete up to.
+//!   window); and the card's newest alert by event time (ties by alert id):
+//!   `last_alert` (JSON), `last_alert_rule`, `last_alert_time`. The hash goes
+//!   when its last window empties, in event time (no wall-clock TTL, so a
+//!   backfill or a replay leaves what a live run leaves).
+//! - `alerts`, a stream of recent alerts, trimmed to about `stream_max_len`
+//!   entries (`XADD MAXLEN ~`, default 100,000); PostgreSQL keeps them all.
+//! - `alert_markers`, a sorted set of the alert ids in the stream by alert
+//!   time, so that each enters once; pruned below every worker's frontier,
+//!   below which no replay recomputes an alert.
+//! - `frontiers`, a hash: per sink worker, its committed frontier (20 digits).
+//!   It always holds one field per worker of the current run
+//!   ([`fit_frontiers`]), so the least of them is what every key is complete up to.
 //!
 //! Each batch is applied by one Lua script, atomically with the worker's
-//! frontier; a batch at or below the stored frontier is skipped, an alert
-//! enters the stream only if its marker key `alert:{id}` is new, and changes
-//! below the frontier the job had committed when this run started are
-//! dropped (a replay recomputes them from partial windows), so a replay after
-//! a crash or a rescale neither loses nor doubles anything. Statistics are absolute values, so rewriting one is
-//! harmless. Redis runs its own committer thread: when it is down it falls
-//! behind alone, PostgreSQL keeps committing.
+//! frontier and all or nothing: Redis refuses the script up front when out of
+//! memory, and the script checks every key's type before its first write. A
+//! batch at or below the stored frontier is skipped, and changes below the
+//! frontier the job had committed when this run started are dropped (a replay
+//! recomputes them from partial windows), so a replay after a crash or a
+//! rescale neither loses nor doubles anything. Statistics are absolute values,
+//! so rewriting one is harmless. Redis runs its own committer thread: when it
+//! is down it falls behind alone, PostgreSQL keeps committing. On every
+//! (re)connect the committer checks that Redis still holds the frontier it
+//! acknowledged (see `commit::verify_store`).
 
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
 use tripwire_dataflow::Time;
 
-use crate::commit::{frontier_sink, Batch, CommitOptions, Committed, SinkInputs, Store};
+use crate::commit::{frontier_sink, Batch, CommitOptions, Committed, InputEnd, SinkInputs, Store};
 
 /// Where and how the Redis sink writes.
 #[derive(Clone, Debug)]
@@ -38,13 +47,14 @@ pub struct RedisSinkConfig {
     pub commit_interval: Duration,
     /// Commit at most this often while catching up (see `CommitOptions`).
     pub catch_up_interval: Duration,
-    /// The alert stream keeps about this many entries.
+    /// The alert stream keeps about this many entries (Redis trims it
+    /// approximately: `XADD MAXLEN ~`); PostgreSQL keeps every alert.
     pub stream_max_len: usize,
-    /// Card hashes expire this long after their last update (the longest window).
-    pub ttl: Duration,
     /// The least stored worker frontier when this run started (0 for a first
     /// run); changes below it are dropped, as in the PostgreSQL sink.
     pub resume_from: Time,
+    /// A bounded run's end, from the source.
+    pub end: Option<InputEnd>,
 }
 
 /// The least frontier stored by `job`'s Redis sink workers, `None` if they never stored one.
@@ -93,44 +103,85 @@ end
 return 1
 "#;
 
-const SCRIPT: &str = r#"
--- KEYS[1] frontiers hash, KEYS[2] alert stream.
--- ARGV: frontier (20-digit), prefix, ttl ms, stream max len, #cards, #alerts, this worker's
+const SCRIPT: &str = r#"#!lua
+-- KEYS[1] frontiers hash, KEYS[2] alert stream, KEYS[3] alert markers (a sorted set).
+-- ARGV: frontier (20-digit), prefix, (unused), stream max len, #cards, #alerts, this worker's
 -- field; then per card: card, #upserts, #deletes, upserts (field, value), deletes
--- (field); then alerts (card, id, rule, time (20-digit), event time, details).
--- One HSET, one HDEL and one PEXPIRE per card, not per window.
+-- (field); then alerts (card, id, rule, time, event time, details, order: event time and
+-- id, 20 digits each).
+-- All or nothing: the shebang makes Redis refuse the whole script up front when it
+-- is out of memory, and every key is checked for its type before the first write.
 local frontier = ARGV[1]
 local current = redis.call('HGET', KEYS[1], ARGV[7])
 if current and frontier <= current then return 0 end
-local prefix, ttl, maxlen = ARGV[2], ARGV[3], ARGV[4]
+local prefix, maxlen = ARGV[2], ARGV[4]
 local nc, na = tonumber(ARGV[5]), tonumber(ARGV[6])
+local function expect(key, kind)
+  local t = redis.call('TYPE', key)['ok']
+  if t ~= 'none' and t ~= kind then
+    return redis.error_reply('WRONGTYPE ' .. key .. ' holds a ' .. t .. ', not a ' .. kind .. ': batch not applied')
+  end
+end
+local err = expect(KEYS[2], 'stream') or expect(KEYS[3], 'zset')
+if err then return err end
 local i = 8
+for _ = 1, nc do
+  local nu, nd = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+  err = expect(prefix .. 'card:' .. ARGV[i], 'hash')
+  if err then return err end
+  i = i + 3 + 2 * nu + nd
+end
+for _ = 1, na do
+  err = expect(prefix .. 'card:' .. ARGV[i], 'hash')
+  if err then return err end
+  i = i + 7
+end
+i = 8
 for _ = 1, nc do
   local key = prefix .. 'card:' .. ARGV[i]
   local nu, nd = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
   i = i + 3
   if nu > 0 then
     redis.call('HSET', key, unpack(ARGV, i, i + 2 * nu - 1))
-    redis.call('PEXPIRE', key, ttl)
     i = i + 2 * nu
   end
   if nd > 0 then
     redis.call('HDEL', key, unpack(ARGV, i, i + nd - 1))
     i = i + nd
+    -- A card whose windows are all empty (in event time) goes, alert fields and all.
+    local left = false
+    for _, f in ipairs(redis.call('HKEYS', key)) do
+      if string.sub(f, 1, 1) == 'w' then left = true break end
+    end
+    if not left then redis.call('DEL', key) end
   end
 end
 for _ = 1, na do
   -- Each alert enters the stream once, whichever worker or run commits it.
-  if redis.call('SET', prefix .. 'alert:' .. ARGV[i + 1], '1', 'NX', 'PX', ttl) then
-    redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 'alert_id', ARGV[i + 1], 'card_id', ARGV[i],
+  local id = ARGV[i + 1]
+  if not redis.call('ZSCORE', KEYS[3], id) then
+    redis.call('ZADD', KEYS[3], ARGV[i + 3], id)
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 'alert_id', id, 'card_id', ARGV[i],
       'rule', ARGV[i + 2], 'event_time', ARGV[i + 4], 'details', ARGV[i + 5])
-    local key = prefix .. 'card:' .. ARGV[i]
-    redis.call('HSET', key, 'last_alert', ARGV[i + 5], 'last_alert_rule', ARGV[i + 2], 'last_alert_time', ARGV[i + 4])
-    redis.call('PEXPIRE', key, ttl)
   end
-  i = i + 6
+  -- The card's newest alert by event time, ties by id: the same whatever the order of commits.
+  local key = prefix .. 'card:' .. ARGV[i]
+  local order = ARGV[i + 6]
+  local was = redis.call('HGET', key, 'last_alert_order')
+  if (not was or order > was) and redis.call('EXISTS', key) == 1 then
+    redis.call('HSET', key, 'last_alert', ARGV[i + 5], 'last_alert_rule', ARGV[i + 2],
+      'last_alert_time', ARGV[i + 4], 'last_alert_order', order)
+  end
+  i = i + 7
 end
 redis.call('HSET', KEYS[1], ARGV[7], frontier)
+-- Markers below every worker's frontier can never be needed again: no replay
+-- recomputes an alert below the frontier it resumes from (event time, not a TTL).
+local least = nil
+for _, f in ipairs(redis.call('HVALS', KEYS[1])) do
+  if least == nil or f < least then least = f end
+end
+if least then redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. tonumber(least)) end
 return 1
 "#;
 
@@ -155,6 +206,7 @@ pub fn redis_sink(inputs: SinkInputs<'_>, config: &RedisSinkConfig) -> Committed
         resume_from: config.resume_from,
         report_to: None,
         catch_up_interval: config.catch_up_interval,
+        end: config.end.clone(),
     };
     frontier_sink("RedisSink", inputs, options, store)
 }
@@ -180,6 +232,10 @@ impl Keys {
     /// The alert stream.
     pub fn alerts(&self) -> String {
         format!("{}alerts", self.prefix)
+    }
+    /// Alerts already in the stream (a sorted set: id by alert time), pruned below every frontier.
+    pub fn alert_markers(&self) -> String {
+        format!("{}alert_markers", self.prefix)
     }
     /// The hash of sink workers' frontiers (field: the worker's index).
     pub fn frontiers(&self) -> String {
@@ -211,6 +267,19 @@ impl Store for Redis {
         Ok(conn)
     }
 
+    async fn stored_frontier(
+        &mut self,
+        conn: &mut MultiplexedConnection,
+    ) -> Result<Option<Time>, String> {
+        let held: Option<String> = redis::cmd("HGET")
+            .arg(Keys::new(&self.config.job).frontiers())
+            .arg(self.worker)
+            .query_async(conn)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(held.and_then(|h| h.parse().ok()))
+    }
+
     async fn commit(&mut self, conn: &mut MultiplexedConnection, b: &Batch) -> Result<(), String> {
         let keys = Keys::new(&self.config.job);
         let (upserts, deletes, alerts) = (&b.upserts, &b.deletes, &b.alerts);
@@ -226,9 +295,10 @@ impl Store for Redis {
         invocation
             .key(keys.frontiers())
             .key(keys.alerts())
+            .key(keys.alert_markers())
             .arg(padded(b.frontier))
             .arg(&keys.prefix)
-            .arg(self.config.ttl.as_millis() as u64)
+            .arg(0)
             .arg(self.config.stream_max_len)
             .arg(cards.len())
             .arg(alerts.len())
@@ -251,9 +321,10 @@ impl Store for Redis {
                 .arg(a.card_id)
                 .arg(a.id)
                 .arg(a.rule.name())
-                .arg(padded(*t))
+                .arg(*t)
                 .arg(a.event_time_ms)
-                .arg(details);
+                .arg(details)
+                .arg(format!("{}{}", padded(a.event_time_ms), padded(a.id)));
         }
         let _applied: i64 = invocation.invoke_async(conn).await.map_err(|e| e.to_string())?;
         Ok(())

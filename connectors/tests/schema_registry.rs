@@ -72,14 +72,14 @@ fn schemas_registered_by_subject_are_served_by_id_and_decode_records() {
     let fresh = Arc::new(ConfluentRegistry::new(&endpoints.registry_url));
     assert_eq!(fresh.fetch(id1).unwrap().unwrap().canonical_form(), v1.canonical_form());
     let mut codec = TransactionCodec::new(fresh.clone(), Limits::default());
-    let old = codec.decode(&encode(&record(None), id1, &v1).unwrap(), now_ms()).unwrap();
-    let new = codec.decode(&encode(&record(Some(99)), id2, &v2).unwrap(), now_ms()).unwrap();
+    let old = codec.decode(&encode(&record(None), id1, &v1).unwrap(), Some(now_ms())).unwrap();
+    let new = codec.decode(&encode(&record(Some(99)), id2, &v2).unwrap(), Some(now_ms())).unwrap();
     assert_eq!((old.device_id, new.device_id), (None, Some(99)));
     assert_eq!((old.event_id, old.amount_minor), (7, 1_250));
 
     // An id the registry never assigned is an unknown schema id: a dead letter, not a panic.
     let bogus = encode(&record(None), 0x7fff_fff0, &v1).unwrap();
-    let rejected = codec.decode(&bogus, now_ms()).unwrap_err();
+    let rejected = codec.decode(&bogus, Some(now_ms())).unwrap_err();
     assert_eq!(rejected.reason, DeadLetterReason::UnknownSchemaId);
     assert!(fresh.schema(0x7fff_fff0).is_none(), "remembered as unknown");
 }

@@ -123,6 +123,9 @@ fn sink_holds_exactly_the_reference_below_the_frontier_and_empties_with_the_wind
         resume_from: 0,
         report_to: None,
         produce_times: None,
+        decisions: None,
+        topic: "none".into(),
+        end: None,
     };
     let redis_config = RedisSinkConfig {
         url: endpoints.redis_url(),
@@ -130,8 +133,8 @@ fn sink_holds_exactly_the_reference_below_the_frontier_and_empties_with_the_wind
         commit_interval: Duration::from_millis(50),
         catch_up_interval: Duration::ZERO,
         stream_max_len: 100_000,
-        ttl: Duration::from_secs(3_600),
         resume_from: 0,
+        end: None,
     };
     let at_hold: Arc<Mutex<Option<(Tables, ReadModel)>>> = Arc::default();
     let barrier = Arc::new(Barrier::new(2));

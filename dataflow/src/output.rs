@@ -186,13 +186,16 @@ pub struct Alert {
     pub details: Details,
 }
 
-/// The id of the alert `rule` raises on `trigger_event`; `variant` tells apart
-/// alerts of one rule on one event (the velocity window's length), else 0.
+/// The id of the alert `rule` raises on `trigger_event` of `card`; `variant`
+/// tells apart alerts of one rule on one event (the velocity window's length),
+/// else 0. The card is part of it: event ids are unique per card stream, not
+/// necessarily across cards.
 ///
 /// A fixed mix (SplitMix64 steps), stable across runs, processes and Rust
 /// versions: sinks de-duplicate on it.
-pub fn alert_id(rule: Rule, trigger_event: u64, variant: u64) -> u64 {
+pub fn alert_id(rule: Rule, card: u64, trigger_event: u64, variant: u64) -> u64 {
     let mut h = splitmix64(0x5452_4950_5749_5245 ^ rule.code());
+    h = splitmix64(h ^ card);
     h = splitmix64(h ^ trigger_event);
     splitmix64(h ^ variant)
 }

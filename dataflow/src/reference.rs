@@ -126,7 +126,7 @@ impl<'a> Reference<'a> {
         let mut out = Vec::new();
         let mut alert = |rule: Rule, variant: u64, details: Details| {
             out.push(Alert {
-                id: reference_alert_id(rule, x.event_id, variant),
+                id: reference_alert_id(rule, x.card_id, x.event_id, variant),
                 card_id: c,
                 rule,
                 trigger_event: x.event_id,
@@ -255,9 +255,10 @@ fn haversine_km(lat1_e6: i32, lon1_e6: i32, lat2_e6: i32, lon2_e6: i32) -> f64 {
     2.0 * EARTH_RADIUS_KM * a.sqrt().min(1.0).asin()
 }
 
-/// The model's own alert id: SplitMix64 over seed ^ rule code, then ^ event, then ^ variant.
-fn reference_alert_id(rule: Rule, trigger_event: u64, variant: u64) -> u64 {
+/// The model's own alert id: SplitMix64 over seed ^ rule code, then ^ card, ^ event, ^ variant.
+fn reference_alert_id(rule: Rule, card: u64, trigger_event: u64, variant: u64) -> u64 {
     let h = mix64(ALERT_ID_SEED ^ rule.code());
+    let h = mix64(h ^ card);
     let h = mix64(h ^ trigger_event);
     mix64(h ^ variant)
 }
@@ -301,6 +302,9 @@ mod tests {
     }
 
     /// A transaction with the fields the rules look at; the rest fixed.
+    /// The card of the tests' alerts.
+    const CARD: u64 = 1;
+
     fn tx(event_id: u64, card_id: u64, event_time_ms: Time, amount_minor: i64) -> Transaction {
         Transaction {
             event_id,
@@ -458,7 +462,7 @@ mod tests {
             vec![(4, Details::Velocity { window_ms: MINUTE, count: 4, limit: 3 })]
         );
         let alert = r.alerts_until(4000).into_iter().next().unwrap();
-        assert_eq!(alert.id, reference_alert_id(Rule::Velocity, 4, MINUTE));
+        assert_eq!(alert.id, reference_alert_id(Rule::Velocity, CARD, 4, MINUTE));
     }
 
     #[test]
@@ -689,16 +693,17 @@ mod tests {
     }
 
     #[test]
-    fn alert_id_is_deterministic_and_tells_rules_events_and_variants_apart() {
+    fn alert_id_is_deterministic_and_tells_rules_cards_events_and_variants_apart() {
         // SplitMix64's first output from state 0 is the published 0xE220A8397B1DCDAF.
         assert_eq!(mix64(0), 0xE220_A839_7B1D_CDAF);
-        let id = reference_alert_id(Rule::Velocity, 4, 60_000);
-        assert_eq!(id, reference_alert_id(Rule::Velocity, 4, 60_000));
+        let id = reference_alert_id(Rule::Velocity, CARD, 4, 60_000);
+        assert_eq!(id, reference_alert_id(Rule::Velocity, CARD, 4, 60_000));
         // Worked out independently (Python) from the SEMANTICS.md recipe.
-        assert_eq!(id, 0xED05_E62F_826E_8CB8);
-        assert_ne!(id, reference_alert_id(Rule::CardTesting, 4, 60_000));
-        assert_ne!(id, reference_alert_id(Rule::Velocity, 5, 60_000));
-        assert_ne!(id, reference_alert_id(Rule::Velocity, 4, 0));
+        assert_eq!(id, 0x1D1C_27E2_8F8E_24E8);
+        assert_ne!(id, reference_alert_id(Rule::CardTesting, CARD, 4, 60_000));
+        assert_ne!(id, reference_alert_id(Rule::Velocity, CARD, 5, 60_000));
+        assert_ne!(id, reference_alert_id(Rule::Velocity, CARD, 4, 0));
+        assert_ne!(id, reference_alert_id(Rule::Velocity, CARD + 1, 4, 60_000), "cards apart");
         // Same input twice: same alerts, ids included.
         let mut config = quiet();
         config.velocity.limits = vec![(MINUTE, 0), (HOUR, 0)];

@@ -129,7 +129,7 @@ fn read_back(bootstrap: &str, topic: &str) -> Vec<(i64, i64)> {
         match consumer.poll(Duration::from_millis(500)) {
             Some(Ok(m)) => {
                 let produced = m.timestamp().to_millis().expect("records carry CreateTime");
-                let x = codec.decode(m.payload().unwrap_or_default(), produced).unwrap();
+                let x = codec.decode(m.payload().unwrap_or_default(), Some(produced)).unwrap();
                 out.push((produced, x.event_time_ms as i64));
             }
             Some(Err(KafkaError::PartitionEOF(_))) => eof += 1,

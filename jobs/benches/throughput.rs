@@ -25,9 +25,7 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
-use support::{
-    bulk_config, clean_up, env_or, load, now_ms, records_in, unique, write_results, JobRun,
-};
+use support::{bulk_config, clean_up, env_or, load, records_in, unique, write_results, JobRun};
 use tripwire_connectors::avro::{Limits, TransactionCodec};
 use tripwire_connectors::ceiling::read_topic;
 use tripwire_connectors::kafka_admin::partition_count;
@@ -79,7 +77,9 @@ fn naive(bootstrap: &str, topic: &str, limit: u64) -> (u64, f64) {
     while n < limit && eof < parts {
         match consumer.poll(Duration::from_millis(100)) {
             Some(Ok(m)) => {
-                let Ok(x) = codec.decode(m.payload().unwrap_or_default(), now_ms()) else {
+                let Ok(x) =
+                    codec.decode(m.payload().unwrap_or_default(), m.timestamp().to_millis())
+                else {
                     continue;
                 };
                 n += 1;

@@ -55,6 +55,8 @@ impl Scenario {
 pub enum Expect {
     /// Accept it as the event with this id.
     Accept(u64),
+    /// An identical copy of the accepted event with this id: counted once, not again.
+    Duplicate(u64),
     /// Reject it for this reason.
     Reject(DeadLetterReason),
 }
@@ -103,6 +105,10 @@ pub struct GenConfig {
     pub out_of_order_per_10k: u64,
     /// Late records per 10,000, beyond the bound.
     pub late_per_10k: u64,
+    /// Resends per 10,000 benign events, each kind: an identical copy right
+    /// after the original (counted once), and a copy with another amount under
+    /// the same event id (a `duplicate_id` dead letter).
+    pub duplicates_per_10k: u64,
     /// Benign amounts follow a spending profile per card (a typical amount,
     /// each payment half to twice it); without, they are uniform over
     /// 5.00..155.00 for every card, which makes amount spikes (and, with few
@@ -155,6 +161,7 @@ impl Default for GenConfig {
             lateness_ms: 5_000,
             out_of_order_per_10k: 100,
             late_per_10k: 20,
+            duplicates_per_10k: 0,
             spending_profiles: true,
             near_miss_per_10k: 0,
             now_ms: 0,
@@ -371,6 +378,7 @@ impl Generator {
             }
             DeadLetterReason::Oversize => vec![0u8; 100_000],
             DeadLetterReason::Late => unreachable!("late records are made by plan()"),
+            DeadLetterReason::DuplicateId => unreachable!("duplicates are made by plan()"),
         };
         let partition = self.partition_of(card);
         out.push(Planned {
@@ -509,7 +517,34 @@ impl Generator {
                 event_time -= c.lateness_ms + 1 + self.rng.below(60_000) as i64;
             }
             let r = self.record(card, event_time);
+            let copy = r.clone();
             self.plan(r, None, &mut out);
+            if c.duplicates_per_10k > 0
+                && matches!(out.last().map(|p| &p.expect), Some(Expect::Accept(_)))
+            {
+                let original = out.last().expect("just planned").clone();
+                if self.rng.below(10_000) < c.duplicates_per_10k {
+                    let id = copy.event_id as u64;
+                    out.push(Planned {
+                        expect: Expect::Duplicate(id),
+                        label: None,
+                        ..original.clone()
+                    });
+                }
+                if self.rng.below(10_000) < c.duplicates_per_10k {
+                    let mut other = copy;
+                    other.amount_minor += 1;
+                    let ids = self.config.schema_ids;
+                    let payload =
+                        encode(&other, ids.v2, &self.v2).expect("generated records encode");
+                    out.push(Planned {
+                        payload,
+                        expect: Expect::Reject(DeadLetterReason::DuplicateId),
+                        label: None,
+                        ..original
+                    });
+                }
+            }
             self.release_waiting(self.clock_ms, &mut out);
             for s in Scenario::ALL {
                 if self.rng.below(10_000) < c.fraud_per_10k {
@@ -524,7 +559,9 @@ impl Generator {
                 }
             }
             for reason in DeadLetterReason::ALL {
-                if reason != DeadLetterReason::Late && self.rng.below(10_000) < c.bad_per_10k {
+                let planned_elsewhere =
+                    matches!(reason, DeadLetterReason::Late | DeadLetterReason::DuplicateId);
+                if !planned_elsewhere && self.rng.below(10_000) < c.bad_per_10k {
                     self.bad(reason, &mut out);
                 }
             }

@@ -390,6 +390,7 @@ fn chaos_leaves_exactly_the_reference_result_and_that_of_a_run_without_failures(
         lateness_ms: LATENESS_MS,
         out_of_order_per_10k: 300,
         late_per_10k: 20,
+        duplicates_per_10k: 5,
         near_miss_per_10k: 0,
         spending_profiles: true,
         rate_per_s: None,

@@ -1,9 +1,11 @@
 //! Exactly once under SIGKILL and rescaling: the fraud-detector binary is
 //! killed several times while it reads a topic, restarted each time with
 //! another number of workers (2, 3, 1 threads in one process), and finally
-//! runs to the topic's end as 2 processes × 2 workers. PostgreSQL and Redis must then hold exactly the reference
-//! model's result over the accepted input: every alert once, no statistics
-//! left (every window has emptied at the end of input), frontiers at the end.
+//! runs to the topic's end as 2 processes × 2 workers, all with the shipped
+//! defaults (idle timeout included). PostgreSQL and Redis must then hold
+//! exactly the reference model's result over the accepted input as of the end
+//! of input (a bounded run ends just past its last event, windows as they
+//! stand): every statistic, every alert once, every worker's frontier there.
 //!
 //! Needs the stack up (`./tripwire stack up`, or run through `./tripwire test`).
 
@@ -19,7 +21,7 @@ use tripwire_connectors::kafka_admin::ensure_topic;
 use tripwire_connectors::readback;
 use tripwire_connectors::Endpoints;
 use tripwire_dataflow::reference::Reference;
-use tripwire_dataflow::{FraudConfig, Time};
+use tripwire_dataflow::FraudConfig;
 use tripwire_jobs::generator::{Expect, GenConfig, Generator, SchemaIds};
 
 use common::{accepted, now_ms, produce};
@@ -50,7 +52,7 @@ impl Run {
                     .args(["--job", &self.job, "--bounded", "-w", &workers.to_string()])
                     .args(["-n", &processes.to_string(), "-p", &p.to_string()])
                     .args(["-h", &hosts.display().to_string()])
-                    .args(["--commit-interval-ms", "20", "--idle-timeout-s", "0"])
+                    .args(["--commit-interval-ms", "20"])
                     .args(["--catch-up-commit-interval-ms", "0"])
                     .args([
                         "--sample-every",
@@ -122,6 +124,7 @@ fn killed_and_restarted_job_leaves_exactly_the_reference_result() {
         lateness_ms: 5_000,
         out_of_order_per_10k: 300,
         late_per_10k: 20,
+        duplicates_per_10k: 5,
         near_miss_per_10k: 0,
         // Second-scale windows: benign randomness is what fires the rules here.
         spending_profiles: false,
@@ -164,8 +167,11 @@ fn killed_and_restarted_job_leaves_exactly_the_reference_result() {
     let (accepted, _) = accepted(&plan);
     let fraud = FraudConfig::seconds();
     let reference = Reference::new(&fraud, &accepted);
-    let want: BTreeSet<i64> =
-        reference.alerts_until(Time::MAX).iter().map(|a| a.id as i64).collect();
+    // The input's end: just past the last accepted event's (ticked) time (its
+    // Kafka timestamps are all later than its event times).
+    let end = accepted.iter().map(|x| reference.time_of(x.event_time_ms)).max().unwrap() + 1;
+    let want: BTreeSet<i64> = reference.alerts_until(end - 1).iter().map(|a| a.id as i64).collect();
+    let want_stats = reference.stats_at(end - 1);
     assert!(want.len() > 50, "the input fires rules: {}", want.len());
 
     let late_planned =
@@ -178,8 +184,7 @@ fn killed_and_restarted_job_leaves_exactly_the_reference_result() {
             .iter()
             .map(|r| r.get(0))
             .collect();
-        let stats: i64 =
-            client.query_one("SELECT count(*) FROM window_stats", &[]).await.unwrap().get(0);
+        let stats = readback::pg_stats(&client).await.unwrap();
         let frontiers: Vec<i64> = client
             .query("SELECT frontier FROM checkpoints WHERE job = $1", &[&run.job])
             .await
@@ -205,8 +210,25 @@ fn killed_and_restarted_job_leaves_exactly_the_reference_result() {
         want.len() - missing
     );
     assert_eq!((missing, extra), (0, 0), "PostgreSQL alerts equal the reference's");
-    assert_eq!(stats, 0, "every window emptied at the end of input");
-    assert_eq!(frontiers, vec![i64::MAX; 4], "the last run's four workers, at the end");
+    assert!(want_stats.len() > 20, "statistics to compare: {}", want_stats.len());
+    let differ = |got: &std::collections::BTreeMap<tripwire_dataflow::StatKey, i64>| {
+        let missing = want_stats.iter().filter(|(k, v)| got.get(k) != Some(v)).count();
+        let extra = got.keys().filter(|k| !want_stats.contains_key(k)).count();
+        (
+            missing,
+            extra,
+            want_stats
+                .iter()
+                .find(|(k, v)| got.get(k) != Some(v))
+                .map(|(k, v)| format!("{k:?}={v} got {:?}", got.get(k))),
+        )
+    };
+    assert_eq!(
+        differ(&stats),
+        (0, 0, None),
+        "PostgreSQL statistics equal the reference's as of the end"
+    );
+    assert_eq!(frontiers, vec![end as i64; 4], "the last run's four workers, at the end");
     assert!(late_planned > 0, "the input has late records");
     assert_eq!(late as usize, late_planned, "every late record in late_events, once");
     let (samples, resumed): (i64, i64) = rt.block_on(async {
@@ -241,4 +263,10 @@ fn killed_and_restarted_job_leaves_exactly_the_reference_result() {
     let unique: BTreeSet<i64> = ids.iter().copied().collect();
     assert_eq!(ids.len(), unique.len(), "no alert twice in the Redis stream");
     assert_eq!(unique, want, "the Redis stream holds exactly the reference's alerts");
+    let redis_stats = readback::redis_stats(&mut con, &run.job).unwrap();
+    assert_eq!(
+        differ(&redis_stats),
+        (0, 0, None),
+        "Redis statistics equal the reference's as of the end"
+    );
 }

@@ -31,6 +31,8 @@ struct Fixture {
     dir: PathBuf,
     want_alerts: BTreeSet<AlertRow>,
     want_archive: BTreeSet<i64>,
+    /// Where a bounded run over the topic ends: just past its last event.
+    end: i64,
 }
 
 fn fixture(name: &str) -> Fixture {
@@ -59,6 +61,7 @@ fn fixture(name: &str) -> Fixture {
         lateness_ms: 5_000,
         out_of_order_per_10k: 300,
         late_per_10k: 20,
+        duplicates_per_10k: 5,
         near_miss_per_10k: 0,
         // Second-scale windows: benign randomness is what fires the rules here.
         spending_profiles: false,
@@ -70,8 +73,10 @@ fn fixture(name: &str) -> Fixture {
     produce(&stack.endpoints.kafka_bootstrap, &id, &plan);
     let (events, _) = accepted(&plan);
     let reference = Reference::new(&fraud, &events);
+    let end = events.iter().map(|x| reference.time_of(x.event_time_ms)).max().unwrap() + 1;
     Fixture {
-        want_alerts: reference.alerts_until(u64::MAX).iter().map(readback::alert_row).collect(),
+        want_alerts: reference.alerts_until(end - 1).iter().map(readback::alert_row).collect(),
+        end: end as i64,
         want_archive: events.iter().map(|x| x.event_id as i64).collect(),
         stack,
         topic: id,
@@ -93,7 +98,7 @@ impl Fixture {
             binary: PathBuf::from(env!("CARGO_BIN_EXE_fraud-detector")),
             args: ["--topic", &self.topic, "--dlq-topic", &format!("{}-dlq", self.topic)]
                 .into_iter()
-                .chain(["--job", job, "--bounded", "--idle-timeout-s", "0"])
+                .chain(["--job", job, "--bounded"])
                 .chain([
                     "--commit-interval-ms",
                     "50",
@@ -108,7 +113,7 @@ impl Fixture {
             remote_dir: String::new(),
             env: vec![
                 ("TRIPWIRE_PG_SCHEMA".into(), job.into()),
-                ("RUST_LOG".into(), "error".into()),
+                ("RUST_LOG".into(), std::env::var("TRIPWIRE_TEST_LOG").unwrap_or("error".into())),
             ],
         }
     }
@@ -164,8 +169,8 @@ fn three_processes_from_a_hosts_file_equal_one_process_and_a_killed_one_restarts
     assert_eq!(restarts, 0);
     let (alerts_one, archive_one, frontiers_one) = f.results(&one);
     let (alerts_three, archive_three, frontiers_three) = f.results(&three);
-    assert_eq!(frontiers_one, vec![i64::MAX]);
-    assert_eq!(frontiers_three, vec![i64::MAX; 3], "each of the three processes finished");
+    assert_eq!(frontiers_one, vec![f.end]);
+    assert_eq!(frontiers_three, vec![f.end; 3], "each of the three processes finished");
     assert!(f.want_alerts.len() > 50, "the input fires rules: {}", f.want_alerts.len());
     assert_eq!(alerts_one, f.want_alerts, "one process: the reference's alerts");
     assert_eq!(alerts_three, alerts_one, "three processes: the same alerts");
@@ -187,7 +192,7 @@ fn three_processes_from_a_hosts_file_equal_one_process_and_a_killed_one_restarts
     let victim = loop {
         let committed = f.frontiers(&killed);
         let state = read_state(&home, &killed);
-        if let Some(s) = state.filter(|_| committed.iter().any(|c| *c > 0 && *c < i64::MAX)) {
+        if let Some(s) = state.filter(|_| committed.iter().any(|c| *c > 0 && *c < f.end)) {
             break s.processes[1].1;
         }
         assert!(!supervisor.is_finished(), "the group finished before it could be killed");
@@ -198,7 +203,7 @@ fn three_processes_from_a_hosts_file_equal_one_process_and_a_killed_one_restarts
     let restarts = supervisor.join().unwrap().unwrap();
     assert!(restarts >= 1, "the group was restarted");
     let (alerts, archive, frontiers) = f.results(&killed);
-    assert_eq!(frontiers, vec![i64::MAX; 3]);
+    assert_eq!(frontiers, vec![f.end; 3]);
     assert_eq!(alerts, f.want_alerts, "after the kill and restart: exactly the reference's alerts");
     assert_eq!(archive, f.want_archive, "and every accepted event archived once");
 
@@ -231,7 +236,7 @@ fn three_processes_from_a_hosts_file_equal_one_process_and_a_killed_one_restarts
     }
     assert!(read_state(&home, &stopped).is_none(), "the supervisor's state is cleared");
     let frontiers = f.frontiers(&stopped);
-    assert!(frontiers.len() == 2 && frontiers.iter().all(|c| *c > 0 && *c < i64::MAX));
+    assert!(frontiers.len() == 2 && frontiers.iter().all(|c| *c > 0 && *c < f.end));
     let _ = std::fs::remove_dir_all(&f.dir);
 }
 
@@ -351,7 +356,7 @@ fn processes_in_separate_network_namespaces_give_the_same_result() {
     launch.supervise(&home, Arc::default()).expect("the namespaced group finishes");
     let (alerts_one, archive_one, _) = f.results(&one);
     let (alerts, archive, frontiers) = f.results(&spread);
-    assert_eq!(frontiers, vec![i64::MAX; 3]);
+    assert_eq!(frontiers, vec![f.end; 3]);
     assert_eq!(alerts_one, f.want_alerts);
     assert_eq!(alerts, alerts_one, "three namespaces: the same alerts as one process");
     assert_eq!(archive, archive_one, "and the same archive");

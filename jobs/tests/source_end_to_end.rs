@@ -70,6 +70,7 @@ fn source_accepts_every_good_record_once_and_dead_letters_every_bad_one_with_its
         lateness_ms: 5_000,
         out_of_order_per_10k: 400,
         late_per_10k: 20,
+        duplicates_per_10k: 5,
         near_miss_per_10k: 0,
         spending_profiles: true,
         rate_per_s: None,
@@ -130,7 +131,7 @@ fn source_accepts_every_good_record_once_and_dead_letters_every_bad_one_with_its
         group_id: format!("e2e-{suffix}"),
         ..SourceConfig::new(&bootstrap(), &topic)
     };
-    let (bs, dlq_topic) = (bootstrap(), dlq.clone());
+    let (bs, dlq_topic, source_topic) = (bootstrap(), dlq.clone(), topic.clone());
     timely::execute(timely::Config::process(2), move |worker| {
         let events_tx = events_tx.lock().unwrap().clone();
         let registry = Arc::new(EmbeddedRegistry::new().unwrap());
@@ -138,7 +139,15 @@ fn source_accepts_every_good_record_once_and_dead_letters_every_bad_one_with_its
             let source =
                 kafka_source(scope, &source_config, &FraudConfig::default(), registry).unwrap();
             source.events.inner.capture_into(events_tx);
-            dead_letter_sink(source.dead_letters, &bs, &dlq_topic).unwrap();
+            dead_letter_sink(
+                source.dead_letters,
+                &bs,
+                &dlq_topic,
+                &source_topic,
+                PARTITIONS as usize,
+                None,
+            )
+            .unwrap();
         });
     })
     .unwrap()
@@ -198,7 +207,9 @@ fn source_accepts_every_good_record_once_and_dead_letters_every_bad_one_with_its
     for (at, reason) in &seen {
         match &expect_at[at] {
             Expect::Reject(r) => assert_eq!(reason, r.as_str(), "reason of the record at {at:?}"),
-            Expect::Accept(id) => panic!("event {id} at {at:?} was dead-lettered as {reason}"),
+            Expect::Accept(id) | Expect::Duplicate(id) => {
+                panic!("event {id} at {at:?} was dead-lettered as {reason}")
+            }
         }
     }
 }

@@ -112,6 +112,35 @@ CREATE INDEX raw_transactions_card_time ON raw_transactions (card_id, event_time
         // (a heap-only tuple: no new index entry, less WAL, less vacuum).
         "ALTER TABLE window_stats SET (fillfactor = 70);",
     ),
+    (
+        4,
+        "source decisions: watermark basis, floors and read positions, for deterministic replay",
+        // The source's decisions that depend on timing (a quiet partition
+        // released, the end of a bounded run) are stored with the commit that
+        // covers them and applied again by a replay (reclocking); the basis is
+        // the clamped maximum the lateness rule uses (`max_event_time` stays
+        // the true maximum, which decides where a restart may begin).
+        r#"
+ALTER TABLE source_progress ADD COLUMN basis bigint;
+CREATE TABLE source_floors (
+    job        text   NOT NULL,
+    topic      text   NOT NULL,
+    partition  int    NOT NULL,
+    -- From this offset on, records at a time below "floor" are late.
+    "offset"   bigint NOT NULL,
+    floor      bigint NOT NULL,
+    PRIMARY KEY (job, topic, partition, "offset")
+);
+CREATE TABLE source_positions (
+    job        text   NOT NULL,
+    topic      text   NOT NULL,
+    partition  int    NOT NULL,
+    -- How far the source had read when a commit was stored.
+    "offset"   bigint NOT NULL,
+    PRIMARY KEY (job, topic, partition)
+);
+"#,
+    ),
 ];
 
 /// Apply every migration `client`'s database lacks; returns the versions applied now.

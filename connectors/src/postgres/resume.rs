@@ -65,9 +65,12 @@ pub async fn fit_checkpoints(
 
 /// Where `job` resumes reading `topic` so that every output at a time `>= frontier` is recomputed.
 ///
-/// Those outputs depend only on events at or after `frontier - longest - tick`;
-/// each partition restarts at the latest sample whose largest earlier event
-/// time lies below that (or at its beginning).
+/// Those outputs depend only on events at or after `frontier - longest - tick`
+/// (`skip_below`), and whether such an event is a duplicate only on events at
+/// most `dedup_horizon` before it; each partition restarts at the latest
+/// sample whose largest earlier event time lies below `skip_below -
+/// dedup_horizon` (or at its beginning), with the partition's watermark basis
+/// there, every floor recorded for it, and how far an earlier run had read.
 pub async fn resume_point(
     client: &Client,
     job: &str,
@@ -75,15 +78,19 @@ pub async fn resume_point(
     frontier: Time,
     longest: Time,
     tick: Time,
+    dedup_horizon: Time,
 ) -> Result<ResumePoint, tokio_postgres::Error> {
     let skip_below = frontier.saturating_sub(longest.saturating_add(tick.max(1)));
+    let read_from = skip_below.saturating_sub(dedup_horizon);
+    let as_i64 = |t: Time| t.min(i64::MAX as u64) as i64;
     let rows = client
         .query(
-            "SELECT DISTINCT ON (partition) partition, \"offset\", max_event_time
+            "SELECT DISTINCT ON (partition) partition, \"offset\", max_event_time,
+                    coalesce(basis, max_event_time)
              FROM source_progress
              WHERE job = $1 AND topic = $2 AND max_event_time < $3
              ORDER BY partition, \"offset\" DESC",
-            &[&job, &topic, &(skip_below.min(i64::MAX as u64) as i64)],
+            &[&job, &topic, &as_i64(read_from)],
         )
         .await?;
     let mut point = ResumePoint { frontier, ..ResumePoint::default() };
@@ -91,7 +98,28 @@ pub async fn resume_point(
     for r in rows {
         let partition: i32 = r.get(0);
         point.start_offsets.insert(partition, r.get(1));
-        point.resume.max_seen.insert(partition, r.get::<_, i64>(2) as Time);
+        let restored = point.resume.partitions.entry(partition).or_default();
+        restored.max_event = Some(r.get::<_, i64>(2) as Time);
+        restored.basis = Some(r.get::<_, i64>(3) as Time);
+    }
+    let floors = client
+        .query(
+            "SELECT partition, \"offset\", floor FROM source_floors WHERE job = $1 AND topic = $2",
+            &[&job, &topic],
+        )
+        .await?;
+    for r in floors {
+        let restored = point.resume.partitions.entry(r.get(0)).or_default();
+        restored.floors.push((r.get(1), r.get::<_, i64>(2) as Time));
+    }
+    let positions = client
+        .query(
+            "SELECT partition, \"offset\" FROM source_positions WHERE job = $1 AND topic = $2",
+            &[&job, &topic],
+        )
+        .await?;
+    for r in positions {
+        point.resume.partitions.entry(r.get(0)).or_default().replay_until = r.get(1);
     }
     Ok(point)
 }

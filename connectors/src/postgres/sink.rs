@@ -14,10 +14,12 @@ use tokio_postgres::{Client, NoTls, Statement};
 use tripwire_dataflow::{CardWindow, Channel, Time, WindowStats};
 
 use super::migrate;
-use crate::commit::{frontier_sink, Batch, CommitOptions, Committed, SinkInputs, Store};
+use crate::commit::{frontier_sink, Batch, CommitOptions, Committed, InputEnd, SinkInputs, Store};
 use std::sync::{Arc, Mutex};
 
-use crate::kafka_source::{DeadLetter, LateEvents, ProduceTimes, Progress, ProgressSample};
+use crate::kafka_source::{
+    DeadLetter, Decisions, LateEvents, ProduceTimes, Progress, ProgressSample, SourceDecisions,
+};
 
 /// Where and how the sink commits.
 #[derive(Clone, Debug)]
@@ -43,6 +45,12 @@ pub struct PgSinkConfig {
     /// The source's sampled produce times: each is observed as end-to-end
     /// latency when the commit covering it lands.
     pub produce_times: Option<ProduceTimes>,
+    /// The source's floors and read positions, stored with each commit, if any.
+    pub decisions: Option<Decisions>,
+    /// The topic the decisions are about.
+    pub topic: String,
+    /// A bounded run's end, from the source.
+    pub end: Option<InputEnd>,
 }
 
 /// Commit this worker's statistics and alerts (and archived events, if given) to
@@ -55,6 +63,7 @@ pub fn pg_sink(inputs: SinkInputs<'_>, config: &PgSinkConfig) -> Committed {
         resume_from: config.resume_from,
         report_to: config.report_to.clone(),
         catch_up_interval: config.catch_up_interval,
+        end: config.end.clone(),
     };
     frontier_sink("PgSink", inputs, options, store)
 }
@@ -87,11 +96,28 @@ impl Store for Postgres {
         Ok(PgConn { client, statements })
     }
 
+    async fn stored_frontier(&mut self, conn: &mut PgConn) -> Result<Option<Time>, String> {
+        let row = conn
+            .client
+            .query_opt(
+                "SELECT frontier FROM checkpoints WHERE job = $1 AND worker = $2",
+                &[&self.config.job, &(self.worker as i32)],
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(row.map(|r| r.get::<_, i64>(0) as Time))
+    }
+
     async fn commit(&mut self, conn: &mut PgConn, batch: &Batch) -> Result<(), String> {
         let (samples, late) = (take(&self.config.progress), take(&self.config.late));
+        let decisions = match &self.config.decisions {
+            Some(d) => std::mem::take(&mut *d.lock().expect("source decisions")),
+            None => SourceDecisions::default(),
+        };
         let (client, st) = (&mut conn.client, &conn.statements);
         let job = &self.config.job;
-        let result = commit(client, st, job, self.worker, batch, &samples, &late).await;
+        let source = Source { topic: &self.config.topic, samples: &samples, decisions: &decisions };
+        let result = commit(client, st, job, self.worker, batch, &source, &late).await;
         if result.is_ok() {
             for (a, _) in &batch.alerts {
                 crate::metrics::alerts_total().with_label_values(&[a.rule.name()]).inc();
@@ -118,6 +144,16 @@ impl Store for Postgres {
             if let Some(l) = &self.config.late {
                 l.lock().expect("late events").extend(late);
             }
+            if let Some(d) = &self.config.decisions {
+                let mut d = d.lock().expect("source decisions");
+                for (k, f) in decisions.floors {
+                    let e = d.floors.entry(k).or_default();
+                    *e = (*e).max(f);
+                }
+                for (p, o) in decisions.positions {
+                    d.positions.entry(p).or_insert(o);
+                }
+            }
         }
         result.map_err(|e| e.to_string())
     }
@@ -134,10 +170,19 @@ async fn connect(conninfo: &str) -> Result<Client, tokio_postgres::Error> {
     Ok(client)
 }
 
+/// What a commit stores for the source: restart points and decisions.
+struct Source<'a> {
+    topic: &'a str,
+    samples: &'a [ProgressSample],
+    decisions: &'a SourceDecisions,
+}
+
 /// The sink's statements, prepared once per connection.
 struct Statements {
     late: Statement,
     samples: Statement,
+    floors: Statement,
+    positions: Statement,
     upsert: Statement,
     delete: Statement,
     alerts: Statement,
@@ -155,8 +200,8 @@ impl Statements {
                  ON CONFLICT DO NOTHING"
             ),
             c.prepare(
-                "INSERT INTO source_progress (job, topic, partition, \"offset\", max_event_time)
-                 SELECT $1, * FROM UNNEST($2::text[], $3::int[], $4::bigint[], $5::bigint[])
+                "INSERT INTO source_progress (job, topic, partition, \"offset\", max_event_time, basis)
+                 SELECT $1, * FROM UNNEST($2::text[], $3::int[], $4::bigint[], $5::bigint[], $6::bigint[])
                  ON CONFLICT DO NOTHING"
             ),
             c.prepare(
@@ -200,7 +245,31 @@ impl Statements {
                          updated_at = now()"
             ),
         )?;
-        Ok(Statements { late, samples, upsert, delete, alerts, archive, checkpoint })
+        let (floors, positions) = tokio::try_join!(
+            c.prepare(
+                "INSERT INTO source_floors (job, topic, partition, \"offset\", floor)
+                 SELECT $1, $2, * FROM UNNEST($3::int[], $4::bigint[], $5::bigint[])
+                 ON CONFLICT (job, topic, partition, \"offset\") DO UPDATE
+                     SET floor = GREATEST(source_floors.floor, EXCLUDED.floor)"
+            ),
+            c.prepare(
+                "INSERT INTO source_positions (job, topic, partition, \"offset\")
+                 SELECT $1, $2, * FROM UNNEST($3::int[], $4::bigint[])
+                 ON CONFLICT (job, topic, partition) DO UPDATE
+                     SET \"offset\" = GREATEST(source_positions.\"offset\", EXCLUDED.\"offset\")"
+            ),
+        )?;
+        Ok(Statements {
+            late,
+            samples,
+            floors,
+            positions,
+            upsert,
+            delete,
+            alerts,
+            archive,
+            checkpoint,
+        })
     }
 }
 
@@ -215,9 +284,10 @@ async fn commit(
     job: &str,
     worker: usize,
     b: &Batch,
-    samples: &[ProgressSample],
+    source: &Source<'_>,
     late: &[DeadLetter],
 ) -> Result<(), tokio_postgres::Error> {
+    let samples = source.samples;
     let as_i64 = |t: Time| t.min(i64::MAX as u64) as i64;
     let (upserts, deletes, alerts) = (&b.upserts, &b.deletes, &b.alerts);
     let transaction = client.transaction().await?;
@@ -242,13 +312,39 @@ async fn commit(
         samples.iter().map(|s| s.partition).collect::<Vec<i32>>(),
         samples.iter().map(|s| s.offset).collect::<Vec<i64>>(),
         samples.iter().map(|s| as_i64(s.max_event_time)).collect::<Vec<i64>>(),
+        samples.iter().map(|s| as_i64(s.basis)).collect::<Vec<i64>>(),
     );
     let samples_fut = async {
         if samples.is_empty() {
             return Ok(0);
         }
-        let (t, p, o, m) = &sample_cols;
-        tx.execute(&st.samples, &[&job, t, p, o, m]).await
+        let (t, p, o, m, b) = &sample_cols;
+        tx.execute(&st.samples, &[&job, t, p, o, m, b]).await
+    };
+    let floors = &source.decisions.floors;
+    let floor_cols = (
+        floors.keys().map(|k| k.0).collect::<Vec<i32>>(),
+        floors.keys().map(|k| k.1).collect::<Vec<i64>>(),
+        floors.values().map(|f| as_i64(*f)).collect::<Vec<i64>>(),
+    );
+    let floors_fut = async {
+        if floors.is_empty() {
+            return Ok(0);
+        }
+        let (p, o, f) = &floor_cols;
+        tx.execute(&st.floors, &[&job, &source.topic, p, o, f]).await
+    };
+    let positions = &source.decisions.positions;
+    let position_cols = (
+        positions.keys().copied().collect::<Vec<i32>>(),
+        positions.values().copied().collect::<Vec<i64>>(),
+    );
+    let positions_fut = async {
+        if positions.is_empty() {
+            return Ok(0);
+        }
+        let (p, o) = &position_cols;
+        tx.execute(&st.positions, &[&job, &source.topic, p, o]).await
     };
 
     let col = |f: &dyn Fn(&(CardWindow, WindowStats, Time)) -> i64| -> Vec<i64> {
@@ -310,6 +406,8 @@ async fn commit(
     tokio::try_join!(
         late_fut,
         samples_fut,
+        floors_fut,
+        positions_fut,
         upsert_fut,
         delete_fut,
         alerts_fut,

@@ -23,7 +23,7 @@ use crate::output::{alert_id, Alert, Details, Rule};
 /// The alert `rule` raises on the judged event.
 pub(crate) fn alert(j: &Judged, rule: Rule, variant: u64, details: Details) -> Alert {
     Alert {
-        id: alert_id(rule, j.event.event_id, variant),
+        id: alert_id(rule, j.event.card_id, j.event.event_id, variant),
         card_id: j.event.card_id,
         rule,
         trigger_event: j.event.event_id,

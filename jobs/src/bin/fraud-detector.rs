@@ -14,9 +14,10 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{CommandFactory, Parser};
 use serde::{Deserialize, Serialize};
+use tripwire_connectors::avro::Limits;
 use tripwire_connectors::commit::{finish_current_commits, SinkInputs};
 use tripwire_connectors::confluent_registry::ConfluentRegistry;
-use tripwire_connectors::dead_letter_sink::dead_letter_sink;
+use tripwire_connectors::dead_letter_sink::{dead_letter_sink, Confirm};
 use tripwire_connectors::kafka_admin::{ensure_topic, partition_count};
 use tripwire_connectors::kafka_source::{kafka_source, SourceConfig};
 use tripwire_connectors::metrics::serve;
@@ -78,6 +79,14 @@ struct Args {
     /// Read the topic to its current end, commit, and exit (bulk loads, demos, tests).
     #[arg(long)]
     bounded: bool,
+    /// How far back in event time a copy of an accepted event id (on the same
+    /// partition) is a duplicate, ms. A restart re-reads this much more.
+    #[arg(long, default_value_t = 3_600_000)]
+    dedup_horizon_ms: Time,
+    /// Accept event times of any age (a backfill of history); otherwise an
+    /// event more than a week behind its Kafka timestamp is a dead letter.
+    #[arg(long)]
+    backfill: bool,
     /// Records per partition between two progress samples (restart points).
     #[arg(long, default_value_t = 5_000)]
     sample_every: u64,
@@ -232,6 +241,7 @@ fn main() -> Result<()> {
             &args.topic,
             &fraud,
             args.workers * args.processes,
+            args.dedup_horizon_ms,
         )) {
             Ok(found) => break found,
             Err(e) => {
@@ -264,6 +274,11 @@ fn main() -> Result<()> {
         bounded: args.bounded,
         sample_every: args.sample_every,
         max_in_flight: (args.max_uncommitted > 0).then_some(args.max_uncommitted),
+        dedup_horizon_ms: args.dedup_horizon_ms,
+        limits: Limits {
+            max_age_ms: (!args.backfill).then_some(7 * 24 * 3_600_000),
+            ..Limits::default()
+        },
         ..SourceConfig::new(&endpoints.kafka_bootstrap, &args.topic)
     };
     let sink = PgSinkConfig {
@@ -276,6 +291,9 @@ fn main() -> Result<()> {
         resume_from: pg_frontier.unwrap_or(0),
         report_to: None,
         produce_times: None,
+        decisions: None,
+        topic: args.topic.clone(),
+        end: None,
     };
     let read_model = RedisSinkConfig {
         url: endpoints.redis_url(),
@@ -283,9 +301,8 @@ fn main() -> Result<()> {
         commit_interval: Duration::from_millis(args.commit_interval_ms),
         catch_up_interval: Duration::from_millis(args.catch_up_commit_interval_ms),
         stream_max_len: 100_000,
-        // A card's hash outlives its longest window by a minute, then goes.
-        ttl: Duration::from_millis(fraud.max_window() + 60_000),
         resume_from: redis_frontier.unwrap_or(0),
+        end: None,
     };
     tracing::info!(job = %args.job, topic = %args.topic, workers = args.workers,
         processes = args.processes, process = args.process, "starting");
@@ -297,6 +314,7 @@ fn main() -> Result<()> {
     let partitions = partition_count(&bootstrap, &args.topic)
         .with_context(|| format!("reading topic {}", args.topic))?
         .unwrap_or(1);
+    let topic = args.topic.clone();
     ensure_topic(&bootstrap, &dlq, partitions as i32)
         .with_context(|| format!("creating topic {dlq}"))?;
     let registry: Arc<dyn SchemaRegistry> = if args.schema_registry {
@@ -312,19 +330,43 @@ fn main() -> Result<()> {
             let _span = tracing::info_span!("worker", process, worker = worker.index()).entered();
             let registry = registry.clone();
             let state = worker.dataflow::<Time, _, _>(|scope| {
-                let input = kafka_source(scope, &source, &fraud, registry).expect("Kafka source");
+                let input = match kafka_source(scope, &source, &fraud, registry) {
+                    Ok(input) => input,
+                    Err(e) => {
+                        // Not an invariant broken in the code: the input cannot be read as the job needs.
+                        tracing::error!(error = %e, "cannot start the Kafka source");
+                        eprintln!("fraud-detector: {e}");
+                        std::process::exit(2);
+                    }
+                };
                 source_ready.store(true, std::sync::atomic::Ordering::Release);
-                dead_letter_sink(input.dead_letters, &bootstrap, &dlq)
-                    .expect("dead-letter producer");
+                // Restart points reach PostgreSQL once the dead letters before them are delivered.
+                let confirmed = tripwire_connectors::kafka_source::Progress::default();
+                let confirm =
+                    Confirm { taken: input.progress.clone(), confirmed: confirmed.clone() };
+                if let Err(e) = dead_letter_sink(
+                    input.dead_letters,
+                    &bootstrap,
+                    &dlq,
+                    &topic,
+                    partitions,
+                    Some(confirm),
+                ) {
+                    tracing::error!(error = %e, "cannot start the dead-letter sink");
+                    eprintln!("fraud-detector: {e}");
+                    std::process::exit(2);
+                }
                 let archived = archive.then(|| input.events.clone());
                 let out = input.events.detect_fraud(&fraud);
                 // The source's restart points and late records go with the
                 // PostgreSQL commits, which also release its backpressure.
                 let sink = PgSinkConfig {
-                    progress: Some(input.progress),
+                    progress: Some(confirmed),
                     late: Some(input.late),
                     report_to: Some(input.feedback),
                     produce_times: Some(input.produce_times),
+                    decisions: Some(input.decisions),
+                    end: Some(input.end.clone()),
                     ..sink.clone()
                 };
                 let stats = out.stats;
@@ -335,6 +377,7 @@ fn main() -> Result<()> {
                 );
                 // Redis is the read model: it keeps up on its own, folding
                 // batches while it is behind, and never holds the source back.
+                let read_model = RedisSinkConfig { end: Some(input.end), ..read_model.clone() };
                 redis_sink(SinkInputs { stats, alerts, archive: None }, &read_model);
                 out.state
             });
@@ -367,6 +410,7 @@ async fn read_checkpoints(
     topic: &str,
     fraud: &FraudConfig,
     workers: usize,
+    dedup_horizon: Time,
 ) -> Result<(Option<Time>, Option<Time>, Option<ResumePoint>)> {
     let (mut client, conn) =
         tokio_postgres::connect(&endpoints.postgres_config(), tokio_postgres::NoTls)
@@ -385,9 +429,10 @@ async fn read_checkpoints(
         (None, None) => return Ok((pg, redis, None)),
         (pg, redis) => pg.unwrap_or(0).min(redis.unwrap_or(0)),
     };
-    let resume = resume_point(&client, job, topic, from, fraud.max_window(), fraud.tick_ms)
-        .await
-        .context("restart offsets")?;
+    let resume =
+        resume_point(&client, job, topic, from, fraud.max_window(), fraud.tick_ms, dedup_horizon)
+            .await
+            .context("restart offsets")?;
     Ok((pg, redis, Some(resume)))
 }
 

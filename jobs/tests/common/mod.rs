@@ -45,7 +45,7 @@ pub fn accepted(plan: &[Planned]) -> (Vec<Transaction>, HashMap<i32, Time>) {
     let mut events = Vec::new();
     let mut last: HashMap<i32, Time> = HashMap::new();
     for p in plan.iter().filter(|p| matches!(p.expect, Expect::Accept(_))) {
-        let x = codec.decode(&p.payload, now_ms()).expect("accepted records decode");
+        let x = codec.decode(&p.payload, Some(now_ms())).expect("accepted records decode");
         let l = last.entry(p.partition).or_default();
         *l = (*l).max(x.event_time_ms);
         events.push(x);

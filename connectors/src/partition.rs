@@ -1,0 +1,323 @@
+//! One input partition's decisions as plain code: lateness, floors, duplicates.
+//!
+//! Everything the source decides about a record is a function of the
+//! partition's own records before it (in log order) and of *recorded* floors,
+//! never of the wall clock, so that a replay decides exactly as the first run:
+//!
+//! - **Watermark basis**: the largest `min(event_time, log_time)` of the
+//!   partition's accepted records, where `log_time` is the Kafka record's
+//!   timestamp. A record is late when its event time is more than `L` behind
+//!   the basis. Clamping by the log time means that no record, whatever event
+//!   time it claims, can move the basis beyond the time the log gave it: a
+//!   record a few minutes "ahead" cannot make the valid records after it late.
+//! - **Floors**: when the source lets the frontier pass a partition that is not
+//!   holding it (idle, or read to its end), the partition's floor rises to the
+//!   new frontier at its current read position, and a record read after that
+//!   point with a time below the floor is late. Each such decision is recorded
+//!   with the PostgreSQL commit that covers it (`source_floors`) and applied
+//!   again at the same offset by a replay ([`Partition::judge`]).
+//! - **Duplicates**: a record with the `event_id` of an earlier accepted record
+//!   of the partition whose event time is at most `H` (the dedup horizon)
+//!   before its own is a duplicate: identical (same decoded fields) it counts
+//!   once and is dropped (counted in `tripwire_duplicates_total`); different,
+//!   it is a dead letter `duplicate_id`. First in log order wins.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::hash::{Hash, Hasher};
+
+use tripwire_dataflow::{Time, Transaction};
+
+use crate::dead_letter::{DeadLetterReason, Rejected};
+
+/// Settings every partition of a source shares.
+#[derive(Clone, Copy, Debug)]
+pub struct Rules {
+    /// Allowed out-of-orderness `L`, ms.
+    pub lateness_ms: Time,
+    /// How far back in event time an earlier copy still makes a duplicate, ms.
+    pub dedup_horizon_ms: Time,
+}
+
+/// What happens to one decoded, valid record.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Accepted: it enters the dataflow.
+    Accept,
+    /// An identical copy of an accepted record: counted once, dropped.
+    Duplicate,
+}
+
+/// One partition's state.
+#[derive(Debug)]
+pub struct Partition {
+    /// The partition number.
+    pub partition: i32,
+    /// Largest `min(event_time, log_time)` of accepted records (the watermark's basis).
+    pub basis: Option<Time>,
+    /// Largest event time of accepted records (where a restart may begin depends on it).
+    pub max_event: Option<Time>,
+    /// Records at a (ticked) time below this are late.
+    pub floor: Time,
+    /// Recorded floors not yet reached: `(offset, floor)`, ascending.
+    recorded: VecDeque<(i64, Time)>,
+    /// The next offset to read.
+    pub next_offset: i64,
+    /// A replay must not decide anything new before reading up to here.
+    pub replay_until: i64,
+    seen: HashMap<u64, (u64, Time)>,
+    expiry: BinaryHeap<Reverse<(Time, u64)>>,
+}
+
+/// A 64-bit fingerprint of every field of an event (identical resends match).
+fn fingerprint(x: &Transaction) -> u64 {
+    let mut h = tripwire_dataflow::fxhash::FxHasher::default();
+    x.hash(&mut h);
+    h.finish()
+}
+
+impl Partition {
+    /// A partition read from `next_offset`, with what a restart restores.
+    pub fn new(partition: i32, next_offset: i64, restored: Restored) -> Self {
+        let mut recorded: Vec<(i64, Time)> = restored.floors;
+        recorded.sort_unstable();
+        let mut p = Partition {
+            partition,
+            basis: restored.basis,
+            max_event: restored.max_event,
+            floor: 0,
+            recorded: recorded.into(),
+            next_offset,
+            replay_until: restored.replay_until,
+            seen: HashMap::new(),
+            expiry: BinaryHeap::new(),
+        };
+        p.apply_recorded(next_offset);
+        p
+    }
+
+    fn apply_recorded(&mut self, offset: i64) {
+        while let Some(&(o, f)) = self.recorded.front() {
+            if o > offset {
+                break;
+            }
+            self.floor = self.floor.max(f);
+            self.recorded.pop_front();
+        }
+    }
+
+    /// Whether the partition is still replaying what an earlier run read and recorded.
+    pub fn replaying(&self) -> bool {
+        self.next_offset < self.replay_until || !self.recorded.is_empty()
+    }
+
+    /// Decide a valid record at `offset` whose (ticked) time is `t`.
+    pub fn judge(
+        &mut self,
+        rules: &Rules,
+        offset: i64,
+        log_time: Option<i64>,
+        x: &Transaction,
+        t: Time,
+    ) -> Result<Verdict, Rejected> {
+        self.next_offset = offset + 1;
+        self.apply_recorded(offset);
+        let e = x.event_time_ms;
+        let fp = fingerprint(x);
+        if let Some(&(first, first_time)) = self.seen.get(&x.event_id) {
+            if first_time.saturating_add(rules.dedup_horizon_ms) >= e {
+                if first == fp {
+                    return Ok(Verdict::Duplicate);
+                }
+                return Err(Rejected::new(
+                    DeadLetterReason::DuplicateId,
+                    format!(
+                        "event_id {} was already accepted on this partition with other fields",
+                        x.event_id
+                    ),
+                )
+                .of_event(x.event_id as i64));
+            }
+        }
+        if let Some(b) = self.basis {
+            if e.saturating_add(rules.lateness_ms) < b {
+                return Err(Rejected::new(
+                    DeadLetterReason::Late,
+                    format!(
+                        "event_time {e} is more than {} ms behind its partition's watermark basis {b}",
+                        rules.lateness_ms
+                    ),
+                )
+                .of_event(x.event_id as i64));
+            }
+        }
+        if t < self.floor {
+            return Err(Rejected::new(
+                DeadLetterReason::Late,
+                format!(
+                    "event_time {e} is behind the frontier {} that passed its partition while it was idle or read to its end",
+                    self.floor
+                ),
+            )
+            .of_event(x.event_id as i64));
+        }
+        let clamped = match log_time {
+            Some(l) if l >= 0 => e.min(l as Time),
+            _ => e,
+        };
+        self.basis = Some(self.basis.map_or(clamped, |b| b.max(clamped)));
+        self.max_event = Some(self.max_event.map_or(e, |m| m.max(e)));
+        self.seen.insert(x.event_id, (fp, e));
+        self.expiry.push(Reverse((e, x.event_id)));
+        self.expire(rules);
+        Ok(Verdict::Accept)
+    }
+
+    /// A record at `offset` that was rejected before judging (undecodable, invalid).
+    pub fn skipped(&mut self, offset: i64) {
+        self.next_offset = offset + 1;
+        self.apply_recorded(offset);
+    }
+
+    /// Forget ids no later record can be a duplicate of: every record still
+    /// to be accepted has an event time of at least `basis - L` and `floor`.
+    fn expire(&mut self, rules: &Rules) {
+        let lowest = self.basis.unwrap_or(0).saturating_sub(rules.lateness_ms).max(self.floor);
+        let forget_below = lowest.saturating_sub(rules.dedup_horizon_ms);
+        while let Some(Reverse((e, id))) = self.expiry.peek().copied() {
+            if e >= forget_below {
+                break;
+            }
+            self.expiry.pop();
+            if self.seen.get(&id).is_some_and(|s| s.1 == e) {
+                self.seen.remove(&id);
+            }
+        }
+    }
+
+    /// Ids remembered for duplicate detection.
+    pub fn remembered(&self) -> usize {
+        self.seen.len()
+    }
+
+    /// The least time this partition's future records can still have (unticked
+    /// basis less `L`, or the floor, whichever is later); `None` before any record.
+    pub fn watermark(&self, rules: &Rules, tick: impl Fn(Time) -> Time) -> Option<Time> {
+        let own = self.basis.map(|b| tick(b.saturating_sub(rules.lateness_ms)));
+        match own {
+            Some(w) => Some(w.max(self.floor)),
+            None if self.floor > 0 => Some(self.floor),
+            None => None,
+        }
+    }
+
+    /// The frontier passes this partition (idle or at its end) to `frontier`:
+    /// raise its floor. Returns the decision to record, if it is new.
+    pub fn release_to(&mut self, frontier: Time) -> Option<(i64, Time)> {
+        if frontier > self.floor {
+            self.floor = frontier;
+            Some((self.next_offset, frontier))
+        } else {
+            None
+        }
+    }
+}
+
+/// What a restart restores for one partition.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Restored {
+    /// The watermark basis before the start offset.
+    pub basis: Option<Time>,
+    /// The largest event time before the start offset.
+    pub max_event: Option<Time>,
+    /// Recorded floors: `(offset, floor)`.
+    pub floors: Vec<(i64, Time)>,
+    /// How far an earlier run had read and recorded.
+    pub replay_until: i64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const RULES: Rules = Rules { lateness_ms: 1_000, dedup_horizon_ms: 10_000 };
+
+    fn tx(id: u64, e: Time, amount: i64) -> Transaction {
+        Transaction {
+            event_id: id,
+            card_id: 7,
+            account_id: 1,
+            merchant_id: 2,
+            mcc: 5411,
+            amount_minor: amount,
+            currency: *b"EUR",
+            country: *b"DE",
+            lat_e6: 0,
+            lon_e6: 0,
+            channel: tripwire_dataflow::Channel::Pos,
+            event_time_ms: e,
+            device_id: None,
+        }
+    }
+
+    fn judge(p: &mut Partition, o: i64, log: i64, x: &Transaction) -> Result<Verdict, String> {
+        p.judge(&RULES, o, Some(log), x, x.event_time_ms).map_err(|r| r.reason.as_str().to_string())
+    }
+
+    #[test]
+    fn a_record_ahead_of_its_log_time_cannot_make_later_valid_records_late() {
+        let mut p = Partition::new(0, 0, Restored::default());
+        assert_eq!(judge(&mut p, 0, 100_000, &tx(1, 100_000, 5)), Ok(Verdict::Accept));
+        // Ten minutes ahead of its log time: accepted, but the basis stays at the log time.
+        assert_eq!(judge(&mut p, 1, 100_100, &tx(2, 700_000, 5)), Ok(Verdict::Accept));
+        assert_eq!(p.basis, Some(100_100));
+        // A normal record right after it is on time.
+        assert_eq!(judge(&mut p, 2, 100_200, &tx(3, 99_500, 5)), Ok(Verdict::Accept));
+        // One more than L behind the basis is late.
+        assert_eq!(judge(&mut p, 3, 100_300, &tx(4, 99_000, 5)), Err("late".into()));
+    }
+
+    #[test]
+    fn duplicates_count_once_and_conflicting_ids_are_dead_letters() {
+        let mut p = Partition::new(0, 0, Restored::default());
+        assert_eq!(judge(&mut p, 0, 1_000, &tx(1, 1_000, 5)), Ok(Verdict::Accept));
+        assert_eq!(judge(&mut p, 1, 1_000, &tx(1, 1_000, 5)), Ok(Verdict::Duplicate));
+        assert_eq!(judge(&mut p, 2, 1_000, &tx(1, 1_000, 6)), Err("duplicate_id".into()));
+        // Beyond the horizon after the first copy, the id is new again.
+        let far = 1_000 + RULES.dedup_horizon_ms + 1;
+        assert_eq!(judge(&mut p, 3, far as i64, &tx(1, far, 6)), Ok(Verdict::Accept));
+    }
+
+    #[test]
+    fn recorded_floors_apply_from_their_offset_on() {
+        let restored = Restored { floors: vec![(5, 50_000), (2, 20_000)], ..Restored::default() };
+        let mut p = Partition::new(0, 0, restored);
+        assert!(p.replaying());
+        assert_eq!(judge(&mut p, 1, 10_000, &tx(1, 10_000, 5)), Ok(Verdict::Accept));
+        assert_eq!(judge(&mut p, 2, 10_000, &tx(2, 10_500, 5)), Err("late".into()));
+        assert_eq!(judge(&mut p, 3, 20_000, &tx(3, 20_000, 5)), Ok(Verdict::Accept));
+        assert_eq!(judge(&mut p, 5, 40_000, &tx(4, 40_000, 5)), Err("late".into()));
+        assert!(!p.replaying());
+        assert_eq!(p.release_to(60_000), Some((6, 60_000)));
+        assert_eq!(p.release_to(60_000), None, "nothing new to record");
+    }
+
+    #[test]
+    fn a_restart_at_a_later_offset_starts_from_the_floors_before_it() {
+        let restored = Restored { floors: vec![(2, 20_000), (9, 90_000)], ..Restored::default() };
+        let p = Partition::new(0, 4, restored);
+        assert_eq!(p.floor, 20_000);
+        assert!(p.replaying(), "the floor at 9 is still ahead");
+    }
+
+    #[test]
+    fn ids_are_forgotten_once_no_later_record_can_repeat_them() {
+        let mut p = Partition::new(0, 0, Restored::default());
+        for i in 0..100u64 {
+            let e = i * 1_000;
+            judge(&mut p, i as i64, e as i64, &tx(i, e, 5)).unwrap();
+        }
+        // Basis 99 s, L 1 s, horizon 10 s: ids of events before 88 s are gone.
+        assert_eq!(p.remembered(), 12);
+    }
+}
