@@ -25,8 +25,8 @@
 //!   record the first run found late is late again, whatever the timing.
 //! - **Bounded runs** end at the end of their input, not at the end of time:
 //!   once every worker has read its partitions to their end offsets, the
-//!   workers agree on the end `T` (just past the latest watermark basis of any
-//!   partition), record it as every partition's floor, and the sinks commit
+//!   workers agree on the end `T` (just past the latest record of any
+//!   partition, its time clamped by its log time), record it as every partition's floor, and the sinks commit
 //!   the results as of `T`, windows as they stand. The same job run again on a
 //!   grown topic continues from there.
 //! - **Backpressure**: with [`SourceConfig::max_in_flight`] set, the source
@@ -126,6 +126,8 @@ pub struct ProgressSample {
     pub max_event_time: Time,
     /// The partition's watermark basis before `offset`.
     pub basis: Time,
+    /// The largest `min(event_time, log_time)` before `offset`.
+    pub top: Time,
 }
 
 /// Source decisions a PostgreSQL commit stores: floors and read positions.
@@ -540,15 +542,17 @@ pub fn kafka_source<'s>(
                 part.since_sample += 1;
                 if part.since_sample >= config.sample_every {
                     part.since_sample = 0;
-                    if let (Some(max_event_time), Some(basis)) =
-                        (part.decide.max_event, part.decide.basis)
+                    if let (Some(max_event_time), Some(top)) =
+                        (part.decide.max_event, part.decide.top)
                     {
+                        let basis = part.decide.basis.unwrap_or(0);
                         samples.lock().expect("progress samples").push(ProgressSample {
                             topic: config.topic.clone(),
                             partition: part.decide.partition,
                             offset: msg.offset() + 1,
                             max_event_time,
                             basis,
+                            top,
                         });
                     }
                 }
@@ -613,13 +617,11 @@ pub fn kafka_source<'s>(
                 }
             }
 
-            // Just past the latest watermark basis of any partition: where the
-            // capability goes when nothing holds it (all quiet, or all read).
-            let past_last = partitions
-                .iter()
-                .filter_map(|p| p.decide.basis)
-                .max()
-                .map(|b| fraud.time_of(b) + 1);
+            // Just past the last record read (its time clamped by its log
+            // time): where the capability goes when nothing holds it (all
+            // quiet, or all read).
+            let past_last =
+                partitions.iter().filter_map(|p| p.decide.top).max().map(|b| fraud.time_of(b) + 1);
             let all_done = partitions.iter().all(|p| p.done);
             let target = if all_done {
                 // Bounded: tell every worker where this one ends, then wait

@@ -4,12 +4,13 @@
 //! partition's own records before it (in log order) and of *recorded* floors,
 //! never of the wall clock, so that a replay decides exactly as the first run:
 //!
-//! - **Watermark basis**: the largest `min(event_time, log_time)` of the
-//!   partition's accepted records, where `log_time` is the Kafka record's
-//!   timestamp. A record is late when its event time is more than `L` behind
-//!   the basis. Clamping by the log time means that no record, whatever event
-//!   time it claims, can move the basis beyond the time the log gave it: a
-//!   record a few minutes "ahead" cannot make the valid records after it late.
+//! - **Watermark basis**: the *second* largest `min(event_time, log_time)`
+//!   of the partition's accepted records, where `log_time` is the Kafka
+//!   record's timestamp. A record is late when its event time is more than `L`
+//!   behind the basis. One record, whatever event time it claims, cannot move
+//!   the basis (it takes a second one), so no single outlier can make the
+//!   records after it late; and clamping by the log time keeps even several
+//!   records claiming a future time from moving it beyond the log's own time.
 //! - **Floors**: when the source lets the frontier pass a partition that is not
 //!   holding it (idle, or read to its end), the partition's floor rises to the
 //!   new frontier at its current read position, and a record read after that
@@ -53,7 +54,9 @@ pub enum Verdict {
 pub struct Partition {
     /// The partition number.
     pub partition: i32,
-    /// Largest `min(event_time, log_time)` of accepted records (the watermark's basis).
+    /// Largest `min(event_time, log_time)` of accepted records.
+    pub top: Option<Time>,
+    /// The second largest of them: the watermark's basis.
     pub basis: Option<Time>,
     /// Largest event time of accepted records (where a restart may begin depends on it).
     pub max_event: Option<Time>,
@@ -83,6 +86,7 @@ impl Partition {
         recorded.sort_unstable();
         let mut p = Partition {
             partition,
+            top: restored.top,
             basis: restored.basis,
             max_event: restored.max_event,
             floor: 0,
@@ -106,9 +110,11 @@ impl Partition {
         }
     }
 
-    /// Whether the partition is still replaying what an earlier run read and recorded.
+    /// Whether the partition is still replaying what an earlier run had read
+    /// when it last committed: until then it decides nothing new (a floor
+    /// recorded at an offset not yet read applies to the record read there).
     pub fn replaying(&self) -> bool {
-        self.next_offset < self.replay_until || !self.recorded.is_empty()
+        self.next_offset < self.replay_until
     }
 
     /// Decide a valid record at `offset` whose (ticked) time is `t`.
@@ -165,7 +171,14 @@ impl Partition {
             Some(l) if l >= 0 => e.min(l as Time),
             _ => e,
         };
-        self.basis = Some(self.basis.map_or(clamped, |b| b.max(clamped)));
+        match self.top {
+            Some(top) if clamped >= top => {
+                self.basis = Some(top);
+                self.top = Some(clamped);
+            }
+            Some(_) => self.basis = Some(self.basis.map_or(clamped, |b| b.max(clamped))),
+            None => self.top = Some(clamped),
+        }
         self.max_event = Some(self.max_event.map_or(e, |m| m.max(e)));
         self.seen.insert(x.event_id, (fp, e));
         self.expiry.push(Reverse((e, x.event_id)));
@@ -226,7 +239,9 @@ impl Partition {
 /// What a restart restores for one partition.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Restored {
-    /// The watermark basis before the start offset.
+    /// The largest `min(event_time, log_time)` before the start offset.
+    pub top: Option<Time>,
+    /// The watermark basis (the second largest) before the start offset.
     pub basis: Option<Time>,
     /// The largest event time before the start offset.
     pub max_event: Option<Time>,
@@ -265,16 +280,22 @@ mod tests {
     }
 
     #[test]
-    fn a_record_ahead_of_its_log_time_cannot_make_later_valid_records_late() {
+    fn one_record_ahead_of_the_rest_cannot_make_later_records_late() {
         let mut p = Partition::new(0, 0, Restored::default());
-        assert_eq!(judge(&mut p, 0, 100_000, &tx(1, 100_000, 5)), Ok(Verdict::Accept));
-        // Ten minutes ahead of its log time: accepted, but the basis stays at the log time.
-        assert_eq!(judge(&mut p, 1, 100_100, &tx(2, 700_000, 5)), Ok(Verdict::Accept));
-        assert_eq!(p.basis, Some(100_100));
-        // A normal record right after it is on time.
-        assert_eq!(judge(&mut p, 2, 100_200, &tx(3, 99_500, 5)), Ok(Verdict::Accept));
+        // History loaded long after it happened: event times far behind log times.
+        assert_eq!(judge(&mut p, 0, 900_000, &tx(1, 100_000, 5)), Ok(Verdict::Accept));
+        assert_eq!(judge(&mut p, 1, 900_000, &tx(2, 100_500, 5)), Ok(Verdict::Accept));
+        assert_eq!(p.basis, Some(100_000));
+        // Ten minutes ahead of its log time: accepted, moves only the top, clamped.
+        assert_eq!(judge(&mut p, 2, 900_100, &tx(3, 1_500_000, 5)), Ok(Verdict::Accept));
+        assert_eq!((p.top, p.basis), (Some(900_100), Some(100_500)));
+        // The history after it is on time.
+        assert_eq!(judge(&mut p, 3, 900_200, &tx(4, 99_600, 5)), Ok(Verdict::Accept));
         // One more than L behind the basis is late.
-        assert_eq!(judge(&mut p, 3, 100_300, &tx(4, 99_000, 5)), Err("late".into()));
+        assert_eq!(judge(&mut p, 4, 900_300, &tx(5, 99_400, 5)), Err("late".into()));
+        // A second record far ahead does move the basis, to the log time at most.
+        assert_eq!(judge(&mut p, 5, 900_400, &tx(6, 2_000_000, 5)), Ok(Verdict::Accept));
+        assert_eq!(p.basis, Some(900_100));
     }
 
     #[test]
@@ -290,7 +311,11 @@ mod tests {
 
     #[test]
     fn recorded_floors_apply_from_their_offset_on() {
-        let restored = Restored { floors: vec![(5, 50_000), (2, 20_000)], ..Restored::default() };
+        let restored = Restored {
+            floors: vec![(5, 50_000), (2, 20_000)],
+            replay_until: 6,
+            ..Restored::default()
+        };
         let mut p = Partition::new(0, 0, restored);
         assert!(p.replaying());
         assert_eq!(judge(&mut p, 1, 10_000, &tx(1, 10_000, 5)), Ok(Verdict::Accept));
@@ -304,10 +329,14 @@ mod tests {
 
     #[test]
     fn a_restart_at_a_later_offset_starts_from_the_floors_before_it() {
-        let restored = Restored { floors: vec![(2, 20_000), (9, 90_000)], ..Restored::default() };
+        let restored = Restored {
+            floors: vec![(2, 20_000), (9, 90_000)],
+            replay_until: 10,
+            ..Restored::default()
+        };
         let p = Partition::new(0, 4, restored);
         assert_eq!(p.floor, 20_000);
-        assert!(p.replaying(), "the floor at 9 is still ahead");
+        assert!(p.replaying(), "an earlier run read up to 10");
     }
 
     #[test]
@@ -317,7 +346,7 @@ mod tests {
             let e = i * 1_000;
             judge(&mut p, i as i64, e as i64, &tx(i, e, 5)).unwrap();
         }
-        // Basis 99 s, L 1 s, horizon 10 s: ids of events before 88 s are gone.
-        assert_eq!(p.remembered(), 12);
+        // Basis 98 s, L 1 s, horizon 10 s: ids of events before 87 s are gone.
+        assert_eq!(p.remembered(), 13);
     }
 }

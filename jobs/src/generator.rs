@@ -210,7 +210,8 @@ pub struct Generator {
     alert_schema: Arc<Schema>,
     next_id: u64,
     /// Per partition, the largest event time planned so far (for late records).
-    max_seen: Vec<Option<i64>>,
+    /// Per partition, the largest and second largest accepted event times.
+    max_seen: Vec<[Option<i64>; 2]>,
     clock_ms: i64,
     /// Benign events planned so far.
     planned: u64,
@@ -258,7 +259,7 @@ impl Generator {
             v2: schema(2),
             alert_schema: schema(3),
             next_id: config.seed << 40,
-            max_seen: vec![None; config.partitions.max(1) as usize],
+            max_seen: vec![[None; 2]; config.partitions.max(1) as usize],
             clock_ms: config.start_ms,
             planned: 0,
             waiting: Default::default(),
@@ -304,10 +305,15 @@ impl Generator {
         let ids = self.config.schema_ids;
         let (id, schema) = if v1 { (ids.v1, self.v1.clone()) } else { (ids.v2, self.v2.clone()) };
         let payload = encode(&r, id, &schema).expect("generated records encode");
+        // Late against the partition's second largest event time (the source's rule).
         let seen = &mut self.max_seen[partition as usize];
-        let late = seen.is_some_and(|m| r.event_time + self.config.lateness_ms < m);
+        let late = seen[1].is_some_and(|m| r.event_time + self.config.lateness_ms < m);
         if !late {
-            *seen = Some(seen.map_or(r.event_time, |m| m.max(r.event_time)));
+            match seen[0] {
+                Some(top) if r.event_time >= top => *seen = [Some(r.event_time), Some(top)],
+                Some(_) => seen[1] = Some(seen[1].map_or(r.event_time, |m| m.max(r.event_time))),
+                None => seen[0] = Some(r.event_time),
+            }
         }
         let expect = if late {
             Expect::Reject(DeadLetterReason::Late)

@@ -117,11 +117,12 @@ CREATE INDEX raw_transactions_card_time ON raw_transactions (card_id, event_time
         "source decisions: watermark basis, floors and read positions, for deterministic replay",
         // The source's decisions that depend on timing (a quiet partition
         // released, the end of a bounded run) are stored with the commit that
-        // covers them and applied again by a replay (reclocking); the basis is
-        // the clamped maximum the lateness rule uses (`max_event_time` stays
-        // the true maximum, which decides where a restart may begin).
+        // covers them and applied again by a replay (reclocking); `basis` and
+        // `top` are the second largest and largest clamped event times the
+        // lateness rule uses (`max_event_time` stays the true maximum, which
+        // decides where a restart may begin).
         r#"
-ALTER TABLE source_progress ADD COLUMN basis bigint;
+ALTER TABLE source_progress ADD COLUMN basis bigint, ADD COLUMN top bigint;
 CREATE TABLE source_floors (
     job        text   NOT NULL,
     topic      text   NOT NULL,

@@ -86,7 +86,7 @@ pub async fn resume_point(
     let rows = client
         .query(
             "SELECT DISTINCT ON (partition) partition, \"offset\", max_event_time,
-                    coalesce(basis, max_event_time)
+                    coalesce(basis, max_event_time), coalesce(top, max_event_time)
              FROM source_progress
              WHERE job = $1 AND topic = $2 AND max_event_time < $3
              ORDER BY partition, \"offset\" DESC",
@@ -100,7 +100,9 @@ pub async fn resume_point(
         point.start_offsets.insert(partition, r.get(1));
         let restored = point.resume.partitions.entry(partition).or_default();
         restored.max_event = Some(r.get::<_, i64>(2) as Time);
-        restored.basis = Some(r.get::<_, i64>(3) as Time);
+        // A basis of 0 is a sample taken after a single record: none yet.
+        restored.basis = Some(r.get::<_, i64>(3) as Time).filter(|b| *b > 0);
+        restored.top = Some(r.get::<_, i64>(4) as Time);
     }
     let floors = client
         .query(

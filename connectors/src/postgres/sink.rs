@@ -200,8 +200,8 @@ impl Statements {
                  ON CONFLICT DO NOTHING"
             ),
             c.prepare(
-                "INSERT INTO source_progress (job, topic, partition, \"offset\", max_event_time, basis)
-                 SELECT $1, * FROM UNNEST($2::text[], $3::int[], $4::bigint[], $5::bigint[], $6::bigint[])
+                "INSERT INTO source_progress (job, topic, partition, \"offset\", max_event_time, basis, top)
+                 SELECT $1, * FROM UNNEST($2::text[], $3::int[], $4::bigint[], $5::bigint[], $6::bigint[], $7::bigint[])
                  ON CONFLICT DO NOTHING"
             ),
             c.prepare(
@@ -313,13 +313,14 @@ async fn commit(
         samples.iter().map(|s| s.offset).collect::<Vec<i64>>(),
         samples.iter().map(|s| as_i64(s.max_event_time)).collect::<Vec<i64>>(),
         samples.iter().map(|s| as_i64(s.basis)).collect::<Vec<i64>>(),
+        samples.iter().map(|s| as_i64(s.top)).collect::<Vec<i64>>(),
     );
     let samples_fut = async {
         if samples.is_empty() {
             return Ok(0);
         }
-        let (t, p, o, m, b) = &sample_cols;
-        tx.execute(&st.samples, &[&job, t, p, o, m, b]).await
+        let (t, p, o, m, b, top) = &sample_cols;
+        tx.execute(&st.samples, &[&job, t, p, o, m, b, top]).await
     };
     let floors = &source.decisions.floors;
     let floor_cols = (

@@ -418,6 +418,22 @@ async fn read_checkpoints(
             .context("connecting to PostgreSQL")?;
     tokio::spawn(conn);
     migrate(&mut client).await.context("migrating PostgreSQL")?;
+    // The tables of a schema hold one job's results: a second job there would
+    // overwrite them. Jobs side by side get schemas of their own.
+    let others: Vec<String> = client
+        .query("SELECT DISTINCT job FROM checkpoints WHERE job <> $1", &[&job])
+        .await
+        .context("reading the schema's jobs")?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    if !others.is_empty() {
+        eprintln!(
+            "fraud-detector: this PostgreSQL schema already holds the results of job {}; give job {job} a schema of its own (TRIPWIRE_PG_SCHEMA)",
+            others.join(", ")
+        );
+        std::process::exit(2);
+    }
     fit_checkpoints(&mut client, job, workers).await.context("fitting PostgreSQL checkpoints")?;
     fit_frontiers(&endpoints.redis_url(), job, workers).await.context("fitting Redis frontiers")?;
     let pg = pg_committed(&client, job).await.context("PostgreSQL checkpoints")?;

@@ -1,0 +1,604 @@
+//! Exactly once under the settings users run (the shipped defaults, idle
+//! timeout included): re-runs of one job on a grown topic, a quiet partition
+//! released by the idle timeout and the decision repeated by a replay after a
+//! SIGKILL, dead letters exactly once across restarts, hostile and historic
+//! timestamps, duplicate event ids, two jobs in one database. The judge is
+//! the reference model over what an independent model of the source's rules
+//! (`common::SourceModel`) accepts.
+//!
+//! Needs the stack up (`./tripwire stack up`, or run through `./tripwire test`).
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Headers;
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use tokio_postgres::NoTls;
+use tripwire_connectors::avro::{encode, AvroTransaction};
+use tripwire_connectors::dead_letter_sink::headers;
+use tripwire_connectors::kafka_admin::{ensure_topic, partition_count};
+use tripwire_connectors::readback;
+use tripwire_connectors::registry::{EmbeddedRegistry, SchemaRegistry};
+use tripwire_connectors::Endpoints;
+use tripwire_dataflow::reference::Reference;
+use tripwire_dataflow::{FraudConfig, StatKey, Time, Transaction};
+use tripwire_jobs::generator::{Expect, GenConfig, Generator, Planned, SchemaIds};
+
+use common::{now_ms, produce, Judged, SourceModel};
+
+/// A job of the fraud detector under test, in a PostgreSQL schema of its own.
+struct Job {
+    name: String,
+    schema: String,
+    topic: String,
+    config_file: std::path::PathBuf,
+    extra: Vec<String>,
+}
+
+impl Job {
+    fn new(name: &str, topic: &str, fraud: &FraudConfig) -> Job {
+        let config_file = std::env::temp_dir().join(format!("{name}.toml"));
+        #[derive(serde::Serialize)]
+        struct File<'a> {
+            fraud: &'a FraudConfig,
+        }
+        std::fs::write(&config_file, toml::to_string(&File { fraud }).unwrap()).unwrap();
+        Job {
+            name: name.into(),
+            schema: name.into(),
+            topic: topic.into(),
+            config_file,
+            extra: Vec::new(),
+        }
+    }
+
+    fn command(&self, bounded: bool) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_fraud-detector"));
+        c.args(["--topic", &self.topic, "--dlq-topic", &format!("{}-dlq", self.topic)])
+            .args(["--job", &self.name, "--metrics-port", "0"])
+            .arg("--config")
+            .arg(&self.config_file)
+            .args(&self.extra)
+            .env("TRIPWIRE_PG_SCHEMA", &self.schema)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if bounded {
+            c.arg("--bounded");
+        }
+        c
+    }
+
+    /// Run bounded to the end of the topic.
+    fn bounded(&self) -> ExitStatus {
+        self.command(true).status().expect("fraud-detector runs")
+    }
+
+    /// Start a live run (no `--bounded`).
+    fn live(&self) -> Child {
+        self.command(false).spawn().expect("fraud-detector starts")
+    }
+
+    fn pg(&self) -> (tokio::runtime::Runtime, tokio_postgres::Client) {
+        let mut endpoints = Endpoints::from_env().unwrap();
+        endpoints.pg_schema = Some(self.schema.clone());
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let client = rt.block_on(async {
+            let (c, conn) =
+                tokio_postgres::connect(&endpoints.postgres_config(), NoTls).await.unwrap();
+            tokio::spawn(conn);
+            c
+        });
+        (rt, client)
+    }
+
+    /// Every PostgreSQL worker frontier of the job (empty before its first start).
+    fn frontiers(&self) -> Vec<i64> {
+        let (rt, c) = self.pg();
+        rt.block_on(readback::pg_frontiers(&c, &self.name)).unwrap_or_default()
+    }
+
+    /// Both stores' least frontier, once both have one.
+    fn committed(&self) -> Option<Time> {
+        let frontiers = self.frontiers();
+        let pg = frontiers.iter().copied().min()?;
+        let mut con = redis::Client::open(Endpoints::from_env().unwrap().redis_url())
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        let redis = readback::redis_frontiers(&mut con, &self.name, frontiers.len()).ok()?;
+        let redis = redis.into_iter().collect::<Option<Vec<Time>>>()?.into_iter().min()?;
+        Some((pg as Time).min(redis))
+    }
+
+    /// Wait (polling the stores, up to `limit`) until both have committed at least `t`.
+    fn wait_for(&self, t: Time, limit: Duration, child: &mut Child) {
+        let deadline = Instant::now() + limit;
+        while self.committed().is_none_or(|c| c < t) {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("job {} ended ({status}) before committing {t}", self.name);
+            }
+            assert!(Instant::now() < deadline, "job {} did not commit {t} in {limit:?}", self.name);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// What the job's stores hold.
+    fn results(&self) -> Results {
+        let (rt, c) = self.pg();
+        let (stats, alerts, archive, late) = rt.block_on(async {
+            let late: Vec<(i32, i64)> = c
+                .query(
+                    "SELECT partition, \"offset\" FROM late_events WHERE topic = $1",
+                    &[&self.topic],
+                )
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect();
+            (
+                readback::pg_stats(&c).await.unwrap(),
+                readback::pg_alerts(&c).await.unwrap(),
+                readback::pg_archive(&c).await.unwrap(),
+                late.into_iter().collect(),
+            )
+        });
+        let mut con = redis::Client::open(Endpoints::from_env().unwrap().redis_url())
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        let redis_stats = readback::redis_stats(&mut con, &self.name).unwrap();
+        let redis_alerts = readback::redis_alert_ids(&mut con, &self.name).unwrap();
+        Results { stats, alerts, archive, late, redis_stats, redis_alerts }
+    }
+}
+
+struct Results {
+    stats: BTreeMap<StatKey, i64>,
+    alerts: BTreeSet<readback::AlertRow>,
+    archive: BTreeSet<i64>,
+    late: BTreeSet<(i32, i64)>,
+    redis_stats: BTreeMap<StatKey, i64>,
+    redis_alerts: Vec<i64>,
+}
+
+/// Plan index → (partition, offset), for a plan produced in order to an empty topic.
+fn coordinates(plan: &[Planned]) -> Vec<(i32, i64)> {
+    let mut next: HashMap<i32, i64> = HashMap::new();
+    plan.iter()
+        .map(|p| {
+            let o = next.entry(p.partition).or_default();
+            *o += 1;
+            (p.partition, *o - 1)
+        })
+        .collect()
+}
+
+/// Check `got` against the reference model over `accepted` at closed time `at`.
+fn assert_exact(
+    fraud: &FraudConfig,
+    accepted: &[Transaction],
+    late: BTreeSet<(i32, i64)>,
+    at: Time,
+    got: &Results,
+    what: &str,
+) {
+    let mut by_card: BTreeMap<u64, Vec<Transaction>> = BTreeMap::new();
+    for x in accepted {
+        by_card.entry(x.card_id).or_default().push(x.clone());
+    }
+    let (mut stats, mut alerts) = (BTreeMap::new(), BTreeSet::new());
+    for events in by_card.values() {
+        let r = Reference::new(fraud, events);
+        stats.extend(r.stats_at(at));
+        alerts.extend(r.alerts_until(at).iter().map(readback::alert_row));
+    }
+    let archive: BTreeSet<i64> = accepted
+        .iter()
+        .filter(|x| fraud.time_of(x.event_time_ms) <= at)
+        .map(|x| x.event_id as i64)
+        .collect();
+    let alert_ids: Vec<i64> = alerts.iter().map(|a| a.0).collect();
+    let mut redis_alerts = got.redis_alerts.clone();
+    redis_alerts.sort_unstable();
+    let mut want_ids = alert_ids.clone();
+    want_ids.sort_unstable();
+    assert!(!stats.is_empty() && !archive.is_empty(), "{what}: something to compare");
+    let differ = |g: &BTreeMap<StatKey, i64>| {
+        stats.iter().filter(|(k, v)| g.get(k) != Some(v)).count()
+            + g.keys().filter(|k| !stats.contains_key(k)).count()
+    };
+    assert_eq!(differ(&got.stats), 0, "{what}: PostgreSQL statistics equal the reference's");
+    assert_eq!(differ(&got.redis_stats), 0, "{what}: Redis statistics equal the reference's");
+    assert_eq!(got.alerts, alerts, "{what}: PostgreSQL alerts equal the reference's");
+    assert_eq!(redis_alerts, want_ids, "{what}: the Redis stream holds each alert once");
+    assert_eq!(got.archive, archive, "{what}: the archive holds every accepted event once");
+    assert_eq!(got.late, late, "{what}: late_events holds exactly the late records");
+}
+
+/// Every dead letter of `topic`'s dead-letter topic, as its source coordinates.
+fn dead_letters(topic: &str) -> Vec<(i32, i64, String)> {
+    let bootstrap = Endpoints::from_env().unwrap().kafka_bootstrap;
+    let dlq = format!("{topic}-dlq");
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .set("group.id", format!("read-{dlq}"))
+        .set("enable.partition.eof", "true")
+        .create()
+        .unwrap();
+    let n = partition_count(&bootstrap, &dlq).unwrap().unwrap_or(0);
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..n as i32 {
+        tpl.add_partition_offset(&dlq, p, Offset::Beginning).unwrap();
+    }
+    consumer.assign(&tpl).unwrap();
+    let (mut out, mut eof) = (Vec::new(), 0);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while eof < n && Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                let hs = m.headers().expect("dead letters carry headers");
+                let get = |name: &str| {
+                    hs.iter()
+                        .find(|h| h.key == name)
+                        .and_then(|h| h.value)
+                        .map(|v| String::from_utf8_lossy(v).into_owned())
+                        .unwrap_or_default()
+                };
+                out.push((
+                    get(headers::PARTITION).parse().unwrap(),
+                    get(headers::OFFSET).parse().unwrap(),
+                    get(headers::REASON),
+                ));
+            }
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => eof += 1,
+            _ => {}
+        }
+    }
+    out
+}
+
+fn unique(name: &str) -> String {
+    format!("{name}_{}_{}", std::process::id(), now_ms())
+}
+
+fn model(fraud: &FraudConfig) -> SourceModel {
+    SourceModel { lateness_ms: 5_000, dedup_horizon_ms: 3_600_000, tick_ms: fraud.tick_ms }
+}
+
+fn traffic(seed: u64, partitions: i32, start_ms: i64) -> Generator {
+    Generator::new(GenConfig {
+        seed,
+        cards: 300,
+        partitions,
+        start_ms,
+        spacing_ms: 50,
+        fraud_per_10k: 30,
+        bad_per_10k: 10,
+        v1_percent: 30,
+        lateness_ms: 5_000,
+        out_of_order_per_10k: 300,
+        late_per_10k: 30,
+        duplicates_per_10k: 30,
+        near_miss_per_10k: 0,
+        spending_profiles: false,
+        rate_per_s: None,
+        now_ms: now_ms(),
+        schema_ids: SchemaIds::EMBEDDED,
+    })
+}
+
+fn late_set(j: &Judged, at: &[(i32, i64)]) -> BTreeSet<(i32, i64)> {
+    j.late.iter().map(|i| at[*i]).collect()
+}
+
+/// A bounded run records where its input ended; the same job run again on the
+/// grown topic, bounded and then live, continues from there: its stores end
+/// with the reference's result over everything accepted, the records read
+/// after an end judged against the floor that end left.
+#[test]
+fn a_job_run_again_on_a_grown_topic_continues_where_it_ended() {
+    let bootstrap = Endpoints::from_env().unwrap().kafka_bootstrap;
+    let topic = unique("rerun");
+    ensure_topic(&bootstrap, &topic, 4).expect("topic; is the stack up?");
+    let fraud = FraudConfig::seconds();
+    let m = model(&fraud);
+    let job = Job::new(&topic, &topic, &fraud);
+    let mut gen = traffic(11, 4, now_ms() - 3_600_000);
+
+    let mut plan = gen.generate_more(5_000);
+    produce(&bootstrap, &topic, &plan);
+    assert!(job.bounded().success(), "the first bounded run");
+    let first = m.judge(&plan, &[]);
+    let end1 = m.end(&first);
+    assert_eq!(job.frontiers(), vec![end1 as i64], "the first run ends just past its last event");
+
+    let more = gen.generate_more(5_000);
+    produce(&bootstrap, &topic, &more);
+    let ends = vec![(plan.len(), end1)];
+    plan.extend(more);
+    assert!(job.bounded().success(), "the second bounded run");
+    let second = m.judge(&plan, &ends);
+    let end2 = m.end(&second);
+    assert!(end2 > end1 && second.accepted.len() > first.accepted.len() + 4_000);
+    assert_eq!(job.frontiers(), vec![end2 as i64], "the second run ends at the grown end");
+    let at = coordinates(&plan);
+    assert_exact(
+        &fraud,
+        &second.accepted,
+        late_set(&second, &at),
+        end2 - 1,
+        &job.results(),
+        "bounded → bounded",
+    );
+
+    // Bounded → live: the live run reads the rest and, once every partition has
+    // been quiet for the (default) idle timeout, commits up to just past it.
+    let more = gen.generate_more(3_000);
+    produce(&bootstrap, &topic, &more);
+    let ends = vec![(ends[0].0, end1), (plan.len(), end2)];
+    plan.extend(more);
+    let third = m.judge(&plan, &ends);
+    let end3 = m.end(&third);
+    let mut live = job.live();
+    job.wait_for(end3, Duration::from_secs(150), &mut live);
+    live.kill().unwrap();
+    live.wait().unwrap();
+    assert_eq!(job.committed(), Some(end3), "nothing beyond the last event is committed");
+    let at = coordinates(&plan);
+    assert_exact(
+        &fraud,
+        &third.accepted,
+        late_set(&third, &at),
+        end3 - 1,
+        &job.results(),
+        "bounded → live",
+    );
+
+    // Every record the model rejects is in the dead-letter topic once, and nothing else.
+    let mut letters: Vec<(i32, i64)> = dead_letters(&topic).iter().map(|d| (d.0, d.1)).collect();
+    letters.sort_unstable();
+    let mut want: Vec<(i32, i64)> = third.dead.iter().map(|i| at[*i]).collect();
+    want.sort_unstable();
+    assert_eq!(letters, want, "dead letters: each rejected record once, over three runs");
+    assert!(!third.duplicates.is_empty(), "the input had identical resends");
+}
+
+/// One record, valid Avro, on partition `p` at event time `e`, with its own id.
+fn record(id: u64, card: u64, e: i64) -> Vec<u8> {
+    let r = AvroTransaction {
+        event_id: id as i64,
+        card_id: card as i64,
+        account_id: 1,
+        merchant_id: (id % 50) as i64,
+        mcc: 5411,
+        amount_minor: 1_000 + (id % 700) as i64,
+        currency: "EUR".into(),
+        country: "DE".into(),
+        lat: 52.52,
+        lon: 13.405,
+        channel: tripwire_connectors::avro::AvroChannel::POS,
+        event_time: e,
+        device_id: None,
+    };
+    let schema = EmbeddedRegistry::new().unwrap().schema(2).expect("transaction v2");
+    encode(&r, 2, &schema).unwrap()
+}
+
+fn planned(partition: i32, card: u64, payload: Vec<u8>) -> Planned {
+    Planned { partition, key: card.to_string(), payload, expect: Expect::Accept(0), label: None }
+}
+
+/// A record minutes ahead of its Kafka timestamp is accepted and does not make
+/// the ordinary traffic after it late; one ten years ahead is refused; a
+/// month-old record is refused by default and accepted by a backfill.
+#[test]
+fn hostile_and_historic_timestamps_are_judged_against_the_log() {
+    let bootstrap = Endpoints::from_env().unwrap().kafka_bootstrap;
+    let topic = unique("hostile");
+    ensure_topic(&bootstrap, &topic, 2).expect("topic; is the stack up?");
+    let fraud = FraudConfig::seconds();
+    let now = now_ms();
+    let mut plan = Vec::new();
+    let mut id = 1_000;
+    let mut next = |card: u64, e: i64| {
+        id += 1;
+        planned(0, card, record(id, card, e))
+    };
+    // Ordinary traffic, then one record 4 minutes ahead, then more ordinary traffic.
+    for i in 0..200 {
+        plan.push(next(i % 7, now - 600_000 + i as i64 * 1_000));
+    }
+    plan.push(next(99, now + 240_000));
+    for i in 0..200 {
+        plan.push(next(i % 7, now - 400_000 + i as i64 * 1_000));
+    }
+    let ten_years = plan.len();
+    plan.push(next(98, now + 10 * 365 * 86_400_000));
+    // A month old, on a partition of its own (it is in order there).
+    let mut old = next(97, now - 30 * 86_400_000);
+    old.partition = 1;
+    plan.push(old);
+    produce(&bootstrap, &topic, &plan);
+
+    let job = Job::new(&format!("{topic}_default"), &topic, &fraud);
+    assert!(job.bounded().success());
+    let got = job.results();
+    assert!(got.late.is_empty(), "nothing late after the record ahead: {:?}", got.late);
+    assert_eq!(got.archive.len(), 400, "every ordinary record accepted");
+    let mut letters = dead_letters(&topic);
+    letters.sort();
+    assert_eq!(
+        letters,
+        vec![
+            (0, ten_years as i64, "too_far_in_future".to_string()),
+            (1, 0, "too_far_in_past".to_string())
+        ]
+    );
+    // The bounded run ends just past the latest log time, not at the record ahead.
+    let end = job.frontiers()[0];
+    assert!(end < now + 120_000, "the record ahead did not move the end: {end}");
+
+    // A backfill accepts the month-old record (and still refuses ten years ahead).
+    let mut backfill = Job::new(&format!("{topic}_backfill"), &topic, &fraud);
+    backfill.extra = vec!["--backfill".into(), "--dlq-topic".into(), format!("{topic}-dlq2")];
+    assert!(backfill.bounded().success());
+    let (rt, c) = backfill.pg();
+    let old: i64 = rt.block_on(async {
+        c.query_one("SELECT count(*) FROM raw_transactions WHERE card_id = 97", &[])
+            .await
+            .unwrap()
+            .get(0)
+    });
+    assert_eq!(old, 1, "the month-old record is archived by the backfill");
+}
+
+/// With the default idle timeout, a quiet partition stops holding results back
+/// while another is busy; a record it sends behind the released frontier is
+/// late, and stays late when a SIGKILLed job replays it (the release was
+/// recorded). Dead letters stay exactly once across the restart.
+#[test]
+fn a_quiet_partition_is_released_and_a_replay_repeats_the_decision() {
+    let bootstrap = Endpoints::from_env().unwrap().kafka_bootstrap;
+    let topic = unique("idle");
+    ensure_topic(&bootstrap, &topic, 2).expect("topic; is the stack up?");
+    let fraud = FraudConfig::seconds();
+    let job = Job::new(&topic, &topic, &fraud);
+    let t0 = now_ms();
+    let mut plan: Vec<Planned> = Vec::new();
+    // Partition 1: a little traffic, then quiet.
+    for i in 0..20u64 {
+        plan.push(planned(
+            1,
+            500 + i % 3,
+            record(10_000 + i, 500 + i % 3, t0 - 20_000 + i as i64 * 500),
+        ));
+    }
+    produce(&bootstrap, &topic, &plan);
+    let mut live = job.live();
+    // Partition 0 stays busy, on the wall clock, until the quiet one is released.
+    let mut id = 20_000u64;
+    let mut busy = |plan: &mut Vec<Planned>, until: &dyn Fn() -> bool| {
+        while !until() {
+            let batch: Vec<Planned> = (0..10)
+                .map(|k| {
+                    id += 1;
+                    planned(0, k, record(id, k, now_ms()))
+                })
+                .collect();
+            produce(&bootstrap, &topic, &batch);
+            plan.extend(batch);
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    busy(&mut plan, &|| {
+        assert!(Instant::now() < deadline, "the quiet partition was never released");
+        job.committed().is_some_and(|c| c > (t0 + 2_000) as Time)
+    });
+    // Behind the released frontier: late. Then an ordinary record on it again.
+    let late_at = plan.len();
+    let late = planned(1, 501, record(30_001, 501, t0 - 4_000));
+    produce(&bootstrap, &topic, std::slice::from_ref(&late));
+    plan.push(late);
+    let target = now_ms() + 1_000;
+    let fresh = planned(1, 502, record(30_002, 502, target));
+    produce(&bootstrap, &topic, std::slice::from_ref(&fresh));
+    plan.push(fresh);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    busy(&mut plan, &|| {
+        assert!(Instant::now() < deadline, "the record after the late one was never committed");
+        job.committed().is_some_and(|c| c > target as Time)
+    });
+    live.kill().unwrap();
+    live.wait().unwrap();
+    let at = coordinates(&plan);
+    let before = job.results();
+    assert_eq!(
+        before.late,
+        BTreeSet::from([at[late_at]]),
+        "the record behind the frontier is late"
+    );
+
+    // A replay after the SIGKILL repeats the decision: still late, still one dead letter.
+    let mut again = job.live();
+    let last = plan.iter().filter_map(|p| decode_time(&p.payload)).max().unwrap();
+    job.wait_for(fraud.time_of(last) + 1, Duration::from_secs(150), &mut again);
+    again.kill().unwrap();
+    again.wait().unwrap();
+    let after = job.results();
+    let accepted: Vec<Transaction> = plan
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != late_at)
+        .filter_map(|(_, p)| decode(&p.payload))
+        .collect();
+    assert_exact(
+        &fraud,
+        &accepted,
+        BTreeSet::from([at[late_at]]),
+        fraud.time_of(last),
+        &after,
+        "after the replay",
+    );
+    let letters = dead_letters(&topic);
+    assert_eq!(
+        letters,
+        vec![(at[late_at].0, at[late_at].1, "late".to_string())],
+        "one dead letter"
+    );
+}
+
+fn decode(payload: &[u8]) -> Option<Transaction> {
+    let registry = std::sync::Arc::new(EmbeddedRegistry::new().unwrap());
+    let mut codec = tripwire_connectors::avro::TransactionCodec::new(
+        registry,
+        tripwire_connectors::avro::Limits::default(),
+    );
+    codec.decode(payload, None).ok()
+}
+
+fn decode_time(payload: &[u8]) -> Option<Time> {
+    decode(payload).map(|x| x.event_time_ms)
+}
+
+/// Two jobs share a database, each in its schema; a second job in a schema
+/// that holds another job's results is refused with a message saying so.
+#[test]
+fn two_jobs_share_a_database_in_schemas_of_their_own() {
+    let bootstrap = Endpoints::from_env().unwrap().kafka_bootstrap;
+    let topic = unique("pair");
+    ensure_topic(&bootstrap, &topic, 2).expect("topic; is the stack up?");
+    let fraud = FraudConfig::seconds();
+    let m = model(&fraud);
+    let plan = traffic(21, 2, now_ms() - 3_600_000).generate_more(3_000);
+    produce(&bootstrap, &topic, &plan);
+    let judged = m.judge(&plan, &[]);
+    let end = m.end(&judged);
+    let at = coordinates(&plan);
+    let a = Job::new(&format!("{topic}_a"), &topic, &fraud);
+    let mut b = Job::new(&format!("{topic}_b"), &topic, &fraud);
+    b.extra = vec!["--dlq-topic".into(), format!("{topic}-dlq-b")];
+    assert!(a.bounded().success() && b.bounded().success());
+    for job in [&a, &b] {
+        assert_exact(
+            &fraud,
+            &judged.accepted,
+            late_set(&judged, &at),
+            end - 1,
+            &job.results(),
+            &job.name,
+        );
+    }
+    let mut intruder = Job::new(&format!("{topic}_c"), &topic, &fraud);
+    intruder.schema = a.schema.clone();
+    let out = intruder.command(true).stderr(Stdio::piped()).output().unwrap();
+    assert!(!out.status.success(), "a second job in a's schema is refused");
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains(&a.name), "the refusal names the job already there: {text}");
+}
