@@ -169,32 +169,32 @@ impl TransactionCodec {
     }
 
     fn reader(&mut self, id: u32) -> Result<Arc<GenericDatumReader<'static>>, Rejected> {
-        let registry = &self.registry;
-        self.known
-            .entry(id)
-            .or_insert_with(|| {
-                let schema = registry.schema(id).ok_or_else(|| {
-                    Rejected::new(
-                        Reason::UnknownSchemaId,
-                        format!("schema id {id} is not registered"),
-                    )
-                })?;
-                if !is_transaction(&schema) {
-                    return Err(Rejected::new(
-                        Reason::WrongSchema,
-                        format!("schema id {id} is {}, not a transaction", schema_name(&schema)),
-                    ));
-                }
-                // The reader borrows its schema for as long as the codec lives;
-                // registered schemas are few and never change, so each is kept
-                // for the process's lifetime (once per codec and registered id).
-                let schema: &'static Schema = Box::leak(Box::new((*schema).clone()));
-                GenericDatumReader::builder(schema)
-                    .build()
-                    .map(Arc::new)
-                    .map_err(|e| Rejected::new(Reason::WrongSchema, e.to_string()))
-            })
-            .clone()
+        if let Some(known) = self.known.get(&id) {
+            return known.clone();
+        }
+        // Not found is not remembered here: an id registered later (or a
+        // registry that was briefly unreachable) must read its records then.
+        // The registry client keeps its own short negative cache.
+        let schema = self.registry.schema(id).ok_or_else(|| {
+            Rejected::new(Reason::UnknownSchemaId, format!("schema id {id} is not registered"))
+        })?;
+        let reader = if !is_transaction(&schema) {
+            Err(Rejected::new(
+                Reason::WrongSchema,
+                format!("schema id {id} is {}, not a transaction", schema_name(&schema)),
+            ))
+        } else {
+            // The reader borrows its schema for as long as the codec lives;
+            // registered schemas are few and never change, so each is kept
+            // for the process's lifetime (once per codec and registered id).
+            let schema: &'static Schema = Box::leak(Box::new((*schema).clone()));
+            GenericDatumReader::builder(schema)
+                .build()
+                .map(Arc::new)
+                .map_err(|e| Rejected::new(Reason::WrongSchema, e.to_string()))
+        };
+        self.known.insert(id, reader.clone());
+        reader
     }
 }
 

@@ -143,6 +143,7 @@ impl ConfluentRegistry {
         loop {
             match self.call(method, path, body.clone()) {
                 Err(e @ ClientError::Unreachable { .. }) if started.elapsed() < self.retry_for => {
+                    crate::metrics::registry_retries_total().inc();
                     tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "schema registry unreachable; retrying");
                     std::thread::sleep(wait);
                     wait = (wait * 2).min(Duration::from_secs(5));

@@ -16,8 +16,11 @@
 //! - **Idle partitions**: a partition with nothing new for `idle_timeout`
 //!   (default 30 s; not while paused by backpressure, nor while it replays
 //!   what an earlier run recorded) stops holding the capability back, so a
-//!   quiet partition does not stall results; when every partition of the
-//!   worker is quiet, the capability moves to just past the last record read.
+//!   quiet partition does not stall results; when every partition of a
+//!   worker is quiet, its capability follows what the other workers have read
+//!   (workers tell each other, over a broadcast stream, just past the last
+//!   record they read), so that when the whole input is quiet the frontier
+//!   moves to just past the latest record.
 //!   Whenever the capability passes a partition that does not hold it, that
 //!   partition's floor rises to the capability at its current offset, and the
 //!   decision is recorded with the PostgreSQL commit that covers it (Materialize
@@ -323,6 +326,19 @@ impl PartitionState {
     }
 }
 
+/// A partition is idle after `idle_timeout` in which the source *saw* no
+/// record of it: time in which it could not look (blocked, or not scheduled)
+/// moves every partition's last record forward, so that records waiting in
+/// the consumer's queue are never taken for quiet.
+fn unobserved(partitions: &mut [PartitionState], time: Duration) {
+    if time >= Duration::from_millis(100) {
+        let now = Instant::now();
+        for p in partitions {
+            p.last_record = (p.last_record + time).min(now);
+        }
+    }
+}
+
 /// Build the source operator for this worker.
 pub fn kafka_source<'s>(
     scope: Scope<'s, Time>,
@@ -398,7 +414,7 @@ pub fn kafka_source<'s>(
     let mut dead_out =
         OutputBuilder::<_, timely::container::CapacityContainerBuilder<Vec<_>>>::from(dead_out);
     let mut ends_out =
-        OutputBuilder::<_, timely::container::CapacityContainerBuilder<Vec<Time>>>::from(ends_out);
+        OutputBuilder::<_, timely::container::CapacityContainerBuilder<Vec<News>>>::from(ends_out);
 
     let mut codec = TransactionCodec::new(registry, config.limits.clone());
     let config = config.clone();
@@ -431,9 +447,11 @@ pub fn kafka_source<'s>(
     let paused_gauge =
         crate::metrics::source_paused_partitions().with_label_values(&[&index.to_string()]);
     let duplicates = crate::metrics::duplicates_total().with_label_values::<&str>(&[]);
-    // Bounded runs: every worker's end, gathered by every worker (see `agree_on_end`).
-    let agreed = agree_on_end(ends, peers, activator.clone());
-    let mut end_sent = false;
+    // What every worker has read, gathered by every worker (see `gossip`).
+    let heard = gossip(ends, peers, activator.clone());
+    let mut told: Option<News> = None;
+    let mut last_activation = Instant::now();
+    let mut told_at = Instant::now();
 
     builder.build(move |capabilities| {
         let mut caps = Some(capabilities);
@@ -443,6 +461,10 @@ pub fn kafka_source<'s>(
             let mut dead_handle = dead_out.activate();
             let mut events_session = events_handle.session(&held[0]);
             let mut dead_session = dead_handle.session(&held[1]);
+            // Time this worker spent elsewhere (other operators, a stall) is
+            // not time in which a partition was seen to be quiet.
+            let expected = config.idle_poll + Duration::from_millis(50);
+            unobserved(&mut partitions, last_activation.elapsed().saturating_sub(expected));
             let mut read = 0;
             while read < config.batch {
                 let Some(result) = client.poll(Duration::ZERO) else { break };
@@ -462,17 +484,19 @@ pub fn kafka_source<'s>(
                     }
                 };
                 let Some(&i) = index_of.get(&msg.partition()) else { continue };
-                let part = &mut partitions[i];
-                part.last_record = Instant::now();
-                if let Some(end) = part.end {
-                    if msg.offset() >= end {
-                        part.done = true;
-                        continue;
-                    }
+                if partitions[i].end.is_some_and(|end| msg.offset() >= end) {
+                    partitions[i].done = true;
+                    continue;
                 }
                 let payload = msg.payload().unwrap_or_default();
                 let log_time = msg.timestamp().to_millis();
-                let verdict = match codec.decode(payload, log_time) {
+                let decoding = Instant::now();
+                let decoded = codec.decode(payload, log_time);
+                // Waiting for an unreachable schema registry is not quiet time.
+                unobserved(&mut partitions, decoding.elapsed());
+                let part = &mut partitions[i];
+                part.last_record = Instant::now();
+                let verdict = match decoded {
                     Ok(x) => {
                         let t = fraud.time_of(x.event_time_ms);
                         part.decide.judge(&rules, msg.offset(), log_time, &x, t).map(|v| (x, t, v))
@@ -623,15 +647,24 @@ pub fn kafka_source<'s>(
             let past_last =
                 partitions.iter().filter_map(|p| p.decide.top).max().map(|b| fraud.time_of(b) + 1);
             let all_done = partitions.iter().all(|p| p.done);
+            // Tell the other workers how far this one has read (and whether it
+            // has read everything): when news changed, at most every 50 ms, and
+            // at once when it is done.
+            let news = News {
+                worker: index,
+                past_last: past_last.unwrap_or(0).max(*held[0].time()),
+                done: all_done,
+            };
+            if told != Some(news) && (all_done || told_at.elapsed() >= Duration::from_millis(50)) {
+                ends_out.activate().session(&held[2]).give(news);
+                told = Some(news);
+                told_at = Instant::now();
+            }
+            let everyone = heard.borrow().latest();
             let target = if all_done {
-                // Bounded: tell every worker where this one ends, then wait
-                // until all have, and end at the latest of them.
-                if !end_sent {
-                    end_sent = true;
-                    let mine = past_last.unwrap_or(0).max(*held[0].time());
-                    ends_out.activate().session(&held[2]).give(mine);
-                }
-                agreed.get().map(|t| t.max(*held[0].time()))
+                // Bounded: wait until every worker has read everything, and
+                // end just past the latest record any of them read.
+                heard.borrow().all_done().then(|| everyone.max(*held[0].time()))
             } else {
                 let holding: Vec<Option<Time>> = partitions
                     .iter()
@@ -639,7 +672,10 @@ pub fn kafka_source<'s>(
                     .map(|p| p.decide.watermark(&rules, |t| fraud.time_of(t)))
                     .collect();
                 if holding.is_empty() {
-                    past_last
+                    // All quiet here: this worker holds nothing back; follow
+                    // what the others have read (the job's frontier is then
+                    // theirs, or, when all are quiet, just past the latest record).
+                    past_last.into_iter().chain([everyone]).max()
                 } else if holding.iter().any(Option::is_none) {
                     None
                 } else {
@@ -679,6 +715,7 @@ pub fn kafka_source<'s>(
             } else {
                 activator.activate_after(config.idle_poll);
             }
+            last_activation = Instant::now();
             if last_commit.elapsed() >= Duration::from_secs(5) || caps.is_none() {
                 last_commit = Instant::now();
                 // For lag tools only; a failure here loses nothing.
@@ -701,23 +738,53 @@ pub fn kafka_source<'s>(
     })
 }
 
-/// Gather every worker's end of input (bounded runs): each worker's source
-/// sends its own once it has read everything; the latest of them, known once
-/// all `peers` have sent theirs, is where the run ends.
-fn agree_on_end(
-    ends: StreamVec<'_, Time, Time>,
+/// What a source worker tells the others: just past the last record it read,
+/// and whether it has read all its partitions to their end (bounded runs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct News {
+    worker: usize,
+    past_last: Time,
+    done: bool,
+}
+
+/// The latest news of every worker.
+struct Heard {
+    latest: Vec<Option<News>>,
+}
+
+impl Heard {
+    /// Just past the last record any worker has read.
+    fn latest(&self) -> Time {
+        self.latest.iter().flatten().map(|n| n.past_last).max().unwrap_or(0)
+    }
+
+    /// Whether every worker has read all its input.
+    fn all_done(&self) -> bool {
+        self.latest.iter().all(|n| n.is_some_and(|n| n.done))
+    }
+}
+
+/// Gather every worker's news (broadcast): a worker whose partitions are all
+/// quiet follows what the others have read, and a bounded run ends once every
+/// worker has read everything, just past the latest record any of them read.
+fn gossip(
+    news: StreamVec<'_, Time, News>,
     peers: usize,
     wake: timely::scheduling::Activator,
-) -> std::rc::Rc<std::cell::Cell<Option<Time>>> {
+) -> std::rc::Rc<std::cell::RefCell<Heard>> {
     use timely::dataflow::operators::vec::Broadcast;
     use timely::dataflow::operators::Inspect;
-    let agreed = std::rc::Rc::new(std::cell::Cell::new(None));
-    let result = agreed.clone();
-    let mut heard: Vec<Time> = Vec::new();
-    ends.broadcast().inspect(move |t| {
-        heard.push(*t);
-        if heard.len() == peers {
-            agreed.set(heard.iter().max().copied());
+    let heard = std::rc::Rc::new(std::cell::RefCell::new(Heard { latest: vec![None; peers] }));
+    let result = heard.clone();
+    news.broadcast().inspect(move |n| {
+        let mut h = heard.borrow_mut();
+        let slot = &mut h.latest[n.worker];
+        // Messages of one sender may overtake each other: keep the furthest.
+        let newer = slot.is_none_or(|s| (n.done, n.past_last) >= (s.done, s.past_last));
+        if newer {
+            *slot = Some(*n);
+        }
+        if newer && n.done {
             wake.activate();
         }
     });

@@ -74,6 +74,18 @@ pub fn commit_failures_total() -> &'static IntCounterVec {
     })
 }
 
+/// `tripwire_registry_retries_total`: requests to an unreachable schema registry, retried.
+pub fn registry_retries_total() -> &'static prometheus::IntCounter {
+    static C: OnceLock<prometheus::IntCounter> = OnceLock::new();
+    C.get_or_init(|| {
+        prometheus::register_int_counter!(
+            "tripwire_registry_retries_total",
+            "Requests to the schema registry that found it unreachable and were retried (records wait)."
+        )
+        .expect("metric registered once")
+    })
+}
+
 /// `tripwire_store_rollbacks_total{sink}`: a store found behind what it had acknowledged.
 pub fn store_rollbacks_total() -> &'static IntCounterVec {
     static C: OnceLock<IntCounterVec> = OnceLock::new();

@@ -91,7 +91,16 @@ impl SourceModel {
 
     /// Judge `plan` (produced in this order) with floors at `ends`.
     pub fn judge(&self, plan: &[Planned], ends: &[(usize, Time)]) -> Judged {
-        let registry = Arc::new(EmbeddedRegistry::new().unwrap());
+        self.judge_with(Arc::new(EmbeddedRegistry::new().unwrap()), plan, ends)
+    }
+
+    /// [`SourceModel::judge`], reading schemas from `registry`.
+    pub fn judge_with(
+        &self,
+        registry: Arc<dyn tripwire_connectors::registry::SchemaRegistry>,
+        plan: &[Planned],
+        ends: &[(usize, Time)],
+    ) -> Judged {
         let mut codec = TransactionCodec::new(registry, Limits::default());
         let mut out = Judged::default();
         // Per partition, the accepted event times, largest first (two are kept).

@@ -1,0 +1,244 @@
+//! A store that loses acknowledged writes is noticed, said and repaired.
+//!
+//! Under a running job (the shipped defaults), Redis is restored from an older
+//! append-only file and PostgreSQL from an older copy of its data directory.
+//! Each time the job's committer, reconnecting, finds its store behind what it
+//! had acknowledged, logs it in one line and exits with status 75; restarted
+//! (as `tripwire launch` would), the job resumes from what the stores hold and
+//! replay repairs them: at the end both equal the reference model's result.
+//!
+//! Stops and starts the stack's PostgreSQL and Redis: one test in a binary of
+//! its own, so that no other test runs beside it.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio_postgres::NoTls;
+use tripwire_cluster::stack::Stack;
+use tripwire_connectors::kafka_admin::ensure_topic;
+use tripwire_connectors::readback;
+use tripwire_dataflow::reference::Reference;
+use tripwire_dataflow::{FraudConfig, Time, Transaction};
+use tripwire_jobs::generator::{GenConfig, Generator, SchemaIds};
+
+use common::{now_ms, produce, SourceModel};
+
+const EXIT_STORE_BEHIND: i32 = 75;
+
+struct Stores {
+    stack: Stack,
+    job: String,
+}
+
+impl Stores {
+    fn pg(&self) -> Option<(tokio::runtime::Runtime, tokio_postgres::Client)> {
+        let mut e = self.stack.endpoints.clone();
+        e.pg_schema = Some(self.job.clone());
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let client = rt.block_on(async {
+            let (c, conn) = tokio_postgres::connect(&e.postgres_config(), NoTls).await.ok()?;
+            tokio::spawn(conn);
+            Some(c)
+        })?;
+        Some((rt, client))
+    }
+
+    fn redis(&self) -> Option<redis::Connection> {
+        redis::Client::open(self.stack.endpoints.redis_url()).ok()?.get_connection().ok()
+    }
+
+    /// The least frontier of both stores, when both answer.
+    fn committed(&self) -> Option<Time> {
+        let (rt, c) = self.pg()?;
+        let pg = rt.block_on(readback::pg_frontiers(&c, &self.job)).ok()?.into_iter().min()?;
+        let mut con = self.redis()?;
+        let redis = readback::redis_frontiers(&mut con, &self.job, 2).ok()?;
+        let redis = redis.into_iter().collect::<Option<Vec<Time>>>()?.into_iter().min()?;
+        Some((pg as Time).min(redis))
+    }
+
+    fn wait_for(&self, t: Time, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(240);
+        while self.committed().is_none_or(|c| c < t) {
+            assert!(Instant::now() < deadline, "{what}: the stores never reached {t}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Stop `service`, run `f` on its files, start it again.
+    fn while_stopped(&self, service: &str, f: impl FnOnce(&Path)) {
+        self.stack.down(&[service.to_string()]).unwrap();
+        f(&self.stack.home.join(service));
+        self.stack.up().unwrap();
+    }
+}
+
+fn copy(from: &Path, to: &Path) {
+    let _ = std::fs::remove_dir_all(to);
+    let ok = Command::new("cp").arg("-a").arg(from).arg(to).status().unwrap().success();
+    assert!(ok, "cp -a {} {}", from.display(), to.display());
+}
+
+#[test]
+fn stores_rolled_back_under_a_running_job_are_noticed_and_repaired() {
+    let stack = Stack::from_env().unwrap();
+    let bootstrap = stack.endpoints.kafka_bootstrap.clone();
+    let id = format!("rollback_{}_{}", std::process::id(), now_ms());
+    ensure_topic(&bootstrap, &id, 4).expect("topic; is the stack up?");
+    let fraud = FraudConfig::seconds();
+    let config_file = std::env::temp_dir().join(format!("{id}.toml"));
+    #[derive(serde::Serialize)]
+    struct File<'a> {
+        fraud: &'a FraudConfig,
+    }
+    std::fs::write(&config_file, toml::to_string(&File { fraud: &fraud }).unwrap()).unwrap();
+    let mut gen = Generator::new(GenConfig {
+        seed: 31,
+        cards: 300,
+        partitions: 4,
+        start_ms: now_ms() - 3_600_000,
+        spacing_ms: 50,
+        fraud_per_10k: 30,
+        bad_per_10k: 10,
+        v1_percent: 30,
+        lateness_ms: 5_000,
+        out_of_order_per_10k: 300,
+        late_per_10k: 20,
+        duplicates_per_10k: 20,
+        near_miss_per_10k: 0,
+        spending_profiles: false,
+        rate_per_s: None,
+        now_ms: now_ms(),
+        schema_ids: SchemaIds::EMBEDDED,
+    });
+    let model =
+        SourceModel { lateness_ms: 5_000, dedup_horizon_ms: 3_600_000, tick_ms: fraud.tick_ms };
+    let stores = Stores { stack, job: id.clone() };
+
+    // The job, one process of two workers, restarted whenever it exits (as
+    // `tripwire launch` does); its exit statuses and its log are kept.
+    let log = std::env::temp_dir().join(format!("{id}.log"));
+    let exits: Arc<Mutex<Vec<Option<i32>>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let supervisor = {
+        let (exits, stop, log, id, config_file) =
+            (exits.clone(), stop.clone(), log.clone(), id.clone(), config_file.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                let out = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+                let mut child = Command::new(env!("CARGO_BIN_EXE_fraud-detector"))
+                    .args(["--topic", &id, "--dlq-topic", &format!("{id}-dlq"), "--job", &id])
+                    .args(["-w", "2", "--metrics-port", "0"])
+                    .arg("--config")
+                    .arg(&config_file)
+                    .env("TRIPWIRE_PG_SCHEMA", &id)
+                    .env("RUST_LOG", "error")
+                    .stdout(out.try_clone().unwrap())
+                    .stderr(out)
+                    .spawn()
+                    .unwrap();
+                loop {
+                    if let Some(status) = child.try_wait().unwrap() {
+                        exits.lock().unwrap().push(status.code());
+                        break;
+                    }
+                    if stop.load(Ordering::SeqCst) {
+                        child.kill().unwrap();
+                        child.wait().unwrap();
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        })
+    };
+
+    let mut plan = gen.generate_more(8_000);
+    produce(&bootstrap, &id, &plan);
+    let early = model.judge(&plan, &[]);
+    let mid = model.tick(early.accepted[early.accepted.len() / 2].event_time_ms);
+    stores.wait_for(mid, "first commits");
+
+    // Snapshots of both stores as they are now.
+    let redis_snapshot = std::env::temp_dir().join(format!("{id}-redis"));
+    stores.while_stopped("redis", |dir| copy(&dir.join("appendonlydir"), &redis_snapshot));
+    let pg_snapshot = std::env::temp_dir().join(format!("{id}-pg"));
+    stores.while_stopped("postgres", |dir| copy(&dir.join("data"), &pg_snapshot));
+    let snapshot_at = stores.committed().unwrap();
+
+    // More input, committed well past the snapshots.
+    let more = gen.generate_more(8_000);
+    produce(&bootstrap, &id, &more);
+    plan.extend(more);
+    let judged = model.judge(&plan, &[]);
+    let later = model.tick(judged.accepted[judged.accepted.len() * 3 / 4].event_time_ms);
+    assert!(later > snapshot_at);
+    stores.wait_for(later, "commits past the snapshots");
+
+    // Redis comes back from its older append-only file.
+    stores.while_stopped("redis", |dir| copy(&redis_snapshot, &dir.join("appendonlydir")));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !exits.lock().unwrap().contains(&Some(EXIT_STORE_BEHIND)) {
+        assert!(Instant::now() < deadline, "the job did not notice Redis lost writes");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    stores.wait_for(later, "Redis repaired by replay");
+
+    // PostgreSQL comes back from its older data directory.
+    stores.while_stopped("postgres", |dir| copy(&pg_snapshot, &dir.join("data")));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while exits.lock().unwrap().iter().filter(|c| **c == Some(EXIT_STORE_BEHIND)).count() < 2 {
+        assert!(Instant::now() < deadline, "the job did not notice PostgreSQL lost writes");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Once every partition has been quiet for the idle timeout, everything is committed.
+    let end = model.end(&judged);
+    stores.wait_for(end, "the end, repaired");
+    stop.store(true, Ordering::SeqCst);
+    supervisor.join().unwrap();
+    let text = std::fs::read_to_string(&log).unwrap();
+    let said = text.lines().filter(|l| l.contains("store lost acknowledged writes")).count();
+    assert!(said >= 2, "each rollback is said in the log: {said} lines");
+    assert!(text.contains("RedisSink") && text.contains("PgSink"), "naming the store");
+
+    // The judge.
+    let mut by_card: BTreeMap<u64, Vec<Transaction>> = BTreeMap::new();
+    for x in &judged.accepted {
+        by_card.entry(x.card_id).or_default().push(x.clone());
+    }
+    let (mut want_stats, mut want_alerts) = (BTreeMap::new(), BTreeSet::new());
+    for events in by_card.values() {
+        let r = Reference::new(&fraud, events);
+        want_stats.extend(r.stats_at(end - 1));
+        want_alerts.extend(r.alerts_until(end - 1).iter().map(readback::alert_row));
+    }
+    let (rt, c) = stores.pg().unwrap();
+    let (stats, alerts, archive) = rt.block_on(async {
+        (
+            readback::pg_stats(&c).await.unwrap(),
+            readback::pg_alerts(&c).await.unwrap(),
+            readback::pg_archive(&c).await.unwrap(),
+        )
+    });
+    let mut con = stores.redis().unwrap();
+    let redis_stats = readback::redis_stats(&mut con, &id).unwrap();
+    let mut redis_alerts = readback::redis_alert_ids(&mut con, &id).unwrap();
+    redis_alerts.sort_unstable();
+    let mut want_ids: Vec<i64> = want_alerts.iter().map(|a| a.0).collect();
+    want_ids.sort_unstable();
+    let want_archive: BTreeSet<i64> = judged.accepted.iter().map(|x| x.event_id as i64).collect();
+    assert!(stats == want_stats, "PostgreSQL statistics equal the reference's after the repairs");
+    assert!(redis_stats == want_stats, "Redis statistics equal the reference's after the repairs");
+    assert_eq!(alerts, want_alerts, "PostgreSQL alerts");
+    assert_eq!(redis_alerts, want_ids, "the Redis stream holds each alert once");
+    assert_eq!(archive, want_archive, "the archive");
+    let _ = std::fs::remove_dir_all(&redis_snapshot);
+    let _ = std::fs::remove_dir_all(&pg_snapshot);
+}
