@@ -88,7 +88,7 @@ enum Cmd {
         #[command(subcommand)]
         what: QueryCmd,
     },
-    /// Bring the stack up and run every test of the workspace.
+    /// Check formatting and lints, bring the stack up and run every test of the workspace.
     Test {
         /// Leave the services this command started running afterwards.
         #[arg(long)]
@@ -292,9 +292,24 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Test { keep_stack, cargo_args } => {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            // Formatting and lints first: a red run says so before the long part.
+            for check in [
+                &["fmt", "--all", "--", "--check"][..],
+                &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"][..],
+            ] {
+                let status = Command::new(&cargo)
+                    .current_dir(&stack.root)
+                    .args(check)
+                    .status()
+                    .with_context(|| format!("running cargo {}", check[0]))?;
+                if !status.success() {
+                    println!("tests: 0 passed, 1 failed (cargo {} failed)", check[0]);
+                    return Ok(ExitCode::FAILURE);
+                }
+            }
             let started = stack.up()?;
             print_status(&stack);
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
             let mut child = Command::new(cargo)
                 .current_dir(&stack.root)
                 .args(["test", "--release", "--workspace"])

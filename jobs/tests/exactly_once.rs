@@ -602,3 +602,42 @@ fn two_jobs_share_a_database_in_schemas_of_their_own() {
     let text = String::from_utf8_lossy(&out.stderr);
     assert!(text.contains(&a.name), "the refusal names the job already there: {text}");
 }
+
+/// A resume point that retention removed is an error naming the partition,
+/// the offset wanted and the earliest one left, never a silent jump.
+#[test]
+fn an_expired_resume_point_is_an_error_that_says_where() {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    let bootstrap = Endpoints::from_env().unwrap().kafka_bootstrap;
+    let topic = unique("expired");
+    ensure_topic(&bootstrap, &topic, 1).expect("topic; is the stack up?");
+    let fraud = FraudConfig::seconds();
+    // Five minutes of traffic, far longer than the longest window.
+    let plan = traffic(51, 1, now_ms() - 3_600_000).generate_more(6_000);
+    produce(&bootstrap, &topic, &plan);
+    let mut job = Job::new(&topic, &topic, &fraud);
+    job.extra =
+        vec!["--dedup-horizon-ms".into(), "0".into(), "--sample-every".into(), "200".into()];
+    assert!(job.bounded().success());
+    let (rt, c) = job.pg();
+    let samples: i64 = rt.block_on(async {
+        c.query_one("SELECT count(*) FROM source_progress", &[]).await.unwrap().get(0)
+    });
+    assert!(samples > 10, "restart points recorded");
+    // Retention (here: DeleteRecords) removes all but the last few records.
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", &bootstrap).create().unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(&topic, 0, Offset::Offset(plan.len() as i64 - 10)).unwrap();
+    rt.block_on(admin.delete_records(&tpl, &AdminOptions::new())).unwrap();
+    let out = job.command(true).stderr(Stdio::piped()).output().unwrap();
+    assert!(!out.status.success(), "the run refuses to start");
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("partition 0")
+            && text
+                .contains(&format!("earliest offset the broker still has is {}", plan.len() - 10)),
+        "the message names partition, wanted and earliest offsets: {text}"
+    );
+}

@@ -1,0 +1,116 @@
+//! A Redis batch is all or nothing: one that fails midway (a key of the wrong
+//! type among its cards) leaves no card written and the frontier where it was;
+//! retried once the key is fixed, the whole batch lands.
+//!
+//! Needs the stack up (`./tripwire stack up`, or run through `./tripwire test`).
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use differential_dataflow::input::Input;
+use tripwire_connectors::commit::SinkInputs;
+use tripwire_connectors::readback;
+use tripwire_connectors::redis_sink::{redis_sink, Keys, RedisSinkConfig};
+use tripwire_connectors::Endpoints;
+use tripwire_dataflow::{Alert, CardWindow, Diff, StatKey, Time, WindowStats};
+
+fn failures() -> f64 {
+    prometheus::gather()
+        .iter()
+        .filter(|f| f.name() == "tripwire_commit_failures_total")
+        .flat_map(|f| f.get_metric())
+        .filter(|m| m.get_label().iter().any(|l| l.value() == "RedisSink"))
+        .map(|m| m.get_counter().get_value())
+        .sum()
+}
+
+#[test]
+fn a_batch_failing_midway_leaves_nothing_and_lands_whole_once_retried() {
+    let endpoints = Endpoints::from_env().unwrap();
+    let job = format!(
+        "batches_{}_{}",
+        std::process::id(),
+        SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis()
+    );
+    let keys = Keys::new(&job);
+    let mut con = redis::Client::open(endpoints.redis_url())
+        .unwrap()
+        .get_connection()
+        .expect("Redis; is the stack up? (./tripwire stack up)");
+    // Card 7's key holds a string: the batch's HSET on it would fail midway.
+    let _: () = redis::cmd("SET").arg(keys.card(7)).arg("not a hash").query(&mut con).unwrap();
+
+    let config = RedisSinkConfig {
+        url: endpoints.redis_url(),
+        job: job.clone(),
+        commit_interval: Duration::from_millis(10),
+        catch_up_interval: Duration::ZERO,
+        stream_max_len: 1_000,
+        resume_from: 0,
+        end: None,
+    };
+    let stats = |card: u64| WindowStats {
+        count: card as i64 + 1,
+        sum: 100 * (card as i64 + 1),
+        max_amount: 100,
+        distinct_merchants: 1,
+        distinct_countries: 1,
+    };
+    let (url, job2) = (endpoints.redis_url(), job.clone());
+    timely::execute(timely::Config::thread(), move |worker| {
+        let (mut input, mut alerts, committed) = worker.dataflow::<Time, _, _>(|scope| {
+            let (input, rows) = scope.new_collection::<(CardWindow, WindowStats), Diff>();
+            let (alerts_in, alerts) = scope.new_collection::<Alert, Diff>();
+            let committed = redis_sink(SinkInputs { stats: rows, alerts, archive: None }, &config);
+            (input, alerts_in, committed)
+        });
+        for card in 0..20u64 {
+            input.update_at((CardWindow { card_id: card, window_ms: 60_000 }, stats(card)), 10, 1);
+        }
+        input.advance_to(20);
+        input.flush();
+        alerts.advance_to(20);
+        alerts.flush();
+        let before = failures();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while failures() <= before {
+            assert!(Instant::now() < deadline, "the batch never failed");
+            worker.step_or_park(Some(Duration::from_millis(5)));
+        }
+        // Failed: not one card of it is in Redis, and the frontier did not move.
+        let mut con = redis::Client::open(url.as_str()).unwrap().get_connection().unwrap();
+        let keys = Keys::new(&job2);
+        let written: Vec<u64> = (0..20u64)
+            .filter(|c| *c != 7)
+            .filter(|c| {
+                redis::cmd("EXISTS").arg(keys.card(*c)).query::<i64>(&mut con).unwrap() == 1
+            })
+            .collect();
+        assert!(written.is_empty(), "no half batch: cards {written:?} written");
+        let frontiers = readback::redis_frontiers(&mut con, &job2, 1).unwrap();
+        assert!(frontiers[0].is_none_or(|f| f < 20), "the frontier stayed: {frontiers:?}");
+        assert!(committed.frontier() < 20);
+
+        // Fixed: the retry lands the whole batch, with its frontier.
+        let _: () = redis::cmd("DEL").arg(Keys::new(&job2).card(7)).query(&mut con).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while committed.frontier() < 20 {
+            assert!(Instant::now() < deadline, "the retried batch never landed");
+            worker.step_or_park(Some(Duration::from_millis(5)));
+        }
+        let written = readback::redis_stats(&mut con, &job2).unwrap();
+        for card in 0..20u64 {
+            let key = |metric| StatKey { card_id: card, window_ms: 60_000, metric };
+            assert_eq!(
+                written.get(&key(tripwire_dataflow::Metric::Count)),
+                Some(&(card as i64 + 1)),
+                "card {card} written"
+            );
+        }
+        assert_eq!(readback::redis_frontiers(&mut con, &job2, 1).unwrap(), vec![Some(20)]);
+        drop((input, alerts));
+    })
+    .unwrap()
+    .join()
+    .into_iter()
+    .for_each(|r| r.unwrap());
+}
