@@ -318,9 +318,10 @@ struct PartitionState {
 }
 
 impl PartitionState {
-    /// Quiet for `timeout`, and neither paused nor replaying recorded decisions.
+    /// Quiet for `timeout` (or quiet at an earlier run's end and still), and
+    /// neither paused nor replaying recorded decisions.
     fn idle(&self, timeout: Option<Duration>) -> bool {
-        timeout.is_some_and(|d| self.last_record.elapsed() >= d)
+        timeout.is_some_and(|d| self.last_record.elapsed() >= d || self.decide.still_quiet())
             && !self.paused
             && !self.decide.replaying()
     }
@@ -392,8 +393,10 @@ pub fn kafka_source<'s>(
         let start_at = config.start_offsets.get(&p).copied().unwrap_or(0);
         let restored =
             config.resume.as_ref().and_then(|r| r.partitions.get(&p).cloned()).unwrap_or_default();
+        let mut decide = Partition::new(p, start_at, restored);
+        decide.log_ends_at(high);
         partitions.push(PartitionState {
-            decide: Partition::new(p, start_at, restored),
+            decide,
             since_sample: 0,
             last_record: Instant::now(),
             done: end.is_some_and(|e| e <= start_at),

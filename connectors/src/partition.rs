@@ -68,6 +68,10 @@ pub struct Partition {
     pub next_offset: i64,
     /// A replay must not decide anything new before reading up to here.
     pub replay_until: i64,
+    /// Where an earlier run last let the frontier pass this partition, if it
+    /// had read nothing after that by its last commit: the partition was
+    /// quiet at its end and is taken as still quiet until it reads past it.
+    quiet_at: Option<i64>,
     seen: HashMap<u64, (u64, Time)>,
     expiry: BinaryHeap<Reverse<(Time, u64)>>,
 }
@@ -84,6 +88,10 @@ impl Partition {
     pub fn new(partition: i32, next_offset: i64, restored: Restored) -> Self {
         let mut recorded: Vec<(i64, Time)> = restored.floors;
         recorded.sort_unstable();
+        let quiet_at = recorded
+            .last()
+            .map(|f| f.0)
+            .filter(|o| *o >= restored.replay_until && *o >= next_offset);
         let mut p = Partition {
             partition,
             top: restored.top,
@@ -93,6 +101,7 @@ impl Partition {
             recorded: recorded.into(),
             next_offset,
             replay_until: restored.replay_until,
+            quiet_at,
             seen: HashMap::new(),
             expiry: BinaryHeap::new(),
         };
@@ -115,6 +124,22 @@ impl Partition {
     /// recorded at an offset not yet read applies to the record read there).
     pub fn replaying(&self) -> bool {
         self.next_offset < self.replay_until
+    }
+
+    /// Whether an earlier run ended with this partition released and nothing
+    /// has been read past that point since: quiet without waiting anew for
+    /// the idle timeout (a restart does not stall on partitions that were
+    /// already quiet).
+    pub fn still_quiet(&self) -> bool {
+        self.quiet_at.is_some_and(|o| self.next_offset <= o) && !self.replaying()
+    }
+
+    /// The log holds records up to `end` (exclusive): records past where the
+    /// partition was released mean it is not quiet any more.
+    pub fn log_ends_at(&mut self, end: i64) {
+        if self.quiet_at.is_some_and(|o| end > o) {
+            self.quiet_at = None;
+        }
     }
 
     /// Decide a valid record at `offset` whose (ticked) time is `t`.
@@ -337,6 +362,28 @@ mod tests {
         let p = Partition::new(0, 4, restored);
         assert_eq!(p.floor, 20_000);
         assert!(p.replaying(), "an earlier run read up to 10");
+    }
+
+    #[test]
+    fn a_partition_released_at_its_end_is_quiet_after_a_restart_until_it_reads_on() {
+        let restored =
+            Restored { floors: vec![(8, 80_000)], replay_until: 8, ..Restored::default() };
+        let mut p = Partition::new(0, 3, restored);
+        assert!(!p.still_quiet(), "replaying up to 8 first");
+        for o in 3..8 {
+            p.skipped(o);
+        }
+        assert!(p.still_quiet(), "caught up to where it was released");
+        p.skipped(8);
+        assert!(!p.still_quiet(), "it read past it");
+        let read_on =
+            Restored { floors: vec![(8, 80_000)], replay_until: 12, ..Restored::default() };
+        assert!(!Partition::new(0, 12, read_on).still_quiet(), "it had read on before");
+        let restored =
+            Restored { floors: vec![(8, 80_000)], replay_until: 8, ..Restored::default() };
+        let mut grown = Partition::new(0, 8, restored);
+        grown.log_ends_at(20);
+        assert!(!grown.still_quiet(), "the log grew since");
     }
 
     #[test]

@@ -71,11 +71,11 @@ pub async fn pg_archive(c: &Client) -> Result<BTreeSet<i64>, tokio_postgres::Err
         .collect())
 }
 
-/// Redis: the statistics in every card hash of `job` (found by `SCAN`, so a stray key shows).
-pub fn redis_stats(
+/// Redis: every card hash of `job` (found by `SCAN`, so a stray key shows), field by field.
+pub fn redis_cards(
     con: &mut redis::Connection,
     job: &str,
-) -> Result<BTreeMap<StatKey, i64>, redis::RedisError> {
+) -> Result<BTreeMap<u64, BTreeMap<String, String>>, redis::RedisError> {
     let keys = Keys::new(job);
     let pattern = format!("{}*", keys.card_prefix());
     let cards: Vec<String> = redis::cmd("SCAN")
@@ -87,13 +87,33 @@ pub fn redis_stats(
         .clone()
         .iter(con)?
         .collect::<Result<_, _>>()?;
-    let mut stats = BTreeMap::new();
+    let mut out = BTreeMap::new();
     for key in cards {
         let Some(card_id) = key.strip_prefix(&keys.card_prefix()).and_then(|c| c.parse().ok())
         else {
             continue;
         };
         let fields: BTreeMap<String, String> = redis::cmd("HGETALL").arg(&key).query(con)?;
+        out.insert(card_id, fields);
+    }
+    Ok(out)
+}
+
+/// Redis: per card of `job`, its newest alert's order key (event time and alert id).
+pub fn redis_last_alerts(
+    con: &mut redis::Connection,
+    job: &str,
+) -> Result<BTreeMap<u64, String>, redis::RedisError> {
+    redis::cmd("HGETALL").arg(Keys::new(job).last_alert_order()).query(con)
+}
+
+/// Redis: the statistics in every card hash of `job`.
+pub fn redis_stats(
+    con: &mut redis::Connection,
+    job: &str,
+) -> Result<BTreeMap<StatKey, i64>, redis::RedisError> {
+    let mut stats = BTreeMap::new();
+    for (card_id, fields) in redis_cards(con, job)? {
         for (field, value) in fields {
             // `w{ms}` = `count,sum,max,merchants,countries`; other fields are alerts'.
             let Some(Ok(window_ms)) = field.strip_prefix('w').map(str::parse) else {

@@ -4,10 +4,13 @@
 //! - `card:{id}`, a hash: per window a field `w{ms}` holding
 //!   `count,sum,max,merchants,countries` (one field per window, not one per
 //!   statistic: a fifth of the fields to write, and one value to read per
-//!   window); and the card's newest alert by event time (ties by alert id):
-//!   `last_alert` (JSON), `last_alert_rule`, `last_alert_time`. The hash goes
-//!   when its last window empties, in event time (no wall-clock TTL, so a
-//!   backfill or a replay leaves what a live run leaves).
+//!   window). The hash goes when its last window empties, in event time (no
+//!   wall-clock TTL, so a backfill or a replay leaves what a live run leaves).
+//! - `last_alert`, a hash: per card, its newest alert by event time (ties by
+//!   alert id) as JSON; `last_alert_order` holds the order key. Apart from
+//!   the card hashes, so that when a card's windows empty and fill again it
+//!   is the same whatever the batching of commits (alerts are rare: one
+//!   field per card that ever alerted).
 //! - `alerts`, a stream of recent alerts, trimmed to about `stream_max_len`
 //!   entries (`XADD MAXLEN ~`, default 100,000); PostgreSQL keeps them all.
 //! - `alert_markers`, a sorted set of the alert ids in the stream by alert
@@ -50,8 +53,8 @@ pub struct RedisSinkConfig {
     /// The alert stream keeps about this many entries (Redis trims it
     /// approximately: `XADD MAXLEN ~`); PostgreSQL keeps every alert.
     pub stream_max_len: usize,
-    /// The least stored worker frontier when this run started (0 for a first
-    /// run); changes below it are dropped, as in the PostgreSQL sink.
+    /// This worker's stored frontier when this run started (0 for a first
+    /// run); changes below it are dropped: Redis has them.
     pub resume_from: Time,
     /// A bounded run's end, from the source.
     pub end: Option<InputEnd>,
@@ -59,11 +62,24 @@ pub struct RedisSinkConfig {
 
 /// The least frontier stored by `job`'s Redis sink workers, `None` if they never stored one.
 pub async fn committed_frontier(url: &str, job: &str) -> Result<Option<Time>, redis::RedisError> {
+    Ok(worker_frontiers(url, job).await?.values().copied().min())
+}
+
+/// The frontier each of `job`'s Redis sink workers stored, by worker index.
+///
+/// Each worker resumes from its own: a worker ahead of the others must not
+/// write again what it already wrote (below its own frontier), because the
+/// markers that keep an alert from entering the stream twice are pruned once
+/// every worker is past it.
+pub async fn worker_frontiers(
+    url: &str,
+    job: &str,
+) -> Result<std::collections::BTreeMap<usize, Time>, redis::RedisError> {
     let client = redis::Client::open(url)?;
     let mut conn = client.get_multiplexed_async_connection().await?;
     let all: Vec<(String, String)> =
         redis::cmd("HGETALL").arg(Keys::new(job).frontiers()).query_async(&mut conn).await?;
-    Ok(all.iter().filter_map(|(_, v)| v.parse::<Time>().ok()).min())
+    Ok(all.iter().filter_map(|(w, v)| Some((w.parse().ok()?, v.parse::<Time>().ok()?))).collect())
 }
 
 /// Make `job`'s frontiers fit a run of `workers` sink workers, before it starts.
@@ -104,11 +120,12 @@ return 1
 "#;
 
 const SCRIPT: &str = r#"#!lua
--- KEYS[1] frontiers hash, KEYS[2] alert stream, KEYS[3] alert markers (a sorted set).
+-- KEYS[1] frontiers hash, KEYS[2] alert stream, KEYS[3] alert markers (a sorted set),
+-- KEYS[4] last alert order by card, KEYS[5] last alert by card.
 -- ARGV: frontier (20-digit), prefix, (unused), stream max len, #cards, #alerts, this worker's
 -- field; then per card: card, #upserts, #deletes, upserts (field, value), deletes
 -- (field); then alerts (card, id, rule, time, event time, details, order: event time and
--- id, 20 digits each).
+-- id, 20 digits each, the alert as JSON).
 -- All or nothing: the shebang makes Redis refuse the whole script up front when it
 -- is out of memory, and every key is checked for its type before the first write.
 local frontier = ARGV[1]
@@ -131,11 +148,8 @@ for _ = 1, nc do
   if err then return err end
   i = i + 3 + 2 * nu + nd
 end
-for _ = 1, na do
-  err = expect(prefix .. 'card:' .. ARGV[i], 'hash')
-  if err then return err end
-  i = i + 7
-end
+err = expect(KEYS[4], 'hash') or expect(KEYS[5], 'hash')
+if err then return err end
 i = 8
 for _ = 1, nc do
   local key = prefix .. 'card:' .. ARGV[i]
@@ -148,12 +162,8 @@ for _ = 1, nc do
   if nd > 0 then
     redis.call('HDEL', key, unpack(ARGV, i, i + nd - 1))
     i = i + nd
-    -- A card whose windows are all empty (in event time) goes, alert fields and all.
-    local left = false
-    for _, f in ipairs(redis.call('HKEYS', key)) do
-      if string.sub(f, 1, 1) == 'w' then left = true break end
-    end
-    if not left then redis.call('DEL', key) end
+    -- (A hash whose last field goes is gone in Redis anyway.)
+    if redis.call('HLEN', key) == 0 then redis.call('DEL', key) end
   end
 end
 for _ = 1, na do
@@ -164,15 +174,15 @@ for _ = 1, na do
     redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 'alert_id', id, 'card_id', ARGV[i],
       'rule', ARGV[i + 2], 'event_time', ARGV[i + 4], 'details', ARGV[i + 5])
   end
-  -- The card's newest alert by event time, ties by id: the same whatever the order of commits.
-  local key = prefix .. 'card:' .. ARGV[i]
+  -- The card's newest alert by event time, ties by id: the same whatever the
+  -- order or the batching of commits.
   local order = ARGV[i + 6]
-  local was = redis.call('HGET', key, 'last_alert_order')
-  if (not was or order > was) and redis.call('EXISTS', key) == 1 then
-    redis.call('HSET', key, 'last_alert', ARGV[i + 5], 'last_alert_rule', ARGV[i + 2],
-      'last_alert_time', ARGV[i + 4], 'last_alert_order', order)
+  local was = redis.call('HGET', KEYS[4], ARGV[i])
+  if not was or order > was then
+    redis.call('HSET', KEYS[4], ARGV[i], order)
+    redis.call('HSET', KEYS[5], ARGV[i], ARGV[i + 7])
   end
-  i = i + 7
+  i = i + 8
 end
 redis.call('HSET', KEYS[1], ARGV[7], frontier)
 -- Markers below every worker's frontier can never be needed again: no replay
@@ -237,6 +247,14 @@ impl Keys {
     pub fn alert_markers(&self) -> String {
         format!("{}alert_markers", self.prefix)
     }
+    /// Per card, the order key (event time, alert id) of its newest alert.
+    pub fn last_alert_order(&self) -> String {
+        format!("{}last_alert_order", self.prefix)
+    }
+    /// Per card, its newest alert as JSON (`alert_id`, `rule`, `event_time`, `details`).
+    pub fn last_alerts(&self) -> String {
+        format!("{}last_alert", self.prefix)
+    }
     /// The hash of sink workers' frontiers (field: the worker's index).
     pub fn frontiers(&self) -> String {
         format!("{}frontiers", self.prefix)
@@ -296,6 +314,8 @@ impl Store for Redis {
             .key(keys.frontiers())
             .key(keys.alerts())
             .key(keys.alert_markers())
+            .key(keys.last_alert_order())
+            .key(keys.last_alerts())
             .arg(padded(b.frontier))
             .arg(&keys.prefix)
             .arg(0)
@@ -324,7 +344,16 @@ impl Store for Redis {
                 .arg(*t)
                 .arg(a.event_time_ms)
                 .arg(details)
-                .arg(format!("{}{}", padded(a.event_time_ms), padded(a.id)));
+                .arg(format!("{}{}", padded(a.event_time_ms), padded(a.id)))
+                .arg(
+                    serde_json::json!({
+                        "alert_id": a.id.to_string(),
+                        "rule": a.rule.name(),
+                        "event_time": a.event_time_ms,
+                        "details": &a.details,
+                    })
+                    .to_string(),
+                );
         }
         let _applied: i64 = invocation.invoke_async(conn).await.map_err(|e| e.to_string())?;
         Ok(())

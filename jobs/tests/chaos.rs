@@ -1,10 +1,12 @@
 //! The chaos test: exactly once while processes die and services restart.
 //!
 //! txgen's generator bulk-loads `TRIPWIRE_CHAOS_EVENTS` events (default
-//! 1,000,000) into 6 partitions, with out-of-order, late and bad records and
-//! every fraud scenario. `fraud-detector` runs as 2 processes × 1 worker from
-//! a hosts file. A driver SIGKILLs a random process at random moments
-//! `TRIPWIRE_CHAOS_KILLS` times (default 12), each time stopping the other and
+//! 2,000,000) into 6 partitions, with out-of-order, late and bad records,
+//! identical and conflicting resends of event ids, one record minutes ahead of
+//! its Kafka timestamp, and every fraud scenario. `fraud-detector` runs as 2
+//! processes × 1 worker from a hosts file, with the shipped defaults (idle
+//! timeout included). A driver SIGKILLs a random process at random moments
+//! `TRIPWIRE_CHAOS_KILLS` times (default 20), each time stopping the other and
 //! restarting the group as a supervisor would; along the way PostgreSQL is
 //! stopped until the source has paused (backpressure) and the breaker has
 //! opened, Redis is stopped until PostgreSQL has committed more without it,
@@ -12,11 +14,13 @@
 //! on without a restart. Any process that dies on its own outside those
 //! checks is restarted with its group, as the supervisor would.
 //!
-//! The job runs unbounded with idle release off, so once the input is read
-//! its frontier stops at `F`, the least over partitions of the last
-//! watermark. At `F`, PostgreSQL's statistics, alerts and archive and Redis's
-//! card hashes and alert stream must equal the reference model's over the
-//! accepted input, key for key, and equal a second run with no failures.
+//! The job runs unbounded: once the input is read and every partition has
+//! been quiet for the idle timeout, its frontier moves to `F`, just past the
+//! latest record (its time clamped by its Kafka timestamp). At `F`,
+//! PostgreSQL's statistics, alerts and archive and Redis's card hashes and
+//! alert stream must equal the reference model's over the accepted input, key
+//! for key, and equal a second run with no failures; each job's dead-letter
+//! topic must hold every rejected record exactly once.
 //! The comparison counts (matched, missing, extra) are printed, with the
 //! commit latency, recovery time and commit throughput read from the job's logs.
 //!
@@ -35,14 +39,16 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::NoTls;
 use tripwire_cluster::stack::{is_local, Stack};
+use tripwire_connectors::avro::{encode, AvroChannel, AvroTransaction};
 use tripwire_connectors::kafka_admin::ensure_topic;
 use tripwire_connectors::readback::{self, AlertRow};
+use tripwire_connectors::registry::{EmbeddedRegistry, SchemaRegistry};
 use tripwire_connectors::Endpoints;
 use tripwire_dataflow::reference::Reference;
 use tripwire_dataflow::{FraudConfig, StatKey, Time, Transaction};
-use tripwire_jobs::generator::{Expect, GenConfig, Generator, SchemaIds};
+use tripwire_jobs::generator::{Expect, GenConfig, Generator, Planned, SchemaIds};
 
-use common::{accepted, now_ms, produce};
+use common::{accepted, dead_letters, now_ms, produce, produce_at};
 
 const PROCESSES: usize = 2;
 const LATENESS_MS: i64 = 5_000;
@@ -101,11 +107,11 @@ impl Job {
             let log = self.logs.join(format!("{}-{attempt}-p{p}.log", self.name));
             let out = File::create(&log).unwrap();
             let child = Command::new(env!("CARGO_BIN_EXE_fraud-detector"))
-                .args(["--topic", &self.topic, "--dlq-topic", &format!("{}-dlq", self.topic)])
+                .args(["--topic", &self.topic, "--dlq-topic", &format!("{}-dlq", self.name)])
                 .args(["--job", &self.name, "--config", &self.config_file, "--log-json"])
                 .args(["-w", "1", "-n", &PROCESSES.to_string(), "-p", &p.to_string()])
                 .args(["-h", &hosts_file.display().to_string()])
-                .args(["--lateness-ms", &LATENESS_MS.to_string(), "--idle-timeout-s", "0"])
+                .args(["--lateness-ms", &LATENESS_MS.to_string()])
                 .args(["--catch-up-commit-interval-ms", "0"])
                 .args([
                     "--commit-interval-ms",
@@ -275,6 +281,8 @@ struct Results {
     archive: BTreeSet<i64>,
     redis_stats: BTreeMap<StatKey, i64>,
     redis_alerts: Vec<i64>,
+    /// Per card, its newest alert in Redis (the same whatever the batching).
+    redis_last_alerts: BTreeMap<u64, String>,
 }
 
 fn read_results(stores: &Stores, job: &str) -> Results {
@@ -290,7 +298,8 @@ fn read_results(stores: &Stores, job: &str) -> Results {
     let redis_stats = readback::redis_stats(&mut con, job).unwrap();
     let mut redis_alerts = readback::redis_alert_ids(&mut con, job).unwrap();
     redis_alerts.sort_unstable();
-    Results { stats, alerts, archive, redis_stats, redis_alerts }
+    let redis_last_alerts = readback::redis_last_alerts(&mut con, job).unwrap();
+    Results { stats, alerts, archive, redis_stats, redis_alerts, redis_last_alerts }
 }
 
 /// `2026-11-24T19:40:01.123456Z` → ms since the epoch.
@@ -343,8 +352,8 @@ fn chaos_leaves_exactly_the_reference_result_and_that_of_a_run_without_failures(
         }
     }
     let _restore = Restore(&stack);
-    let events = env_or("TRIPWIRE_CHAOS_EVENTS", 1_000_000);
-    let kills = env_or("TRIPWIRE_CHAOS_KILLS", 12) as usize;
+    let events = env_or("TRIPWIRE_CHAOS_EVENTS", 2_000_000);
+    let kills = env_or("TRIPWIRE_CHAOS_KILLS", 20) as usize;
     let seed = env_or("TRIPWIRE_CHAOS_SEED", 7);
     let id = format!("{}_{}", std::process::id(), now_ms());
     let topic = format!("chaos_{id}");
@@ -382,7 +391,8 @@ fn chaos_leaves_exactly_the_reference_result_and_that_of_a_run_without_failures(
         seed,
         cards: 20_000,
         partitions: 6,
-        start_ms: now - 6 * 3_600_000,
+        // Benign events end a minute before now: at the end every window still holds some.
+        start_ms: now - events as i64 * 20 - 60_000,
         spacing_ms: 20,
         fraud_per_10k: 5,
         bad_per_10k: 5,
@@ -398,16 +408,66 @@ fn chaos_leaves_exactly_the_reference_result_and_that_of_a_run_without_failures(
         schema_ids: SchemaIds::EMBEDDED,
     })
     .generate(events);
-    produce(&endpoints.kafka_bootstrap, &topic, &plan);
+    // Halfway, on partition 0, a record four minutes ahead of its Kafka
+    // timestamp: accepted, and no record after it may become late for it.
+    let mut plan = plan;
+    let ahead_ts = now_ms();
+    let ahead = {
+        let schema = EmbeddedRegistry::new().unwrap().schema(2).unwrap();
+        let r = AvroTransaction {
+            event_id: 1 << 62,
+            card_id: 7,
+            account_id: 7,
+            merchant_id: 7,
+            mcc: 5411,
+            amount_minor: 4_200,
+            currency: "EUR".into(),
+            country: "DE".into(),
+            lat: 52.52,
+            lon: 13.405,
+            channel: AvroChannel::POS,
+            event_time: ahead_ts + 240_000,
+            device_id: None,
+        };
+        Planned {
+            partition: 0,
+            key: "7".into(),
+            payload: encode(&r, 2, &schema).unwrap(),
+            expect: Expect::Accept(1 << 62),
+            label: None,
+        }
+    };
+    let half = plan.len() / 2;
+    produce(&endpoints.kafka_bootstrap, &topic, &plan[..half]);
+    produce_at(&endpoints.kafka_bootstrap, &topic, &ahead, ahead_ts);
+    produce(&endpoints.kafka_bootstrap, &topic, &plan[half..]);
+    plan.insert(half, ahead);
     println!("input: {} records ({events} events) in {:?}", plan.len(), started.elapsed());
 
-    // What the source will accept, and where the frontier must end: the least
-    // over partitions of the last watermark.
-    let (accepted, last_in_partition) = accepted(&plan);
-    let end = (0..6)
-        .map(|p| fraud.time_of(last_in_partition[&p].saturating_sub(LATENESS_MS as Time)))
-        .min()
-        .unwrap();
+    // What the source will accept, and where the frontier must end: just past
+    // the latest record, its time clamped by its Kafka timestamp (the record
+    // ahead counts as its timestamp; every other one was produced after it happened).
+    let (accepted, _) = accepted(&plan);
+    let end = accepted
+        .iter()
+        .map(|x| if x.event_id == 1 << 62 { ahead_ts as Time } else { x.event_time_ms })
+        .map(|t| fraud.time_of(t))
+        .max()
+        .unwrap()
+        + 1;
+    let rejected: Vec<(i32, i64)> = {
+        let mut next: std::collections::HashMap<i32, i64> = Default::default();
+        let mut out = Vec::new();
+        for p in &plan {
+            let o = next.entry(p.partition).or_default();
+            if matches!(p.expect, Expect::Reject(_)) {
+                out.push((p.partition, *o));
+            }
+            *o += 1;
+        }
+        out.sort_unstable();
+        out
+    };
     let start = accepted.iter().map(|x| fraud.time_of(x.event_time_ms)).min().unwrap();
     let late = plan.iter().filter(|p| matches!(p.expect, Expect::Reject(_))).count();
     let scenarios: BTreeSet<_> = plan.iter().filter_map(|p| p.label).collect();
@@ -616,10 +676,16 @@ fn chaos_leaves_exactly_the_reference_result_and_that_of_a_run_without_failures(
     }
     let mut want_stats = BTreeMap::new();
     let mut want_alerts = BTreeSet::new();
+    // Per card, its newest alert: (event time, alert id), as Redis orders them.
+    let mut want_last: BTreeMap<u64, String> = BTreeMap::new();
     for events in by_card.values() {
         let r = Reference::new(&fraud, events);
         want_stats.extend(r.stats_at(end - 1));
-        want_alerts.extend(r.alerts_until(end - 1).iter().map(readback::alert_row));
+        let alerts = r.alerts_until(end - 1);
+        want_alerts.extend(alerts.iter().map(readback::alert_row));
+        if let Some(a) = alerts.iter().max_by_key(|a| (a.event_time_ms, a.id)) {
+            want_last.insert(a.card_id, format!("{:020}{:020}", a.event_time_ms, a.id));
+        }
     }
     let want_archive: BTreeSet<i64> = accepted
         .iter()
@@ -686,7 +752,23 @@ fn chaos_leaves_exactly_the_reference_result_and_that_of_a_run_without_failures(
     }
     assert_eq!(got.redis_alerts.len(), redis_ids.len(), "no alert twice in the Redis stream");
     assert!(breaker_closed > 0, "the breaker closed again once PostgreSQL was back");
+    assert!(!want_last.is_empty(), "cards with alerts");
+    assert!(
+        got.redis_last_alerts == want_last,
+        "every card's last_alert is the reference's newest"
+    );
+    assert!(
+        got.redis_last_alerts == calm_got.redis_last_alerts,
+        "every card's last_alert is the same with failures as without"
+    );
     assert!(got == calm_got, "the run with failures equals the run without");
+    for job in [&name, &calm_name] {
+        let mut letters: Vec<(i32, i64)> =
+            dead_letters(&format!("{job}-dlq")).iter().map(|d| (d.0, d.1)).collect();
+        letters.sort_unstable();
+        println!("{job}: {} dead letters, {} rejected records", letters.len(), rejected.len());
+        assert_eq!(letters, rejected, "{job}: each rejected record in the dead-letter topic once");
+    }
     let _ = std::fs::remove_dir_all(&logs);
 }
 

@@ -14,21 +14,18 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Headers;
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tokio_postgres::NoTls;
 use tripwire_connectors::avro::{encode, AvroTransaction};
-use tripwire_connectors::dead_letter_sink::headers;
-use tripwire_connectors::kafka_admin::{ensure_topic, partition_count};
+use tripwire_connectors::kafka_admin::ensure_topic;
 use tripwire_connectors::readback;
 use tripwire_connectors::registry::{EmbeddedRegistry, SchemaRegistry};
 use tripwire_connectors::Endpoints;
 use tripwire_dataflow::reference::Reference;
 use tripwire_dataflow::{FraudConfig, StatKey, Time, Transaction};
-use tripwire_jobs::generator::{Expect, GenConfig, Generator, Planned, SchemaIds};
+use tripwire_jobs::generator::{Expect, Generator, Planned};
 
-use common::{now_ms, produce, Judged, SourceModel};
+use common::{dead_letters, now_ms, produce, Judged, SourceModel};
 
 /// A job of the fraud detector under test, in a PostgreSQL schema of its own.
 struct Job {
@@ -41,12 +38,7 @@ struct Job {
 
 impl Job {
     fn new(name: &str, topic: &str, fraud: &FraudConfig) -> Job {
-        let config_file = std::env::temp_dir().join(format!("{name}.toml"));
-        #[derive(serde::Serialize)]
-        struct File<'a> {
-            fraud: &'a FraudConfig,
-        }
-        std::fs::write(&config_file, toml::to_string(&File { fraud }).unwrap()).unwrap();
+        let config_file = common::fraud_config_file(name, fraud);
         Job {
             name: name.into(),
             schema: name.into(),
@@ -221,48 +213,6 @@ fn assert_exact(
     assert_eq!(got.late, late, "{what}: late_events holds exactly the late records");
 }
 
-/// Every dead letter of `topic`'s dead-letter topic, as its source coordinates.
-fn dead_letters(topic: &str) -> Vec<(i32, i64, String)> {
-    let bootstrap = Endpoints::from_env().unwrap().kafka_bootstrap;
-    let dlq = format!("{topic}-dlq");
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &bootstrap)
-        .set("group.id", format!("read-{dlq}"))
-        .set("enable.partition.eof", "true")
-        .create()
-        .unwrap();
-    let n = partition_count(&bootstrap, &dlq).unwrap().unwrap_or(0);
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..n as i32 {
-        tpl.add_partition_offset(&dlq, p, Offset::Beginning).unwrap();
-    }
-    consumer.assign(&tpl).unwrap();
-    let (mut out, mut eof) = (Vec::new(), 0);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while eof < n && Instant::now() < deadline {
-        match consumer.poll(Duration::from_millis(200)) {
-            Some(Ok(m)) => {
-                let hs = m.headers().expect("dead letters carry headers");
-                let get = |name: &str| {
-                    hs.iter()
-                        .find(|h| h.key == name)
-                        .and_then(|h| h.value)
-                        .map(|v| String::from_utf8_lossy(v).into_owned())
-                        .unwrap_or_default()
-                };
-                out.push((
-                    get(headers::PARTITION).parse().unwrap(),
-                    get(headers::OFFSET).parse().unwrap(),
-                    get(headers::REASON),
-                ));
-            }
-            Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => eof += 1,
-            _ => {}
-        }
-    }
-    out
-}
-
 fn unique(name: &str) -> String {
     format!("{name}_{}_{}", std::process::id(), now_ms())
 }
@@ -272,25 +222,7 @@ fn model(fraud: &FraudConfig) -> SourceModel {
 }
 
 fn traffic(seed: u64, partitions: i32, start_ms: i64) -> Generator {
-    Generator::new(GenConfig {
-        seed,
-        cards: 300,
-        partitions,
-        start_ms,
-        spacing_ms: 50,
-        fraud_per_10k: 30,
-        bad_per_10k: 10,
-        v1_percent: 30,
-        lateness_ms: 5_000,
-        out_of_order_per_10k: 300,
-        late_per_10k: 30,
-        duplicates_per_10k: 30,
-        near_miss_per_10k: 0,
-        spending_profiles: false,
-        rate_per_s: None,
-        now_ms: now_ms(),
-        schema_ids: SchemaIds::EMBEDDED,
-    })
+    Generator::new(common::traffic(seed, partitions, start_ms))
 }
 
 fn late_set(j: &Judged, at: &[(i32, i64)]) -> BTreeSet<(i32, i64)> {
@@ -361,7 +293,8 @@ fn a_job_run_again_on_a_grown_topic_continues_where_it_ended() {
     );
 
     // Every record the model rejects is in the dead-letter topic once, and nothing else.
-    let mut letters: Vec<(i32, i64)> = dead_letters(&topic).iter().map(|d| (d.0, d.1)).collect();
+    let mut letters: Vec<(i32, i64)> =
+        dead_letters(&format!("{topic}-dlq")).iter().map(|d| (d.0, d.1)).collect();
     letters.sort_unstable();
     let mut want: Vec<(i32, i64)> = third.dead.iter().map(|i| at[*i]).collect();
     want.sort_unstable();
@@ -431,7 +364,7 @@ fn hostile_and_historic_timestamps_are_judged_against_the_log() {
     let got = job.results();
     assert!(got.late.is_empty(), "nothing late after the record ahead: {:?}", got.late);
     assert_eq!(got.archive.len(), 400, "every ordinary record accepted");
-    let mut letters = dead_letters(&topic);
+    let mut letters = dead_letters(&format!("{topic}-dlq"));
     letters.sort();
     assert_eq!(
         letters,
@@ -546,7 +479,7 @@ fn a_quiet_partition_is_released_and_a_replay_repeats_the_decision() {
         &after,
         "after the replay",
     );
-    let letters = dead_letters(&topic);
+    let letters = dead_letters(&format!("{topic}-dlq"));
     assert_eq!(
         letters,
         vec![(at[late_at].0, at[late_at].1, "late".to_string())],

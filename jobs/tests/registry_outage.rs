@@ -37,31 +37,15 @@ fn a_registry_outage_makes_records_wait_not_dead_letters() {
     let v1 = registry.register(&subject, &embedded.schema(1).unwrap()).unwrap();
     let v2 = registry.register(&subject, &embedded.schema(2).unwrap()).unwrap();
     let fraud = FraudConfig::seconds();
-    let config_file = std::env::temp_dir().join(format!("{topic}.toml"));
-    #[derive(serde::Serialize)]
-    struct File<'a> {
-        fraud: &'a FraudConfig,
-    }
-    std::fs::write(&config_file, toml::to_string(&File { fraud: &fraud }).unwrap()).unwrap();
+    let config_file = common::fraud_config_file(&topic, &fraud);
     let traffic = |seed: u64, start_ms: i64, v1_percent: u64| {
         Generator::new(GenConfig {
-            seed,
-            cards: 200,
-            partitions: 2,
-            start_ms,
-            spacing_ms: 50,
-            fraud_per_10k: 30,
             bad_per_10k: 0,
             v1_percent,
-            lateness_ms: 5_000,
-            out_of_order_per_10k: 300,
             late_per_10k: 0,
             duplicates_per_10k: 0,
-            near_miss_per_10k: 0,
-            spending_profiles: false,
-            rate_per_s: None,
-            now_ms: now_ms(),
             schema_ids: SchemaIds { v1, v2, alert: 3 },
+            ..common::traffic(seed, 2, start_ms)
         })
     };
 

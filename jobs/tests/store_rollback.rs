@@ -25,9 +25,9 @@ use tripwire_connectors::kafka_admin::ensure_topic;
 use tripwire_connectors::readback;
 use tripwire_dataflow::reference::Reference;
 use tripwire_dataflow::{FraudConfig, Time, Transaction};
-use tripwire_jobs::generator::{GenConfig, Generator, SchemaIds};
+use tripwire_jobs::generator::{GenConfig, Generator};
 
-use common::{now_ms, produce, SourceModel};
+use common::{now_ms, produce, traffic, SourceModel};
 
 const EXIT_STORE_BEHIND: i32 = 75;
 
@@ -92,30 +92,11 @@ fn stores_rolled_back_under_a_running_job_are_noticed_and_repaired() {
     let id = format!("rollback_{}_{}", std::process::id(), now_ms());
     ensure_topic(&bootstrap, &id, 4).expect("topic; is the stack up?");
     let fraud = FraudConfig::seconds();
-    let config_file = std::env::temp_dir().join(format!("{id}.toml"));
-    #[derive(serde::Serialize)]
-    struct File<'a> {
-        fraud: &'a FraudConfig,
-    }
-    std::fs::write(&config_file, toml::to_string(&File { fraud: &fraud }).unwrap()).unwrap();
+    let config_file = common::fraud_config_file(&id, &fraud);
     let mut gen = Generator::new(GenConfig {
-        seed: 31,
-        cards: 300,
-        partitions: 4,
-        start_ms: now_ms() - 3_600_000,
-        spacing_ms: 50,
-        fraud_per_10k: 30,
-        bad_per_10k: 10,
-        v1_percent: 30,
-        lateness_ms: 5_000,
-        out_of_order_per_10k: 300,
         late_per_10k: 20,
         duplicates_per_10k: 20,
-        near_miss_per_10k: 0,
-        spending_profiles: false,
-        rate_per_s: None,
-        now_ms: now_ms(),
-        schema_ids: SchemaIds::EMBEDDED,
+        ..traffic(31, 4, now_ms() - 3_600_000)
     });
     let model =
         SourceModel { lateness_ms: 5_000, dedup_horizon_ms: 3_600_000, tick_ms: fraud.tick_ms };

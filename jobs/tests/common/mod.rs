@@ -38,6 +38,101 @@ pub fn produce(bootstrap: &str, topic: &str, plan: &[Planned]) {
     producer.flush(Duration::from_secs(120)).unwrap();
 }
 
+/// A job config file in the temp folder holding `fraud` as its `[fraud]` table.
+pub fn fraud_config_file(name: &str, fraud: &tripwire_dataflow::FraudConfig) -> std::path::PathBuf {
+    #[derive(serde::Serialize)]
+    struct File<'a> {
+        fraud: &'a tripwire_dataflow::FraudConfig,
+    }
+    let path = std::env::temp_dir().join(format!("{name}.toml"));
+    std::fs::write(&path, toml::to_string(&File { fraud }).unwrap()).unwrap();
+    path
+}
+
+/// Test traffic over `partitions` from `start_ms`: 300 cards, 50 ms apart,
+/// rules firing, bad, out-of-order and late records, resends of event ids.
+pub fn traffic(seed: u64, partitions: i32, start_ms: i64) -> tripwire_jobs::generator::GenConfig {
+    tripwire_jobs::generator::GenConfig {
+        seed,
+        cards: 300,
+        partitions,
+        start_ms,
+        spacing_ms: 50,
+        fraud_per_10k: 30,
+        bad_per_10k: 10,
+        v1_percent: 30,
+        lateness_ms: 5_000,
+        out_of_order_per_10k: 300,
+        late_per_10k: 30,
+        duplicates_per_10k: 30,
+        near_miss_per_10k: 0,
+        spending_profiles: false,
+        rate_per_s: None,
+        now_ms: now_ms(),
+        schema_ids: tripwire_jobs::generator::SchemaIds::EMBEDDED,
+    }
+}
+
+/// Write one record with an explicit Kafka timestamp (ms).
+pub fn produce_at(bootstrap: &str, topic: &str, p: &Planned, timestamp_ms: i64) {
+    let producer: ThreadedProducer<DefaultProducerContext> =
+        ClientConfig::new().set("bootstrap.servers", bootstrap).create().unwrap();
+    let record = BaseRecord::to(topic)
+        .partition(p.partition)
+        .key(&p.key)
+        .payload(&p.payload)
+        .timestamp(timestamp_ms);
+    producer.send(record).map_err(|(e, _)| e).unwrap();
+    producer.flush(Duration::from_secs(30)).unwrap();
+}
+
+/// Every record of the dead-letter topic `dlq`, as its source partition, offset and reason.
+pub fn dead_letters(dlq: &str) -> Vec<(i32, i64, String)> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::Headers;
+    use rdkafka::{Message, Offset, TopicPartitionList};
+    use tripwire_connectors::dead_letter_sink::headers;
+    let bootstrap = tripwire_connectors::Endpoints::from_env().unwrap().kafka_bootstrap;
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .set("group.id", format!("read-{dlq}"))
+        .set("enable.partition.eof", "true")
+        .create()
+        .unwrap();
+    let n =
+        tripwire_connectors::kafka_admin::partition_count(&bootstrap, dlq).unwrap().unwrap_or(0);
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..n as i32 {
+        tpl.add_partition_offset(dlq, p, Offset::Beginning).unwrap();
+    }
+    consumer.assign(&tpl).unwrap();
+    let (mut out, mut eof) = (Vec::new(), 0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while eof < n && std::time::Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                let hs = m.headers().expect("dead letters carry headers");
+                let get = |name: &str| {
+                    hs.iter()
+                        .find(|h| h.key == name)
+                        .and_then(|h| h.value)
+                        .map(|v| String::from_utf8_lossy(v).into_owned())
+                        .unwrap_or_default()
+                };
+                out.push((
+                    get(headers::PARTITION).parse().unwrap(),
+                    get(headers::OFFSET).parse().unwrap(),
+                    get(headers::REASON),
+                ));
+            }
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => eof += 1,
+            _ => {}
+        }
+    }
+    assert_eq!(eof, n, "read {dlq} to its end");
+    out
+}
+
 /// The events the source accepts from `plan`, and per partition the largest accepted event time.
 pub fn accepted(plan: &[Planned]) -> (Vec<Transaction>, HashMap<i32, Time>) {
     let registry = Arc::new(EmbeddedRegistry::new().unwrap());
