@@ -53,8 +53,10 @@ pub struct RedisSinkConfig {
     /// The alert stream keeps about this many entries (Redis trims it
     /// approximately: `XADD MAXLEN ~`); PostgreSQL keeps every alert.
     pub stream_max_len: usize,
-    /// This worker's stored frontier when this run started (0 for a first
-    /// run); changes below it are dropped: Redis has them.
+    /// The least stored worker frontier when this run started (0 for a first
+    /// run); changes below it are dropped, as in the PostgreSQL sink. (A
+    /// worker ahead of it writes again what it has; the script skips alerts
+    /// below the worker's stored frontier, so none enters the stream twice.)
     pub resume_from: Time,
     /// A bounded run's end, from the source.
     pub end: Option<InputEnd>,
@@ -66,11 +68,6 @@ pub async fn committed_frontier(url: &str, job: &str) -> Result<Option<Time>, re
 }
 
 /// The frontier each of `job`'s Redis sink workers stored, by worker index.
-///
-/// Each worker resumes from its own: a worker ahead of the others must not
-/// write again what it already wrote (below its own frontier), because the
-/// markers that keep an alert from entering the stream twice are pruned once
-/// every worker is past it.
 pub async fn worker_frontiers(
     url: &str,
     job: &str,
@@ -167,9 +164,13 @@ for _ = 1, nc do
   end
 end
 for _ = 1, na do
-  -- Each alert enters the stream once, whichever worker or run commits it.
+  -- Each alert enters the stream once, whichever worker or run commits it:
+  -- one below this worker's stored frontier is there already (a replay, or
+  -- a run that read the frontier before a dead process's last batch landed);
+  -- one at or above it is there if its marker is (after a rescale).
   local id = ARGV[i + 1]
-  if not redis.call('ZSCORE', KEYS[3], id) then
+  local fresh = current == nil or tonumber(ARGV[i + 3]) >= tonumber(current)
+  if fresh and not redis.call('ZSCORE', KEYS[3], id) then
     redis.call('ZADD', KEYS[3], ARGV[i + 3], id)
     redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 'alert_id', id, 'card_id', ARGV[i],
       'rule', ARGV[i + 2], 'event_time', ARGV[i + 4], 'details', ARGV[i + 5])
@@ -178,7 +179,7 @@ for _ = 1, na do
   -- order or the batching of commits.
   local order = ARGV[i + 6]
   local was = redis.call('HGET', KEYS[4], ARGV[i])
-  if not was or order > was then
+  if fresh and (not was or order > was) then
     redis.call('HSET', KEYS[4], ARGV[i], order)
     redis.call('HSET', KEYS[5], ARGV[i], ARGV[i + 7])
   end

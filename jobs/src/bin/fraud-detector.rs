@@ -27,8 +27,7 @@ use tripwire_connectors::postgres::{
     ResumePoint,
 };
 use tripwire_connectors::redis_sink::{
-    committed_frontier as redis_committed, fit_frontiers, redis_sink, worker_frontiers,
-    RedisSinkConfig,
+    committed_frontier as redis_committed, fit_frontiers, redis_sink, RedisSinkConfig,
 };
 use tripwire_connectors::registry::{EmbeddedRegistry, SchemaRegistry};
 use tripwire_connectors::Endpoints;
@@ -256,16 +255,6 @@ fn main() -> Result<()> {
             }
         }
     };
-    // Each Redis sink worker's own stored frontier (fitted to this run above).
-    let redis_workers = loop {
-        match rt.block_on(worker_frontiers(&endpoints.redis_url(), &args.job)) {
-            Ok(found) => break found,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read the Redis frontiers yet; waiting");
-                std::thread::sleep(Duration::from_secs(1));
-            }
-        }
-    };
     if let Some(r) = &resume {
         tracing::info!(
             frontier = r.frontier,
@@ -388,13 +377,7 @@ fn main() -> Result<()> {
                 );
                 // Redis is the read model: it keeps up on its own, folding
                 // batches while it is behind, and never holds the source back.
-                // Each Redis worker resumes from its own frontier (see `worker_frontiers`).
-                let own = redis_workers.get(&scope.index()).copied().unwrap_or(0);
-                let read_model = RedisSinkConfig {
-                    end: Some(input.end),
-                    resume_from: own.max(read_model.resume_from),
-                    ..read_model.clone()
-                };
+                let read_model = RedisSinkConfig { end: Some(input.end), ..read_model.clone() };
                 redis_sink(SinkInputs { stats, alerts, archive: None }, &read_model);
                 out.state
             });
