@@ -98,6 +98,14 @@ fn a_registry_outage_makes_records_wait_not_dead_letters() {
         let ok = Command::new("kill").args([s, &pid.to_string()]).status().unwrap().success();
         assert!(ok, "kill {s} {pid}");
     };
+    // Whatever happens below, the registry is thawed again for the tests after this one.
+    struct Thaw(u32);
+    impl Drop for Thaw {
+        fn drop(&mut self) {
+            let _ = Command::new("kill").args(["-CONT", &self.0.to_string()]).status();
+        }
+    }
+    let _thaw = Thaw(pid);
     signal("-STOP");
     let after = traffic(42, start + 3_000 * 50 + 10_000, 100).generate_more(1_000);
     produce(&e.kafka_bootstrap, &topic, &after);
