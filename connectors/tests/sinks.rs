@@ -126,6 +126,7 @@ fn sink_holds_exactly_the_reference_below_the_frontier_and_empties_with_the_wind
         decisions: None,
         topic: "none".into(),
         end: None,
+        synchronous_commit: false,
     };
     let redis_config = RedisSinkConfig {
         url: endpoints.redis_url(),

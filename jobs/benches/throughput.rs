@@ -34,11 +34,19 @@ use tripwire_connectors::Endpoints;
 use tripwire_jobs::generator::Generator;
 
 /// (c): the job, bounded, from offset 0 to the end, exactly once into both stores.
-fn tripwire(topic: &str, workers: usize, archive: bool) -> f64 {
+fn tripwire(topic: &str, workers: usize, archive: bool, fsync: bool) -> f64 {
     let job = unique("bench_throughput");
-    let args = vec!["--archive".to_string(), archive.to_string()];
+    let mut args = vec!["--archive".to_string(), archive.to_string()];
+    if fsync {
+        args.extend(["--synchronous-commit".to_string(), "true".to_string()]);
+    }
+    let redis = redis::Client::open(support::endpoints().redis_url()).unwrap();
+    let mut con = redis.get_connection().unwrap();
+    let appendfsync = if fsync { "always" } else { "everysec" };
+    redis::cmd("CONFIG").arg("SET").arg("appendfsync").arg(appendfsync).exec(&mut con).unwrap();
     let secs = JobRun { topic, job: &job, processes: 1, workers, args }.run_bounded();
     clean_up(&job, &[]);
+    redis::cmd("CONFIG").arg("SET").arg("appendfsync").arg("everysec").exec(&mut con).unwrap();
     secs
 }
 
@@ -140,8 +148,9 @@ fn main() {
     let consume_eps = n as f64 / s;
     let (n, s) = read_topic(&bootstrap, &topic, true);
     let decode_eps = n as f64 / s;
-    let tripwire_eps = records / tripwire(&topic, 2, false);
-    let tripwire_archive_eps = records / tripwire(&topic, 2, true);
+    let tripwire_eps = records / tripwire(&topic, 2, false, false);
+    let tripwire_archive_eps = records / tripwire(&topic, 2, true, false);
+    let tripwire_fsync_eps = records / tripwire(&topic, 2, false, true);
     let (n, s) = naive(&bootstrap, &topic, naive_limit);
     let naive_eps = n as f64 / s;
 
@@ -154,6 +163,7 @@ fn main() {
         "| (c) Tripwire, exactly-once into PostgreSQL + Redis, 2 workers | {tripwire_eps:.0} |"
     );
     println!("| (c') the same, archiving every event | {tripwire_archive_eps:.0} |");
+    println!("| (c\") (c) with every commit waiting for its fsync (PostgreSQL synchronous_commit on, Redis appendfsync always) | {tripwire_fsync_eps:.0} |");
     println!("| (d) naive: HashMap + one upsert per event | {naive_eps:.0} |");
     println!("\nc/b = {:.2}, c/d = {:.1}", tripwire_eps / decode_eps, tripwire_eps / naive_eps);
     let json = serde_json::json!({
@@ -162,6 +172,7 @@ fn main() {
         "decode_eps": decode_eps.round(),
         "tripwire_eps": tripwire_eps.round(),
         "tripwire_archive_eps": tripwire_archive_eps.round(),
+        "tripwire_fsync_eps": tripwire_fsync_eps.round(),
         "naive_eps": naive_eps.round(),
         "c_over_b": tripwire_eps / decode_eps,
         "c_over_d": tripwire_eps / naive_eps,

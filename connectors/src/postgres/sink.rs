@@ -51,6 +51,11 @@ pub struct PgSinkConfig {
     pub topic: String,
     /// A bounded run's end, from the source.
     pub end: Option<InputEnd>,
+    /// Wait for each commit to reach the disk (`synchronous_commit`). Off by
+    /// default: a commit that a crash loses takes its frontier with it, the
+    /// committer finds its store behind what it acknowledged on reconnecting,
+    /// and the group replays it (see `commit.rs`).
+    pub synchronous_commit: bool,
 }
 
 /// Commit this worker's statistics and alerts (and archived events, if given) to
@@ -92,6 +97,12 @@ impl Store for Postgres {
 
     async fn connect(&mut self) -> Result<PgConn, String> {
         let client = connect(&self.config.conninfo).await.map_err(|e| e.to_string())?;
+        if !self.config.synchronous_commit {
+            client
+                .batch_execute("SET synchronous_commit = off")
+                .await
+                .map_err(|e| e.to_string())?;
+        }
         let statements = Statements::prepare(&client).await.map_err(|e| e.to_string())?;
         Ok(PgConn { client, statements })
     }
@@ -179,6 +190,7 @@ struct Source<'a> {
 
 /// The sink's statements, prepared once per connection.
 struct Statements {
+    lock: Statement,
     late: Statement,
     samples: Statement,
     floors: Statement,
@@ -245,7 +257,8 @@ impl Statements {
                          updated_at = now()"
             ),
         )?;
-        let (floors, positions) = tokio::try_join!(
+        let (lock, floors, positions) = tokio::try_join!(
+            c.prepare("SELECT frontier FROM checkpoints WHERE job = $1 AND worker = $2 FOR UPDATE"),
             c.prepare(
                 "INSERT INTO source_floors (job, topic, partition, \"offset\", floor)
                  SELECT $1, $2, * FROM UNNEST($3::int[], $4::bigint[], $5::bigint[])
@@ -260,6 +273,7 @@ impl Statements {
             ),
         )?;
         Ok(Statements {
+            lock,
             late,
             samples,
             floors,
@@ -292,6 +306,16 @@ async fn commit(
     let (upserts, deletes, alerts) = (&b.upserts, &b.deletes, &b.alerts);
     let transaction = client.transaction().await?;
     let tx = &transaction;
+    // What this worker's store already covers. A batch at or below it (a
+    // replay from the least frontier of all workers re-sends what this worker
+    // had committed) is not applied again: upserts are guarded by `as_of`,
+    // but a window deleted later would come back, with nothing left to
+    // delete it. Locked, so that two commits of one worker take turns.
+    let (worker_i32, frontier) = (worker as i32, as_i64(b.frontier));
+    let stored: Option<i64> = tx.query_opt(&st.lock, &[&job, &worker_i32]).await?.map(|r| r.get(0));
+    let covered = stored.is_some_and(|s| s >= frontier);
+    let (upserts, deletes, alerts, archived): (&[_], &[_], &[_], &[_]) =
+        if covered { (&[], &[], &[], &[]) } else { (upserts, deletes, alerts, &b.archive) };
     let late_cols = (
         late.iter().map(|d| d.topic.as_str()).collect::<Vec<_>>(),
         late.iter().map(|d| d.partition).collect::<Vec<i32>>(),
@@ -401,9 +425,13 @@ async fn commit(
         tx.execute(&st.alerts, &[i, c, r, t, e, d]).await
     };
 
-    let archive_fut = archive(tx, &st.archive, &b.archive);
-    let (worker, frontier) = (worker as i32, as_i64(b.frontier));
-    let checkpoint_fut = async { tx.execute(&st.checkpoint, &[&job, &worker, &frontier]).await };
+    let archive_fut = archive(tx, &st.archive, archived);
+    let checkpoint_fut = async {
+        if covered {
+            return Ok(0);
+        }
+        tx.execute(&st.checkpoint, &[&job, &worker_i32, &frontier]).await
+    };
     tokio::try_join!(
         late_fut,
         samples_fut,
@@ -461,4 +489,101 @@ async fn archive(
         ],
     )
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    //! Against the stack's PostgreSQL (`./tripwire stack up`), in a schema of its own.
+
+    use super::*;
+    use crate::Endpoints;
+
+    fn stats(count: i64) -> WindowStats {
+        WindowStats {
+            count,
+            sum: 100 * count,
+            max_amount: 100,
+            distinct_merchants: 1,
+            distinct_countries: 1,
+        }
+    }
+
+    /// A restarted group replays from the least frontier of all workers, so a
+    /// worker that had committed further re-sends batches its store already
+    /// holds. Applied again, an old upsert would bring back a window that a
+    /// later batch deleted, and nothing would ever delete it again.
+    #[test]
+    fn a_batch_the_workers_checkpoint_covers_is_not_applied_again() {
+        let endpoints = Endpoints::from_env().unwrap();
+        let admin = endpoints.postgres_config();
+        let schema = format!(
+            "pgsink_unit_{}_{}",
+            std::process::id(),
+            SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis()
+        );
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let admin_client = connect_plain(&admin).await;
+            admin_client.batch_execute(&format!("CREATE SCHEMA {schema}")).await.unwrap();
+            let conninfo = format!("{admin} options='-c search_path={schema}'");
+            let mut store = Postgres {
+                config: PgSinkConfig {
+                    conninfo: conninfo.clone(),
+                    job: "unit".into(),
+                    commit_interval: Duration::ZERO,
+                    catch_up_interval: Duration::ZERO,
+                    progress: None,
+                    late: None,
+                    resume_from: 0,
+                    report_to: None,
+                    produce_times: None,
+                    decisions: None,
+                    topic: "unit".into(),
+                    end: None,
+                    synchronous_commit: false,
+                },
+                worker: 0,
+            };
+            let mut conn = store.connect().await.unwrap();
+            let key = CardWindow { card_id: 7, window_ms: 60_000 };
+            let upsert = |frontier, as_of| Batch {
+                frontier,
+                upserts: vec![(key, stats(1), as_of)],
+                ..Batch::default()
+            };
+            store.commit(&mut conn, &upsert(100, 50)).await.unwrap();
+            let delete = Batch { frontier: 200, deletes: vec![(key, 150)], ..Batch::default() };
+            store.commit(&mut conn, &delete).await.unwrap();
+            assert_eq!(rows(&conn.client).await, vec![], "deleted at 150");
+
+            // The replay re-sends the first batch, with a frontier of its own below 200.
+            store.commit(&mut conn, &upsert(120, 50)).await.unwrap();
+            assert_eq!(rows(&conn.client).await, vec![], "the window stays deleted");
+            assert_eq!(checkpoint(&conn.client).await, 200);
+
+            // A batch beyond the checkpoint is applied, with the changes below it it carries.
+            store.commit(&mut conn, &upsert(300, 250)).await.unwrap();
+            assert_eq!(rows(&conn.client).await, vec![(1, 250)]);
+            assert_eq!(checkpoint(&conn.client).await, 300);
+            admin_client.batch_execute(&format!("DROP SCHEMA {schema} CASCADE")).await.unwrap();
+        });
+    }
+
+    async fn rows(c: &Client) -> Vec<(i64, i64)> {
+        let q = "SELECT count, as_of FROM window_stats WHERE card_id = 7";
+        c.query(q, &[]).await.unwrap().iter().map(|r| (r.get(0), r.get(1))).collect()
+    }
+
+    async fn checkpoint(c: &Client) -> i64 {
+        let q = "SELECT frontier FROM checkpoints WHERE worker = 0";
+        c.query_one(q, &[]).await.unwrap().get(0)
+    }
+
+    async fn connect_plain(conninfo: &str) -> Client {
+        let (c, conn) = tokio_postgres::connect(conninfo, NoTls)
+            .await
+            .expect("connect; is the stack up? (./tripwire stack up)");
+        tokio::spawn(conn);
+        c
+    }
 }

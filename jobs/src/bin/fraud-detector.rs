@@ -87,6 +87,11 @@ struct Args {
     /// event more than a week behind its Kafka timestamp is a dead letter.
     #[arg(long)]
     backfill: bool,
+    /// Make every PostgreSQL commit wait for its flush to disk. Off by
+    /// default: a commit a crash loses is noticed on reconnect (the store is
+    /// behind what was acknowledged) and replayed, so results stay exact.
+    #[arg(long, env = "TRIPWIRE_SYNCHRONOUS_COMMIT", default_value_t = false, action = clap::ArgAction::Set)]
+    synchronous_commit: bool,
     /// Records per partition between two progress samples (restart points).
     #[arg(long, default_value_t = 5_000)]
     sample_every: u64,
@@ -294,6 +299,7 @@ fn main() -> Result<()> {
         decisions: None,
         topic: args.topic.clone(),
         end: None,
+        synchronous_commit: args.synchronous_commit,
     };
     let read_model = RedisSinkConfig {
         url: endpoints.redis_url(),
