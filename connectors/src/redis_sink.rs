@@ -20,10 +20,14 @@
 //!   It always holds one field per worker of the current run
 //!   ([`fit_frontiers`]), so the least of them is what every key is complete up to.
 //!
-//! Each batch is applied by one Lua script, atomically with the worker's
-//! frontier and all or nothing: Redis refuses the script up front when out of
-//! memory, and the script checks every key's type before its first write. A
-//! batch at or below the stored frontier is skipped, and changes below the
+//! Each batch is applied by Lua scripts of a few thousand arguments each (a
+//! few milliseconds of Redis's time, so that a reader never waits behind a
+//! catch-up), the last of which stores the worker's frontier. Each script is
+//! all or nothing: Redis refuses it up front when out of memory, and it checks
+//! every key's type before its first write. A batch whose last script did not
+//! run is sent again, whole, on retry or by the replay after a crash; every
+//! write is idempotent, so the batch lands once. A batch at or below the
+//! stored frontier is skipped, and changes below the
 //! frontier the job had committed when this run started are dropped (a replay
 //! recomputes them from partial windows), so a replay after a crash or a
 //! rescale neither loses nor doubles anything. Statistics are absolute values,
@@ -35,7 +39,7 @@
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
-use tripwire_dataflow::Time;
+use tripwire_dataflow::{Alert, Time};
 
 use crate::commit::{frontier_sink, Batch, CommitOptions, Committed, InputEnd, SinkInputs, Store};
 
@@ -119,12 +123,16 @@ return 1
 const SCRIPT: &str = r#"#!lua
 -- KEYS[1] frontiers hash, KEYS[2] alert stream, KEYS[3] alert markers (a sorted set),
 -- KEYS[4] last alert order by card, KEYS[5] last alert by card.
--- ARGV: frontier (20-digit), prefix, (unused), stream max len, #cards, #alerts, this worker's
--- field; then per card: card, #upserts, #deletes, upserts (field, value), deletes
--- (field); then alerts (card, id, rule, time, event time, details, order: event time and
--- id, 20 digits each, the alert as JSON).
--- All or nothing: the shebang makes Redis refuse the whole script up front when it
--- is out of memory, and every key is checked for its type before the first write.
+-- ARGV: frontier (20-digit), prefix, last (1 on a batch's last part: it stores the
+-- frontier), stream max len, #cards, #alerts, this worker's field; then per card: card,
+-- #upserts, #deletes, upserts (field, value), deletes (field); then alerts (card, id,
+-- rule, time, event time, details, order: event time and id, 20 digits each, the alert
+-- as JSON).
+-- Each part all or nothing: the shebang makes Redis refuse the whole script up front
+-- when it is out of memory, and every key is checked for its type before the first
+-- write. A batch is several parts, so that no reader waits behind a long script; only
+-- the last stores the frontier, and the parts before it are written again, whole, by
+-- the replay if the batch does not land (every write is idempotent).
 local frontier = ARGV[1]
 local current = redis.call('HGET', KEYS[1], ARGV[7])
 if current and frontier <= current then return 0 end
@@ -185,6 +193,7 @@ for _ = 1, na do
   end
   i = i + 8
 end
+if ARGV[3] ~= '1' then return 1 end
 redis.call('HSET', KEYS[1], ARGV[7], frontier)
 -- Markers below every worker's frontier can never be needed again: no replay
 -- recomputes an alert below the frontier it resumes from (event time, not a TTL).
@@ -262,6 +271,10 @@ impl Keys {
     }
 }
 
+/// About how many script arguments one part of a batch carries: a few
+/// milliseconds of Redis's time, so that readers never wait long behind a commit.
+pub const PART_ARGS: usize = 4_000;
+
 struct Redis {
     config: RedisSinkConfig,
     worker: usize,
@@ -310,53 +323,76 @@ impl Store for Redis {
         for (k, _) in deletes {
             cards.entry(k.card_id).or_default().1.push(k.window_ms);
         }
-        let mut invocation = self.script.prepare_invoke();
-        invocation
-            .key(keys.frontiers())
-            .key(keys.alerts())
-            .key(keys.alert_markers())
-            .key(keys.last_alert_order())
-            .key(keys.last_alerts())
-            .arg(padded(b.frontier))
-            .arg(&keys.prefix)
-            .arg(0)
-            .arg(self.config.stream_max_len)
-            .arg(cards.len())
-            .arg(alerts.len())
-            .arg(self.worker);
-        for (card, (ups, dels)) in &cards {
-            invocation.arg(card).arg(ups.len()).arg(dels.len());
-            for (w, s) in ups {
-                invocation.arg(window_field(w)).arg(format!(
-                    "{},{},{},{},{}",
-                    s.count, s.sum, s.max_amount, s.distinct_merchants, s.distinct_countries
-                ));
-            }
-            for w in dels {
-                invocation.arg(window_field(w));
+        // Parts of about PART_ARGS arguments: each runs for a few milliseconds.
+        let cards: Vec<_> = cards.into_iter().collect();
+        type Part<'a, C> = (&'a [(u64, C)], &'a [(Alert, Time)]);
+        let mut parts: Vec<Part<'_, _>> = Vec::new();
+        let (mut from, mut size) = (0, 0);
+        for (i, (_, (ups, dels))) in cards.iter().enumerate() {
+            size += 3 + 2 * ups.len() + dels.len();
+            if size >= PART_ARGS {
+                parts.push((&cards[from..=i], &[]));
+                (from, size) = (i + 1, 0);
             }
         }
-        for (a, t) in alerts {
-            let details = serde_json::to_string(&a.details).map_err(|e| e.to_string())?;
+        parts.push((&cards[from..], &[]));
+        for chunk in alerts.chunks(PART_ARGS / 8) {
+            parts.push((&[], chunk));
+        }
+        let last = parts.len() - 1;
+        for (n, (cards, alerts)) in parts.into_iter().enumerate() {
+            let mut invocation = self.script.prepare_invoke();
             invocation
-                .arg(a.card_id)
-                .arg(a.id)
-                .arg(a.rule.name())
-                .arg(*t)
-                .arg(a.event_time_ms)
-                .arg(details)
-                .arg(format!("{}{}", padded(a.event_time_ms), padded(a.id)))
-                .arg(
-                    serde_json::json!({
-                        "alert_id": a.id.to_string(),
-                        "rule": a.rule.name(),
-                        "event_time": a.event_time_ms,
-                        "details": &a.details,
-                    })
-                    .to_string(),
-                );
+                .key(keys.frontiers())
+                .key(keys.alerts())
+                .key(keys.alert_markers())
+                .key(keys.last_alert_order())
+                .key(keys.last_alerts())
+                .arg(padded(b.frontier))
+                .arg(&keys.prefix)
+                .arg(u8::from(n == last))
+                .arg(self.config.stream_max_len)
+                .arg(cards.len())
+                .arg(alerts.len())
+                .arg(self.worker);
+            for (card, (ups, dels)) in cards {
+                invocation.arg(card).arg(ups.len()).arg(dels.len());
+                for (w, s) in ups {
+                    invocation.arg(window_field(w)).arg(format!(
+                        "{},{},{},{},{}",
+                        s.count, s.sum, s.max_amount, s.distinct_merchants, s.distinct_countries
+                    ));
+                }
+                for w in dels {
+                    invocation.arg(window_field(w));
+                }
+            }
+            for (a, t) in alerts {
+                let details = serde_json::to_string(&a.details).map_err(|e| e.to_string())?;
+                invocation
+                    .arg(a.card_id)
+                    .arg(a.id)
+                    .arg(a.rule.name())
+                    .arg(*t)
+                    .arg(a.event_time_ms)
+                    .arg(details)
+                    .arg(format!("{}{}", padded(a.event_time_ms), padded(a.id)))
+                    .arg(
+                        serde_json::json!({
+                            "alert_id": a.id.to_string(),
+                            "rule": a.rule.name(),
+                            "event_time": a.event_time_ms,
+                            "details": &a.details,
+                        })
+                        .to_string(),
+                    );
+            }
+            let applied: i64 = invocation.invoke_async(conn).await.map_err(|e| e.to_string())?;
+            if applied == 0 {
+                // Covered by the stored frontier: the rest is too.
+                break;
+            }
         }
-        let _applied: i64 = invocation.invoke_async(conn).await.map_err(|e| e.to_string())?;
         Ok(())
     }
 }

@@ -1,6 +1,9 @@
-//! A Redis batch is all or nothing: one that fails midway (a key of the wrong
-//! type among its cards) leaves no card written and the frontier where it was;
-//! retried once the key is fixed, the whole batch lands.
+//! A Redis batch lands whole or not at all as far as its frontier says: one
+//! that fails (a key of the wrong type among its cards) leaves the frontier
+//! where it was, and, when the batch is one script (a few thousand
+//! arguments), no card written; a larger batch is several scripts, and those
+//! before the failing one may stand, rewritten when the batch is retried.
+//! Retried once the key is fixed, the whole batch lands, frontier last.
 //!
 //! Needs the stack up (`./tripwire stack up`, or run through `./tripwire test`).
 
@@ -9,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use differential_dataflow::input::Input;
 use tripwire_connectors::commit::SinkInputs;
 use tripwire_connectors::readback;
-use tripwire_connectors::redis_sink::{redis_sink, Keys, RedisSinkConfig};
+use tripwire_connectors::redis_sink::{redis_sink, Keys, RedisSinkConfig, PART_ARGS};
 use tripwire_connectors::Endpoints;
 use tripwire_dataflow::{Alert, CardWindow, Diff, StatKey, Time, WindowStats};
 
@@ -25,9 +28,26 @@ fn failures() -> f64 {
 
 #[test]
 fn a_batch_failing_midway_leaves_nothing_and_lands_whole_once_retried() {
+    fails_then_lands(20, 7);
+}
+
+#[test]
+fn a_batch_of_several_scripts_stores_its_frontier_only_once_all_landed() {
+    let cards = 3_000;
+    assert!(cards as usize * 5 > 2 * PART_ARGS, "the batch is three scripts or more");
+    fails_then_lands(cards, cards - 1);
+}
+
+/// The failure counter is the process's: one test at a time reads it.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// A batch of `cards` cards, `bad` of which is a key of the wrong type at first.
+fn fails_then_lands(cards: u64, bad: u64) {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let one_script = (cards as usize) * 5 < PART_ARGS;
     let endpoints = Endpoints::from_env().unwrap();
     let job = format!(
-        "batches_{}_{}",
+        "batches_{cards}_{}_{}",
         std::process::id(),
         SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis()
     );
@@ -36,8 +56,8 @@ fn a_batch_failing_midway_leaves_nothing_and_lands_whole_once_retried() {
         .unwrap()
         .get_connection()
         .expect("Redis; is the stack up? (./tripwire stack up)");
-    // Card 7's key holds a string: the batch's HSET on it would fail midway.
-    let _: () = redis::cmd("SET").arg(keys.card(7)).arg("not a hash").query(&mut con).unwrap();
+    // Card `bad`'s key holds a string: the batch's HSET on it would fail midway.
+    let _: () = redis::cmd("SET").arg(keys.card(bad)).arg("not a hash").query(&mut con).unwrap();
 
     let config = RedisSinkConfig {
         url: endpoints.redis_url(),
@@ -63,7 +83,7 @@ fn a_batch_failing_midway_leaves_nothing_and_lands_whole_once_retried() {
             let committed = redis_sink(SinkInputs { stats: rows, alerts, archive: None }, &config);
             (input, alerts_in, committed)
         });
-        for card in 0..20u64 {
+        for card in 0..cards {
             input.update_at((CardWindow { card_id: card, window_ms: 60_000 }, stats(card)), 10, 1);
         }
         input.advance_to(20);
@@ -76,29 +96,32 @@ fn a_batch_failing_midway_leaves_nothing_and_lands_whole_once_retried() {
             assert!(Instant::now() < deadline, "the batch never failed");
             worker.step_or_park(Some(Duration::from_millis(5)));
         }
-        // Failed: not one card of it is in Redis, and the frontier did not move.
+        // Failed: the frontier did not move (and, for a batch of one script,
+        // not one card of it is in Redis).
         let mut con = redis::Client::open(url.as_str()).unwrap().get_connection().unwrap();
         let keys = Keys::new(&job2);
-        let written: Vec<u64> = (0..20u64)
-            .filter(|c| *c != 7)
-            .filter(|c| {
-                redis::cmd("EXISTS").arg(keys.card(*c)).query::<i64>(&mut con).unwrap() == 1
-            })
-            .collect();
-        assert!(written.is_empty(), "no half batch: cards {written:?} written");
+        if one_script {
+            let written: Vec<u64> = (0..cards)
+                .filter(|c| *c != bad)
+                .filter(|c| {
+                    redis::cmd("EXISTS").arg(keys.card(*c)).query::<i64>(&mut con).unwrap() == 1
+                })
+                .collect();
+            assert!(written.is_empty(), "no half batch: cards {written:?} written");
+        }
         let frontiers = readback::redis_frontiers(&mut con, &job2, 1).unwrap();
         assert!(frontiers[0].is_none_or(|f| f < 20), "the frontier stayed: {frontiers:?}");
         assert!(committed.frontier() < 20);
 
         // Fixed: the retry lands the whole batch, with its frontier.
-        let _: () = redis::cmd("DEL").arg(Keys::new(&job2).card(7)).query(&mut con).unwrap();
+        let _: () = redis::cmd("DEL").arg(Keys::new(&job2).card(bad)).query(&mut con).unwrap();
         let deadline = Instant::now() + Duration::from_secs(60);
         while committed.frontier() < 20 {
             assert!(Instant::now() < deadline, "the retried batch never landed");
             worker.step_or_park(Some(Duration::from_millis(5)));
         }
         let written = readback::redis_stats(&mut con, &job2).unwrap();
-        for card in 0..20u64 {
+        for card in 0..cards {
             let key = |metric| StatKey { card_id: card, window_ms: 60_000, metric };
             assert_eq!(
                 written.get(&key(tripwire_dataflow::Metric::Count)),
