@@ -48,6 +48,14 @@ pub struct Batch {
     pub upserts: Vec<(CardWindow, WindowStats, Time)>,
     /// Windows that emptied, with the time they did.
     pub deletes: Vec<(CardWindow, Time)>,
+    /// The frontier of the batch before this one: what the store holds when
+    /// this batch begins, if nothing but this run wrote to it.
+    pub start: Time,
+    /// The keys among `upserts` and `deletes` that had no row at `start`, as
+    /// this run's dataflow knows it, ascending. A delete of one of them is a
+    /// window that came and went within the batch: nothing to delete, unless
+    /// the store holds a row this run did not write (see [`Batch::passing`]).
+    pub absent_before: Vec<CardWindow>,
     /// New alerts, each with the (timely) time it belongs to.
     pub alerts: Vec<(Alert, Time)>,
     /// Accepted events to archive (when the sink archives).
@@ -64,21 +72,39 @@ impl Batch {
     /// deletion wins (its changes are the more recent), alerts and archived
     /// events add up, and the frontier is the later one.
     pub fn absorb(&mut self, later: Batch) {
-        type Row = (Option<WindowStats>, Time);
+        // Per key: its last row (or none) and time, and whether it had no row
+        // at the start of the earlier batch (a key the earlier batch did not
+        // touch was at its end as at its start).
+        type Row = (Option<WindowStats>, Time, bool);
         let mut keys: BTreeMap<CardWindow, Row> = BTreeMap::new();
+        let start = self.start;
         for b in [std::mem::take(self), later] {
-            keys.extend(b.upserts.into_iter().map(|(k, s, t)| (k, (Some(s), t))));
-            keys.extend(b.deletes.into_iter().map(|(k, t)| (k, (None, t))));
+            let absent = |k: &CardWindow| b.absent_before.binary_search(k).is_ok();
+            let rows = b.upserts.iter().map(|(k, s, t)| (*k, Some(*s), *t));
+            for (k, row, t) in rows.chain(b.deletes.iter().map(|(k, t)| (*k, None, *t))) {
+                let a = absent(&k);
+                keys.entry(k).and_modify(|r| (r.0, r.1) = (row, t)).or_insert((row, t, a));
+            }
             self.frontier = self.frontier.max(b.frontier);
             self.alerts.extend(b.alerts);
             self.archive.extend(b.archive);
         }
-        for (k, (row, t)) in keys {
+        self.start = start;
+        for (k, (row, t, absent)) in keys {
             match row {
                 Some(s) => self.upserts.push((k, s, t)),
                 None => self.deletes.push((k, t)),
             }
+            if absent {
+                self.absent_before.push(k);
+            }
         }
+    }
+
+    /// Whether the delete of `key` is of a window that came and went within
+    /// the batch (no row at its start, none at its end).
+    pub fn passing(&self, key: &CardWindow) -> bool {
+        self.absent_before.binary_search(key).is_ok()
     }
 }
 
@@ -327,9 +353,15 @@ pub fn frontier_sink<S: Store>(
                 .unwrap_or(Time::MAX);
             let done = frontier == Time::MAX;
             // A bounded run ends at its input's end, not at the end of time:
-            // what lies beyond (windows closing) is not committed.
+            // what lies beyond (windows closing) is not committed. Once the
+            // sources are done, the dataflow still runs those departures, and
+            // the frontier passes through their times on its way to the end
+            // of time: it is held at the end all along (each worker's source
+            // sets the end before it lets its capability go, so a sink that
+            // sees the frontier beyond the end knows it).
             let frontier = match (done, end.as_ref().and_then(InputEnd::get)) {
                 (true, Some(end)) => end.max(sent),
+                (false, Some(end)) => frontier.min(end),
                 _ => frontier,
             };
             marks.0.input.fetch_max(frontier, Ordering::AcqRel);
@@ -339,7 +371,7 @@ pub fn frontier_sink<S: Store>(
             let behind = wall_clock_ms().saturating_sub(frontier) > CATCH_UP_BEHIND_MS;
             let due = if behind { interval.max(catch_up) } else { interval };
             if frontier > sent && (done || last_sent.elapsed() >= due) {
-                let next = pending.batch(frontier);
+                let next = pending.batch(sent, frontier);
                 sent = frontier;
                 last_sent = Instant::now();
                 // Taken at once by a free committer; folded into the waiting
@@ -386,7 +418,7 @@ struct Pending {
 
 impl Pending {
     /// Take every update below `frontier` and consolidate it into one batch.
-    fn batch(&mut self, frontier: Time) -> Batch {
+    fn batch(&mut self, start: Time, frontier: Time) -> Batch {
         // Per key, its updates in time order. What the key ends as is what
         // its last decisive time says: a value inserted then, or none if only
         // retractions happened then. Times whose changes net to nothing (a row
@@ -404,14 +436,17 @@ impl Pending {
             false
         });
         updates.sort_unstable_by_key(|x| (x.0, x.1, x.2));
-        let mut b = Batch { frontier, ..Batch::default() };
-        // A key that ends without a row is written as a (guarded) delete even
-        // when the key was inserted and deleted within the batch, because the
-        // store may hold a row this run did not write: one committed by an
-        // earlier run beyond the resume point, or by another worker before a rescale.
+        let mut b = Batch { frontier, start, ..Batch::default() };
+        // A key that ends without a row is a delete even when the key was
+        // inserted and deleted within the batch (it is then also listed in
+        // `absent_before`): the store may hold a row this run did not write,
+        // one committed by an earlier run beyond the resume point, or by
+        // another worker before a rescale. The sink knows whether it can.
         for group in updates.chunk_by(|x, y| x.0 == y.0) {
             let key = group[0].0;
             let mut end: Option<(Option<WindowStats>, Time)> = None;
+            // Whether the key had a row at `start`: its first decisive time retracts one.
+            let mut existed: Option<bool> = None;
             let mut i = 0;
             while i < group.len() {
                 let t = group[i].1;
@@ -430,12 +465,16 @@ impl Pending {
                 }
                 if inserted.is_some() || retracted {
                     end = Some((inserted, t));
+                    existed.get_or_insert(retracted);
                 }
             }
             match end {
                 Some((Some(v), t)) => b.upserts.push((key, v, t)),
                 Some((None, t)) => b.deletes.push((key, t)),
                 None => {}
+            }
+            if end.is_some() && existed == Some(false) {
+                b.absent_before.push(key);
             }
         }
         self.alerts.retain(|(a, t, d)| {
@@ -689,10 +728,13 @@ mod tests {
             ((key(3), stats(2)), 12, 1),
         ];
         let mut p = Pending { stats: updates, ..Pending::default() };
-        let b = p.batch(10);
+        let b = p.batch(0, 10);
         assert_eq!(b.upserts, vec![(key(1), stats(5), 7), (key(3), stats(1), 5)]);
         assert_eq!(b.deletes, vec![(key(2), 4)]);
         assert_eq!(p.stats.len(), 2, "the updates at 12 wait for a later batch");
+        // Keys 2 and 3 had no row when the batch began; key 2 came and went.
+        assert_eq!(b.absent_before, vec![key(2), key(3)]);
+        assert!(b.passing(&key(2)) && !b.passing(&key(1)));
     }
 
     #[test]
@@ -708,9 +750,10 @@ mod tests {
             ((key(2), stats(9)), 5, 1),
         ];
         let mut p = Pending { stats: updates, ..Pending::default() };
-        let b = p.batch(10);
+        let b = p.batch(0, 10);
         assert_eq!(b.upserts, vec![(key(1), stats(4), 2)]);
         assert!(b.deletes.is_empty());
+        assert!(b.absent_before.is_empty(), "key 1 had a row (3) when the batch began");
     }
 
     #[test]
@@ -731,5 +774,33 @@ mod tests {
         assert_eq!(early.frontier, 20);
         assert_eq!(early.upserts, vec![(key(2), stats(2), 4), (key(3), stats(7), 15)]);
         assert_eq!(early.deletes, vec![(key(1), 12)]);
+    }
+
+    #[test]
+    fn a_key_absent_before_the_merged_batch_is_the_earlier_batchs_say() {
+        // Key 1 had a row before the early batch, which deleted it; the later
+        // batch inserted and deleted it again: merged, a real delete.
+        // Key 2 came in the early batch and went in the later: merged, passing.
+        // Key 3, untouched early, came and went in the later batch: passing.
+        let mut early = Batch {
+            start: 5,
+            frontier: 10,
+            upserts: vec![(key(2), stats(2), 6)],
+            deletes: vec![(key(1), 7)],
+            absent_before: vec![key(2)],
+            ..Batch::default()
+        };
+        let later = Batch {
+            start: 10,
+            frontier: 20,
+            deletes: vec![(key(1), 14), (key(2), 15), (key(3), 16)],
+            absent_before: vec![key(1), key(3)],
+            ..Batch::default()
+        };
+        early.absorb(later);
+        assert_eq!((early.start, early.frontier), (5, 20));
+        assert_eq!(early.deletes, vec![(key(1), 14), (key(2), 15), (key(3), 16)]);
+        assert_eq!(early.absent_before, vec![key(2), key(3)]);
+        assert!(!early.passing(&key(1)) && early.passing(&key(2)) && early.passing(&key(3)));
     }
 }

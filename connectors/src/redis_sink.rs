@@ -39,7 +39,7 @@
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
-use tripwire_dataflow::{Alert, Time};
+use tripwire_dataflow::{Alert, Time, WindowStats};
 
 use crate::commit::{frontier_sink, Batch, CommitOptions, Committed, InputEnd, SinkInputs, Store};
 
@@ -64,6 +64,10 @@ pub struct RedisSinkConfig {
     pub resume_from: Time,
     /// A bounded run's end, from the source.
     pub end: Option<InputEnd>,
+    /// The greatest frontier any worker had stored when this run started
+    /// (before a rescale fitted them): until a batch starts there, fields this
+    /// run did not write may be in Redis.
+    pub high_water: Time,
 }
 
 /// The least frontier stored by `job`'s Redis sink workers, `None` if they never stored one.
@@ -83,6 +87,30 @@ pub async fn worker_frontiers(
     Ok(all.iter().filter_map(|(w, v)| Some((w.parse().ok()?, v.parse::<Time>().ok()?))).collect())
 }
 
+/// The greatest frontier any of `job`'s Redis sink workers ever stored,
+/// including before a rescale fitted them (0 if none did).
+pub async fn high_water(url: &str, job: &str) -> Result<Time, redis::RedisError> {
+    let keys = Keys::new(job);
+    let before: Option<String> = {
+        let client = redis::Client::open(url)?;
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        redis::cmd("GET").arg(keys.high_water()).query_async(&mut conn).await?
+    };
+    let partial: Vec<String> = {
+        let client = redis::Client::open(url)?;
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        redis::cmd("HVALS").arg(keys.partial()).query_async(&mut conn).await?
+    };
+    let stored = worker_frontiers(url, job).await?.values().copied().max();
+    Ok(before
+        .into_iter()
+        .chain(partial)
+        .filter_map(|v| v.parse().ok())
+        .chain(stored)
+        .max()
+        .unwrap_or(0))
+}
+
 /// Make `job`'s frontiers fit a run of `workers` sink workers, before it starts.
 ///
 /// A worker's frontier speaks only for the keys that worker owned, and which
@@ -96,6 +124,8 @@ pub async fn fit_frontiers(url: &str, job: &str, workers: usize) -> Result<(), r
     let mut conn = client.get_multiplexed_async_connection().await?;
     let _: i64 = redis::Script::new(FIT)
         .key(Keys::new(job).frontiers())
+        .key(Keys::new(job).high_water())
+        .key(Keys::new(job).partial())
         .arg(workers)
         .invoke_async(&mut conn)
         .await?;
@@ -103,16 +133,24 @@ pub async fn fit_frontiers(url: &str, job: &str, workers: usize) -> Result<(), r
 }
 
 const FIT: &str = r#"
--- KEYS[1] the frontiers hash; ARGV[1] the number of workers of the run about to start.
+-- KEYS[1] the frontiers hash, KEYS[2] the high water, KEYS[3] the partial batches' hash;
+-- ARGV[1] the number of workers of the run about to start.
 local n = tonumber(ARGV[1])
 local all = redis.call('HGETALL', KEYS[1])
-local least, fits = nil, (#all / 2 == n)
+local least, greatest, fits = nil, nil, (#all / 2 == n)
 for i = 1, #all, 2 do
   local w = tonumber(all[i])
   if w == nil or w >= n then fits = false end
   if least == nil or all[i + 1] < least then least = all[i + 1] end
+  if greatest == nil or all[i + 1] > greatest then greatest = all[i + 1] end
 end
 if fits then return 0 end
+for _, p in ipairs(redis.call('HVALS', KEYS[3])) do
+  if greatest == nil or p > greatest then greatest = p end
+end
+-- Fields the earlier workers wrote may lie beyond the frontier every worker starts at.
+local was = redis.call('GET', KEYS[2])
+if greatest and (not was or greatest > was) then redis.call('SET', KEYS[2], greatest) end
 redis.call('DEL', KEYS[1])
 for w = 0, n - 1 do
   redis.call('HSET', KEYS[1], tostring(w), least or '00000000000000000000')
@@ -122,10 +160,14 @@ return 1
 
 const SCRIPT: &str = r#"#!lua
 -- KEYS[1] frontiers hash, KEYS[2] alert stream, KEYS[3] alert markers (a sorted set),
--- KEYS[4] last alert order by card, KEYS[5] last alert by card.
+-- KEYS[4] last alert order by card, KEYS[5] last alert by card, KEYS[6] partial: per
+-- worker, the greatest frontier of a batch some of whose parts landed (beyond it, Redis
+-- may hold fields that no stored frontier speaks for).
 -- ARGV: frontier (20-digit), prefix, last (1 on a batch's last part: it stores the
--- frontier), stream max len, #cards, #alerts, this worker's field; then per card: card,
--- #upserts, #deletes, upserts (field, value), deletes (field); then alerts (card, id,
+-- frontier), stream max len, #cards, #alerts, this worker's field, the batch's start
+-- (20-digit); then per card: card, #upserts, #deletes, #passing, upserts (field, value),
+-- deletes (field), passing deletes (field: windows that came and went within the batch,
+-- deleted only if Redis does not hold exactly the batch's start); then alerts (card, id,
 -- rule, time, event time, details, order: event time and id, 20 digits each, the alert
 -- as JSON).
 -- Each part all or nothing: the shebang makes Redis refuse the whole script up front
@@ -146,30 +188,42 @@ local function expect(key, kind)
 end
 local err = expect(KEYS[2], 'stream') or expect(KEYS[3], 'zset')
 if err then return err end
-local i = 8
+local partial = redis.call('HGET', KEYS[6], ARGV[7])
+local exact = current == ARGV[8] and (not partial or partial <= ARGV[8])
+local i = 9
 for _ = 1, nc do
-  local nu, nd = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
-  err = expect(prefix .. 'card:' .. ARGV[i], 'hash')
-  if err then return err end
-  i = i + 3 + 2 * nu + nd
+  local nu, nd, np = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
+  if nu > 0 or nd > 0 or not exact then
+    err = expect(prefix .. 'card:' .. ARGV[i], 'hash')
+    if err then return err end
+  end
+  i = i + 4 + 2 * nu + nd + np
 end
-err = expect(KEYS[4], 'hash') or expect(KEYS[5], 'hash')
+err = expect(KEYS[4], 'hash') or expect(KEYS[5], 'hash') or expect(KEYS[6], 'hash')
 if err then return err end
-i = 8
+if ARGV[3] ~= '1' and (not partial or partial < frontier) then
+  redis.call('HSET', KEYS[6], ARGV[7], frontier)
+end
+i = 9
 for _ = 1, nc do
   local key = prefix .. 'card:' .. ARGV[i]
-  local nu, nd = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
-  i = i + 3
+  local nu, nd, np = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
+  i = i + 4
   if nu > 0 then
     redis.call('HSET', key, unpack(ARGV, i, i + 2 * nu - 1))
     i = i + 2 * nu
   end
+  if not exact then
+    -- Redis may hold fields this run did not write: the passing deletes are real.
+    nd = nd + np
+    np = 0
+  end
   if nd > 0 then
     redis.call('HDEL', key, unpack(ARGV, i, i + nd - 1))
-    i = i + nd
     -- (A hash whose last field goes is gone in Redis anyway.)
     if redis.call('HLEN', key) == 0 then redis.call('DEL', key) end
   end
+  i = i + nd + np
 end
 for _ = 1, na do
   -- Each alert enters the stream once, whichever worker or run commits it:
@@ -265,6 +319,16 @@ impl Keys {
     pub fn last_alerts(&self) -> String {
         format!("{}last_alert", self.prefix)
     }
+    /// Per worker, the greatest frontier of a batch some of whose scripts ran (20 digits).
+    pub fn partial(&self) -> String {
+        format!("{}partial", self.prefix)
+    }
+
+    /// The greatest worker frontier before the last rescale (a string of 20 digits).
+    pub fn high_water(&self) -> String {
+        format!("{}high_water", self.prefix)
+    }
+
     /// The hash of sink workers' frontiers (field: the worker's index).
     pub fn frontiers(&self) -> String {
         format!("{}frontiers", self.prefix)
@@ -316,20 +380,29 @@ impl Store for Redis {
         let keys = Keys::new(&self.config.job);
         let (upserts, deletes, alerts) = (&b.upserts, &b.deletes, &b.alerts);
         // Per card, its upserts and deletes (both come sorted by card, then window).
-        let mut cards: std::collections::BTreeMap<u64, (Vec<_>, Vec<_>)> = Default::default();
+        // Windows that came and went within the batch are deleted only when
+        // Redis may hold fields this run did not write (the script knows).
+        let may_pass = b.start >= self.config.high_water;
+        type Card<'a> = (Vec<(Time, &'a WindowStats)>, Vec<Time>, Vec<Time>);
+        let mut cards: std::collections::BTreeMap<u64, Card<'_>> = Default::default();
         for (k, s, _) in upserts {
             cards.entry(k.card_id).or_default().0.push((k.window_ms, s));
         }
         for (k, _) in deletes {
-            cards.entry(k.card_id).or_default().1.push(k.window_ms);
+            let card = cards.entry(k.card_id).or_default();
+            if may_pass && b.passing(k) {
+                card.2.push(k.window_ms);
+            } else {
+                card.1.push(k.window_ms);
+            }
         }
         // Parts of about PART_ARGS arguments: each runs for a few milliseconds.
         let cards: Vec<_> = cards.into_iter().collect();
         type Part<'a, C> = (&'a [(u64, C)], &'a [(Alert, Time)]);
         let mut parts: Vec<Part<'_, _>> = Vec::new();
         let (mut from, mut size) = (0, 0);
-        for (i, (_, (ups, dels))) in cards.iter().enumerate() {
-            size += 3 + 2 * ups.len() + dels.len();
+        for (i, (_, (ups, dels, passing))) in cards.iter().enumerate() {
+            size += 4 + 2 * ups.len() + dels.len() + passing.len();
             if size >= PART_ARGS {
                 parts.push((&cards[from..=i], &[]));
                 (from, size) = (i + 1, 0);
@@ -348,22 +421,24 @@ impl Store for Redis {
                 .key(keys.alert_markers())
                 .key(keys.last_alert_order())
                 .key(keys.last_alerts())
+                .key(keys.partial())
                 .arg(padded(b.frontier))
                 .arg(&keys.prefix)
                 .arg(u8::from(n == last))
                 .arg(self.config.stream_max_len)
                 .arg(cards.len())
                 .arg(alerts.len())
-                .arg(self.worker);
-            for (card, (ups, dels)) in cards {
-                invocation.arg(card).arg(ups.len()).arg(dels.len());
+                .arg(self.worker)
+                .arg(padded(b.start));
+            for (card, (ups, dels, passing)) in cards {
+                invocation.arg(card).arg(ups.len()).arg(dels.len()).arg(passing.len());
                 for (w, s) in ups {
                     invocation.arg(window_field(w)).arg(format!(
                         "{},{},{},{},{}",
                         s.count, s.sum, s.max_amount, s.distinct_merchants, s.distinct_countries
                     ));
                 }
-                for w in dels {
+                for w in dels.iter().chain(passing) {
                     invocation.arg(window_field(w));
                 }
             }

@@ -67,6 +67,7 @@ fn fails_then_lands(cards: u64, bad: u64) {
         stream_max_len: 1_000,
         resume_from: 0,
         end: None,
+        high_water: 0,
     };
     let stats = |card: u64| WindowStats {
         count: card as i64 + 1,

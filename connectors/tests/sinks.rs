@@ -126,6 +126,7 @@ fn sink_holds_exactly_the_reference_below_the_frontier_and_empties_with_the_wind
         decisions: None,
         topic: "none".into(),
         end: None,
+        high_water: 0,
         synchronous_commit: false,
     };
     let redis_config = RedisSinkConfig {
@@ -136,6 +137,7 @@ fn sink_holds_exactly_the_reference_below_the_frontier_and_empties_with_the_wind
         stream_max_len: 100_000,
         resume_from: 0,
         end: None,
+        high_water: 0,
     };
     let at_hold: Arc<Mutex<Option<(Tables, ReadModel)>>> = Arc::default();
     let barrier = Arc::new(Barrier::new(2));

@@ -142,6 +142,14 @@ CREATE TABLE source_positions (
 );
 "#,
     ),
+    (
+        5,
+        "high water: the greatest frontier any worker stored before a rescale",
+        // Rows written by workers of an earlier worker count may lie beyond
+        // the frontier a rescale starts every worker at: a sink skips the
+        // deletes of windows that came and went within a batch only from here on.
+        "CREATE TABLE job_high_water (job text PRIMARY KEY, frontier bigint NOT NULL);",
+    ),
 ];
 
 /// Apply every migration `client`'s database lacks; returns the versions applied now.

@@ -6,5 +6,5 @@ pub mod sink;
 
 pub use crate::commit::Committed;
 pub use migrations::migrate;
-pub use resume::{committed_frontier, fit_checkpoints, resume_point, ResumePoint};
+pub use resume::{committed_frontier, fit_checkpoints, high_water, resume_point, ResumePoint};
 pub use sink::{pg_sink, PgSinkConfig};

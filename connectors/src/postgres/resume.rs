@@ -29,6 +29,20 @@ pub async fn committed_frontier(
     Ok(row.get::<_, Option<i64>>(0).map(|f| f as Time))
 }
 
+/// The greatest frontier any of `job`'s PostgreSQL sink workers ever stored,
+/// including before a rescale fitted them (0 if none did): rows this run did
+/// not write may lie below it.
+pub async fn high_water(client: &Client, job: &str) -> Result<Time, tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            "SELECT GREATEST((SELECT max(frontier) FROM checkpoints WHERE job = $1),
+                             (SELECT frontier FROM job_high_water WHERE job = $1))",
+            &[&job],
+        )
+        .await?;
+    Ok(row.get::<_, Option<i64>>(0).unwrap_or(0).max(0) as Time)
+}
+
 /// Make `job`'s checkpoints fit a run of `workers` sink workers, before it starts.
 ///
 /// A worker's checkpoint speaks only for the keys that worker owned, and which
@@ -52,6 +66,13 @@ pub async fn fit_checkpoints(
         return tx.commit().await;
     }
     let least: i64 = rows.iter().map(|r| r.get::<_, i64>(1)).min().unwrap_or(0);
+    let greatest: i64 = rows.iter().map(|r| r.get::<_, i64>(1)).max().unwrap_or(0);
+    tx.execute(
+        "INSERT INTO job_high_water (job, frontier) VALUES ($1, $2)
+         ON CONFLICT (job) DO UPDATE SET frontier = GREATEST(job_high_water.frontier, EXCLUDED.frontier)",
+        &[&job, &greatest],
+    )
+    .await?;
     tx.execute("DELETE FROM checkpoints WHERE job = $1", &[&job]).await?;
     tx.execute(
         "INSERT INTO checkpoints (job, worker, frontier)

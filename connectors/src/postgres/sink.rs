@@ -56,6 +56,10 @@ pub struct PgSinkConfig {
     /// committer finds its store behind what it acknowledged on reconnecting,
     /// and the group replays it (see `commit.rs`).
     pub synchronous_commit: bool,
+    /// The greatest frontier any worker had stored when this run started
+    /// (before a rescale fitted them): until a batch starts there, rows this
+    /// run did not write may be in the store.
+    pub high_water: Time,
 }
 
 /// Commit this worker's statistics and alerts (and archived events, if given) to
@@ -128,7 +132,9 @@ impl Store for Postgres {
         let (client, st) = (&mut conn.client, &conn.statements);
         let job = &self.config.job;
         let source = Source { topic: &self.config.topic, samples: &samples, decisions: &decisions };
-        let result = commit(client, st, job, self.worker, batch, &source, &late).await;
+        let result =
+            commit(client, st, (job, self.worker, self.config.high_water), batch, &source, &late)
+                .await;
         if result.is_ok() {
             for (a, _) in &batch.alerts {
                 crate::metrics::alerts_total().with_label_values(&[a.rule.name()]).inc();
@@ -295,8 +301,7 @@ impl Statements {
 async fn commit(
     client: &mut Client,
     st: &Statements,
-    job: &str,
-    worker: usize,
+    (job, worker, high_water): (&str, usize, Time),
     b: &Batch,
     source: &Source<'_>,
     late: &[DeadLetter],
@@ -316,6 +321,23 @@ async fn commit(
     let covered = stored.is_some_and(|s| s >= frontier);
     let (upserts, deletes, alerts, archived): (&[_], &[_], &[_], &[_]) =
         if covered { (&[], &[], &[], &[]) } else { (upserts, deletes, alerts, &b.archive) };
+    // When the store holds exactly what this run's commits left (its frontier
+    // is where this batch starts, and no other run or worker can have written
+    // beyond it), a window that came and went within the batch has no row to
+    // delete. Catching up, that is most deletes.
+    let exact = stored == Some(as_i64(b.start)) && b.start >= high_water;
+    let kept: Vec<(CardWindow, Time)>;
+    let deletes: &[_] = if exact {
+        kept = deletes.iter().filter(|(k, _)| !b.passing(k)).copied().collect();
+        tracing::debug!(
+            worker,
+            skipped = deletes.len() - kept.len(),
+            "windows that came and went not deleted"
+        );
+        &kept
+    } else {
+        deletes
+    };
     let late_cols = (
         late.iter().map(|d| d.topic.as_str()).collect::<Vec<_>>(),
         late.iter().map(|d| d.partition).collect::<Vec<i32>>(),
@@ -541,6 +563,7 @@ mod tests {
                     topic: "unit".into(),
                     end: None,
                     synchronous_commit: false,
+                    high_water: 0,
                 },
                 worker: 0,
             };

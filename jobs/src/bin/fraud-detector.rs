@@ -23,11 +23,12 @@ use tripwire_connectors::kafka_source::{kafka_source, SourceConfig};
 use tripwire_connectors::metrics::serve;
 use tripwire_connectors::postgres::migrations::migrate;
 use tripwire_connectors::postgres::{
-    committed_frontier as pg_committed, fit_checkpoints, pg_sink, resume_point, PgSinkConfig,
-    ResumePoint,
+    committed_frontier as pg_committed, fit_checkpoints, high_water as pg_high_water, pg_sink,
+    resume_point, PgSinkConfig, ResumePoint,
 };
 use tripwire_connectors::redis_sink::{
-    committed_frontier as redis_committed, fit_frontiers, redis_sink, RedisSinkConfig,
+    committed_frontier as redis_committed, fit_frontiers, high_water as redis_high_water,
+    redis_sink, RedisSinkConfig,
 };
 use tripwire_connectors::registry::{EmbeddedRegistry, SchemaRegistry};
 use tripwire_connectors::Endpoints;
@@ -239,7 +240,7 @@ fn main() -> Result<()> {
     // committing to PostgreSQL through a Redis outage; a starting one cannot
     // know what Redis lacks until it can ask).
     let mut wait = Duration::from_millis(200);
-    let (pg_frontier, redis_frontier, resume) = loop {
+    let (pg_frontier, redis_frontier, resume, (pg_high_water, redis_high_water)) = loop {
         match rt.block_on(read_checkpoints(
             &endpoints,
             &args.job,
@@ -300,6 +301,7 @@ fn main() -> Result<()> {
         topic: args.topic.clone(),
         end: None,
         synchronous_commit: args.synchronous_commit,
+        high_water: pg_high_water,
     };
     let read_model = RedisSinkConfig {
         url: endpoints.redis_url(),
@@ -309,6 +311,7 @@ fn main() -> Result<()> {
         stream_max_len: 100_000,
         resume_from: redis_frontier.unwrap_or(0),
         end: None,
+        high_water: redis_high_water,
     };
     tracing::info!(job = %args.job, topic = %args.topic, workers = args.workers,
         processes = args.processes, process = args.process, "starting");
@@ -417,7 +420,7 @@ async fn read_checkpoints(
     fraud: &FraudConfig,
     workers: usize,
     dedup_horizon: Time,
-) -> Result<(Option<Time>, Option<Time>, Option<ResumePoint>)> {
+) -> Result<(Option<Time>, Option<Time>, Option<ResumePoint>, (Time, Time))> {
     let (mut client, conn) =
         tokio_postgres::connect(&endpoints.postgres_config(), tokio_postgres::NoTls)
             .await
@@ -442,20 +445,24 @@ async fn read_checkpoints(
     }
     fit_checkpoints(&mut client, job, workers).await.context("fitting PostgreSQL checkpoints")?;
     fit_frontiers(&endpoints.redis_url(), job, workers).await.context("fitting Redis frontiers")?;
+    let high_water = (
+        pg_high_water(&client, job).await.context("PostgreSQL high water")?,
+        redis_high_water(&endpoints.redis_url(), job).await.context("Redis high water")?,
+    );
     let pg = pg_committed(&client, job).await.context("PostgreSQL checkpoints")?;
     let redis = redis_committed(&endpoints.redis_url(), job).await.context("Redis frontiers")?;
     // A store that never committed (a new Redis, say) needs everything: then
     // the source replays from the start, and each sink still drops what its
     // own store already holds.
     let from = match (pg, redis) {
-        (None, None) => return Ok((pg, redis, None)),
+        (None, None) => return Ok((pg, redis, None, high_water)),
         (pg, redis) => pg.unwrap_or(0).min(redis.unwrap_or(0)),
     };
     let resume =
         resume_point(&client, job, topic, from, fraud.max_window(), fraud.tick_ms, dedup_horizon)
             .await
             .context("restart offsets")?;
-    Ok((pg, redis, Some(resume)))
+    Ok((pg, redis, Some(resume), high_water))
 }
 
 /// Whether every sink's circuit breaker in this process is closed.
