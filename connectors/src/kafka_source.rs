@@ -242,12 +242,41 @@ pub enum SourceError {
 }
 
 /// librdkafka's client callbacks for the source: the end of a partition is
-/// news in bounded mode, not an error worth a log line at ERROR.
-struct SourceContext;
+/// news in bounded mode, not an error worth a log line at ERROR. It also
+/// learns what a partition's quiet depends on: whether a broker is reachable,
+/// and which partitions the broker said hold records not yet read.
+#[derive(Default)]
+struct SourceContext {
+    sight: Arc<Sight>,
+}
+
+/// What the consumer knows of the log beyond what the source has read.
+#[derive(Default)]
+struct Sight {
+    /// No broker connection is up (set on transport failures, cleared by statistics).
+    blind: std::sync::atomic::AtomicBool,
+    /// Partitions that, at the last statistics, had records beyond the fetch
+    /// position or fetched and not yet read.
+    behind: std::sync::Mutex<std::collections::HashSet<i32>>,
+}
 
 impl ClientContext for SourceContext {
     fn stats(&self, statistics: rdkafka::Statistics) {
         SourceContext::lag(&statistics);
+        let up = statistics.brokers.values().any(|b| b.nodeid >= 0 && b.state == "UP");
+        self.sight.blind.store(!up, std::sync::atomic::Ordering::Release);
+        let behind = statistics
+            .topics
+            .values()
+            .flat_map(|t| t.partitions.iter())
+            .filter(|(p, part)| {
+                **p >= 0
+                    && (part.fetchq_cnt > 0
+                        || (part.next_offset >= 0 && part.ls_offset > part.next_offset))
+            })
+            .map(|(p, _)| *p)
+            .collect();
+        *self.sight.behind.lock().expect("sight") = behind;
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
@@ -255,6 +284,13 @@ impl ClientContext for SourceContext {
             KafkaError::PartitionEOF(_)
             | KafkaError::Global(rdkafka::types::RDKafkaErrorCode::PartitionEOF) => {
                 tracing::debug!(%reason, "end of partition")
+            }
+            KafkaError::Global(
+                rdkafka::types::RDKafkaErrorCode::BrokerTransportFailure
+                | rdkafka::types::RDKafkaErrorCode::AllBrokersDown,
+            ) => {
+                self.sight.blind.store(true, std::sync::atomic::Ordering::Release);
+                tracing::warn!(error = %error, %reason, "kafka client error");
             }
             _ => tracing::warn!(error = %error, %reason, "kafka client error"),
         }
@@ -313,16 +349,20 @@ struct PartitionState {
     done: bool,
     /// Held back by backpressure.
     paused: bool,
+    /// No broker reachable, or the broker said there is more to read.
+    unsure: bool,
     /// `tripwire_source_events_total` of this partition.
     events: prometheus::IntCounter,
 }
 
 impl PartitionState {
     /// Quiet for `timeout` (or quiet at an earlier run's end and still), and
-    /// neither paused nor replaying recorded decisions.
+    /// neither paused, nor replaying recorded decisions, nor with a broker
+    /// out of reach or saying there is more to read.
     fn idle(&self, timeout: Option<Duration>) -> bool {
         timeout.is_some_and(|d| self.last_record.elapsed() >= d || self.decide.still_quiet())
             && !self.paused
+            && !self.unsure
             && !self.decide.replaying()
     }
 }
@@ -369,7 +409,8 @@ pub fn kafka_source<'s>(
         .set("enable.partition.eof", if config.bounded { "true" } else { "false" })
         // Consumer lag per partition for `tripwire_consumer_lag`, from librdkafka's own view.
         .set("statistics.interval.ms", "2000")
-        .create_with_context(SourceContext)?;
+        .create_with_context(SourceContext::default())?;
+    let sight = client.context().sight.clone();
     let count = crate::kafka_admin::partition_count(&config.bootstrap, &config.topic)?
         .ok_or_else(|| SourceError::NoTopic(config.topic.clone()))?;
     let mine: Vec<i32> = (0..count as i32).filter(|p| *p as usize % peers == index).collect();
@@ -402,6 +443,7 @@ pub fn kafka_source<'s>(
             done: end.is_some_and(|e| e <= start_at),
             end,
             paused: false,
+            unsure: false,
             events: crate::metrics::source_events_total().with_label_values(&[&p.to_string()]),
         });
     }
@@ -468,6 +510,21 @@ pub fn kafka_source<'s>(
             // not time in which a partition was seen to be quiet.
             let expected = config.idle_poll + Duration::from_millis(50);
             unobserved(&mut partitions, last_activation.elapsed().saturating_sub(expected));
+            // Nor is time in which no broker could be reached (a broker
+            // restart longer than the idle timeout released every partition
+            // with a backlog, and made it late), nor a partition the broker
+            // said has records this source has not read yet.
+            {
+                let blind = sight.blind.load(std::sync::atomic::Ordering::Acquire);
+                let behind = sight.behind.lock().expect("sight");
+                let now = Instant::now();
+                for p in partitions.iter_mut() {
+                    p.unsure = blind || behind.contains(&p.decide.partition);
+                    if p.unsure {
+                        p.last_record = now;
+                    }
+                }
+            }
             let mut read = 0;
             while read < config.batch {
                 let Some(result) = client.poll(Duration::ZERO) else { break };
