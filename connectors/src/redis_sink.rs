@@ -91,16 +91,15 @@ pub async fn worker_frontiers(
 /// including before a rescale fitted them (0 if none did).
 pub async fn high_water(url: &str, job: &str) -> Result<Time, redis::RedisError> {
     let keys = Keys::new(job);
-    let before: Option<String> = {
-        let client = redis::Client::open(url)?;
-        let mut conn = client.get_multiplexed_async_connection().await?;
-        redis::cmd("GET").arg(keys.high_water()).query_async(&mut conn).await?
-    };
-    let partial: Vec<String> = {
-        let client = redis::Client::open(url)?;
-        let mut conn = client.get_multiplexed_async_connection().await?;
-        redis::cmd("HVALS").arg(keys.partial()).query_async(&mut conn).await?
-    };
+    let client = redis::Client::open(url)?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let (before, partial): (Option<String>, Vec<String>) = redis::pipe()
+        .cmd("GET")
+        .arg(keys.high_water())
+        .cmd("HVALS")
+        .arg(keys.partial())
+        .query_async(&mut conn)
+        .await?;
     let stored = worker_frontiers(url, job).await?.values().copied().max();
     Ok(before
         .into_iter()
