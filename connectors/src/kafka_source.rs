@@ -133,8 +133,8 @@ pub struct ProgressSample {
     pub top: Time,
 }
 
-/// Source decisions a PostgreSQL commit stores: floors and read positions.
-#[derive(Debug, Default)]
+/// Source decisions a store records with its commits: floors and read positions.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SourceDecisions {
     /// `(partition, offset)` → floor: from that offset on, records below the floor are late.
     pub floors: BTreeMap<(i32, i64), Time>,
@@ -142,8 +142,72 @@ pub struct SourceDecisions {
     pub positions: BTreeMap<i32, i64>,
 }
 
-/// Decisions the source has taken and the PostgreSQL sink has not yet stored.
-pub type Decisions = Arc<std::sync::Mutex<SourceDecisions>>;
+impl SourceDecisions {
+    /// Add `other`'s decisions: the greater floor per offset, the further position per partition.
+    ///
+    /// Both stores record decisions of one history (a restart takes the union
+    /// of what they hold and re-applies it), so the union is that history as
+    /// far as either store knows it.
+    pub fn merge(&mut self, other: SourceDecisions) {
+        for (k, f) in other.floors {
+            let e = self.floors.entry(k).or_default();
+            *e = (*e).max(f);
+        }
+        for (p, o) in other.positions {
+            let e = self.positions.entry(p).or_default();
+            *e = (*e).max(o);
+        }
+    }
+
+    /// Nothing to store.
+    pub fn is_empty(&self) -> bool {
+        self.floors.is_empty() && self.positions.is_empty()
+    }
+}
+
+/// The stores that record the source's decisions with their commits.
+///
+/// Each store records them: a store whose results depend on a decision holds
+/// that decision, so a restart finds it even when the other store lost it (a
+/// PostgreSQL failover to an older copy, or a crash while PostgreSQL was down
+/// and Redis kept committing). Without that, a replay could decide anew and
+/// disagree with results a store already holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecisionStore {
+    /// The PostgreSQL sink (`source_floors`, `source_positions`).
+    Postgres = 0,
+    /// The Redis sink (the `floors` and `positions` hashes).
+    Redis = 1,
+}
+
+/// Decisions the source has taken and each store has not yet recorded.
+#[derive(Clone, Debug, Default)]
+pub struct Decisions(Arc<std::sync::Mutex<[SourceDecisions; 2]>>);
+
+impl Decisions {
+    fn update(&self, f: impl Fn(&mut SourceDecisions)) {
+        self.0.lock().expect("source decisions").iter_mut().for_each(f);
+    }
+    /// From `offset` of `partition` on, records below `floor` are late.
+    pub fn floor(&self, partition: i32, offset: i64, floor: Time) {
+        self.update(|d| {
+            let f = d.floors.entry((partition, offset)).or_default();
+            *f = (*f).max(floor);
+        });
+    }
+    /// The source has read each `(partition, offset)` up to that offset.
+    pub fn positions(&self, read: &[(i32, i64)]) {
+        self.update(|d| d.positions.extend(read.iter().copied()));
+    }
+    /// What `store` has not recorded yet; its commit records it.
+    pub fn take(&self, store: DecisionStore) -> SourceDecisions {
+        std::mem::take(&mut self.0.lock().expect("source decisions")[store as usize])
+    }
+    /// A commit that failed: `store` records `taken` with a later one.
+    pub fn put_back(&self, store: DecisionStore, taken: SourceDecisions) {
+        self.0.lock().expect("source decisions")[store as usize].merge(taken);
+    }
+}
 
 /// Samples the source has taken and a sink has not yet stored.
 pub type Progress = Arc<std::sync::Mutex<Vec<ProgressSample>>>;
@@ -210,7 +274,7 @@ pub struct Source<'s> {
     pub feedback: Committed,
     /// Sampled produce times, for the sink that measures end-to-end latency.
     pub produce_times: ProduceTimes,
-    /// Floors and read positions for the PostgreSQL sink to store with its commits.
+    /// Floors and read positions for the sinks to store with their commits.
     pub decisions: Decisions,
     /// Where a bounded run ends (set once every worker has read to its end), for the sinks.
     pub end: InputEnd,
@@ -475,7 +539,7 @@ pub fn kafka_source<'s>(
     let samples = progress.clone();
     let late: LateEvents = Arc::default();
     let late_out = late.clone();
-    let decisions: Decisions = Arc::default();
+    let decisions = Decisions::default();
     let decided = decisions.clone();
     let end = InputEnd::default();
     let end_for_sinks = end.clone();
@@ -745,26 +809,20 @@ pub fn kafka_source<'s>(
             if let Some(t) = target.filter(|t| *t > *held[0].time()) {
                 // Record the floor of every partition the capability passes
                 // before passing it: a commit at or below `t` carries them.
-                let mut d = decided.lock().expect("source decisions");
                 for p in partitions.iter_mut() {
                     if p.decide.watermark(&rules, |t| fraud.time_of(t)).is_none_or(|w| w < t) {
                         if let Some(floor) = p.decide.release_to(t) {
-                            let f = d.floors.entry((p.decide.partition, floor.0)).or_default();
-                            *f = (*f).max(floor.1);
+                            decided.floor(p.decide.partition, floor.0, floor.1);
                         }
                     }
                 }
-                drop(d);
                 held[0].downgrade(&t);
                 held[1].downgrade(&t);
                 held[2].downgrade(&t);
             }
-            {
-                let mut d = decided.lock().expect("source decisions");
-                for p in &partitions {
-                    d.positions.insert(p.decide.partition, p.decide.next_offset);
-                }
-            }
+            let positions: Vec<(i32, i64)> =
+                partitions.iter().map(|p| (p.decide.partition, p.decide.next_offset)).collect();
+            decided.positions(&positions);
             if all_done && target.is_some() {
                 // Every worker has read its input: the sinks commit up to the
                 // agreed end, and the dataflow ends.

@@ -16,6 +16,10 @@
 //! - `alert_markers`, a sorted set of the alert ids in the stream by alert
 //!   time, so that each enters once; pruned below every worker's frontier,
 //!   below which no replay recomputes an alert.
+//! - `floors` and `positions`, hashes: the source's decisions (a partition's
+//!   floor from an offset on, how far it had been read), recorded with the
+//!   commits whose results depend on them, as PostgreSQL records them (see
+//!   `kafka_source::DecisionStore`).
 //! - `frontiers`, a hash: per sink worker, its committed frontier (20 digits).
 //!   It always holds one field per worker of the current run
 //!   ([`fit_frontiers`]), so the least of them is what every key is complete up to.
@@ -42,6 +46,7 @@ use redis::aio::MultiplexedConnection;
 use tripwire_dataflow::{Alert, Time, WindowStats};
 
 use crate::commit::{frontier_sink, Batch, CommitOptions, Committed, InputEnd, SinkInputs, Store};
+use crate::kafka_source::{DecisionStore, Decisions, SourceDecisions};
 
 /// Where and how the Redis sink writes.
 #[derive(Clone, Debug)]
@@ -68,6 +73,88 @@ pub struct RedisSinkConfig {
     /// (before a rescale fitted them): until a batch starts there, fields this
     /// run did not write may be in Redis.
     pub high_water: Time,
+    /// The source's decisions, recorded with the commits (see [`DecisionStore`]).
+    pub decisions: Option<Decisions>,
+    /// The topic the decisions are about.
+    pub topic: String,
+}
+
+/// The source decisions `job`'s Redis commits recorded about `topic`.
+pub async fn recorded_decisions(
+    url: &str,
+    job: &str,
+    topic: &str,
+) -> Result<SourceDecisions, redis::RedisError> {
+    let keys = Keys::new(job);
+    let client = redis::Client::open(url)?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let (floors, positions): (Fields, Fields) = redis::pipe()
+        .cmd("HGETALL")
+        .arg(keys.floors())
+        .cmd("HGETALL")
+        .arg(keys.positions())
+        .query_async(&mut conn)
+        .await?;
+    let mut d = SourceDecisions::default();
+    for (field, value) in floors {
+        // `{topic}:{partition}:{offset}`; topic names cannot hold a colon.
+        let mut f = field.rsplitn(3, ':');
+        let (Some(o), Some(p), Some(t)) = (f.next(), f.next(), f.next()) else { continue };
+        if let (true, Ok(p), Ok(o), Ok(v)) = (t == topic, p.parse(), o.parse(), value.parse()) {
+            d.floors.insert((p, o), v);
+        }
+    }
+    for (field, value) in positions {
+        let Some((t, p)) = field.rsplit_once(':') else { continue };
+        if let (true, Ok(p), Ok(v)) = (t == topic, p.parse(), value.parse()) {
+            d.positions.insert(p, v);
+        }
+    }
+    Ok(d)
+}
+
+/// Record `decisions` about `topic` for `job` (idempotent: the greater floor,
+/// the further position), as the sink's script does.
+pub async fn record_decisions(
+    url: &str,
+    job: &str,
+    topic: &str,
+    decisions: &SourceDecisions,
+) -> Result<(), redis::RedisError> {
+    if decisions.is_empty() {
+        return Ok(());
+    }
+    let client = redis::Client::open(url)?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let (floors, positions) = decision_fields(topic, decisions);
+    let mut pipe = redis::pipe();
+    for (key, fields) in
+        [(Keys::new(job).floors(), floors), (Keys::new(job).positions(), positions)]
+    {
+        for (field, value) in fields {
+            pipe.cmd("EVAL").arg(KEEP_GREATEST).arg(1).arg(&key).arg(field).arg(value).ignore();
+        }
+    }
+    pipe.query_async::<()>(&mut conn).await
+}
+
+/// Hash fields and their values.
+type Fields = Vec<(String, String)>;
+
+const KEEP_GREATEST: &str = r#"
+local was = redis.call('HGET', KEYS[1], ARGV[1])
+if not was or ARGV[2] > was then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+"#;
+
+/// The `floors` and `positions` fields and 20-digit values of `decisions` about `topic`.
+fn decision_fields(topic: &str, d: &SourceDecisions) -> (Fields, Fields) {
+    (
+        d.floors.iter().map(|((p, o), f)| (format!("{topic}:{p}:{o}"), padded(*f))).collect(),
+        d.positions
+            .iter()
+            .map(|(p, o)| (format!("{topic}:{p}"), padded((*o).max(0) as Time)))
+            .collect(),
+    )
 }
 
 /// The least frontier stored by `job`'s Redis sink workers, `None` if they never stored one.
@@ -161,10 +248,13 @@ const SCRIPT: &str = r#"#!lua
 -- KEYS[1] frontiers hash, KEYS[2] alert stream, KEYS[3] alert markers (a sorted set),
 -- KEYS[4] last alert order by card, KEYS[5] last alert by card, KEYS[6] partial: per
 -- worker, the greatest frontier of a batch some of whose parts landed (beyond it, Redis
--- may hold fields that no stored frontier speaks for).
+-- may hold fields that no stored frontier speaks for), KEYS[7] the source's floors,
+-- KEYS[8] its read positions (both hashes of 20-digit values, each kept at its greatest).
 -- ARGV: frontier (20-digit), prefix, last (1 on a batch's last part: it stores the
 -- frontier), stream max len, #cards, #alerts, this worker's field, the batch's start
--- (20-digit); then per card: card, #upserts, #deletes, #passing, upserts (field, value),
+-- (20-digit), #floors, #positions; then floors and positions (field, value: recorded
+-- whether or not the batch is covered, as the source took them while reading);
+-- then per card: card, #upserts, #deletes, #passing, upserts (field, value),
 -- deletes (field), passing deletes (field: windows that came and went within the batch,
 -- deleted only if Redis does not hold exactly the batch's start); then alerts (card, id,
 -- rule, time, event time, details, order: event time and id, 20 digits each, the alert
@@ -174,22 +264,36 @@ const SCRIPT: &str = r#"#!lua
 -- write. A batch is several parts, so that no reader waits behind a long script; only
 -- the last stores the frontier, and the parts before it are written again, whole, by
 -- the replay if the batch does not land (every write is idempotent).
-local frontier = ARGV[1]
-local current = redis.call('HGET', KEYS[1], ARGV[7])
-if current and frontier <= current then return 0 end
-local prefix, maxlen = ARGV[2], ARGV[4]
-local nc, na = tonumber(ARGV[5]), tonumber(ARGV[6])
 local function expect(key, kind)
   local t = redis.call('TYPE', key)['ok']
   if t ~= 'none' and t ~= kind then
     return redis.error_reply('WRONGTYPE ' .. key .. ' holds a ' .. t .. ', not a ' .. kind .. ': batch not applied')
   end
 end
-local err = expect(KEYS[2], 'stream') or expect(KEYS[3], 'zset')
+local err = expect(KEYS[1], 'hash') or expect(KEYS[7], 'hash') or expect(KEYS[8], 'hash')
+if err then return err end
+-- The source's decisions the batch's results depend on (and perhaps a few newer ones):
+-- valid whatever becomes of the batch, so written first.
+local i = 11
+local function keep_greatest(key, n)
+  for _ = 1, n do
+    local was = redis.call('HGET', key, ARGV[i])
+    if not was or ARGV[i + 1] > was then redis.call('HSET', key, ARGV[i], ARGV[i + 1]) end
+    i = i + 2
+  end
+end
+keep_greatest(KEYS[7], tonumber(ARGV[9]))
+keep_greatest(KEYS[8], tonumber(ARGV[10]))
+local first = i
+local frontier = ARGV[1]
+local current = redis.call('HGET', KEYS[1], ARGV[7])
+if current and frontier <= current then return 0 end
+local prefix, maxlen = ARGV[2], ARGV[4]
+local nc, na = tonumber(ARGV[5]), tonumber(ARGV[6])
+err = expect(KEYS[2], 'stream') or expect(KEYS[3], 'zset')
 if err then return err end
 local partial = redis.call('HGET', KEYS[6], ARGV[7])
 local exact = current == ARGV[8] and (not partial or partial <= ARGV[8])
-local i = 9
 for _ = 1, nc do
   local nu, nd, np = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
   if nu > 0 or nd > 0 or not exact then
@@ -203,7 +307,7 @@ if err then return err end
 if ARGV[3] ~= '1' and (not partial or partial < frontier) then
   redis.call('HSET', KEYS[6], ARGV[7], frontier)
 end
-i = 9
+i = first
 for _ = 1, nc do
   local key = prefix .. 'card:' .. ARGV[i]
   local nu, nd, np = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
@@ -328,6 +432,16 @@ impl Keys {
         format!("{}high_water", self.prefix)
     }
 
+    /// The source's floors (field `{topic}:{partition}:{offset}`, the floor in 20 digits).
+    pub fn floors(&self) -> String {
+        format!("{}floors", self.prefix)
+    }
+
+    /// How far the source had read (field `{topic}:{partition}`, the offset in 20 digits).
+    pub fn positions(&self) -> String {
+        format!("{}positions", self.prefix)
+    }
+
     /// The hash of sink workers' frontiers (field: the worker's index).
     pub fn frontiers(&self) -> String {
         format!("{}frontiers", self.prefix)
@@ -421,61 +535,88 @@ impl Store for Redis {
             parts.push((&[], chunk));
         }
         let last = parts.len() - 1;
-        for (n, (cards, alerts)) in parts.into_iter().enumerate() {
-            let mut invocation = self.script.prepare_invoke();
-            invocation
-                .key(keys.frontiers())
-                .key(keys.alerts())
-                .key(keys.alert_markers())
-                .key(keys.last_alert_order())
-                .key(keys.last_alerts())
-                .key(keys.partial())
-                .arg(padded(b.frontier))
-                .arg(&keys.prefix)
-                .arg(u8::from(n == last))
-                .arg(self.config.stream_max_len)
-                .arg(cards.len())
-                .arg(alerts.len())
-                .arg(self.worker)
-                .arg(padded(b.start));
-            for (card, (ups, dels, passing)) in cards {
-                invocation.arg(card).arg(ups.len()).arg(dels.len()).arg(passing.len());
-                for (w, s) in ups {
-                    invocation.arg(window_field(w)).arg(format!(
-                        "{},{},{},{},{}",
-                        s.count, s.sum, s.max_amount, s.distinct_merchants, s.distinct_countries
-                    ));
-                }
-                for w in dels.iter().chain(passing) {
-                    invocation.arg(window_field(w));
-                }
-            }
-            for (a, t) in alerts {
-                let details = serde_json::to_string(&a.details).map_err(|e| e.to_string())?;
+        // The source's decisions go with the first part (see `DecisionStore`).
+        let decisions = match &self.config.decisions {
+            Some(d) => d.take(DecisionStore::Redis),
+            None => SourceDecisions::default(),
+        };
+        let (floors, positions) = decision_fields(&self.config.topic, &decisions);
+        let result = async {
+            for (n, (cards, alerts)) in parts.into_iter().enumerate() {
+                let (floors, positions): (&[_], &[_]) =
+                    if n == 0 { (&floors, &positions) } else { (&[], &[]) };
+                let mut invocation = self.script.prepare_invoke();
                 invocation
-                    .arg(a.card_id)
-                    .arg(a.id)
-                    .arg(a.rule.name())
-                    .arg(*t)
-                    .arg(a.event_time_ms)
-                    .arg(details)
-                    .arg(format!("{}{}", padded(a.event_time_ms), padded(a.id)))
-                    .arg(
-                        serde_json::json!({
-                            "alert_id": a.id.to_string(),
-                            "rule": a.rule.name(),
-                            "event_time": a.event_time_ms,
-                            "details": &a.details,
-                        })
-                        .to_string(),
-                    );
+                    .key(keys.frontiers())
+                    .key(keys.alerts())
+                    .key(keys.alert_markers())
+                    .key(keys.last_alert_order())
+                    .key(keys.last_alerts())
+                    .key(keys.partial())
+                    .key(keys.floors())
+                    .key(keys.positions())
+                    .arg(padded(b.frontier))
+                    .arg(&keys.prefix)
+                    .arg(u8::from(n == last))
+                    .arg(self.config.stream_max_len)
+                    .arg(cards.len())
+                    .arg(alerts.len())
+                    .arg(self.worker)
+                    .arg(padded(b.start))
+                    .arg(floors.len())
+                    .arg(positions.len());
+                for (field, value) in floors.iter().chain(positions) {
+                    invocation.arg(field).arg(value);
+                }
+                for (card, (ups, dels, passing)) in cards {
+                    invocation.arg(card).arg(ups.len()).arg(dels.len()).arg(passing.len());
+                    for (w, s) in ups {
+                        invocation.arg(window_field(w)).arg(format!(
+                            "{},{},{},{},{}",
+                            s.count,
+                            s.sum,
+                            s.max_amount,
+                            s.distinct_merchants,
+                            s.distinct_countries
+                        ));
+                    }
+                    for w in dels.iter().chain(passing) {
+                        invocation.arg(window_field(w));
+                    }
+                }
+                for (a, t) in alerts {
+                    let details = serde_json::to_string(&a.details).map_err(|e| e.to_string())?;
+                    invocation
+                        .arg(a.card_id)
+                        .arg(a.id)
+                        .arg(a.rule.name())
+                        .arg(*t)
+                        .arg(a.event_time_ms)
+                        .arg(details)
+                        .arg(format!("{}{}", padded(a.event_time_ms), padded(a.id)))
+                        .arg(
+                            serde_json::json!({
+                                "alert_id": a.id.to_string(),
+                                "rule": a.rule.name(),
+                                "event_time": a.event_time_ms,
+                                "details": &a.details,
+                            })
+                            .to_string(),
+                        );
+                }
+                let applied: i64 =
+                    invocation.invoke_async(conn).await.map_err(|e| e.to_string())?;
+                if applied == 0 {
+                    // Covered by the stored frontier: the rest is too.
+                    break;
+                }
             }
-            let applied: i64 = invocation.invoke_async(conn).await.map_err(|e| e.to_string())?;
-            if applied == 0 {
-                // Covered by the stored frontier: the rest is too.
-                break;
-            }
+            Ok::<(), String>(())
         }
-        Ok(())
+        .await;
+        if let (Err(_), Some(d)) = (&result, &self.config.decisions) {
+            d.put_back(DecisionStore::Redis, decisions);
+        }
+        result
     }
 }

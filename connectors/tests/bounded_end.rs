@@ -36,6 +36,8 @@ fn a_bounded_run_commits_its_windows_as_they_stand_at_the_end_of_input() {
         resume_from: 0,
         end: Some(end.clone()),
         high_water: 0,
+        decisions: None,
+        topic: String::new(),
     };
     let url = endpoints.redis_url();
     let stats = WindowStats {

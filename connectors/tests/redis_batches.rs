@@ -61,6 +61,8 @@ fn fails_then_lands(cards: u64, bad: u64) {
         resume_from: 0,
         end: None,
         high_water: 0,
+        decisions: None,
+        topic: String::new(),
     };
     let stats = |card: u64| WindowStats {
         count: card as i64 + 1,

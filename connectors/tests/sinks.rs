@@ -138,6 +138,8 @@ fn sink_holds_exactly_the_reference_below_the_frontier_and_empties_with_the_wind
         resume_from: 0,
         end: None,
         high_water: 0,
+        decisions: None,
+        topic: String::new(),
     };
     let at_hold: Arc<Mutex<Option<(Tables, ReadModel)>>> = Arc::default();
     let barrier = Arc::new(Barrier::new(2));

@@ -39,16 +39,15 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::NoTls;
 use tripwire_cluster::stack::{is_local, Stack};
-use tripwire_connectors::avro::{encode, AvroChannel, AvroTransaction};
 use tripwire_connectors::kafka_admin::ensure_topic;
 use tripwire_connectors::readback::{self, AlertRow};
-use tripwire_connectors::registry::{EmbeddedRegistry, SchemaRegistry};
+
 use tripwire_connectors::Endpoints;
 use tripwire_dataflow::reference::Reference;
 use tripwire_dataflow::{FraudConfig, StatKey, Time, Transaction};
 use tripwire_jobs::generator::{Expect, GenConfig, Generator, Planned, SchemaIds};
 
-use common::{accepted, dead_letters, now_ms, produce, produce_at};
+use common::{accepted, dead_letters, now_ms, produce, produce_at, record};
 use tripwire_connectors::dead_letter::DeadLetterReason;
 
 const PROCESSES: usize = 2;
@@ -64,33 +63,6 @@ const QUIET_LATE: u64 = 20;
 const QUIET_GAP_MS: i64 = 120_000;
 /// Before which kill that happens.
 const QUIET_AT: usize = 3;
-
-/// A hand-made transaction of `card` at `event_time` on `partition`.
-fn record(partition: i32, event_id: u64, card: u64, event_time: i64, expect: Expect) -> Planned {
-    let schema = EmbeddedRegistry::new().unwrap().schema(2).unwrap();
-    let r = AvroTransaction {
-        event_id: event_id as i64,
-        card_id: card as i64,
-        account_id: card as i64,
-        merchant_id: 7,
-        mcc: 5411,
-        amount_minor: 4_200,
-        currency: "EUR".into(),
-        country: "DE".into(),
-        lat: 52.52,
-        lon: 13.405,
-        channel: AvroChannel::POS,
-        event_time,
-        device_id: None,
-    };
-    Planned {
-        partition,
-        key: card.to_string(),
-        payload: encode(&r, 2, &schema).unwrap(),
-        expect,
-        label: None,
-    }
-}
 
 /// Where the frontier must end: just past the latest record, its time
 /// clamped by its Kafka timestamp (the record ahead counts as its timestamp;

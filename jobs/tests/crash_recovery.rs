@@ -211,23 +211,8 @@ fn killed_and_restarted_job_leaves_exactly_the_reference_result() {
     );
     assert_eq!((missing, extra), (0, 0), "PostgreSQL alerts equal the reference's");
     assert!(want_stats.len() > 20, "statistics to compare: {}", want_stats.len());
-    let differ = |got: &std::collections::BTreeMap<tripwire_dataflow::StatKey, i64>| {
-        let missing = want_stats.iter().filter(|(k, v)| got.get(k) != Some(v)).count();
-        let extra = got.keys().filter(|k| !want_stats.contains_key(k)).count();
-        (
-            missing,
-            extra,
-            want_stats
-                .iter()
-                .find(|(k, v)| got.get(k) != Some(v))
-                .map(|(k, v)| format!("{k:?}={v} got {:?}", got.get(k))),
-        )
-    };
-    assert_eq!(
-        differ(&stats),
-        (0, 0, None),
-        "PostgreSQL statistics equal the reference's as of the end"
-    );
+    let differ = |got| common::stats_differ(&want_stats, got);
+    assert_eq!(differ(&stats), None, "PostgreSQL statistics equal the reference's as of the end");
     assert_eq!(frontiers, vec![end as i64; 4], "the last run's four workers, at the end");
     assert!(late_planned > 0, "the input has late records");
     assert_eq!(late as usize, late_planned, "every late record in late_events, once");
@@ -264,9 +249,5 @@ fn killed_and_restarted_job_leaves_exactly_the_reference_result() {
     assert_eq!(ids.len(), unique.len(), "no alert twice in the Redis stream");
     assert_eq!(unique, want, "the Redis stream holds exactly the reference's alerts");
     let redis_stats = readback::redis_stats(&mut con, &run.job).unwrap();
-    assert_eq!(
-        differ(&redis_stats),
-        (0, 0, None),
-        "Redis statistics equal the reference's as of the end"
-    );
+    assert_eq!(differ(&redis_stats), None, "Redis statistics equal the reference's as of the end");
 }

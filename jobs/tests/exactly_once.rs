@@ -201,12 +201,9 @@ fn assert_exact(
     let mut want_ids = alert_ids.clone();
     want_ids.sort_unstable();
     assert!(!stats.is_empty() && !archive.is_empty(), "{what}: something to compare");
-    let differ = |g: &BTreeMap<StatKey, i64>| {
-        stats.iter().filter(|(k, v)| g.get(k) != Some(v)).count()
-            + g.keys().filter(|k| !stats.contains_key(k)).count()
-    };
-    assert_eq!(differ(&got.stats), 0, "{what}: PostgreSQL statistics equal the reference's");
-    assert_eq!(differ(&got.redis_stats), 0, "{what}: Redis statistics equal the reference's");
+    let differ = |g| common::stats_differ(&stats, g);
+    assert_eq!(differ(&got.stats), None, "{what}: PostgreSQL statistics equal the reference's");
+    assert_eq!(differ(&got.redis_stats), None, "{what}: Redis statistics equal the reference's");
     assert_eq!(got.alerts, alerts, "{what}: PostgreSQL alerts equal the reference's");
     assert_eq!(redis_alerts, want_ids, "{what}: the Redis stream holds each alert once");
     assert_eq!(got.archive, archive, "{what}: the archive holds every accepted event once");

@@ -7,6 +7,13 @@
 //! (as `tripwire launch` would), the job resumes from what the stores hold and
 //! replay repairs them: at the end both equal the reference model's result.
 //!
+//! Between the snapshots and the rollbacks, a quiet gap makes the source
+//! release every partition, a timing decision (a floor) that records produced
+//! afterwards are late by. Each rollback loses that decision in one store;
+//! the job must find it in the other, or its replay would accept those
+//! records and the stores would disagree (as they did before decisions were
+//! recorded in Redis too).
+//!
 //! Stops and starts the stack's PostgreSQL and Redis: one test in a binary of
 //! its own, so that no other test runs beside it.
 
@@ -21,15 +28,19 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::NoTls;
 use tripwire_cluster::stack::Stack;
+use tripwire_connectors::dead_letter::DeadLetterReason;
 use tripwire_connectors::kafka_admin::ensure_topic;
+use tripwire_connectors::postgres;
 use tripwire_connectors::readback;
 use tripwire_dataflow::reference::Reference;
 use tripwire_dataflow::{FraudConfig, Time, Transaction};
-use tripwire_jobs::generator::{GenConfig, Generator};
+use tripwire_jobs::generator::{Expect, GenConfig, Generator};
 
-use common::{now_ms, produce, traffic, SourceModel};
+use common::{now_ms, produce, record, traffic, SourceModel};
 
 const EXIT_STORE_BEHIND: i32 = 75;
+/// Event ids of the records produced behind the released frontier.
+const BEHIND_IDS: u64 = 1 << 60;
 
 struct Stores {
     stack: Stack,
@@ -147,23 +158,49 @@ fn stores_rolled_back_under_a_running_job_are_noticed_and_repaired() {
     stores.wait_for(mid, "first commits");
 
     // Snapshots of both stores as they are now.
-    let redis_snapshot = std::env::temp_dir().join(format!("{id}-redis"));
-    stores.while_stopped("redis", |dir| copy(&dir.join("appendonlydir"), &redis_snapshot));
-    let pg_snapshot = std::env::temp_dir().join(format!("{id}-pg"));
-    stores.while_stopped("postgres", |dir| copy(&dir.join("data"), &pg_snapshot));
+    let snapshots = Snapshots {
+        redis: std::env::temp_dir().join(format!("{id}-redis")),
+        pg: std::env::temp_dir().join(format!("{id}-pg")),
+    };
+    stores.while_stopped("redis", |dir| copy(&dir.join("appendonlydir"), &snapshots.redis));
+    stores.while_stopped("postgres", |dir| copy(&dir.join("data"), &snapshots.pg));
     let snapshot_at = stores.committed().unwrap();
 
-    // More input, committed well past the snapshots.
-    let more = gen.generate_more(8_000);
+    // More input, then a quiet gap: the idle timeout releases every
+    // partition, and the floor that decision sets is recorded with commits
+    // past the snapshots. Both rollbacks lose it in one store each.
+    let more = gen.generate_more(4_000);
     produce(&bootstrap, &id, &more);
+    plan.extend(more);
+    let released = model.end(&model.judge(&plan, &[]));
+    assert!(released > snapshot_at);
+    stores.wait_for(released, "the quiet partitions released");
+
+    // Records behind that floor (but within the lateness bound of their
+    // partitions' newest records) are late only by that decision: a replay
+    // that lost it would accept them. Then more input.
+    let behind_records: Vec<_> = (0..4)
+        .flat_map(|p| {
+            (0..5).map(move |i| {
+                let id = BEHIND_IDS + (p * 5 + i) as u64;
+                let t = released as i64 - 1_500 + i as i64 * 100;
+                record(p, id, i as u64, t, Expect::Reject(DeadLetterReason::Late))
+            })
+        })
+        .collect();
+    let more = gen.generate_more(8_000);
+    produce(&bootstrap, &id, &behind_records);
+    produce(&bootstrap, &id, &more);
+    let behind = plan.len()..plan.len() + behind_records.len();
+    plan.extend(behind_records);
     plan.extend(more);
     let judged = model.judge(&plan, &[]);
     let later = model.tick(judged.accepted[judged.accepted.len() * 3 / 4].event_time_ms);
-    assert!(later > snapshot_at);
+    assert!(later > released);
     stores.wait_for(later, "commits past the snapshots");
 
     // Redis comes back from its older append-only file.
-    stores.while_stopped("redis", |dir| copy(&redis_snapshot, &dir.join("appendonlydir")));
+    stores.while_stopped("redis", |dir| copy(&snapshots.redis, &dir.join("appendonlydir")));
     let deadline = Instant::now() + Duration::from_secs(120);
     while !exits.lock().unwrap().contains(&Some(EXIT_STORE_BEHIND)) {
         assert!(Instant::now() < deadline, "the job did not notice Redis lost writes");
@@ -172,14 +209,28 @@ fn stores_rolled_back_under_a_running_job_are_noticed_and_repaired() {
     stores.wait_for(later, "Redis repaired by replay");
 
     // PostgreSQL comes back from its older data directory.
-    stores.while_stopped("postgres", |dir| copy(&pg_snapshot, &dir.join("data")));
+    stores.while_stopped("postgres", |dir| copy(&snapshots.pg, &dir.join("data")));
+    // A committer finds out what its store lost when it next commits: the
+    // stream goes on.
+    let last = gen.generate_more(2_000);
+    produce(&bootstrap, &id, &last);
+    plan.extend(last);
     let deadline = Instant::now() + Duration::from_secs(120);
     while exits.lock().unwrap().iter().filter(|c| **c == Some(EXIT_STORE_BEHIND)).count() < 2 {
         assert!(Instant::now() < deadline, "the job did not notice PostgreSQL lost writes");
         std::thread::sleep(Duration::from_millis(100));
     }
 
-    // Once every partition has been quiet for the idle timeout, everything is committed.
+    // Once every partition has been quiet for the idle timeout, everything is
+    // committed. The reference decides lateness with the floors the job
+    // recorded (timing decisions are the one input the log does not hold);
+    // the floor set at the release must be among them, making the records
+    // behind it late.
+    let floors = {
+        let (rt, c) = stores.pg().unwrap();
+        rt.block_on(postgres::recorded_decisions(&c, &id, &id)).unwrap().floors
+    };
+    let judged = model.judge_recorded(&plan, &floors);
     let end = model.end(&judged);
     stores.wait_for(end, "the end, repaired");
     stop.store(true, Ordering::SeqCst);
@@ -188,6 +239,12 @@ fn stores_rolled_back_under_a_running_job_are_noticed_and_repaired() {
     let said = text.lines().filter(|l| l.contains("store lost acknowledged writes")).count();
     assert!(said >= 2, "each rollback is said in the log: {said} lines");
     assert!(text.contains("RedisSink") && text.contains("PgSink"), "naming the store");
+
+    let late: BTreeSet<usize> = judged.late.iter().copied().collect();
+    assert!(
+        behind.clone().all(|i| late.contains(&i)),
+        "the recorded floors make the records behind the release late"
+    );
 
     // The judge.
     let mut by_card: BTreeMap<u64, Vec<Transaction>> = BTreeMap::new();
@@ -215,11 +272,31 @@ fn stores_rolled_back_under_a_running_job_are_noticed_and_repaired() {
     let mut want_ids: Vec<i64> = want_alerts.iter().map(|a| a.0).collect();
     want_ids.sort_unstable();
     let want_archive: BTreeSet<i64> = judged.accepted.iter().map(|x| x.event_id as i64).collect();
-    assert!(stats == want_stats, "PostgreSQL statistics equal the reference's after the repairs");
-    assert!(redis_stats == want_stats, "Redis statistics equal the reference's after the repairs");
+    let differ = |got| common::stats_differ(&want_stats, got);
+    assert_eq!(
+        differ(&stats),
+        None,
+        "PostgreSQL statistics equal the reference's after the repairs"
+    );
+    assert_eq!(
+        differ(&redis_stats),
+        None,
+        "Redis statistics equal the reference's after the repairs"
+    );
     assert_eq!(alerts, want_alerts, "PostgreSQL alerts");
     assert_eq!(redis_alerts, want_ids, "the Redis stream holds each alert once");
     assert_eq!(archive, want_archive, "the archive");
-    let _ = std::fs::remove_dir_all(&redis_snapshot);
-    let _ = std::fs::remove_dir_all(&pg_snapshot);
+}
+
+/// The stores' copies, removed however the test ends (a data directory is gigabytes).
+struct Snapshots {
+    redis: std::path::PathBuf,
+    pg: std::path::PathBuf,
+}
+
+impl Drop for Snapshots {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.redis);
+        let _ = std::fs::remove_dir_all(&self.pg);
+    }
 }

@@ -6,5 +6,8 @@ pub mod sink;
 
 pub use crate::commit::Committed;
 pub use migrations::migrate;
-pub use resume::{committed_frontier, fit_checkpoints, high_water, resume_point, ResumePoint};
+pub use resume::{
+    committed_frontier, fit_checkpoints, high_water, record_decisions, recorded_decisions,
+    resume_point, ResumePoint,
+};
 pub use sink::{pg_sink, PgSinkConfig};

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use tokio_postgres::Client;
 use tripwire_dataflow::Time;
 
-use crate::kafka_source::Resume;
+use crate::kafka_source::{Resume, SourceDecisions};
 
 /// A restarted job's starting point.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -91,15 +91,15 @@ pub async fn fit_checkpoints(
 /// most `dedup_horizon` before it; each partition restarts at the latest
 /// sample whose largest earlier event time lies below `skip_below -
 /// dedup_horizon` (or at its beginning), with the partition's watermark basis
-/// there, every floor recorded for it, and how far an earlier run had read.
+/// there, and from `decisions` (what the stores recorded) every floor recorded
+/// for it and how far an earlier run had read.
 pub async fn resume_point(
     client: &Client,
     job: &str,
     topic: &str,
     frontier: Time,
-    longest: Time,
-    tick: Time,
-    dedup_horizon: Time,
+    (longest, tick, dedup_horizon): (Time, Time, Time),
+    decisions: &SourceDecisions,
 ) -> Result<ResumePoint, tokio_postgres::Error> {
     let skip_below = frontier.saturating_sub(longest.saturating_add(tick.max(1)));
     let read_from = skip_below.saturating_sub(dedup_horizon);
@@ -125,24 +125,49 @@ pub async fn resume_point(
         restored.basis = Some(r.get::<_, i64>(3) as Time).filter(|b| *b > 0);
         restored.top = Some(r.get::<_, i64>(4) as Time);
     }
-    let floors = client
-        .query(
-            "SELECT partition, \"offset\", floor FROM source_floors WHERE job = $1 AND topic = $2",
-            &[&job, &topic],
-        )
-        .await?;
-    for r in floors {
-        let restored = point.resume.partitions.entry(r.get(0)).or_default();
-        restored.floors.push((r.get(1), r.get::<_, i64>(2) as Time));
+    for (&(partition, offset), &floor) in &decisions.floors {
+        point.resume.partitions.entry(partition).or_default().floors.push((offset, floor));
     }
-    let positions = client
-        .query(
-            "SELECT partition, \"offset\" FROM source_positions WHERE job = $1 AND topic = $2",
-            &[&job, &topic],
-        )
-        .await?;
-    for r in positions {
-        point.resume.partitions.entry(r.get(0)).or_default().replay_until = r.get(1);
+    for (&partition, &offset) in &decisions.positions {
+        point.resume.partitions.entry(partition).or_default().replay_until = offset;
     }
     Ok(point)
+}
+
+/// The source decisions `job`'s PostgreSQL commits recorded about `topic`.
+pub async fn recorded_decisions(
+    client: &Client,
+    job: &str,
+    topic: &str,
+) -> Result<SourceDecisions, tokio_postgres::Error> {
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&job, &topic];
+    let (floors, positions) = tokio::try_join!(
+        client.query(
+            "SELECT partition, \"offset\", floor FROM source_floors WHERE job = $1 AND topic = $2",
+            &params,
+        ),
+        client.query(
+            "SELECT partition, \"offset\" FROM source_positions WHERE job = $1 AND topic = $2",
+            &params,
+        ),
+    )?;
+    Ok(SourceDecisions {
+        floors: floors.iter().map(|r| ((r.get(0), r.get(1)), r.get::<_, i64>(2) as Time)).collect(),
+        positions: positions.iter().map(|r| (r.get(0), r.get(1))).collect(),
+    })
+}
+
+/// Record `decisions` about `topic` for `job` (idempotent: the greater floor,
+/// the further position). A starting job records here the union of what both
+/// stores hold, so that each holds every decision the results depend on.
+pub async fn record_decisions(
+    client: &Client,
+    job: &str,
+    topic: &str,
+    decisions: &SourceDecisions,
+) -> Result<(), tokio_postgres::Error> {
+    let ((p, o, f), (pp, po)) = super::sink::decision_columns(decisions);
+    client.execute(super::sink::STORE_FLOORS, &[&job, &topic, &p, &o, &f]).await?;
+    client.execute(super::sink::STORE_POSITIONS, &[&job, &topic, &pp, &po]).await?;
+    Ok(())
 }

@@ -18,7 +18,8 @@ use crate::commit::{frontier_sink, Batch, CommitOptions, Committed, InputEnd, Si
 use std::sync::{Arc, Mutex};
 
 use crate::kafka_source::{
-    DeadLetter, Decisions, LateEvents, ProduceTimes, Progress, ProgressSample, SourceDecisions,
+    DeadLetter, DecisionStore, Decisions, LateEvents, ProduceTimes, Progress, ProgressSample,
+    SourceDecisions,
 };
 
 /// Where and how the sink commits.
@@ -126,7 +127,7 @@ impl Store for Postgres {
     async fn commit(&mut self, conn: &mut PgConn, batch: &Batch) -> Result<(), String> {
         let (samples, late) = (take(&self.config.progress), take(&self.config.late));
         let decisions = match &self.config.decisions {
-            Some(d) => std::mem::take(&mut *d.lock().expect("source decisions")),
+            Some(d) => d.take(DecisionStore::Postgres),
             None => SourceDecisions::default(),
         };
         let (client, st) = (&mut conn.client, &conn.statements);
@@ -162,14 +163,7 @@ impl Store for Postgres {
                 l.lock().expect("late events").extend(late);
             }
             if let Some(d) = &self.config.decisions {
-                let mut d = d.lock().expect("source decisions");
-                for (k, f) in decisions.floors {
-                    let e = d.floors.entry(k).or_default();
-                    *e = (*e).max(f);
-                }
-                for (p, o) in decisions.positions {
-                    d.positions.entry(p).or_insert(o);
-                }
+                d.put_back(DecisionStore::Postgres, decisions);
             }
         }
         result.map_err(|e| e.to_string())
@@ -185,6 +179,40 @@ async fn connect(conninfo: &str) -> Result<Client, tokio_postgres::Error> {
     });
     migrate(&mut client).await?;
     Ok(client)
+}
+
+/// Floors: `$1` job, `$2` topic, `$3` partitions, `$4` offsets, `$5` floors.
+pub(super) const STORE_FLOORS: &str =
+    "INSERT INTO source_floors (job, topic, partition, \"offset\", floor)
+     SELECT $1, $2, * FROM UNNEST($3::int[], $4::bigint[], $5::bigint[])
+     ON CONFLICT (job, topic, partition, \"offset\") DO UPDATE
+         SET floor = GREATEST(source_floors.floor, EXCLUDED.floor)";
+
+/// Read positions: `$1` job, `$2` topic, `$3` partitions, `$4` offsets.
+pub(super) const STORE_POSITIONS: &str =
+    "INSERT INTO source_positions (job, topic, partition, \"offset\")
+     SELECT $1, $2, * FROM UNNEST($3::int[], $4::bigint[])
+     ON CONFLICT (job, topic, partition) DO UPDATE
+         SET \"offset\" = GREATEST(source_positions.\"offset\", EXCLUDED.\"offset\")";
+
+/// The columns of `decisions` as [`STORE_FLOORS`] and [`STORE_POSITIONS`] take them.
+#[allow(clippy::type_complexity)]
+pub(super) fn decision_columns(
+    decisions: &SourceDecisions,
+) -> ((Vec<i32>, Vec<i64>, Vec<i64>), (Vec<i32>, Vec<i64>)) {
+    let floors = &decisions.floors;
+    let as_i64 = |t: Time| t.min(i64::MAX as u64) as i64;
+    (
+        (
+            floors.keys().map(|k| k.0).collect(),
+            floors.keys().map(|k| k.1).collect(),
+            floors.values().map(|f| as_i64(*f)).collect(),
+        ),
+        (
+            decisions.positions.keys().copied().collect(),
+            decisions.positions.values().copied().collect(),
+        ),
+    )
 }
 
 /// What a commit stores for the source: restart points and decisions.
@@ -265,18 +293,8 @@ impl Statements {
         )?;
         let (lock, floors, positions) = tokio::try_join!(
             c.prepare("SELECT frontier FROM checkpoints WHERE job = $1 AND worker = $2 FOR UPDATE"),
-            c.prepare(
-                "INSERT INTO source_floors (job, topic, partition, \"offset\", floor)
-                 SELECT $1, $2, * FROM UNNEST($3::int[], $4::bigint[], $5::bigint[])
-                 ON CONFLICT (job, topic, partition, \"offset\") DO UPDATE
-                     SET floor = GREATEST(source_floors.floor, EXCLUDED.floor)"
-            ),
-            c.prepare(
-                "INSERT INTO source_positions (job, topic, partition, \"offset\")
-                 SELECT $1, $2, * FROM UNNEST($3::int[], $4::bigint[])
-                 ON CONFLICT (job, topic, partition) DO UPDATE
-                     SET \"offset\" = GREATEST(source_positions.\"offset\", EXCLUDED.\"offset\")"
-            ),
+            c.prepare(STORE_FLOORS),
+            c.prepare(STORE_POSITIONS),
         )?;
         Ok(Statements {
             lock,
@@ -368,26 +386,16 @@ async fn commit(
         let (t, p, o, m, b, top) = &sample_cols;
         tx.execute(&st.samples, &[&job, t, p, o, m, b, top]).await
     };
-    let floors = &source.decisions.floors;
-    let floor_cols = (
-        floors.keys().map(|k| k.0).collect::<Vec<i32>>(),
-        floors.keys().map(|k| k.1).collect::<Vec<i64>>(),
-        floors.values().map(|f| as_i64(*f)).collect::<Vec<i64>>(),
-    );
+    let (floor_cols, position_cols) = decision_columns(source.decisions);
     let floors_fut = async {
-        if floors.is_empty() {
+        if floor_cols.0.is_empty() {
             return Ok(0);
         }
         let (p, o, f) = &floor_cols;
         tx.execute(&st.floors, &[&job, &source.topic, p, o, f]).await
     };
-    let positions = &source.decisions.positions;
-    let position_cols = (
-        positions.keys().copied().collect::<Vec<i32>>(),
-        positions.values().copied().collect::<Vec<i64>>(),
-    );
     let positions_fut = async {
-        if positions.is_empty() {
+        if position_cols.0.is_empty() {
             return Ok(0);
         }
         let (p, o) = &position_cols;

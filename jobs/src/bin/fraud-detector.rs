@@ -24,11 +24,12 @@ use tripwire_connectors::metrics::serve;
 use tripwire_connectors::postgres::migrations::migrate;
 use tripwire_connectors::postgres::{
     committed_frontier as pg_committed, fit_checkpoints, high_water as pg_high_water, pg_sink,
-    resume_point, PgSinkConfig, ResumePoint,
+    record_decisions, recorded_decisions, resume_point, PgSinkConfig, ResumePoint,
 };
 use tripwire_connectors::redis_sink::{
     committed_frontier as redis_committed, fit_frontiers, high_water as redis_high_water,
-    redis_sink, RedisSinkConfig,
+    record_decisions as record_redis_decisions, recorded_decisions as redis_decisions, redis_sink,
+    RedisSinkConfig,
 };
 use tripwire_connectors::registry::{EmbeddedRegistry, SchemaRegistry};
 use tripwire_connectors::Endpoints;
@@ -312,6 +313,8 @@ fn main() -> Result<()> {
         resume_from: redis_frontier.unwrap_or(0),
         end: None,
         high_water: redis_high_water,
+        decisions: None,
+        topic: args.topic.clone(),
     };
     tracing::info!(job = %args.job, topic = %args.topic, workers = args.workers,
         processes = args.processes, process = args.process, "starting");
@@ -374,7 +377,7 @@ fn main() -> Result<()> {
                     late: Some(input.late),
                     report_to: Some(input.feedback),
                     produce_times: Some(input.produce_times),
-                    decisions: Some(input.decisions),
+                    decisions: Some(input.decisions.clone()),
                     end: Some(input.end.clone()),
                     ..sink.clone()
                 };
@@ -386,7 +389,11 @@ fn main() -> Result<()> {
                 );
                 // Redis is the read model: it keeps up on its own, folding
                 // batches while it is behind, and never holds the source back.
-                let read_model = RedisSinkConfig { end: Some(input.end), ..read_model.clone() };
+                let read_model = RedisSinkConfig {
+                    end: Some(input.end),
+                    decisions: Some(input.decisions),
+                    ..read_model.clone()
+                };
                 redis_sink(SinkInputs { stats, alerts, archive: None }, &read_model);
                 out.state
             });
@@ -458,10 +465,27 @@ async fn read_checkpoints(
         (None, None) => return Ok((pg, redis, None, high_water)),
         (pg, redis) => pg.unwrap_or(0).min(redis.unwrap_or(0)),
     };
-    let resume =
-        resume_point(&client, job, topic, from, fraud.max_window(), fraud.tick_ms, dedup_horizon)
+    // The source's decisions, as far as either store knows them (each
+    // records those its results depend on), recorded again in both, so that
+    // neither store's loss can make a replay decide differently from what
+    // the other holds.
+    let mut decisions =
+        recorded_decisions(&client, job, topic).await.context("PostgreSQL source decisions")?;
+    decisions.merge(
+        redis_decisions(&endpoints.redis_url(), job, topic)
             .await
-            .context("restart offsets")?;
+            .context("Redis source decisions")?,
+    );
+    record_decisions(&client, job, topic, &decisions)
+        .await
+        .context("recording source decisions in PostgreSQL")?;
+    record_redis_decisions(&endpoints.redis_url(), job, topic, &decisions)
+        .await
+        .context("recording source decisions in Redis")?;
+    let reach = (fraud.max_window(), fraud.tick_ms, dedup_horizon);
+    let resume = resume_point(&client, job, topic, from, reach, &decisions)
+        .await
+        .context("restart offsets")?;
     Ok((pg, redis, Some(resume), high_water))
 }
 

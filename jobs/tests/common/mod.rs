@@ -196,17 +196,46 @@ impl SourceModel {
         plan: &[Planned],
         ends: &[(usize, Time)],
     ) -> Judged {
+        self.judge_by(registry, plan, |i, _, _| {
+            ends.iter().filter(|(n, _)| i >= *n).map(|e| e.1).max().unwrap_or(0)
+        })
+    }
+
+    /// Judge `plan`, the only input of its topic (a record's offset is its
+    /// place among the plan's records of its partition), with the floors a
+    /// job recorded: `(partition, offset) → floor`, from that offset on.
+    pub fn judge_recorded(
+        &self,
+        plan: &[Planned],
+        floors: &std::collections::BTreeMap<(i32, i64), Time>,
+    ) -> Judged {
+        self.judge_by(Arc::new(EmbeddedRegistry::new().unwrap()), plan, |_, partition, offset| {
+            let here = floors.range((partition, 0)..=(partition, offset));
+            here.map(|(_, f)| *f).max().unwrap_or(0)
+        })
+    }
+
+    /// Judge `plan` with `floor_of(plan index, partition, offset)`.
+    fn judge_by(
+        &self,
+        registry: Arc<dyn tripwire_connectors::registry::SchemaRegistry>,
+        plan: &[Planned],
+        floor_of: impl Fn(usize, i32, i64) -> Time,
+    ) -> Judged {
         let mut codec = TransactionCodec::new(registry, Limits::default());
         let mut out = Judged::default();
         // Per partition, the accepted event times, largest first (two are kept).
         let mut largest: HashMap<i32, Vec<Time>> = HashMap::new();
         let mut seen: HashMap<(i32, u64), (Transaction, Time)> = HashMap::new();
+        let mut offsets: HashMap<i32, i64> = HashMap::new();
         for (i, p) in plan.iter().enumerate() {
+            let offset = offsets.entry(p.partition).or_default();
+            let floor = floor_of(i, p.partition, *offset);
+            *offset += 1;
             let Ok(x) = codec.decode(&p.payload, Some(now_ms())) else {
                 out.dead.push(i);
                 continue;
             };
-            let floor = ends.iter().filter(|(n, _)| i >= *n).map(|e| e.1).max().unwrap_or(0);
             if let Some((first, first_time)) = seen.get(&(p.partition, x.event_id)) {
                 if first_time + self.dedup_horizon_ms >= x.event_time_ms {
                     if *first == x {
@@ -237,5 +266,68 @@ impl SourceModel {
     /// Where a bounded run over what `judged` accepted ends: just past the last event.
     pub fn end(&self, judged: &Judged) -> Time {
         judged.accepted.iter().map(|x| self.tick(x.event_time_ms)).max().unwrap_or(0) + 1
+    }
+}
+
+/// How `got` differs from `want`: `None` when equal, else counts and the first
+/// few differing keys with both values, for an assertion message.
+pub fn stats_differ(
+    want: &std::collections::BTreeMap<tripwire_dataflow::StatKey, i64>,
+    got: &std::collections::BTreeMap<tripwire_dataflow::StatKey, i64>,
+) -> Option<String> {
+    let wrong: Vec<String> = want
+        .iter()
+        .filter(|(k, v)| got.get(k) != Some(v))
+        .map(|(k, v)| format!("{k:?} want {v} got {:?}", got.get(k)))
+        .collect();
+    let extra: Vec<String> = got
+        .iter()
+        .filter(|(k, _)| !want.contains_key(k))
+        .map(|(k, v)| format!("{k:?} want none got {v}"))
+        .collect();
+    if wrong.is_empty() && extra.is_empty() {
+        return None;
+    }
+    let first: Vec<&String> = wrong.iter().chain(&extra).take(12).collect();
+    Some(format!(
+        "{} of {} wrong or missing, {} extra; first: {first:#?}",
+        wrong.len(),
+        want.len(),
+        extra.len()
+    ))
+}
+
+/// A hand-made transaction of `card` at `event_time` on `partition`.
+pub fn record(
+    partition: i32,
+    event_id: u64,
+    card: u64,
+    event_time: i64,
+    expect: Expect,
+) -> Planned {
+    use tripwire_connectors::avro::{encode, AvroChannel, AvroTransaction};
+    use tripwire_connectors::registry::SchemaRegistry;
+    let schema = EmbeddedRegistry::new().unwrap().schema(2).unwrap();
+    let r = AvroTransaction {
+        event_id: event_id as i64,
+        card_id: card as i64,
+        account_id: card as i64,
+        merchant_id: 7,
+        mcc: 5411,
+        amount_minor: 4_200,
+        currency: "EUR".into(),
+        country: "DE".into(),
+        lat: 52.52,
+        lon: 13.405,
+        channel: AvroChannel::POS,
+        event_time,
+        device_id: None,
+    };
+    Planned {
+        partition,
+        key: card.to_string(),
+        payload: encode(&r, 2, &schema).unwrap(),
+        expect,
+        label: None,
     }
 }

@@ -1,0 +1,138 @@
+//! The source's decisions are recorded in both stores, and a restart can take
+//! them from either.
+//!
+//! A store whose results depend on a decision (a floor set when a quiet
+//! partition was released) must hold it: the other store may lose it (an
+//! older copy restored, or never stored while it was down). Here: the Redis
+//! sink records what the source decided with its commit; both stores keep
+//! the greater floor and the further position whatever order records arrive
+//! in; and what one recorded, the other can be given back.
+//!
+//! Needs the stack up (`./tripwire stack up`, or run through `./tripwire test`).
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use differential_dataflow::input::Input;
+use tokio_postgres::NoTls;
+use tripwire_connectors::commit::SinkInputs;
+use tripwire_connectors::kafka_source::{Decisions, SourceDecisions};
+use tripwire_connectors::postgres::{migrate, record_decisions, recorded_decisions};
+use tripwire_connectors::redis_sink::{self, redis_sink, RedisSinkConfig};
+use tripwire_connectors::Endpoints;
+use tripwire_dataflow::{Alert, CardWindow, Diff, Time, WindowStats};
+
+fn name(what: &str) -> String {
+    let ms = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis();
+    format!("{what}_{}_{ms}", std::process::id())
+}
+
+fn decisions(floors: &[((i32, i64), Time)], positions: &[(i32, i64)]) -> SourceDecisions {
+    SourceDecisions {
+        floors: floors.iter().copied().collect(),
+        positions: positions.iter().copied().collect(),
+    }
+}
+
+#[test]
+fn the_redis_sink_records_the_source_decisions_with_its_commit() {
+    let endpoints = Endpoints::from_env().unwrap();
+    let (job, topic) = (name("decisions_sink"), "card-transactions".to_string());
+    let decided = Decisions::default();
+    decided.floor(2, 40, 1_000);
+    decided.floor(2, 40, 1_500);
+    decided.floor(3, 7, 900);
+    decided.positions(&[(2, 41), (3, 9)]);
+    let config = RedisSinkConfig {
+        url: endpoints.redis_url(),
+        job: job.clone(),
+        commit_interval: Duration::ZERO,
+        catch_up_interval: Duration::ZERO,
+        stream_max_len: 1_000,
+        resume_from: 0,
+        end: None,
+        high_water: 0,
+        decisions: Some(decided.clone()),
+        topic: topic.clone(),
+    };
+    timely::execute(timely::Config::thread(), move |worker| {
+        let (mut input, mut alerts, committed) = worker.dataflow::<Time, _, _>(|scope| {
+            let (input, rows) = scope.new_collection::<(CardWindow, WindowStats), Diff>();
+            let (alerts_in, alerts) = scope.new_collection::<Alert, Diff>();
+            let committed = redis_sink(SinkInputs { stats: rows, alerts, archive: None }, &config);
+            (input, alerts_in, committed)
+        });
+        let stats = WindowStats {
+            count: 1,
+            sum: 5,
+            max_amount: 5,
+            distinct_merchants: 1,
+            distinct_countries: 1,
+        };
+        input.update_at((CardWindow { card_id: 1, window_ms: 60_000 }, stats), 3, 1);
+        input.advance_to(10);
+        alerts.advance_to(10);
+        input.flush();
+        alerts.flush();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while committed.frontier() < 10 {
+            assert!(Instant::now() < deadline, "the batch never landed");
+            worker.step_or_park(Some(Duration::from_millis(5)));
+        }
+        drop((input, alerts));
+    })
+    .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let got =
+        rt.block_on(redis_sink::recorded_decisions(&endpoints.redis_url(), &job, &topic)).unwrap();
+    let want = decisions(&[((2, 40), 1_500), ((3, 7), 900)], &[(2, 41), (3, 9)]);
+    assert_eq!(got, want, "Redis holds what the source decided, with the commit");
+    let other = rt
+        .block_on(redis_sink::recorded_decisions(&endpoints.redis_url(), &job, "another-topic"))
+        .unwrap();
+    assert_eq!(other, SourceDecisions::default(), "decisions are per topic");
+    assert_eq!(
+        decided.take(tripwire_connectors::kafka_source::DecisionStore::Redis),
+        Default::default()
+    );
+}
+
+#[test]
+fn both_stores_keep_the_greater_floor_and_the_further_position() {
+    let endpoints = Endpoints::from_env().unwrap();
+    let job = name("decisions_merge");
+    let topic = "card-transactions";
+    let first = decisions(&[((0, 10), 500), ((1, 4), 300)], &[(0, 12), (1, 4)]);
+    // Recorded later by a store that saw less: nothing goes back.
+    let older = decisions(&[((0, 10), 400), ((1, 4), 300)], &[(0, 11), (1, 2)]);
+    let newer = decisions(&[((0, 10), 600), ((0, 20), 700)], &[(0, 20)]);
+    let mut want = first.clone();
+    want.merge(older.clone());
+    want.merge(newer.clone());
+    assert_eq!(
+        want,
+        decisions(&[((0, 10), 600), ((0, 20), 700), ((1, 4), 300)], &[(0, 20), (1, 4)]),
+        "the union keeps the greater floor per offset and the further position"
+    );
+
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let mut e = endpoints.clone();
+    e.pg_schema = Some(job.clone());
+    let pg = rt.block_on(async {
+        let (mut c, conn) = tokio_postgres::connect(&e.postgres_config(), NoTls).await.unwrap();
+        tokio::spawn(conn);
+        migrate(&mut c).await.unwrap();
+        for d in [&first, &older, &newer] {
+            record_decisions(&c, &job, topic, d).await.unwrap();
+        }
+        recorded_decisions(&c, &job, topic).await.unwrap()
+    });
+    assert_eq!(pg, want, "PostgreSQL");
+    let url = endpoints.redis_url();
+    let redis = rt.block_on(async {
+        for d in [&first, &older, &newer] {
+            redis_sink::record_decisions(&url, &job, topic, d).await.unwrap();
+        }
+        redis_sink::recorded_decisions(&url, &job, topic).await.unwrap()
+    });
+    assert_eq!(redis, want, "Redis");
+}
