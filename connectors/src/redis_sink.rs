@@ -448,16 +448,9 @@ impl Keys {
     }
 }
 
-/// About how many script arguments one part of a batch carries. Meant to be a
-/// few thousand (a few milliseconds of Redis's time, so that readers never
-/// wait long behind a commit), but with parts `store_rollback` left Redis
-/// statistics wrong (cause not found yet): one script per batch for now.
-pub const PART_ARGS: usize = usize::MAX / 4;
-
-/// Whether Redis batches skip deleting windows that came and went within them
-/// (as the PostgreSQL sink does): off until a failure of `store_rollback`
-/// with it on is understood.
-const SKIP_PASSING_DELETES: bool = false;
+/// About how many script arguments one part of a batch carries: a few
+/// milliseconds of Redis's time, so that readers never wait long behind a commit.
+pub const PART_ARGS: usize = 4_000;
 
 struct Redis {
     config: RedisSinkConfig,
@@ -502,9 +495,7 @@ impl Store for Redis {
         // Per card, its upserts and deletes (both come sorted by card, then window).
         // Windows that came and went within the batch are deleted only when
         // Redis may hold fields this run did not write (the script knows).
-        // Not yet in Redis: `store_rollback` left Redis statistics wrong
-        // with it on (cause not found yet), so every such delete is written.
-        let may_pass = SKIP_PASSING_DELETES && b.start >= self.config.high_water;
+        let may_pass = b.start >= self.config.high_water;
         type Card<'a> = (Vec<(Time, &'a WindowStats)>, Vec<Time>, Vec<Time>);
         let mut cards: std::collections::BTreeMap<u64, Card<'_>> = Default::default();
         for (k, s, _) in upserts {

@@ -31,6 +31,13 @@ fn a_batch_failing_midway_leaves_nothing_and_lands_whole_once_retried() {
     fails_then_lands(20, 7);
 }
 
+#[test]
+fn a_batch_of_several_scripts_stores_its_frontier_only_once_all_landed() {
+    let cards = 3_000;
+    assert!(cards as usize * 5 > 2 * PART_ARGS, "the batch is three scripts or more");
+    fails_then_lands(cards, cards - 1);
+}
+
 /// The failure counter is the process's: one test at a time reads it.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 

@@ -13,9 +13,16 @@
 //! Redis, from offset 0 until its committed frontier covers all the input
 //! (a bounded run ends only then), (d) the consumer a team would write by
 //! hand: rdkafka, a HashMap of per-card windows, one SQL upsert per event (on
-//! the first `TRIPWIRE_BENCH_NAIVE_EVENTS`, default 50,000, events).
+//! the first `TRIPWIRE_BENCH_NAIVE_EVENTS`, default 50,000, events), (e) the
+//! Kafka Streams peer (`bench/peers/kafka-streams/`, built with Maven if
+//! needed): its DSL and Processor API apps, exactly_once_v2, JVM and app
+//! start-up excluded, after checking the Processor API app against the
+//! reference model on a small topic. During (c) a Redis client reads one
+//! card's hash 500 times a second, as an authorisation service would.
 //! Prints a table and writes `bench/results/throughput.json`.
 
+#[path = "support/peer.rs"]
+mod peer;
 mod support;
 
 use std::collections::{HashMap, VecDeque};
@@ -31,10 +38,18 @@ use tripwire_connectors::ceiling::read_topic;
 use tripwire_connectors::kafka_admin::partition_count;
 use tripwire_connectors::registry::EmbeddedRegistry;
 use tripwire_connectors::Endpoints;
-use tripwire_jobs::generator::Generator;
+use tripwire_jobs::generator::{GenConfig, Generator};
 
-/// (c): the job, bounded, from offset 0 to the end, exactly once into both stores.
-fn tripwire(topic: &str, workers: usize, archive: bool, fsync: bool) -> f64 {
+/// (c): the job, bounded, from offset 0 to the end, exactly once into both
+/// stores; its seconds and, with `reader`, the latencies (ms, sorted) of a
+/// Redis client reading cards all along.
+fn tripwire(
+    topic: &str,
+    workers: usize,
+    archive: bool,
+    fsync: bool,
+    reader: bool,
+) -> (f64, Vec<f64>) {
     let job = unique("bench_throughput");
     let mut args = vec!["--archive".to_string(), archive.to_string()];
     if fsync {
@@ -44,10 +59,48 @@ fn tripwire(topic: &str, workers: usize, archive: bool, fsync: bool) -> f64 {
     let mut con = redis.get_connection().unwrap();
     let appendfsync = if fsync { "always" } else { "everysec" };
     redis::cmd("CONFIG").arg("SET").arg("appendfsync").arg(appendfsync).exec(&mut con).unwrap();
+    let reads = reader.then(|| peer::Reader::start(&job, support::BULK_CARDS, READS_PER_S));
     let secs = JobRun { topic, job: &job, processes: 1, workers, args }.run_bounded();
+    let reads = reads.map(peer::Reader::finish).unwrap_or_default();
     clean_up(&job, &[]);
     redis::cmd("CONFIG").arg("SET").arg("appendfsync").arg("everysec").exec(&mut con).unwrap();
-    secs
+    (secs, reads)
+}
+
+/// The Redis reader's pace during (c): an authorisation service's reads.
+const READS_PER_S: u32 = 500;
+
+/// (e): the Kafka Streams peer, both apps, on the same topic; first checked
+/// against the reference model on a small topic. `None` (and why) without Java or Maven.
+fn kafka_streams(bootstrap: &str, topic: &str) -> Option<(f64, f64, usize)> {
+    let jar = match peer::jar() {
+        Ok(jar) => jar,
+        Err(e) => {
+            println!("the Kafka Streams peer is not run: {e}");
+            return None;
+        }
+    };
+    let small = unique("kstreams_check");
+    let plan = Generator::new(GenConfig {
+        cards: 300,
+        partitions: 4,
+        late_per_10k: 0,
+        duplicates_per_10k: 0,
+        bad_per_10k: 0,
+        fraud_per_10k: 50,
+        ..bulk_config(7, 20_000)
+    })
+    .generate(20_000);
+    load(bootstrap, &small, &plan);
+    let checked = peer::check_against_reference(&jar, bootstrap, &small, &plan)
+        .unwrap_or_else(|e| panic!("the peer disagrees with the reference model: {e}"));
+    let _ = tripwire_connectors::kafka_admin::delete_topics(bootstrap, &[&small]);
+    let eps = |mode| {
+        let (line, _) = peer::run(&jar, "run", mode, bootstrap, topic, &[]);
+        println!("kafka streams {mode}: {line}");
+        line["eps"].as_f64().expect("eps")
+    };
+    Some((eps("dsl"), eps("processor"), checked))
 }
 
 /// (d): what a team writes by hand: per event, update the card's windows in a
@@ -148,11 +201,14 @@ fn main() {
     let consume_eps = n as f64 / s;
     let (n, s) = read_topic(&bootstrap, &topic, true);
     let decode_eps = n as f64 / s;
-    let tripwire_eps = records / tripwire(&topic, 2, false, false);
-    let tripwire_archive_eps = records / tripwire(&topic, 2, true, false);
-    let tripwire_fsync_eps = records / tripwire(&topic, 2, false, true);
+    let (secs, reads) = tripwire(&topic, 2, false, false, true);
+    let tripwire_eps = records / secs;
+    let tripwire_archive_eps = records / tripwire(&topic, 2, true, false, false).0;
+    let tripwire_fsync_eps = records / tripwire(&topic, 2, false, true, false).0;
     let (n, s) = naive(&bootstrap, &topic, naive_limit);
     let naive_eps = n as f64 / s;
+    let peer = kafka_streams(&bootstrap, &topic);
+    let (dsl_eps, processor_eps) = peer.map_or((f64::NAN, f64::NAN), |p| (p.0, p.1));
 
     println!("\n{records} records, 12 partitions, this machine (2 cores, 24 GiB)\n");
     println!("| what | events/s |");
@@ -165,7 +221,23 @@ fn main() {
     println!("| (c') the same, archiving every event | {tripwire_archive_eps:.0} |");
     println!("| (c\") (c) with every commit waiting for its fsync (PostgreSQL synchronous_commit on, Redis appendfsync always) | {tripwire_fsync_eps:.0} |");
     println!("| (d) naive: HashMap + one upsert per event | {naive_eps:.0} |");
-    println!("\nc/b = {:.2}, c/d = {:.1}", tripwire_eps / decode_eps, tripwire_eps / naive_eps);
+    println!("| (e) Kafka Streams DSL (sliding windows), exactly_once_v2 | {dsl_eps:.0} |");
+    println!("| (e') Kafka Streams Processor API, a store per card, exactly_once_v2 | {processor_eps:.0} |");
+    println!(
+        "\nc/b = {:.2}, c/d = {:.1}, c/e = {:.2}, c/e' = {:.2}",
+        tripwire_eps / decode_eps,
+        tripwire_eps / naive_eps,
+        tripwire_eps / dsl_eps,
+        tripwire_eps / processor_eps
+    );
+    if let Some((_, _, checked)) = peer {
+        println!("(e) and (e') exclude JVM and app start-up; the Processor API app matched the reference model on {checked} statistics of a 20,000-event topic first");
+    }
+    let q = |p| support::quantile(&reads, p);
+    println!(
+        "\nRedis reads of one card (HGETALL, {READS_PER_S}/s) during (c): {} reads, p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms",
+        reads.len(), q(0.5), q(0.99), q(0.999), q(1.0)
+    );
     let json = serde_json::json!({
         "events": records,
         "consume_eps": consume_eps.round(),
@@ -176,6 +248,14 @@ fn main() {
         "naive_eps": naive_eps.round(),
         "c_over_b": tripwire_eps / decode_eps,
         "c_over_d": tripwire_eps / naive_eps,
+        "kstreams_dsl_eps": dsl_eps.round(),
+        "kstreams_processor_eps": processor_eps.round(),
+        "c_over_kstreams_dsl": tripwire_eps / dsl_eps,
+        "c_over_kstreams_processor": tripwire_eps / processor_eps,
+        "redis_read_ms": {
+            "reads": reads.len(),
+            "p50": q(0.5), "p99": q(0.99), "p999": q(0.999), "max": q(1.0),
+        },
     });
     write_results("throughput", &json);
 }

@@ -222,17 +222,20 @@ fn stores_rolled_back_under_a_running_job_are_noticed_and_repaired() {
     }
 
     // Once every partition has been quiet for the idle timeout, everything is
-    // committed. The reference decides lateness with the floors the job
-    // recorded (timing decisions are the one input the log does not hold);
-    // the floor set at the release must be among them, making the records
-    // behind it late.
+    // committed (the newest record is late under no floor: the end does not
+    // depend on them). Then the reference decides lateness with the floors
+    // the job recorded (timing decisions are the one input the log does not
+    // hold), read once the last run has recorded what it found in both
+    // stores; the floor set at the release must be among them, making the
+    // records behind it late.
+    let end = model.end(&model.judge(&plan, &[]));
+    stores.wait_for(end, "the end, repaired");
     let floors = {
         let (rt, c) = stores.pg().unwrap();
         rt.block_on(postgres::recorded_decisions(&c, &id, &id)).unwrap().floors
     };
     let judged = model.judge_recorded(&plan, &floors);
-    let end = model.end(&judged);
-    stores.wait_for(end, "the end, repaired");
+    assert_eq!(model.end(&judged), end);
     stop.store(true, Ordering::SeqCst);
     supervisor.join().unwrap();
     let text = std::fs::read_to_string(&log).unwrap();
