@@ -322,9 +322,8 @@ for _ = 1, nc do
     np = 0
   end
   if nd > 0 then
+    -- A hash whose last field goes is gone: Redis removes empty hashes itself.
     redis.call('HDEL', key, unpack(ARGV, i, i + nd - 1))
-    -- (A hash whose last field goes is gone in Redis anyway.)
-    if redis.call('HLEN', key) == 0 then redis.call('DEL', key) end
   end
   i = i + nd + np
 end
