@@ -196,8 +196,8 @@ impl Decisions {
         });
     }
     /// The source has read each `(partition, offset)` up to that offset.
-    pub fn positions(&self, read: &[(i32, i64)]) {
-        self.update(|d| d.positions.extend(read.iter().copied()));
+    pub fn positions(&self, read: impl Iterator<Item = (i32, i64)> + Clone) {
+        self.update(|d| d.positions.extend(read.clone()));
     }
     /// What `store` has not recorded yet; its commit records it.
     pub fn take(&self, store: DecisionStore) -> SourceDecisions {
@@ -820,9 +820,8 @@ pub fn kafka_source<'s>(
                 held[1].downgrade(&t);
                 held[2].downgrade(&t);
             }
-            let positions: Vec<(i32, i64)> =
-                partitions.iter().map(|p| (p.decide.partition, p.decide.next_offset)).collect();
-            decided.positions(&positions);
+            decided
+                .positions(partitions.iter().map(|p| (p.decide.partition, p.decide.next_offset)));
             if all_done && target.is_some() {
                 // Every worker has read its input: the sinks commit up to the
                 // agreed end, and the dataflow ends.

@@ -79,6 +79,27 @@ pub struct RedisSinkConfig {
     pub topic: String,
 }
 
+impl RedisSinkConfig {
+    /// `job`'s read model at `url`, with the job's defaults: commits at most
+    /// every 500 ms (5 s while catching up), an alert stream of about 100,000
+    /// entries, a first run (nothing to resume, no high water), unbounded, and
+    /// no source decisions to record.
+    pub fn new(url: String, job: String) -> Self {
+        RedisSinkConfig {
+            url,
+            job,
+            commit_interval: Duration::from_millis(500),
+            catch_up_interval: Duration::from_secs(5),
+            stream_max_len: 100_000,
+            resume_from: 0,
+            end: None,
+            high_water: 0,
+            decisions: None,
+            topic: String::new(),
+        }
+    }
+}
+
 /// The source decisions `job`'s Redis commits recorded about `topic`.
 pub async fn recorded_decisions(
     url: &str,
@@ -127,23 +148,28 @@ pub async fn record_decisions(
     let client = redis::Client::open(url)?;
     let mut conn = client.get_multiplexed_async_connection().await?;
     let (floors, positions) = decision_fields(topic, decisions);
-    let mut pipe = redis::pipe();
-    for (key, fields) in
-        [(Keys::new(job).floors(), floors), (Keys::new(job).positions(), positions)]
-    {
-        for (field, value) in fields {
-            pipe.cmd("EVAL").arg(KEEP_GREATEST).arg(1).arg(&key).arg(field).arg(value).ignore();
+    let script = redis::Script::new(KEEP_GREATEST);
+    let keys = Keys::new(job);
+    for (key, fields) in [(keys.floors(), floors), (keys.positions(), positions)] {
+        let mut invocation = script.key(key);
+        for (field, value) in &fields {
+            invocation.arg(field).arg(value);
         }
+        invocation.invoke_async::<()>(&mut conn).await?;
     }
-    pipe.query_async::<()>(&mut conn).await
+    Ok(())
 }
 
 /// Hash fields and their values.
 type Fields = Vec<(String, String)>;
 
+/// KEYS[1] a hash; ARGV: fields and values (20 digits): each field keeps the greater.
+/// (The batch script does the same with the decisions it carries.)
 const KEEP_GREATEST: &str = r#"
-local was = redis.call('HGET', KEYS[1], ARGV[1])
-if not was or ARGV[2] > was then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+for i = 1, #ARGV, 2 do
+  local was = redis.call('HGET', KEYS[1], ARGV[i])
+  if not was or ARGV[i + 1] > was then redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+end
 "#;
 
 /// The `floors` and `positions` fields and 20-digit values of `decisions` about `topic`.

@@ -9,36 +9,23 @@
 //!
 //! Needs the stack up (`./tripwire stack up`, or run through `./tripwire test`).
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+mod common;
 
-use differential_dataflow::input::Input;
-use tripwire_connectors::commit::{InputEnd, SinkInputs};
+use std::time::{Duration, Instant};
+
+use tripwire_connectors::commit::InputEnd;
 use tripwire_connectors::readback;
-use tripwire_connectors::redis_sink::{redis_sink, RedisSinkConfig};
+use tripwire_connectors::redis_sink::RedisSinkConfig;
 use tripwire_connectors::Endpoints;
-use tripwire_dataflow::{Alert, CardWindow, Diff, Metric, StatKey, Time, WindowStats};
+use tripwire_dataflow::{CardWindow, Metric, StatKey, WindowStats};
 
 #[test]
 fn a_bounded_run_commits_its_windows_as_they_stand_at_the_end_of_input() {
     let endpoints = Endpoints::from_env().unwrap();
-    let job = format!(
-        "bounded_end_{}_{}",
-        std::process::id(),
-        SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis()
-    );
+    let job = common::unique("bounded_end");
     let end = InputEnd::default();
-    let config = RedisSinkConfig {
-        url: endpoints.redis_url(),
-        job: job.clone(),
-        commit_interval: Duration::ZERO,
-        catch_up_interval: Duration::ZERO,
-        stream_max_len: 1_000,
-        resume_from: 0,
-        end: Some(end.clone()),
-        high_water: 0,
-        decisions: None,
-        topic: String::new(),
-    };
+    let config =
+        RedisSinkConfig { end: Some(end.clone()), ..common::eager_redis(&endpoints, &job) };
     let url = endpoints.redis_url();
     let stats = WindowStats {
         count: 1,
@@ -49,12 +36,7 @@ fn a_bounded_run_commits_its_windows_as_they_stand_at_the_end_of_input() {
     };
     let key = CardWindow { card_id: 7, window_ms: 10 };
     timely::execute(timely::Config::thread(), move |worker| {
-        let (mut input, mut alerts, committed) = worker.dataflow::<Time, _, _>(|scope| {
-            let (input, rows) = scope.new_collection::<(CardWindow, WindowStats), Diff>();
-            let (alerts_in, alerts) = scope.new_collection::<Alert, Diff>();
-            let committed = redis_sink(SinkInputs { stats: rows, alerts, archive: None }, &config);
-            (input, alerts_in, committed)
-        });
+        let (mut input, mut alerts, committed) = common::redis_sink_alone(worker, &config);
         // The last event at 4; its window departs at 14, beyond the end at 5.
         input.update_at((key, stats), 4, 1);
         input.update_at((key, stats), 14, -1);

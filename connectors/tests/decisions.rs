@@ -10,21 +10,16 @@
 //!
 //! Needs the stack up (`./tripwire stack up`, or run through `./tripwire test`).
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+mod common;
 
-use differential_dataflow::input::Input;
+use std::time::{Duration, Instant};
+
 use tokio_postgres::NoTls;
-use tripwire_connectors::commit::SinkInputs;
 use tripwire_connectors::kafka_source::{Decisions, SourceDecisions};
 use tripwire_connectors::postgres::{migrate, record_decisions, recorded_decisions};
-use tripwire_connectors::redis_sink::{self, redis_sink, RedisSinkConfig};
+use tripwire_connectors::redis_sink::{self, RedisSinkConfig};
 use tripwire_connectors::Endpoints;
-use tripwire_dataflow::{Alert, CardWindow, Diff, Time, WindowStats};
-
-fn name(what: &str) -> String {
-    let ms = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis();
-    format!("{what}_{}_{ms}", std::process::id())
-}
+use tripwire_dataflow::{CardWindow, Time, WindowStats};
 
 fn decisions(floors: &[((i32, i64), Time)], positions: &[(i32, i64)]) -> SourceDecisions {
     SourceDecisions {
@@ -36,31 +31,19 @@ fn decisions(floors: &[((i32, i64), Time)], positions: &[(i32, i64)]) -> SourceD
 #[test]
 fn the_redis_sink_records_the_source_decisions_with_its_commit() {
     let endpoints = Endpoints::from_env().unwrap();
-    let (job, topic) = (name("decisions_sink"), "card-transactions".to_string());
+    let (job, topic) = (common::unique("decisions_sink"), "card-transactions".to_string());
     let decided = Decisions::default();
     decided.floor(2, 40, 1_000);
     decided.floor(2, 40, 1_500);
     decided.floor(3, 7, 900);
-    decided.positions(&[(2, 41), (3, 9)]);
+    decided.positions([(2, 41), (3, 9)].into_iter());
     let config = RedisSinkConfig {
-        url: endpoints.redis_url(),
-        job: job.clone(),
-        commit_interval: Duration::ZERO,
-        catch_up_interval: Duration::ZERO,
-        stream_max_len: 1_000,
-        resume_from: 0,
-        end: None,
-        high_water: 0,
         decisions: Some(decided.clone()),
         topic: topic.clone(),
+        ..common::eager_redis(&endpoints, &job)
     };
     timely::execute(timely::Config::thread(), move |worker| {
-        let (mut input, mut alerts, committed) = worker.dataflow::<Time, _, _>(|scope| {
-            let (input, rows) = scope.new_collection::<(CardWindow, WindowStats), Diff>();
-            let (alerts_in, alerts) = scope.new_collection::<Alert, Diff>();
-            let committed = redis_sink(SinkInputs { stats: rows, alerts, archive: None }, &config);
-            (input, alerts_in, committed)
-        });
+        let (mut input, mut alerts, committed) = common::redis_sink_alone(worker, &config);
         let stats = WindowStats {
             count: 1,
             sum: 5,
@@ -99,7 +82,7 @@ fn the_redis_sink_records_the_source_decisions_with_its_commit() {
 #[test]
 fn both_stores_keep_the_greater_floor_and_the_further_position() {
     let endpoints = Endpoints::from_env().unwrap();
-    let job = name("decisions_merge");
+    let job = common::unique("decisions_merge");
     let topic = "card-transactions";
     let first = decisions(&[((0, 10), 500), ((1, 4), 300)], &[(0, 12), (1, 4)]);
     // Recorded later by a store that saw less: nothing goes back.

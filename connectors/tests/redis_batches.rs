@@ -7,14 +7,14 @@
 //!
 //! Needs the stack up (`./tripwire stack up`, or run through `./tripwire test`).
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+mod common;
 
-use differential_dataflow::input::Input;
-use tripwire_connectors::commit::SinkInputs;
+use std::time::{Duration, Instant};
+
 use tripwire_connectors::readback;
-use tripwire_connectors::redis_sink::{redis_sink, Keys, RedisSinkConfig, PART_ARGS};
+use tripwire_connectors::redis_sink::{Keys, RedisSinkConfig, PART_ARGS};
 use tripwire_connectors::Endpoints;
-use tripwire_dataflow::{Alert, CardWindow, Diff, StatKey, Time, WindowStats};
+use tripwire_dataflow::{CardWindow, StatKey, WindowStats};
 
 fn failures() -> f64 {
     prometheus::gather()
@@ -46,11 +46,7 @@ fn fails_then_lands(cards: u64, bad: u64) {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let one_script = (cards as usize) * 5 < PART_ARGS;
     let endpoints = Endpoints::from_env().unwrap();
-    let job = format!(
-        "batches_{cards}_{}_{}",
-        std::process::id(),
-        SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis()
-    );
+    let job = common::unique(&format!("batches_{cards}"));
     let keys = Keys::new(&job);
     let mut con = redis::Client::open(endpoints.redis_url())
         .unwrap()
@@ -60,16 +56,8 @@ fn fails_then_lands(cards: u64, bad: u64) {
     let _: () = redis::cmd("SET").arg(keys.card(bad)).arg("not a hash").query(&mut con).unwrap();
 
     let config = RedisSinkConfig {
-        url: endpoints.redis_url(),
-        job: job.clone(),
         commit_interval: Duration::from_millis(10),
-        catch_up_interval: Duration::ZERO,
-        stream_max_len: 1_000,
-        resume_from: 0,
-        end: None,
-        high_water: 0,
-        decisions: None,
-        topic: String::new(),
+        ..common::eager_redis(&endpoints, &job)
     };
     let stats = |card: u64| WindowStats {
         count: card as i64 + 1,
@@ -80,12 +68,7 @@ fn fails_then_lands(cards: u64, bad: u64) {
     };
     let (url, job2) = (endpoints.redis_url(), job.clone());
     timely::execute(timely::Config::thread(), move |worker| {
-        let (mut input, mut alerts, committed) = worker.dataflow::<Time, _, _>(|scope| {
-            let (input, rows) = scope.new_collection::<(CardWindow, WindowStats), Diff>();
-            let (alerts_in, alerts) = scope.new_collection::<Alert, Diff>();
-            let committed = redis_sink(SinkInputs { stats: rows, alerts, archive: None }, &config);
-            (input, alerts_in, committed)
-        });
+        let (mut input, mut alerts, committed) = common::redis_sink_alone(worker, &config);
         for card in 0..cards {
             input.update_at((CardWindow { card_id: card, window_ms: 60_000 }, stats(card)), 10, 1);
         }

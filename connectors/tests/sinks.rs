@@ -130,16 +130,9 @@ fn sink_holds_exactly_the_reference_below_the_frontier_and_empties_with_the_wind
         synchronous_commit: false,
     };
     let redis_config = RedisSinkConfig {
-        url: endpoints.redis_url(),
-        job: schema.clone(),
         commit_interval: Duration::from_millis(50),
         catch_up_interval: Duration::ZERO,
-        stream_max_len: 100_000,
-        resume_from: 0,
-        end: None,
-        high_water: 0,
-        decisions: None,
-        topic: String::new(),
+        ..RedisSinkConfig::new(endpoints.redis_url(), schema.clone())
     };
     let at_hold: Arc<Mutex<Option<(Tables, ReadModel)>>> = Arc::default();
     let barrier = Arc::new(Barrier::new(2));

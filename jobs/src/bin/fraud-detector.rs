@@ -305,16 +305,12 @@ fn main() -> Result<()> {
         high_water: pg_high_water,
     };
     let read_model = RedisSinkConfig {
-        url: endpoints.redis_url(),
-        job: args.job.clone(),
         commit_interval: Duration::from_millis(args.commit_interval_ms),
         catch_up_interval: Duration::from_millis(args.catch_up_commit_interval_ms),
-        stream_max_len: 100_000,
         resume_from: redis_frontier.unwrap_or(0),
-        end: None,
         high_water: redis_high_water,
-        decisions: None,
         topic: args.topic.clone(),
+        ..RedisSinkConfig::new(endpoints.redis_url(), args.job.clone())
     };
     tracing::info!(job = %args.job, topic = %args.topic, workers = args.workers,
         processes = args.processes, process = args.process, "starting");
