@@ -43,7 +43,7 @@
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
-use tripwire_dataflow::{Alert, Time, WindowStats};
+use tripwire_dataflow::{Alert, CardStats, Time};
 
 use crate::commit::{frontier_sink, Batch, CommitOptions, Committed, InputEnd, SinkInputs, Store};
 use crate::kafka_source::{DecisionStore, Decisions, SourceDecisions};
@@ -280,9 +280,10 @@ const SCRIPT: &str = r#"#!lua
 -- frontier), stream max len, #cards, #alerts, this worker's field, the batch's start
 -- (20-digit), #floors, #positions; then floors and positions (field, value: recorded
 -- whether or not the batch is covered, as the source took them while reading);
--- then per card: card, #upserts, #deletes, #passing, upserts (field, value),
--- deletes (field), passing deletes (field: windows that came and went within the batch,
--- deleted only if Redis does not hold exactly the batch's start); then alerts (card, id,
+-- then per card: card, #set, #unset, passing, then the fields to set (field, value: its
+-- non-empty windows) and to remove (field: its empty ones); with nothing to set, the
+-- card's windows all emptied and its hash goes (unless passing is 1: the card came and
+-- went within the batch, and Redis holds exactly the batch's start); then alerts (card, id,
 -- rule, time, event time, details, order: event time and id, 20 digits each, the alert
 -- as JSON).
 -- Each part all or nothing: the shebang makes Redis refuse the whole script up front
@@ -321,12 +322,12 @@ if err then return err end
 local partial = redis.call('HGET', KEYS[6], ARGV[7])
 local exact = current == ARGV[8] and (not partial or partial <= ARGV[8])
 for _ = 1, nc do
-  local nu, nd, np = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
-  if nu > 0 or nd > 0 or not exact then
+  local ns, nu = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+  if ns > 0 or ARGV[i + 3] ~= '1' or not exact then
     err = expect(prefix .. 'card:' .. ARGV[i], 'hash')
     if err then return err end
   end
-  i = i + 4 + 2 * nu + nd + np
+  i = i + 4 + 2 * ns + nu
 end
 err = expect(KEYS[4], 'hash') or expect(KEYS[5], 'hash') or expect(KEYS[6], 'hash')
 if err then return err end
@@ -336,22 +337,20 @@ end
 i = first
 for _ = 1, nc do
   local key = prefix .. 'card:' .. ARGV[i]
-  local nu, nd, np = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
+  local ns, nu = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+  local passing = ARGV[i + 3] == '1'
   i = i + 4
-  if nu > 0 then
-    redis.call('HSET', key, unpack(ARGV, i, i + 2 * nu - 1))
-    i = i + 2 * nu
+  if ns > 0 then
+    redis.call('HSET', key, unpack(ARGV, i, i + 2 * ns - 1))
+    i = i + 2 * ns
+    if nu > 0 then
+      redis.call('HDEL', key, unpack(ARGV, i, i + nu - 1))
+      i = i + nu
+    end
+  elseif not (passing and exact) then
+    -- Redis may hold fields this run did not write, unless it holds exactly the batch's start.
+    redis.call('DEL', key)
   end
-  if not exact then
-    -- Redis may hold fields this run did not write: the passing deletes are real.
-    nd = nd + np
-    np = 0
-  end
-  if nd > 0 then
-    -- A hash whose last field goes is gone: Redis removes empty hashes itself.
-    redis.call('HDEL', key, unpack(ARGV, i, i + nd - 1))
-  end
-  i = i + nd + np
 end
 for _ = 1, na do
   -- Each alert enters the stream once, whichever worker or run commits it:
@@ -477,6 +476,24 @@ impl Keys {
 /// milliseconds of Redis's time, so that readers never wait long behind a commit.
 pub const PART_ARGS: usize = 4_000;
 
+/// What a batch does to one card's hash.
+enum Card<'a> {
+    /// Set its non-empty windows' fields, remove its empty ones'.
+    Set(u64, &'a CardStats),
+    /// Every window emptied: the hash goes. `true`: the card came and went within the batch.
+    Delete(u64, bool),
+}
+
+impl Card<'_> {
+    /// How many script arguments it takes.
+    fn args(&self) -> usize {
+        match self {
+            Card::Set(_, s) => 4 + s.windows().len() + s.non_empty().count(),
+            Card::Delete(..) => 4,
+        }
+    }
+}
+
 struct Redis {
     config: RedisSinkConfig,
     worker: usize,
@@ -517,30 +534,23 @@ impl Store for Redis {
     async fn commit(&mut self, conn: &mut MultiplexedConnection, b: &Batch) -> Result<(), String> {
         let keys = Keys::new(&self.config.job);
         let (upserts, deletes, alerts) = (&b.upserts, &b.deletes, &b.alerts);
-        // Per card, its upserts and deletes (both come sorted by card, then window).
-        // Windows that came and went within the batch are deleted only when
-        // Redis may hold fields this run did not write (the script knows).
+        // Per card (each is among the upserts or the deletes, not both): the
+        // fields to set (its non-empty windows) and to remove (its empty
+        // ones), or the hash to delete once all its windows emptied. A card
+        // that came and went within the batch is deleted only when Redis may
+        // hold fields this run did not write (the script knows).
         let may_pass = b.start >= self.config.high_water;
-        type Card<'a> = (Vec<(Time, &'a WindowStats)>, Vec<Time>, Vec<Time>);
-        let mut cards: std::collections::BTreeMap<u64, Card<'_>> = Default::default();
-        for (k, s, _) in upserts {
-            cards.entry(k.card_id).or_default().0.push((k.window_ms, s));
-        }
-        for (k, _) in deletes {
-            let card = cards.entry(k.card_id).or_default();
-            if may_pass && b.passing(k) {
-                card.2.push(k.window_ms);
-            } else {
-                card.1.push(k.window_ms);
-            }
-        }
+        let cards: Vec<Card<'_>> = upserts
+            .iter()
+            .map(|(card, stats, _)| Card::Set(*card, stats))
+            .chain(deletes.iter().map(|(card, _)| Card::Delete(*card, may_pass && b.passing(card))))
+            .collect();
         // Parts of about PART_ARGS arguments: each runs for a few milliseconds.
-        let cards: Vec<_> = cards.into_iter().collect();
-        type Part<'a, C> = (&'a [(u64, C)], &'a [(Alert, Time)]);
-        let mut parts: Vec<Part<'_, _>> = Vec::new();
+        type Part<'a, 'b> = (&'a [Card<'b>], &'a [(Alert, Time)]);
+        let mut parts: Vec<Part<'_, '_>> = Vec::new();
         let (mut from, mut size) = (0, 0);
-        for (i, (_, (ups, dels, passing))) in cards.iter().enumerate() {
-            size += 4 + 2 * ups.len() + dels.len() + passing.len();
+        for (i, card) in cards.iter().enumerate() {
+            size += card.args();
             if size >= PART_ARGS {
                 parts.push((&cards[from..=i], &[]));
                 (from, size) = (i + 1, 0);
@@ -584,20 +594,29 @@ impl Store for Redis {
                 for (field, value) in floors.iter().chain(positions) {
                     invocation.arg(field).arg(value);
                 }
-                for (card, (ups, dels, passing)) in cards {
-                    invocation.arg(card).arg(ups.len()).arg(dels.len()).arg(passing.len());
-                    for (w, s) in ups {
-                        invocation.arg(window_field(w)).arg(format!(
-                            "{},{},{},{},{}",
-                            s.count,
-                            s.sum,
-                            s.max_amount,
-                            s.distinct_merchants,
-                            s.distinct_countries
-                        ));
-                    }
-                    for w in dels.iter().chain(passing) {
-                        invocation.arg(window_field(w));
+                for card in cards {
+                    match card {
+                        Card::Set(id, stats) => {
+                            let windows = stats.windows();
+                            let set = windows.iter().filter(|(_, s)| s.count > 0).count();
+                            invocation.arg(id).arg(set).arg(windows.len() - set).arg(0);
+                            for (w, s) in stats.non_empty() {
+                                invocation.arg(window_field(w)).arg(format!(
+                                    "{},{},{},{},{}",
+                                    s.count,
+                                    s.sum,
+                                    s.max_amount,
+                                    s.distinct_merchants,
+                                    s.distinct_countries
+                                ));
+                            }
+                            for (w, _) in windows.iter().filter(|(_, s)| s.count == 0) {
+                                invocation.arg(window_field(w));
+                            }
+                        }
+                        Card::Delete(id, passing) => {
+                            invocation.arg(id).arg(0).arg(0).arg(u8::from(*passing));
+                        }
                     }
                 }
                 for (a, t) in alerts {

@@ -17,7 +17,7 @@ use tripwire_connectors::commit::InputEnd;
 use tripwire_connectors::readback;
 use tripwire_connectors::redis_sink::RedisSinkConfig;
 use tripwire_connectors::Endpoints;
-use tripwire_dataflow::{CardWindow, Metric, StatKey, WindowStats};
+use tripwire_dataflow::{Metric, StatKey, WindowStats};
 
 #[test]
 fn a_bounded_run_commits_its_windows_as_they_stand_at_the_end_of_input() {
@@ -34,12 +34,11 @@ fn a_bounded_run_commits_its_windows_as_they_stand_at_the_end_of_input() {
         distinct_merchants: 1,
         distinct_countries: 1,
     };
-    let key = CardWindow { card_id: 7, window_ms: 10 };
     timely::execute(timely::Config::thread(), move |worker| {
         let (mut input, mut alerts, committed) = common::redis_sink_alone(worker, &config);
         // The last event at 4; its window departs at 14, beyond the end at 5.
-        input.update_at((key, stats), 4, 1);
-        input.update_at((key, stats), 14, -1);
+        input.update_at((7, common::arrival(10, stats)), 4, 1);
+        input.update_at((7, common::departure(10)), 14, 1);
         end.set(5);
         alerts.advance_to(20);
         alerts.flush();

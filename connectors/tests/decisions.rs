@@ -19,7 +19,7 @@ use tripwire_connectors::kafka_source::{Decisions, SourceDecisions};
 use tripwire_connectors::postgres::{migrate, record_decisions, recorded_decisions};
 use tripwire_connectors::redis_sink::{self, RedisSinkConfig};
 use tripwire_connectors::Endpoints;
-use tripwire_dataflow::{CardWindow, Time, WindowStats};
+use tripwire_dataflow::{Time, WindowStats};
 
 fn decisions(floors: &[((i32, i64), Time)], positions: &[(i32, i64)]) -> SourceDecisions {
     SourceDecisions {
@@ -51,7 +51,7 @@ fn the_redis_sink_records_the_source_decisions_with_its_commit() {
             distinct_merchants: 1,
             distinct_countries: 1,
         };
-        input.update_at((CardWindow { card_id: 1, window_ms: 60_000 }, stats), 3, 1);
+        input.update_at((1, common::arrival(60_000, stats)), 3, 1);
         input.advance_to(10);
         alerts.advance_to(10);
         input.flush();

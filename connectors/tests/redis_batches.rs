@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use tripwire_connectors::readback;
 use tripwire_connectors::redis_sink::{Keys, RedisSinkConfig, PART_ARGS};
 use tripwire_connectors::Endpoints;
-use tripwire_dataflow::{CardWindow, StatKey, WindowStats};
+use tripwire_dataflow::{StatKey, WindowStats};
 
 fn failures() -> f64 {
     prometheus::gather()
@@ -70,7 +70,7 @@ fn fails_then_lands(cards: u64, bad: u64) {
     timely::execute(timely::Config::thread(), move |worker| {
         let (mut input, mut alerts, committed) = common::redis_sink_alone(worker, &config);
         for card in 0..cards {
-            input.update_at((CardWindow { card_id: card, window_ms: 60_000 }, stats(card)), 10, 1);
+            input.update_at((card, common::arrival(60_000, stats(card))), 10, 1);
         }
         input.advance_to(20);
         input.flush();

@@ -14,9 +14,7 @@ use std::collections::{HashSet, VecDeque};
 use crate::event::{Time, Transaction};
 use crate::fxhash::FxHasher;
 use crate::output::WindowStats;
-
-/// How many statistics windows a config may have.
-pub const MAX_STAT_WINDOWS: usize = 8;
+pub use crate::output::MAX_STAT_WINDOWS;
 
 /// What the card keeps of one transaction.
 #[derive(Clone, Copy, Debug)]

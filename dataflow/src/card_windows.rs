@@ -31,7 +31,7 @@ use crate::card_state::{Agg, CardState, Entry, Scratch};
 use crate::config::FraudConfig;
 use crate::event::{Diff, Time, Transaction};
 use crate::fxhash::FxHashMap;
-use crate::output::{CardWindow, WindowStats};
+use crate::output::{CardChange, CardStats};
 
 /// How many distinct window lengths the rules may read.
 pub const MAX_RULE_WINDOWS: usize = 4;
@@ -120,8 +120,9 @@ impl Judged {
 
 /// The two outputs of [`card_windows`].
 pub struct CardWindows<'s> {
-    /// `(CardWindow, WindowStats)` for the statistics windows of the config.
-    pub stats: VecCollection<'s, Time, (CardWindow, WindowStats), Diff>,
+    /// `(card_id, CardChange)`: each card's statistics of every window of the
+    /// config, as a changelog (see [`CardChange`]).
+    pub stats: VecCollection<'s, Time, (u64, CardChange), Diff>,
     /// Every accepted event once, at its time, with its card's state then.
     pub judged: VecCollection<'s, Time, Judged, Diff>,
     /// How much this worker's operator holds, updated after each activation.
@@ -350,19 +351,23 @@ pub fn card_windows<'s>(
                         &mut scratch,
                         &mut aggs,
                     );
-                    for (k, &i) in stat_index.iter().enumerate().filter(|(_, &i)| i < depth) {
-                        let after = aggs[i].stats();
-                        if state.emitted[k] == after {
-                            continue;
+                    // One change per card: if any window changed, the card's record after.
+                    let changed = stat_index
+                        .iter()
+                        .enumerate()
+                        .any(|(k, &i)| i < depth && state.emitted[k] != aggs[i].stats());
+                    if changed {
+                        let existed = state.emitted.iter().any(Option::is_some);
+                        for (k, &i) in stat_index.iter().enumerate().filter(|(_, &i)| i < depth) {
+                            state.emitted[k] = aggs[i].stats();
                         }
-                        let key = CardWindow { card_id, window_ms: lengths[i] };
-                        if let Some(b) = state.emitted[k] {
-                            stats_session.give(((key, b), t, -1));
-                        }
-                        if let Some(a) = after {
-                            stats_session.give(((key, a), t, 1));
-                        }
-                        state.emitted[k] = after;
+                        let stats = CardStats::new(
+                            stat_index
+                                .iter()
+                                .zip(&state.emitted)
+                                .map(|(&i, s)| (lengths[i], s.unwrap_or_default())),
+                        );
+                        stats_session.give(((card_id, CardChange { stats, existed }), t, 1));
                     }
                     let mut windows = [WindowView::default(); MAX_RULE_WINDOWS];
                     if !mine.is_empty() {

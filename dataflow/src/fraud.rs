@@ -8,13 +8,13 @@ use std::rc::Rc;
 use crate::card_windows::{card_windows, StateSize};
 use crate::config::FraudConfig;
 use crate::event::{Diff, Time, Transaction};
-use crate::output::{Alert, CardWindow, WindowStats};
+use crate::output::{Alert, CardChange};
 use crate::rules::{AmountSpike, CardTesting, CountryHopping, ImpossibleTravel, Velocity};
 
 /// The two outputs of the fraud computation.
 pub struct FraudOutputs<'s> {
-    /// `(CardWindow, WindowStats)`: per card and statistics window, the current statistics.
-    pub stats: VecCollection<'s, Time, (CardWindow, WindowStats), Diff>,
+    /// `(card_id, CardChange)`: the changelog of every card's statistics (see [`CardChange`]).
+    pub stats: VecCollection<'s, Time, (u64, CardChange), Diff>,
     /// Alerts; a monotone collection, each alert at its trigger's time.
     pub alerts: VecCollection<'s, Time, Alert, Diff>,
     /// What this worker's window state holds, for metrics and tests.

@@ -34,4 +34,7 @@ pub mod rules;
 pub use config::FraudConfig;
 pub use event::{Channel, Diff, Time, Transaction};
 pub use fraud::{DetectFraud, FraudOutputs};
-pub use output::{alert_id, Alert, CardWindow, Details, Metric, Rule, StatKey, WindowStats};
+pub use output::{
+    alert_id, Alert, CardChange, CardStats, Details, Metric, Rule, StatKey, WindowStats,
+    MAX_STAT_WINDOWS,
+};

@@ -43,10 +43,6 @@ pub struct StatKey {
 }
 
 /// The statistics of one card over one window, all five metrics in one record.
-///
-/// The statistics collection holds `(CardWindow, WindowStats)`: at any closed
-/// time exactly one record for each `(card, window)` whose window is not
-/// empty, and nothing for empty windows. Sinks write it as one row.
 #[derive(
     Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
 )]
@@ -76,13 +72,82 @@ impl WindowStats {
     }
 }
 
-/// The key of the statistics collection: a card and a window length.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct CardWindow {
-    /// Card id.
-    pub card_id: u64,
-    /// Window length in ms.
-    pub window_ms: Time,
+/// How many statistics windows a config may have (and a card's record hold).
+pub const MAX_STAT_WINDOWS: usize = 6;
+
+/// The statistics of one card over every statistics window, as of one time:
+/// what a reader of the card needs, in one record. It lists all the config's
+/// statistics windows, ascending by length; an empty one has a count of 0 (a
+/// non-empty one never does). Sinks write it as one row, one hash.
+///
+/// One record per card, not per card and window: an arrival changes every
+/// window of its card at once, so the stores write one row where they wrote
+/// four, and the dataflow moves one change where it moved four.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+pub struct CardStats {
+    /// How many of `windows` are in use.
+    len: u8,
+    /// Window length (ms) and statistics; unused slots stay at their default,
+    /// so that derived equality and order see only the used ones.
+    windows: [(Time, WindowStats); MAX_STAT_WINDOWS],
+}
+
+impl CardStats {
+    /// A card's record of `windows` (length in ms and statistics, ascending by
+    /// length, empty windows with a count of 0). Panics past [`MAX_STAT_WINDOWS`].
+    pub fn new(windows: impl IntoIterator<Item = (Time, WindowStats)>) -> Self {
+        let mut s = CardStats::default();
+        for w in windows {
+            assert!((s.len as usize) < MAX_STAT_WINDOWS, "at most {MAX_STAT_WINDOWS} windows");
+            s.windows[s.len as usize] = w;
+            s.len += 1;
+        }
+        s
+    }
+
+    /// Every statistics window: length in ms and statistics (empty ones with a count of 0).
+    pub fn windows(&self) -> &[(Time, WindowStats)] {
+        &self.windows[..self.len as usize]
+    }
+
+    /// The non-empty windows.
+    pub fn non_empty(&self) -> impl Iterator<Item = &(Time, WindowStats)> {
+        self.windows().iter().filter(|(_, s)| s.count > 0)
+    }
+
+    /// Whether every window is empty (no such record is ever in the collection).
+    pub fn is_empty(&self) -> bool {
+        self.non_empty().next().is_none()
+    }
+
+    /// The per-metric view of card `card_id`'s non-empty windows, as the reference model answers.
+    pub fn stat_keys(&self, card_id: u64) -> impl Iterator<Item = (StatKey, i64)> + '_ {
+        self.non_empty().flat_map(move |(window_ms, s)| {
+            s.metrics().map(|(metric, v)| (StatKey { card_id, window_ms: *window_ms, metric }, v))
+        })
+    }
+}
+
+/// A change of one card's statistics, at the time it happens.
+///
+/// The statistics output is the collection of these changes, a changelog: each
+/// enters once (multiplicity 1) at its time and is never retracted, as alerts
+/// are a log of facts. A card has at most one change per time, and only where
+/// a window of it changes; its statistics at time `t` are those of its latest
+/// change at or before `t`, none before its first. Why not the collection of
+/// current statistics (a retraction and an insertion per change): sinks want
+/// each card's latest value per commit, and the retraction doubled what the
+/// dataflow moved for nothing.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+pub struct CardChange {
+    /// The card's statistics from this time on; every window empty: it has none left.
+    pub stats: CardStats,
+    /// Whether the card had statistics (a non-empty window) just before.
+    pub existed: bool,
 }
 
 /// The fraud rules.

@@ -21,19 +21,27 @@
 //! card's hash 500 times a second, as an authorisation service would.
 //! Before (c), an untimed run of the job warms PostgreSQL and the page cache.
 //! Prints a table and writes `bench/results/throughput.json`.
+//!
+//! To measure a change as a ratio in one run: build the job before it, copy
+//! `target/release/fraud-detector` aside, build it after, and run with
+//! `TRIPWIRE_BENCH_BASELINE=/path/to/the/copy`: only (c) then, the two builds
+//! in turn, `TRIPWIRE_BENCH_ROUNDS` (default 2) times each.
 
 #[path = "support/peer.rs"]
 mod peer;
 mod support;
 
 use std::collections::{HashMap, VecDeque};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
-use support::{bulk_config, clean_up, env_or, load, records_in, unique, write_results, JobRun};
+use support::{
+    binary, bulk_config, clean_up, env_or, load, records_in, unique, write_results, JobRun,
+};
 use tripwire_connectors::avro::{Limits, TransactionCodec};
 use tripwire_connectors::ceiling::read_topic;
 use tripwire_connectors::kafka_admin::partition_count;
@@ -45,6 +53,7 @@ use tripwire_jobs::generator::{GenConfig, Generator};
 /// stores; its seconds and, with `reader`, the latencies (ms, sorted) of a
 /// Redis client reading cards all along.
 fn tripwire(
+    bin: &Path,
     topic: &str,
     workers: usize,
     archive: bool,
@@ -61,7 +70,7 @@ fn tripwire(
     let appendfsync = if fsync { "always" } else { "everysec" };
     redis::cmd("CONFIG").arg("SET").arg("appendfsync").arg(appendfsync).exec(&mut con).unwrap();
     let reads = reader.then(|| peer::Reader::start(&job, support::BULK_CARDS, READS_PER_S));
-    let secs = JobRun { topic, job: &job, processes: 1, workers, args }.run_bounded();
+    let secs = JobRun { topic, job: &job, processes: 1, workers, args }.run_bounded_binary(bin);
     let reads = reads.map(peer::Reader::finish).unwrap_or_default();
     clean_up(&job, &[]);
     redis::cmd("CONFIG").arg("SET").arg("appendfsync").arg("everysec").exec(&mut con).unwrap();
@@ -198,6 +207,10 @@ fn main() {
     }
     let records = records_in(&bootstrap, &topic) as f64;
 
+    let bin = binary("fraud-detector");
+    if let Ok(baseline) = std::env::var("TRIPWIRE_BENCH_BASELINE") {
+        return against_baseline(&topic, records, &bin, Path::new(&baseline));
+    }
     let (n, s) = read_topic(&bootstrap, &topic, false);
     let consume_eps = n as f64 / s;
     let (n, s) = read_topic(&bootstrap, &topic, true);
@@ -205,11 +218,11 @@ fn main() {
     // An untimed run first: whichever Tripwire run came first was the
     // slowest (PostgreSQL's buffers and the page cache still cold), which
     // made the fsync row look faster than the one without fsyncs.
-    tripwire(&topic, 2, false, true, false);
-    let (secs, reads) = tripwire(&topic, 2, false, false, true);
+    tripwire(&bin, &topic, 2, false, true, false);
+    let (secs, reads) = tripwire(&bin, &topic, 2, false, false, true);
     let tripwire_eps = records / secs;
-    let tripwire_archive_eps = records / tripwire(&topic, 2, true, false, false).0;
-    let tripwire_fsync_eps = records / tripwire(&topic, 2, false, true, false).0;
+    let tripwire_archive_eps = records / tripwire(&bin, &topic, 2, true, false, false).0;
+    let tripwire_fsync_eps = records / tripwire(&bin, &topic, 2, false, true, false).0;
     let (n, s) = naive(&bootstrap, &topic, naive_limit);
     let naive_eps = n as f64 / s;
     let peer = kafka_streams(&bootstrap, &topic);
@@ -263,4 +276,29 @@ fn main() {
         },
     });
     write_results("throughput", &json);
+}
+
+/// (c) with this build and with `baseline`, in turn (after an untimed warm-up
+/// run), with the Redis reader: a change measured as a ratio in one run.
+fn against_baseline(topic: &str, records: f64, bin: &Path, baseline: &Path) {
+    let rounds = env_or("TRIPWIRE_BENCH_ROUNDS", 2);
+    tripwire(bin, topic, 2, false, false, false);
+    println!("\n{records} records, (c) with each build in turn\n");
+    println!("| round | build | events/s | Redis read p50 ms | p99 ms |");
+    println!("|---|---|---|---|---|");
+    let mut sums = [0.0f64; 2];
+    for round in 1..=rounds {
+        for (i, (name, b)) in [("baseline", baseline), ("this", bin)].into_iter().enumerate() {
+            let (secs, reads) = tripwire(b, topic, 2, false, false, true);
+            let q = |p| support::quantile(&reads, p);
+            sums[i] += records / secs;
+            println!(
+                "| {round} | {name} | {:.0} | {:.2} | {:.2} |",
+                records / secs,
+                q(0.5),
+                q(0.99)
+            );
+        }
+    }
+    println!("\nthis / baseline = {:.2} (mean events/s over {rounds} rounds)", sums[1] / sums[0]);
 }

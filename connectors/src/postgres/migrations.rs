@@ -150,6 +150,41 @@ CREATE TABLE source_positions (
         // deletes of windows that came and went within a batch only from here on.
         "CREATE TABLE job_high_water (job text PRIMARY KEY, frontier bigint NOT NULL);",
     ),
+    (
+        6,
+        "card_stats: one row per card holding every window; window_stats becomes a view of it",
+        // An arrival changes every window of its card: one row per card is
+        // one row to write where there were four (and one index entry). The
+        // arrays hold the card's non-empty windows, ascending by length,
+        // position by position; `window_stats` keeps its shape for readers.
+        r#"
+CREATE TABLE card_stats (
+    card_id            bigint PRIMARY KEY,
+    window_ms          bigint[] NOT NULL,
+    count              bigint[] NOT NULL,
+    sum_minor          bigint[] NOT NULL,
+    max_amount_minor   bigint[] NOT NULL,
+    distinct_merchants bigint[] NOT NULL,
+    distinct_countries bigint[] NOT NULL,
+    -- Event time (ms) of the change this row reflects; upserts only move it forward.
+    as_of              bigint NOT NULL
+) WITH (fillfactor = 70);
+INSERT INTO card_stats
+SELECT card_id, array_agg(window_ms ORDER BY window_ms), array_agg(count ORDER BY window_ms),
+       array_agg(sum_minor ORDER BY window_ms), array_agg(max_amount_minor ORDER BY window_ms),
+       array_agg(distinct_merchants ORDER BY window_ms),
+       array_agg(distinct_countries ORDER BY window_ms), max(as_of)
+FROM window_stats GROUP BY card_id;
+DROP TABLE window_stats;
+CREATE VIEW window_stats AS
+SELECT c.card_id, w.window_ms, w.count, w.sum_minor, w.max_amount_minor, w.distinct_merchants,
+       w.distinct_countries, c.as_of
+FROM card_stats c,
+     unnest(c.window_ms, c.count, c.sum_minor, c.max_amount_minor, c.distinct_merchants,
+            c.distinct_countries)
+         AS w(window_ms, count, sum_minor, max_amount_minor, distinct_merchants, distinct_countries);
+"#,
+    ),
 ];
 
 /// Apply every migration `client`'s database lacks; returns the versions applied now.

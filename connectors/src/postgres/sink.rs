@@ -3,15 +3,18 @@
 //!
 //! Writes are idempotent as well, so that a replay after a crash cannot double
 //! anything: statistics are absolute values upserted under a version guard
-//! (`as_of` only moves forward), emptied windows are deleted under the same
-//! guard, alerts are inserted with `ON CONFLICT DO NOTHING` on their
-//! deterministic id, archived events likewise on their event id. All of it
-//! goes in bulk (`UNNEST` over arrays).
+//! (`as_of` only moves forward), one row per card (`card_stats`) copied in
+//! (`COPY ... BINARY` into a staging table, one upsert from it); cards whose
+//! windows all emptied are deleted under the same guard, alerts are inserted
+//! with `ON CONFLICT DO NOTHING` on their deterministic id, archived events
+//! likewise on their event id. The rest goes in bulk (`UNNEST` over arrays).
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::types::Type;
 use tokio_postgres::{Client, NoTls, Statement};
-use tripwire_dataflow::{CardWindow, Channel, Time, WindowStats};
+use tripwire_dataflow::{CardStats, Channel, Time};
 
 use super::migrate;
 use crate::commit::{frontier_sink, Batch, CommitOptions, Committed, InputEnd, SinkInputs, Store};
@@ -108,6 +111,14 @@ impl Store for Postgres {
                 .await
                 .map_err(|e| e.to_string())?;
         }
+        // Where each commit copies its card rows before upserting them.
+        client
+            .batch_execute(
+                "CREATE TEMP TABLE IF NOT EXISTS card_stats_in (LIKE card_stats)
+                     ON COMMIT DELETE ROWS",
+            )
+            .await
+            .map_err(|e| e.to_string())?;
         let statements = Statements::prepare(&client).await.map_err(|e| e.to_string())?;
         Ok(PgConn { client, statements })
     }
@@ -251,21 +262,19 @@ impl Statements {
                  ON CONFLICT DO NOTHING"
             ),
             c.prepare(
-                "INSERT INTO window_stats (card_id, window_ms, count, sum_minor, max_amount_minor,
-                                           distinct_merchants, distinct_countries, as_of)
-                 SELECT * FROM UNNEST($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[],
-                                      $5::bigint[], $6::bigint[], $7::bigint[], $8::bigint[])
-                 ON CONFLICT (card_id, window_ms) DO UPDATE SET
-                     count = EXCLUDED.count, sum_minor = EXCLUDED.sum_minor,
+                "INSERT INTO card_stats SELECT * FROM card_stats_in
+                 ON CONFLICT (card_id) DO UPDATE SET
+                     window_ms = EXCLUDED.window_ms, count = EXCLUDED.count,
+                     sum_minor = EXCLUDED.sum_minor,
                      max_amount_minor = EXCLUDED.max_amount_minor,
                      distinct_merchants = EXCLUDED.distinct_merchants,
                      distinct_countries = EXCLUDED.distinct_countries, as_of = EXCLUDED.as_of
-                 WHERE window_stats.as_of <= EXCLUDED.as_of"
+                 WHERE card_stats.as_of <= EXCLUDED.as_of"
             ),
             c.prepare(
-                "DELETE FROM window_stats w
-                 USING UNNEST($1::bigint[], $2::bigint[], $3::bigint[]) AS d(card_id, window_ms, as_of)
-                 WHERE w.card_id = d.card_id AND w.window_ms = d.window_ms AND w.as_of <= d.as_of"
+                "DELETE FROM card_stats c
+                 USING UNNEST($1::bigint[], $2::bigint[]) AS d(card_id, as_of)
+                 WHERE c.card_id = d.card_id AND c.as_of <= d.as_of"
             ),
             c.prepare(
                 "INSERT INTO alerts (alert_id, card_id, rule, trigger_event, event_time, details)
@@ -341,16 +350,16 @@ async fn commit(
         if covered { (&[], &[], &[], &[]) } else { (upserts, deletes, alerts, &b.archive) };
     // When the store holds exactly what this run's commits left (its frontier
     // is where this batch starts, and no other run or worker can have written
-    // beyond it), a window that came and went within the batch has no row to
+    // beyond it), a card that came and went within the batch has no row to
     // delete. Catching up, that is most deletes.
     let exact = stored == Some(as_i64(b.start)) && b.start >= high_water;
-    let kept: Vec<(CardWindow, Time)>;
+    let kept: Vec<(u64, Time)>;
     let deletes: &[_] = if exact {
         kept = deletes.iter().filter(|(k, _)| !b.passing(k)).copied().collect();
         tracing::debug!(
             worker,
             skipped = deletes.len() - kept.len(),
-            "windows that came and went not deleted"
+            "cards that came and went not deleted"
         );
         &kept
     } else {
@@ -402,38 +411,24 @@ async fn commit(
         tx.execute(&st.positions, &[&job, &source.topic, p, o]).await
     };
 
-    let col = |f: &dyn Fn(&(CardWindow, WindowStats, Time)) -> i64| -> Vec<i64> {
-        upserts.iter().map(f).collect()
-    };
-    let upsert_cols = [
-        col(&|u| u.0.card_id as i64),
-        col(&|u| u.0.window_ms as i64),
-        col(&|u| u.1.count),
-        col(&|u| u.1.sum),
-        col(&|u| u.1.max_amount),
-        col(&|u| u.1.distinct_merchants),
-        col(&|u| u.1.distinct_countries),
-        col(&|u| as_i64(u.2)),
-    ];
     let upsert_fut = async {
         if upserts.is_empty() {
             return Ok(0);
         }
-        let [a, b, c, d, e, f, g, h] = &upsert_cols;
-        tx.execute(&st.upsert, &[a, b, c, d, e, f, g, h]).await
+        copy_cards(tx, upserts).await?;
+        tx.execute(&st.upsert, &[]).await
     };
 
     let delete_cols = (
-        deletes.iter().map(|d| d.0.card_id as i64).collect::<Vec<i64>>(),
-        deletes.iter().map(|d| d.0.window_ms as i64).collect::<Vec<i64>>(),
+        deletes.iter().map(|d| d.0 as i64).collect::<Vec<i64>>(),
         deletes.iter().map(|d| as_i64(d.1)).collect::<Vec<i64>>(),
     );
     let delete_fut = async {
         if deletes.is_empty() {
             return Ok(0);
         }
-        let (c, w, a) = &delete_cols;
-        tx.execute(&st.delete, &[c, w, a]).await
+        let (c, a) = &delete_cols;
+        tx.execute(&st.delete, &[c, a]).await
     };
 
     let alert_cols = (
@@ -474,6 +469,51 @@ async fn commit(
         checkpoint_fut
     )?;
     transaction.commit().await
+}
+
+/// Copy the cards' rows into the staging table `card_stats_in` (emptied at commit).
+async fn copy_cards(
+    tx: &tokio_postgres::Transaction<'_>,
+    upserts: &[(u64, CardStats, Time)],
+) -> Result<(), tokio_postgres::Error> {
+    let sink = tx.copy_in("COPY card_stats_in FROM STDIN BINARY").await?;
+    let types = [
+        Type::INT8,
+        Type::INT8_ARRAY,
+        Type::INT8_ARRAY,
+        Type::INT8_ARRAY,
+        Type::INT8_ARRAY,
+        Type::INT8_ARRAY,
+        Type::INT8_ARRAY,
+        Type::INT8,
+    ];
+    let writer = BinaryCopyInWriter::new(sink, &types);
+    let mut writer = std::pin::pin!(writer);
+    // The arrays of one row, reused: no allocation per row.
+    let mut columns: [Vec<i64>; 6] = Default::default();
+    for (card, stats, as_of) in upserts {
+        for c in columns.iter_mut() {
+            c.clear();
+        }
+        for (window_ms, s) in stats.non_empty() {
+            let values = [
+                *window_ms as i64,
+                s.count,
+                s.sum,
+                s.max_amount,
+                s.distinct_merchants,
+                s.distinct_countries,
+            ];
+            for (c, v) in columns.iter_mut().zip(values) {
+                c.push(v);
+            }
+        }
+        let [w, n, sum, max, m, ctry] = &columns;
+        let (card, as_of) = (*card as i64, (*as_of).min(i64::MAX as u64) as i64);
+        writer.as_mut().write(&[&card, w, n, sum, max, m, ctry, &as_of]).await?;
+    }
+    writer.finish().await?;
+    Ok(())
 }
 
 /// Archive accepted events, once each (a replay finds them there).
@@ -528,14 +568,15 @@ mod tests {
     use super::*;
     use crate::Endpoints;
 
-    fn stats(count: i64) -> WindowStats {
-        WindowStats {
+    fn stats(count: i64) -> CardStats {
+        let s = tripwire_dataflow::WindowStats {
             count,
             sum: 100 * count,
             max_amount: 100,
             distinct_merchants: 1,
             distinct_countries: 1,
-        }
+        };
+        CardStats::new([(60_000, s)])
     }
 
     /// A restarted group replays from the least frontier of all workers, so a
@@ -576,7 +617,7 @@ mod tests {
                 worker: 0,
             };
             let mut conn = store.connect().await.unwrap();
-            let key = CardWindow { card_id: 7, window_ms: 60_000 };
+            let key = 7;
             let upsert = |frontier, as_of| Batch {
                 frontier,
                 upserts: vec![(key, stats(1), as_of)],

@@ -13,8 +13,8 @@ use timely::{Config, WorkerConfig};
 
 use tripwire_dataflow::reference::Reference;
 use tripwire_dataflow::{
-    Alert, CardWindow, Channel, DetectFraud, Diff, FraudConfig, StatKey, Time, Transaction,
-    WindowStats,
+    Alert, CardChange, CardStats, Channel, DetectFraud, Diff, FraudConfig, StatKey, Time,
+    Transaction,
 };
 
 /// SplitMix64: small, seedable, good enough for test streams.
@@ -111,7 +111,7 @@ impl Scenario {
 /// What the dataflow emitted, as raw updates.
 #[derive(Default, Debug)]
 pub struct Outputs {
-    pub stats: Vec<((CardWindow, WindowStats), Time, Diff)>,
+    pub stats: Vec<((u64, CardChange), Time, Diff)>,
     pub alerts: Vec<(Alert, Time, Diff)>,
 }
 
@@ -260,35 +260,48 @@ pub fn assert_matches_reference(scenario: &Scenario, outputs: &Outputs, label: &
     }
     let mut stats = outputs.stats.clone();
     stats.sort_by_key(|(_, t, _)| *t);
+    let changes: BTreeSet<(u64, Time)> =
+        stats.iter().map(|((card, _), t, _)| (*card, *t)).collect();
+    assert_eq!(changes.len(), stats.len(), "{label}: a card changed twice at one time");
     let mut alerts = outputs.alerts.clone();
     alerts.sort_by_key(|(_, t, _)| *t);
     let (mut si, mut ai) = (0, 0);
-    let mut acc_stats: BTreeMap<(CardWindow, WindowStats), Diff> = BTreeMap::new();
+    // Each card's statistics as of the query time: its latest change.
+    let mut latest: BTreeMap<u64, CardStats> = BTreeMap::new();
     let mut acc_alerts: BTreeMap<Alert, Diff> = BTreeMap::new();
+    let mut configured = cfg.windows.clone();
+    configured.sort_unstable();
+    configured.dedup();
     for q in queries {
         while si < stats.len() && stats[si].1 <= q {
-            *acc_stats.entry(stats[si].0).or_default() += stats[si].2;
+            let ((card, change), t, d) = stats[si];
+            assert_eq!(d, 1, "{label}: card {card}'s change at {t} has multiplicity {d}");
+            let before = latest.get(&card).copied().unwrap_or_default();
+            assert_eq!(
+                change.existed,
+                !before.is_empty(),
+                "{label}: card {card}'s change at {t} misstates whether it had statistics"
+            );
+            let windows: Vec<Time> = change.stats.windows().iter().map(|(w, _)| *w).collect();
+            assert_eq!(
+                windows, configured,
+                "{label}: card {card}'s change at {t} lists {windows:?}"
+            );
+            let same = |a: &CardStats, b: &CardStats| a.non_empty().eq(b.non_empty());
+            assert!(
+                !same(&before, &change.stats),
+                "{label}: card {card}'s change at {t} changes nothing"
+            );
+            latest.insert(card, change.stats);
             si += 1;
         }
         while ai < alerts.len() && alerts[ai].1 <= q {
             *acc_alerts.entry(alerts[ai].0.clone()).or_default() += alerts[ai].2;
             ai += 1;
         }
-        acc_stats.retain(|_, d| *d != 0);
         acc_alerts.retain(|_, d| *d != 0);
-        let bad_mult: Vec<_> = acc_stats.iter().filter(|(_, d)| **d != 1).collect();
-        assert!(bad_mult.is_empty(), "{label}: stats with multiplicity != 1 at {q}: {bad_mult:?}");
-        // The per-metric view of the dataflow's rows; a (card, window) held twice shows as a mismatch above.
-        let got: BTreeMap<StatKey, i64> = acc_stats
-            .keys()
-            .flat_map(|(cw, s)| {
-                s.metrics().map(|(metric, v)| {
-                    (StatKey { card_id: cw.card_id, window_ms: cw.window_ms, metric }, v)
-                })
-            })
-            .collect();
-        let rows: BTreeSet<CardWindow> = acc_stats.keys().map(|(cw, _)| *cw).collect();
-        assert_eq!(rows.len(), acc_stats.len(), "{label}: one row per (card, window) at {q}");
+        let got: BTreeMap<StatKey, i64> =
+            latest.iter().flat_map(|(card, s)| s.stat_keys(*card)).collect();
         let want = reference.stats_at(q);
         if got != want {
             let missing: Vec<_> =

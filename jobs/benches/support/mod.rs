@@ -136,7 +136,11 @@ pub struct JobRun<'a> {
 impl JobRun<'_> {
     /// Start every process of the job; each child's output is inherited.
     pub fn spawn(&self) -> Vec<Child> {
-        let bin = binary("fraud-detector");
+        self.spawn_binary(&binary("fraud-detector"))
+    }
+
+    /// [`JobRun::spawn`] with the job binary `bin` (another build, to compare with).
+    pub fn spawn_binary(&self, bin: &Path) -> Vec<Child> {
         let hosts = (self.processes > 1).then(|| {
             let path = std::env::temp_dir().join(format!("{}.hosts", self.job));
             let lines: Vec<String> =
@@ -146,7 +150,7 @@ impl JobRun<'_> {
         });
         (0..self.processes)
             .map(|p| {
-                let mut cmd = Command::new(&bin);
+                let mut cmd = Command::new(bin);
                 cmd.args(["--topic", self.topic, "--job", self.job])
                     .args(["--dlq-topic", &format!("{}-dlq", self.topic)])
                     .args(["-w", &self.workers.to_string()])
@@ -174,8 +178,13 @@ impl JobRun<'_> {
 
     /// Run the job bounded (to the topic's end, everything committed); its seconds.
     pub fn run_bounded(&self) -> f64 {
+        self.run_bounded_binary(&binary("fraud-detector"))
+    }
+
+    /// [`JobRun::run_bounded`] with the job binary `bin`.
+    pub fn run_bounded_binary(&self, bin: &Path) -> f64 {
         let started = Instant::now();
-        for mut child in self.bounded().spawn() {
+        for mut child in self.bounded().spawn_binary(bin) {
             assert!(child.wait().unwrap().success(), "the job failed");
         }
         started.elapsed().as_secs_f64()
