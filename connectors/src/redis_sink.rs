@@ -488,7 +488,7 @@ impl Card<'_> {
     /// How many script arguments it takes.
     fn args(&self) -> usize {
         match self {
-            Card::Set(_, s) => 4 + s.windows().len() + s.non_empty().count(),
+            Card::Set(_, s) => 4 + s.len() + s.non_empty().count(),
             Card::Delete(..) => 4,
         }
     }
@@ -597,9 +597,8 @@ impl Store for Redis {
                 for card in cards {
                     match card {
                         Card::Set(id, stats) => {
-                            let windows = stats.windows();
-                            let set = windows.iter().filter(|(_, s)| s.count > 0).count();
-                            invocation.arg(id).arg(set).arg(windows.len() - set).arg(0);
+                            let set = stats.non_empty().count();
+                            invocation.arg(id).arg(set).arg(stats.len() - set).arg(0);
                             for (w, s) in stats.non_empty() {
                                 invocation.arg(window_field(w)).arg(format!(
                                     "{},{},{},{},{}",
@@ -610,7 +609,7 @@ impl Store for Redis {
                                     s.distinct_countries
                                 ));
                             }
-                            for (w, _) in windows.iter().filter(|(_, s)| s.count == 0) {
+                            for (w, _) in stats.windows().filter(|(_, s)| s.count == 0) {
                                 invocation.arg(window_field(w));
                             }
                         }

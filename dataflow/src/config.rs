@@ -139,7 +139,8 @@ impl FraudConfig {
 
     /// Check what the computation relies on: at least one statistics window,
     /// no window of length 0, at most [`crate::card_state::MAX_STAT_WINDOWS`]
-    /// statistics windows, and at most
+    /// statistics windows, none longer than [`crate::output::MAX_STAT_WINDOW_MS`]
+    /// (49 days), and at most
     /// [`crate::card_windows::MAX_RULE_WINDOWS`] distinct rule windows.
     pub fn validate(&self) -> Result<(), String> {
         if self.windows.is_empty() {
@@ -150,6 +151,12 @@ impl FraudConfig {
                 "{} statistics windows, at most {} supported",
                 self.windows.len(),
                 crate::card_state::MAX_STAT_WINDOWS
+            ));
+        }
+        if let Some(w) = self.windows.iter().find(|w| **w > crate::output::MAX_STAT_WINDOW_MS) {
+            return Err(format!(
+                "a statistics window of {w} ms; at most {} ms (49 days) supported",
+                crate::output::MAX_STAT_WINDOW_MS
             ));
         }
         let mut rule: Vec<Time> = self.velocity.limits.iter().map(|(w, _)| *w).collect();

@@ -89,43 +89,94 @@ pub const MAX_STAT_WINDOWS: usize = 6;
 pub struct CardStats {
     /// How many of `windows` are in use.
     len: u8,
-    /// Window length (ms) and statistics; unused slots stay at their default,
-    /// so that derived equality and order see only the used ones.
-    windows: [(Time, WindowStats); MAX_STAT_WINDOWS],
+    /// The windows; unused slots stay at their default, so that derived
+    /// equality and order see only the used ones.
+    windows: [Packed; MAX_STAT_WINDOWS],
 }
+
+/// One window of a card's record, packed: length and counts in 32 bits (32
+/// bytes, not 48). Every change of a card moves its record through the
+/// dataflow and the sinks, and moving bytes was the workers' largest cost.
+/// [`crate::FraudConfig::validate`] keeps statistics windows below 2³² ms
+/// (49 days); counts saturate at 2³² - 1, which no card's window can reach
+/// (its transactions are held in memory).
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+struct Packed {
+    sum: i64,
+    max_amount: i64,
+    window_ms: u32,
+    count: u32,
+    distinct_merchants: u32,
+    distinct_countries: u32,
+}
+
+impl Packed {
+    fn new(window_ms: Time, s: &WindowStats) -> Self {
+        let small = |v: i64| u32::try_from(v.max(0)).unwrap_or(u32::MAX);
+        Packed {
+            sum: s.sum,
+            max_amount: s.max_amount,
+            window_ms: u32::try_from(window_ms).unwrap_or(u32::MAX),
+            count: small(s.count),
+            distinct_merchants: small(s.distinct_merchants),
+            distinct_countries: small(s.distinct_countries),
+        }
+    }
+
+    fn unpack(&self) -> (Time, WindowStats) {
+        let stats = WindowStats {
+            count: self.count.into(),
+            sum: self.sum,
+            max_amount: self.max_amount,
+            distinct_merchants: self.distinct_merchants.into(),
+            distinct_countries: self.distinct_countries.into(),
+        };
+        (self.window_ms.into(), stats)
+    }
+}
+
+/// The longest statistics window a card's record can hold, ms (49 days).
+pub const MAX_STAT_WINDOW_MS: Time = u32::MAX as Time;
 
 impl CardStats {
     /// A card's record of `windows` (length in ms and statistics, ascending by
     /// length, empty windows with a count of 0). Panics past [`MAX_STAT_WINDOWS`].
     pub fn new(windows: impl IntoIterator<Item = (Time, WindowStats)>) -> Self {
         let mut s = CardStats::default();
-        for w in windows {
+        for (window_ms, stats) in windows {
             assert!((s.len as usize) < MAX_STAT_WINDOWS, "at most {MAX_STAT_WINDOWS} windows");
-            s.windows[s.len as usize] = w;
+            s.windows[s.len as usize] = Packed::new(window_ms, &stats);
             s.len += 1;
         }
         s
     }
 
+    /// How many windows it lists.
+    pub fn len(&self) -> usize {
+        self.len as usize
+    }
+
     /// Every statistics window: length in ms and statistics (empty ones with a count of 0).
-    pub fn windows(&self) -> &[(Time, WindowStats)] {
-        &self.windows[..self.len as usize]
+    pub fn windows(&self) -> impl Iterator<Item = (Time, WindowStats)> + '_ {
+        self.windows[..self.len as usize].iter().map(Packed::unpack)
     }
 
     /// The non-empty windows.
-    pub fn non_empty(&self) -> impl Iterator<Item = &(Time, WindowStats)> {
-        self.windows().iter().filter(|(_, s)| s.count > 0)
+    pub fn non_empty(&self) -> impl Iterator<Item = (Time, WindowStats)> + '_ {
+        self.windows().filter(|(_, s)| s.count > 0)
     }
 
-    /// Whether every window is empty (no such record is ever in the collection).
+    /// Whether every window is empty (the card has no statistics).
     pub fn is_empty(&self) -> bool {
-        self.non_empty().next().is_none()
+        self.windows[..self.len as usize].iter().all(|w| w.count == 0)
     }
 
     /// The per-metric view of card `card_id`'s non-empty windows, as the reference model answers.
     pub fn stat_keys(&self, card_id: u64) -> impl Iterator<Item = (StatKey, i64)> + '_ {
         self.non_empty().flat_map(move |(window_ms, s)| {
-            s.metrics().map(|(metric, v)| (StatKey { card_id, window_ms: *window_ms, metric }, v))
+            s.metrics().map(move |(metric, v)| (StatKey { card_id, window_ms, metric }, v))
         })
     }
 }
@@ -270,4 +321,45 @@ fn splitmix64(x: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{FraudConfig, DAY, MINUTE};
+
+    fn stats(count: i64, sum: i64) -> WindowStats {
+        WindowStats {
+            count,
+            sum,
+            max_amount: sum,
+            distinct_merchants: count,
+            distinct_countries: 1,
+        }
+    }
+
+    #[test]
+    fn a_cards_record_gives_back_the_windows_it_was_made_of() {
+        let windows = [
+            (MINUTE, WindowStats::default()),
+            (DAY, stats(3, -(1 << 40))),
+            (40 * DAY, stats(1, 7)),
+        ];
+        let record = CardStats::new(windows);
+        assert_eq!(record.len(), 3);
+        assert_eq!(record.windows().collect::<Vec<_>>(), windows);
+        assert_eq!(record.non_empty().map(|(w, _)| w).collect::<Vec<_>>(), [DAY, 40 * DAY]);
+        assert!(!record.is_empty());
+        assert_eq!(record.stat_keys(9).count(), 10, "five metrics of two non-empty windows");
+        assert!(CardStats::new([(MINUTE, WindowStats::default())]).is_empty());
+    }
+
+    #[test]
+    fn a_statistics_window_longer_than_a_record_holds_is_refused() {
+        let mut config = FraudConfig { windows: vec![MINUTE, 50 * DAY], ..FraudConfig::default() };
+        let error = config.validate().unwrap_err();
+        assert!(error.contains("49 days"), "{error}");
+        config.windows = vec![MINUTE, 49 * DAY];
+        assert!(config.validate().is_ok());
+    }
 }

@@ -497,7 +497,7 @@ async fn copy_cards(
         }
         for (window_ms, s) in stats.non_empty() {
             let values = [
-                *window_ms as i64,
+                window_ms as i64,
                 s.count,
                 s.sum,
                 s.max_amount,

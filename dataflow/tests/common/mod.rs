@@ -282,7 +282,7 @@ pub fn assert_matches_reference(scenario: &Scenario, outputs: &Outputs, label: &
                 !before.is_empty(),
                 "{label}: card {card}'s change at {t} misstates whether it had statistics"
             );
-            let windows: Vec<Time> = change.stats.windows().iter().map(|(w, _)| *w).collect();
+            let windows: Vec<Time> = change.stats.windows().map(|(w, _)| w).collect();
             assert_eq!(
                 windows, configured,
                 "{label}: card {card}'s change at {t} lists {windows:?}"
