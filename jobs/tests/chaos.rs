@@ -366,6 +366,17 @@ fn run_until(
     }
 }
 
+/// `stack down` stops only a server this stack started (it keeps its pid):
+/// one started otherwise would go on answering, and the outage would not happen.
+fn stopped(host: &str, port: u16, what: &str) {
+    let address = format!("{host}:{port}");
+    assert!(
+        std::net::TcpStream::connect(&address).is_err(),
+        "{what} still answers at {address} after `stack down`: this stack did not start it \
+         (stop it, then ./tripwire stack up)"
+    );
+}
+
 /// Matched, missing and extra entries of `got` against `want` (a changed value is both).
 fn compare<K: Ord, V: PartialEq>(
     want: &BTreeMap<K, V>,
@@ -637,6 +648,7 @@ fn chaos_leaves_exactly_the_reference_result_and_that_of_a_run_without_failures(
                 );
                 let opens = group.log_lines("circuit breaker open").len();
                 stack.down(&["postgres".to_string()]).unwrap();
+                stopped(&endpoints.pg_host, endpoints.pg_port, "PostgreSQL");
                 let t = Instant::now();
                 run_until(
                     &mut job,
@@ -669,6 +681,7 @@ fn chaos_leaves_exactly_the_reference_result_and_that_of_a_run_without_failures(
                 );
                 let before = committed(&name);
                 stack.down(&["redis".to_string()]).unwrap();
+                stopped(&endpoints.redis_host, endpoints.redis_port, "Redis");
                 let t = Instant::now();
                 run_until(
                     &mut job,
