@@ -131,6 +131,19 @@ impl Batch {
         })
     }
 
+    /// A copy of it, with its archived events or without.
+    fn copy(&self, archive: bool) -> Batch {
+        Batch {
+            frontier: self.frontier,
+            upserts: self.upserts.clone(),
+            deletes: self.deletes.clone(),
+            start: self.start,
+            absent_before: self.absent_before.clone(),
+            alerts: self.alerts.clone(),
+            archive: if archive { self.archive.clone() } else { Vec::new() },
+        }
+    }
+
     /// Whether the delete of `key` is of a card that came and went within
     /// the batch (no row at its start, none at its end).
     pub fn passing(&self, key: &u64) -> bool {
@@ -336,31 +349,91 @@ pub fn frontier_sink<S: Store>(
     options: CommitOptions,
     store: S,
 ) -> Committed {
-    let scope = inputs.stats.inner.scope();
-    let worker = scope.index();
-    let resume_from = options.resume_from;
+    let worker = inputs.stats.inner.scope().index();
+    let archive = inputs.archive.is_some();
+    let mut marks = frontier_sinks(inputs, vec![committer(name, worker, store, options, archive)]);
+    marks.remove(0)
+}
+
+/// A store's committer thread, started, waiting for the commit operator
+/// ([`frontier_sinks`]) to post it batches.
+pub struct Committer {
+    name: String,
+    mailbox: Arc<Mailbox>,
+    thread: JoinHandle<()>,
+    committed: Committed,
+    options: CommitOptions,
+    /// Whether its batches carry the archived events.
+    archive: bool,
+}
+
+/// Start worker `worker`'s committer named `name`, writing to `store`.
+pub fn committer<S: Store>(
+    name: &str,
+    worker: usize,
+    store: S,
+    options: CommitOptions,
+    archive: bool,
+) -> Committer {
     let committed = options.report_to.clone().unwrap_or_default();
-    committed.0.committed.fetch_max(resume_from, Ordering::AcqRel);
-    committed.0.input.fetch_max(resume_from, Ordering::AcqRel);
+    committed.0.committed.fetch_max(options.resume_from, Ordering::AcqRel);
+    committed.0.input.fetch_max(options.resume_from, Ordering::AcqRel);
     let mailbox = Arc::new(Mailbox::default());
     let thread = spawn_committer(name, store, worker, mailbox.clone(), committed.clone());
+    Committer { name: name.to_owned(), mailbox, thread, committed, options, archive }
+}
 
-    let mut builder = OperatorBuilder::new(name.to_owned(), scope);
+/// What the commit operator keeps per committer.
+struct Outlet {
+    name: String,
+    mailbox: Arc<Mailbox>,
+    thread: Option<JoinHandle<()>>,
+    marks: Committed,
+    interval: Duration,
+    catch_up: Duration,
+    archive: bool,
+    /// Everything below this was posted (or is below where this store resumes).
+    sent: Time,
+    last_sent: Instant,
+}
+
+/// Run one frontier-driven commit operator for this worker that feeds every
+/// committer in `committers`; their progress, in order.
+///
+/// One operator for all the stores: it holds each change once and
+/// consolidates it once for every store due at the same moment (each store's
+/// batch is then a copy), where an operator per store held and sorted every
+/// change once per store, which was half of the workers' time.
+pub fn frontier_sinks(inputs: SinkInputs<'_>, committers: Vec<Committer>) -> Vec<Committed> {
+    let scope = inputs.stats.inner.scope();
+    let worker = scope.index();
+    let marks: Vec<Committed> = committers.iter().map(|c| c.committed.clone()).collect();
+    let names: Vec<&str> = committers.iter().map(|c| c.name.as_str()).collect();
+    let mut builder = OperatorBuilder::new(names.join("+"), scope);
     let activator = scope.activator_for(builder.operator_info().address);
     let mut stats_in = builder.new_input(inputs.stats.inner, Pipeline);
     let mut alerts_in = builder.new_input(inputs.alerts.inner, Pipeline);
     let mut archive_in = inputs.archive.map(|a| builder.new_input(a.inner, Pipeline));
-    let interval = options.interval;
-    let catch_up = options.catch_up_interval;
-    let name = name.to_owned();
-    let marks = committed.clone();
-    let end = options.end.clone();
+    // Changes below every store's resume point were committed by an earlier run.
+    let resume_from = committers.iter().map(|c| c.options.resume_from).min().unwrap_or(0);
+    let end = committers.iter().find_map(|c| c.options.end.clone());
+    let mut outlets: Vec<Outlet> = committers
+        .into_iter()
+        .map(|c| Outlet {
+            marks: c.committed,
+            interval: c.options.interval,
+            catch_up: c.options.catch_up_interval,
+            sent: c.options.resume_from,
+            last_sent: Instant::now() - c.options.interval,
+            archive: c.archive,
+            name: c.name,
+            mailbox: c.mailbox,
+            thread: Some(c.thread),
+        })
+        .collect();
 
     builder.build(move |_caps| {
         let mut pending = Pending::default();
-        let mut sent: Time = resume_from;
-        let mut last_sent = Instant::now() - interval;
-        let mut thread = Some(thread);
         move |frontiers| {
             // The replayed past (below `resume_from`) is dropped as it arrives.
             let keep = |t: &Time| *t >= resume_from;
@@ -382,52 +455,92 @@ pub fn frontier_sink<S: Store>(
                 .min()
                 .unwrap_or(Time::MAX);
             let done = frontier == Time::MAX;
-            // A bounded run ends at its input's end, not at the end of time:
-            // what lies beyond (windows closing) is not committed. Once the
-            // sources are done, the dataflow still runs those departures, and
-            // the frontier passes through their times on its way to the end
-            // of time: it is held at the end all along (each worker's source
-            // sets the end before it lets its capability go, so a sink that
-            // sees the frontier beyond the end knows it).
-            let frontier = match (done, end.as_ref().and_then(InputEnd::get)) {
-                (true, Some(end)) => end.max(sent),
-                (false, Some(end)) => frontier.min(end),
-                _ => frontier,
-            };
-            marks.0.input.fetch_max(frontier, Ordering::AcqRel);
             // Catching up (results more than a minute behind the wall clock),
             // nobody waits for each half second: larger batches consolidate
             // more updates per key and cost the stores far fewer rows.
             let behind = wall_clock_ms().saturating_sub(frontier) > CATCH_UP_BEHIND_MS;
-            let due = if behind { interval.max(catch_up) } else { interval };
-            if frontier > sent && (done || last_sent.elapsed() >= due) {
-                let next = pending.batch(sent, frontier);
-                sent = frontier;
-                last_sent = Instant::now();
-                // Taken at once by a free committer; folded into the waiting
-                // one while it is busy (what waits stays one batch).
-                mailbox.post(next);
+            // Per store: where its batch ends (if one is due now), and when it next is.
+            let mut due_at: Vec<Option<Time>> = Vec::with_capacity(outlets.len());
+            let mut wake: Option<Duration> = None;
+            for o in outlets.iter_mut() {
+                // A bounded run ends at its input's end, not at the end of time:
+                // what lies beyond (windows closing) is not committed. Once the
+                // sources are done, the dataflow still runs those departures, and
+                // the frontier passes through their times on its way to the end
+                // of time: it is held at the end all along (each worker's source
+                // sets the end before it lets its capability go, so a sink that
+                // sees the frontier beyond the end knows it).
+                let frontier = match (done, end.as_ref().and_then(InputEnd::get)) {
+                    (true, Some(end)) => end.max(o.sent),
+                    (false, Some(end)) => frontier.min(end),
+                    _ => frontier,
+                };
+                o.marks.0.input.fetch_max(frontier, Ordering::AcqRel);
+                let due = if behind { o.interval.max(o.catch_up) } else { o.interval };
+                let now = frontier > o.sent && (done || o.last_sent.elapsed() >= due);
+                due_at.push(now.then_some(frontier));
+                if !now && !done && frontier > o.sent {
+                    let w = due.saturating_sub(o.last_sent.elapsed());
+                    wake = Some(wake.map_or(w, |x| x.min(w)));
+                }
             }
-            if thread.as_ref().is_some_and(|t| t.is_finished()) {
-                panic!("the committer of {name} on worker {worker} has stopped");
+            // One batch per distinct (start, end) among the stores due now,
+            // copied for each store beyond the first that takes it.
+            for i in 0..outlets.len() {
+                let Some(frontier) = due_at[i] else { continue };
+                let start = outlets[i].sent;
+                let mut takers: Vec<usize> = (i..outlets.len())
+                    .filter(|&j| due_at[j] == Some(frontier) && outlets[j].sent == start)
+                    .collect();
+                // The one that archives takes the batch itself, the others a copy without.
+                takers.sort_by_key(|&j| outlets[j].archive);
+                let archive = takers.iter().any(|&j| outlets[j].archive);
+                let mut batch = Some(pending.batch(start, frontier, archive));
+                for (n, &j) in takers.iter().enumerate() {
+                    let o = &mut outlets[j];
+                    let mine = if n + 1 == takers.len() {
+                        let mut b = batch.take().expect("kept for the last taker");
+                        if !o.archive {
+                            b.archive = Vec::new();
+                        }
+                        b
+                    } else {
+                        batch.as_ref().expect("kept for the last taker").copy(o.archive)
+                    };
+                    o.sent = frontier;
+                    o.last_sent = Instant::now();
+                    due_at[j] = None;
+                    // Taken at once by a free committer; folded into the waiting
+                    // one while it is busy (what waits stays one batch).
+                    o.mailbox.post(mine);
+                }
+            }
+            // What every store has been sent can go.
+            pending.forget(outlets.iter().map(|o| o.sent).min().unwrap_or(Time::MAX));
+            for o in outlets.iter() {
+                if o.thread.as_ref().is_some_and(|t| t.is_finished()) {
+                    panic!("the committer of {} on worker {worker} has stopped", o.name);
+                }
             }
             if done {
-                // End of input: the last batch is posted; let the committer
-                // finish and wait for it, so that a bounded run's results are
+                // End of input: the last batches are posted; let the committers
+                // finish and wait for them, so that a bounded run's results are
                 // stored when the dataflow ends. (Waiting here, not coming back
                 // later: with no capability left, the dataflow may be torn
                 // down before a later activation.)
-                mailbox.close();
-                if let Some(t) = thread.take() {
-                    t.join().expect("committer thread");
+                for o in outlets.iter_mut() {
+                    o.mailbox.close();
+                    if let Some(t) = o.thread.take() {
+                        t.join().expect("committer thread");
+                    }
                 }
-            } else if frontier > sent {
-                // A batch waits for the commit interval: come back when it is due.
-                activator.activate_after(due.saturating_sub(last_sent.elapsed()));
+            } else if let Some(w) = wake {
+                // A batch waits for its commit interval: come back when it is due.
+                activator.activate_after(w);
             }
         }
     });
-    committed
+    marks
 }
 
 /// Results further behind the wall clock than this are being caught up on.
@@ -447,8 +560,9 @@ struct Pending {
 }
 
 impl Pending {
-    /// Take every update below `frontier` and consolidate it into one batch.
-    fn batch(&mut self, start: Time, frontier: Time) -> Batch {
+    /// Consolidate every update from `start` to below `frontier` into one batch
+    /// (archived events only if `archive`); they stay until [`Pending::forget`].
+    fn batch(&self, start: Time, frontier: Time, archive: bool) -> Batch {
         // Per card, its changes in time order: it ends as its last change
         // says, and had a row at `start` if its first change says it had one.
         // Sorted by card and time (a sort: grouping through a map cost a third
@@ -459,7 +573,7 @@ impl Pending {
         let mut order: Vec<(u64, Time, u32)> = updates
             .iter()
             .enumerate()
-            .filter(|(_, (_, t, _))| *t < frontier)
+            .filter(|(_, (_, t, _))| start <= *t && *t < frontier)
             .map(|(i, ((k, _), t, _))| (*k, *t, i as u32))
             .collect();
         order.sort_unstable();
@@ -483,26 +597,29 @@ impl Pending {
                 b.absent_before.push(card);
             }
         }
-        self.stats.retain(|(_, t, _)| *t >= frontier);
-        self.alerts.retain(|(a, t, d)| {
-            if *t >= frontier {
-                return true;
-            }
-            if *d > 0 {
-                b.alerts.push((a.clone(), *t));
-            }
-            false
-        });
-        self.archive.retain(|(x, t, d)| {
-            if *t >= frontier {
-                return true;
-            }
-            if *d > 0 {
-                b.archive.push(x.clone());
-            }
-            false
-        });
+        let within = |t: &Time| start <= *t && *t < frontier;
+        b.alerts = self
+            .alerts
+            .iter()
+            .filter(|(_, t, d)| within(t) && *d > 0)
+            .map(|(a, t, _)| (a.clone(), *t))
+            .collect();
+        if archive {
+            b.archive = self
+                .archive
+                .iter()
+                .filter(|(_, t, d)| within(t) && *d > 0)
+                .map(|(x, _, _)| x.clone())
+                .collect();
+        }
         b
+    }
+
+    /// Drop every update below `below`: every store has been sent it.
+    fn forget(&mut self, below: Time) {
+        self.stats.retain(|(_, t, _)| *t >= below);
+        self.alerts.retain(|(_, t, _)| *t >= below);
+        self.archive.retain(|(_, t, _)| *t >= below);
     }
 }
 
@@ -738,9 +855,10 @@ mod tests {
             ((key(3), change(2, true)), 12, 1),
         ];
         let mut p = Pending { stats: updates, ..Pending::default() };
-        let b = p.batch(0, 10);
+        let b = p.batch(0, 10, false);
         assert_eq!(b.upserts, vec![(key(1), stats(5), 7), (key(3), stats(1), 5)]);
         assert_eq!(b.deletes, vec![(key(2), 4)]);
+        p.forget(10);
         assert_eq!(p.stats.len(), 1, "the change at 12 waits for a later batch");
         // Cards 2 and 3 had no row when the batch began; card 2 came and went.
         assert_eq!(b.absent_before, vec![key(2), key(3)]);
@@ -755,8 +873,8 @@ mod tests {
             ((key(2), change(0, true)), 5, 1),
             ((key(2), change(9, true)), 1, 1),
         ];
-        let mut p = Pending { stats: updates, ..Pending::default() };
-        let b = p.batch(0, 10);
+        let p = Pending { stats: updates, ..Pending::default() };
+        let b = p.batch(0, 10, false);
         assert_eq!(b.upserts, vec![(key(1), stats(4), 6)]);
         assert_eq!(b.deletes, vec![(key(2), 5)]);
         assert_eq!(b.absent_before, vec![key(1)], "card 1's first change (at 2) says it was new");

@@ -45,7 +45,10 @@ use std::time::Duration;
 use redis::aio::MultiplexedConnection;
 use tripwire_dataflow::{Alert, CardStats, Time};
 
-use crate::commit::{frontier_sink, Batch, CommitOptions, Committed, InputEnd, SinkInputs, Store};
+use crate::commit::{
+    committer, frontier_sinks, Batch, CommitOptions, Committed, Committer, InputEnd, SinkInputs,
+    Store,
+};
 use crate::kafka_source::{DecisionStore, Decisions, SourceDecisions};
 
 /// Where and how the Redis sink writes.
@@ -401,6 +404,12 @@ fn padded(t: Time) -> String {
 /// The read model keeps no archive: `inputs.archive` should be `None`.
 pub fn redis_sink(inputs: SinkInputs<'_>, config: &RedisSinkConfig) -> Committed {
     let worker = inputs.stats.inner.scope().index();
+    frontier_sinks(inputs, vec![redis_committer(worker, config)]).remove(0)
+}
+
+/// Worker `worker`'s Redis committer, for [`frontier_sinks`] (the read model
+/// keeps no archive).
+pub fn redis_committer(worker: usize, config: &RedisSinkConfig) -> Committer {
     let store = Redis { config: config.clone(), worker, script: redis::Script::new(SCRIPT) };
     let options = CommitOptions {
         interval: config.commit_interval,
@@ -409,7 +418,7 @@ pub fn redis_sink(inputs: SinkInputs<'_>, config: &RedisSinkConfig) -> Committed
         catch_up_interval: config.catch_up_interval,
         end: config.end.clone(),
     };
-    frontier_sink("RedisSink", inputs, options, store)
+    committer("RedisSink", worker, store, options, false)
 }
 
 /// The keys of one job's read model.

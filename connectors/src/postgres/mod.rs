@@ -10,4 +10,4 @@ pub use resume::{
     committed_frontier, fit_checkpoints, high_water, record_decisions, recorded_decisions,
     resume_point, ResumePoint,
 };
-pub use sink::{pg_sink, PgSinkConfig};
+pub use sink::{pg_committer, pg_sink, PgSinkConfig};

@@ -17,7 +17,10 @@ use tokio_postgres::{Client, NoTls, Statement};
 use tripwire_dataflow::{CardStats, Channel, Time};
 
 use super::migrate;
-use crate::commit::{frontier_sink, Batch, CommitOptions, Committed, InputEnd, SinkInputs, Store};
+use crate::commit::{
+    committer, frontier_sinks, Batch, CommitOptions, Committed, Committer, InputEnd, SinkInputs,
+    Store,
+};
 use std::sync::{Arc, Mutex};
 
 use crate::kafka_source::{
@@ -70,6 +73,13 @@ pub struct PgSinkConfig {
 /// PostgreSQL, exactly once per frontier.
 pub fn pg_sink(inputs: SinkInputs<'_>, config: &PgSinkConfig) -> Committed {
     let worker = inputs.stats.inner.scope().index();
+    let archive = inputs.archive.is_some();
+    frontier_sinks(inputs, vec![pg_committer(worker, config, archive)]).remove(0)
+}
+
+/// Worker `worker`'s PostgreSQL committer, for [`frontier_sinks`] (with the
+/// archived events in its batches if `archive`).
+pub fn pg_committer(worker: usize, config: &PgSinkConfig, archive: bool) -> Committer {
     let store = Postgres { config: config.clone(), worker };
     let options = CommitOptions {
         interval: config.commit_interval,
@@ -78,7 +88,7 @@ pub fn pg_sink(inputs: SinkInputs<'_>, config: &PgSinkConfig) -> Committed {
         catch_up_interval: config.catch_up_interval,
         end: config.end.clone(),
     };
-    frontier_sink("PgSink", inputs, options, store)
+    committer("PgSink", worker, store, options, archive)
 }
 
 struct Postgres {

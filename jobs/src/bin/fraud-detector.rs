@@ -15,7 +15,7 @@ use anyhow::{bail, Context, Result};
 use clap::{CommandFactory, Parser};
 use serde::{Deserialize, Serialize};
 use tripwire_connectors::avro::Limits;
-use tripwire_connectors::commit::{finish_current_commits, SinkInputs};
+use tripwire_connectors::commit::{finish_current_commits, frontier_sinks, SinkInputs};
 use tripwire_connectors::confluent_registry::ConfluentRegistry;
 use tripwire_connectors::dead_letter_sink::{dead_letter_sink, Confirm};
 use tripwire_connectors::kafka_admin::{ensure_topic, partition_count};
@@ -23,13 +23,13 @@ use tripwire_connectors::kafka_source::{kafka_source, SourceConfig};
 use tripwire_connectors::metrics::serve;
 use tripwire_connectors::postgres::migrations::migrate;
 use tripwire_connectors::postgres::{
-    committed_frontier as pg_committed, fit_checkpoints, high_water as pg_high_water, pg_sink,
+    committed_frontier as pg_committed, fit_checkpoints, high_water as pg_high_water, pg_committer,
     record_decisions, recorded_decisions, resume_point, PgSinkConfig, ResumePoint,
 };
 use tripwire_connectors::redis_sink::{
     committed_frontier as redis_committed, fit_frontiers, high_water as redis_high_water,
-    record_decisions as record_redis_decisions, recorded_decisions as redis_decisions, redis_sink,
-    RedisSinkConfig,
+    record_decisions as record_redis_decisions, recorded_decisions as redis_decisions,
+    redis_committer, RedisSinkConfig,
 };
 use tripwire_connectors::registry::{EmbeddedRegistry, SchemaRegistry};
 use tripwire_connectors::Endpoints;
@@ -377,12 +377,6 @@ fn main() -> Result<()> {
                     end: Some(input.end.clone()),
                     ..sink.clone()
                 };
-                let stats = out.stats;
-                let alerts = out.alerts;
-                pg_sink(
-                    SinkInputs { stats: stats.clone(), alerts: alerts.clone(), archive: archived },
-                    &sink,
-                );
                 // Redis is the read model: it keeps up on its own, folding
                 // batches while it is behind, and never holds the source back.
                 let read_model = RedisSinkConfig {
@@ -390,7 +384,16 @@ fn main() -> Result<()> {
                     decisions: Some(input.decisions),
                     ..read_model.clone()
                 };
-                redis_sink(SinkInputs { stats, alerts, archive: None }, &read_model);
+                // One commit operator for both stores: it consolidates each
+                // change once for both, and each store's committer commits on
+                // its own.
+                let index = scope.index();
+                let committers = vec![
+                    pg_committer(index, &sink, archived.is_some()),
+                    redis_committer(index, &read_model),
+                ];
+                let inputs = SinkInputs { stats: out.stats, alerts: out.alerts, archive: archived };
+                frontier_sinks(inputs, committers);
                 out.state
             });
             // Drive the worker here, to publish its state's size as it goes.
