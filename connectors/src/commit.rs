@@ -434,6 +434,8 @@ pub fn frontier_sinks(inputs: SinkInputs<'_>, committers: Vec<Committer>) -> Vec
 
     builder.build(move |_caps| {
         let mut pending = Pending::default();
+        // Everything below this has left `pending`.
+        let mut forgotten: Time = resume_from;
         move |frontiers| {
             // The replayed past (below `resume_from`) is dropped as it arrives.
             let keep = |t: &Time| *t >= resume_from;
@@ -515,8 +517,13 @@ pub fn frontier_sinks(inputs: SinkInputs<'_>, committers: Vec<Committer>) -> Vec
                     o.mailbox.post(mine);
                 }
             }
-            // What every store has been sent can go.
-            pending.forget(outlets.iter().map(|o| o.sent).min().unwrap_or(Time::MAX));
+            // What every store has been sent can go: a pass over everything
+            // pending, so only when that moved (not on every activation).
+            let least = outlets.iter().map(|o| o.sent).min().unwrap_or(Time::MAX);
+            if least > forgotten {
+                pending.forget(least);
+                forgotten = least;
+            }
             for o in outlets.iter() {
                 if o.thread.as_ref().is_some_and(|t| t.is_finished()) {
                     panic!("the committer of {} on worker {worker} has stopped", o.name);
