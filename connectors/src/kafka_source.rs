@@ -98,6 +98,9 @@ pub struct SourceConfig {
     pub max_in_flight: Option<u64>,
     /// How far back in event time a copy of an accepted event id makes a duplicate, ms.
     pub dedup_horizon_ms: Time,
+    /// librdkafka consumer properties set over the source's own (fetch
+    /// sizes and waits, security settings), as `(key, value)`.
+    pub consumer_properties: Vec<(String, String)>,
 }
 
 /// How a restarted source reproduces the original run's decisions.
@@ -236,6 +239,7 @@ impl SourceConfig {
             sample_every: 5_000,
             max_in_flight: None,
             dedup_horizon_ms: 3_600_000,
+            consumer_properties: Vec::new(),
         }
     }
 }
@@ -452,7 +456,8 @@ pub fn kafka_source<'s>(
     registry: Arc<dyn SchemaRegistry>,
 ) -> Result<Source<'s>, SourceError> {
     let (index, peers) = (scope.index(), scope.peers());
-    let client: BaseConsumer<SourceContext> = ClientConfig::new()
+    let mut client_config = ClientConfig::new();
+    client_config
         .set("bootstrap.servers", &config.bootstrap)
         // Only so that committed offsets show consumer lag; partitions are
         // assigned statically, so the group never rebalances anything.
@@ -472,8 +477,12 @@ pub fn kafka_source<'s>(
         // as an end-of-partition event rather than as a last record.
         .set("enable.partition.eof", if config.bounded { "true" } else { "false" })
         // Consumer lag per partition for `tripwire_consumer_lag`, from librdkafka's own view.
-        .set("statistics.interval.ms", "2000")
-        .create_with_context(SourceContext::default())?;
+        .set("statistics.interval.ms", "2000");
+    for (key, value) in &config.consumer_properties {
+        client_config.set(key, value);
+    }
+    let client: BaseConsumer<SourceContext> =
+        client_config.create_with_context(SourceContext::default())?;
     let sight = client.context().sight.clone();
     let count = crate::kafka_admin::partition_count(&config.bootstrap, &config.topic)?
         .ok_or_else(|| SourceError::NoTopic(config.topic.clone()))?;

@@ -85,6 +85,10 @@ struct Args {
     /// partition) is a duplicate, ms. A restart re-reads this much more.
     #[arg(long, default_value_t = 3_600_000)]
     dedup_horizon_ms: Time,
+    /// librdkafka properties for the source's consumers, over Tripwire's
+    /// own: `key=value`, comma-separated (e.g. `fetch.wait.max.ms=5`).
+    #[arg(long, default_value = "")]
+    consumer_properties: String,
     /// Accept event times of any age (a backfill of history); otherwise an
     /// event more than a week behind its Kafka timestamp is a dead letter.
     #[arg(long)]
@@ -143,6 +147,18 @@ struct Effective<'a> {
     fraud: &'a FraudConfig,
 }
 
+/// `key=value,key=value` as pairs; empty for an empty text.
+fn key_values(text: &str) -> Result<Vec<(String, String)>, String> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| match kv.split_once('=') {
+            Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().into(), v.trim().into())),
+            _ => Err(format!("`{kv}` is not key=value")),
+        })
+        .collect()
+}
+
 fn main() -> Result<()> {
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
     let file = match Args::parse_from(&argv).config {
@@ -161,6 +177,8 @@ fn main() -> Result<()> {
     if let Err(e) = fraud.validate() {
         bail!("invalid [fraud] config: {e}");
     }
+    let consumer_properties = key_values(&args.consumer_properties)
+        .map_err(|e| anyhow::anyhow!("--consumer-properties: {e}"))?;
     if args.print_config {
         print!("{}", toml::to_string(&Effective { job: &args, fraud: &fraud })?);
         return Ok(());
@@ -282,6 +300,7 @@ fn main() -> Result<()> {
         sample_every: args.sample_every,
         max_in_flight: (args.max_uncommitted > 0).then_some(args.max_uncommitted),
         dedup_horizon_ms: args.dedup_horizon_ms,
+        consumer_properties,
         limits: Limits {
             max_age_ms: (!args.backfill).then_some(7 * 24 * 3_600_000),
             ..Limits::default()
@@ -495,4 +514,23 @@ fn no_breaker_open() -> bool {
         .filter(|f| f.name() == "tripwire_sink_breaker_state")
         .flat_map(|f| f.get_metric())
         .all(|m| m.get_gauge().get_value() == 0.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::key_values;
+
+    #[test]
+    fn consumer_properties_are_comma_separated_key_values() {
+        assert_eq!(key_values("").unwrap(), Vec::<(String, String)>::new());
+        assert_eq!(
+            key_values("fetch.wait.max.ms=5, fetch.min.bytes = 1024,").unwrap(),
+            vec![
+                ("fetch.wait.max.ms".to_string(), "5".to_string()),
+                ("fetch.min.bytes".to_string(), "1024".to_string())
+            ]
+        );
+        assert!(key_values("fetch.wait.max.ms").unwrap_err().contains("not key=value"));
+        assert!(key_values("=5").is_err());
+    }
 }
