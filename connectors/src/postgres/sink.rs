@@ -12,7 +12,7 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
-use tokio_postgres::types::Type;
+use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, NoTls, Statement};
 use tripwire_dataflow::{CardStats, Channel, Time};
 
@@ -114,12 +114,12 @@ impl Store for Postgres {
     type Conn = PgConn;
 
     async fn connect(&mut self) -> Result<PgConn, String> {
-        let client = connect(&self.config.conninfo).await.map_err(|e| e.to_string())?;
+        let client = connect(&self.config.conninfo).await.map_err(|e| describe(&e))?;
         if !self.config.synchronous_commit {
             client
                 .batch_execute("SET synchronous_commit = off")
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| describe(&e))?;
         }
         // Where each commit copies its card rows before upserting them.
         client
@@ -128,8 +128,8 @@ impl Store for Postgres {
                      ON COMMIT DELETE ROWS",
             )
             .await
-            .map_err(|e| e.to_string())?;
-        let statements = Statements::prepare(&client).await.map_err(|e| e.to_string())?;
+            .map_err(|e| describe(&e))?;
+        let statements = Statements::prepare(&client).await.map_err(|e| describe(&e))?;
         Ok(PgConn { client, statements })
     }
 
@@ -141,7 +141,7 @@ impl Store for Postgres {
                 &[&self.config.job, &(self.worker as i32)],
             )
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| describe(&e))?;
         Ok(row.map(|r| r.get::<_, i64>(0) as Time))
     }
 
@@ -187,7 +187,16 @@ impl Store for Postgres {
                 d.put_back(DecisionStore::Postgres, decisions);
             }
         }
-        result.map_err(|e| e.to_string())
+        result.map_err(|e| describe(&e))
+    }
+}
+
+/// The error with what the server said, if it said anything (tokio-postgres
+/// shows a server's error as "db error" alone).
+fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{e}: {} {}", db.code().code(), db.message()),
+        None => e.to_string(),
     }
 }
 
@@ -222,7 +231,6 @@ pub(super) fn decision_columns(
     decisions: &SourceDecisions,
 ) -> ((Vec<i32>, Vec<i64>, Vec<i64>), (Vec<i32>, Vec<i64>)) {
     let floors = &decisions.floors;
-    let as_i64 = |t: Time| t.min(i64::MAX as u64) as i64;
     (
         (
             floors.keys().map(|k| k.0).collect(),
@@ -243,6 +251,19 @@ struct Source<'a> {
     decisions: &'a SourceDecisions,
 }
 
+/// How a row of `card_stats` replaces the stored one: only by a later one.
+const UPSERT_GUARD: &str = "ON CONFLICT (card_id) DO UPDATE SET
+     window_ms = EXCLUDED.window_ms, count = EXCLUDED.count, sum_minor = EXCLUDED.sum_minor,
+     max_amount_minor = EXCLUDED.max_amount_minor,
+     distinct_merchants = EXCLUDED.distinct_merchants,
+     distinct_countries = EXCLUDED.distinct_countries, as_of = EXCLUDED.as_of
+ WHERE card_stats.as_of <= EXCLUDED.as_of";
+
+/// Batches of fewer cards than this go in as statement parameters, in the
+/// same round trip as everything else; larger ones by `COPY` (which waits
+/// for the server before it sends, and once more before the upsert from it).
+const COPY_FROM_CARDS: usize = 1_000;
+
 /// The sink's statements, prepared once per connection.
 struct Statements {
     lock: Statement,
@@ -251,6 +272,7 @@ struct Statements {
     floors: Statement,
     positions: Statement,
     upsert: Statement,
+    upsert_rows: Statement,
     delete: Statement,
     alerts: Statement,
     archive: Statement,
@@ -259,6 +281,19 @@ struct Statements {
 
 impl Statements {
     async fn prepare(c: &Client) -> Result<Statements, tokio_postgres::Error> {
+        let upsert_staged = format!("INSERT INTO card_stats SELECT * FROM card_stats_in {UPSERT_GUARD}");
+        // A small batch's rows as parameters: the windows of all cards in
+        // flat arrays, each card's from offset `o`, `n` long.
+        let upsert_rows = format!(
+            "INSERT INTO card_stats
+             SELECT c.card_id, ($2::bigint[])[c.o + 1 : c.o + c.n],
+                    ($3::bigint[])[c.o + 1 : c.o + c.n], ($4::bigint[])[c.o + 1 : c.o + c.n],
+                    ($5::bigint[])[c.o + 1 : c.o + c.n], ($6::bigint[])[c.o + 1 : c.o + c.n],
+                    ($7::bigint[])[c.o + 1 : c.o + c.n], c.as_of
+             FROM UNNEST($1::bigint[], $8::int[], $9::int[], $10::bigint[])
+                  AS c(card_id, o, n, as_of)
+             {UPSERT_GUARD}"
+        );
         let (late, samples, upsert, delete, alerts, archive, checkpoint) = tokio::try_join!(
             // Keyed by their source coordinates: a replay re-reads them, and finds them there.
             c.prepare(
@@ -271,16 +306,7 @@ impl Statements {
                  SELECT $1, * FROM UNNEST($2::text[], $3::int[], $4::bigint[], $5::bigint[], $6::bigint[], $7::bigint[])
                  ON CONFLICT DO NOTHING"
             ),
-            c.prepare(
-                "INSERT INTO card_stats SELECT * FROM card_stats_in
-                 ON CONFLICT (card_id) DO UPDATE SET
-                     window_ms = EXCLUDED.window_ms, count = EXCLUDED.count,
-                     sum_minor = EXCLUDED.sum_minor,
-                     max_amount_minor = EXCLUDED.max_amount_minor,
-                     distinct_merchants = EXCLUDED.distinct_merchants,
-                     distinct_countries = EXCLUDED.distinct_countries, as_of = EXCLUDED.as_of
-                 WHERE card_stats.as_of <= EXCLUDED.as_of"
-            ),
+            c.prepare(&upsert_staged),
             c.prepare(
                 "DELETE FROM card_stats c
                  USING UNNEST($1::bigint[], $2::bigint[]) AS d(card_id, as_of)
@@ -310,10 +336,11 @@ impl Statements {
                          updated_at = now()"
             ),
         )?;
-        let (lock, floors, positions) = tokio::try_join!(
+        let (lock, floors, positions, upsert_rows) = tokio::try_join!(
             c.prepare("SELECT frontier FROM checkpoints WHERE job = $1 AND worker = $2 FOR UPDATE"),
             c.prepare(STORE_FLOORS),
             c.prepare(STORE_POSITIONS),
+            c.prepare(&upsert_rows),
         )?;
         Ok(Statements {
             lock,
@@ -322,6 +349,7 @@ impl Statements {
             floors,
             positions,
             upsert,
+            upsert_rows,
             delete,
             alerts,
             archive,
@@ -332,11 +360,15 @@ impl Statements {
 
 /// One transaction: the batch's changes and the worker's checkpoint.
 ///
-/// The statements go out together (tokio-postgres pipelines the requests of
-/// futures polled at once, in order), so a commit costs three round trips,
-/// BEGIN, the statements, COMMIT, however many kinds of change it carries.
+/// Requests go out together (tokio-postgres pipelines the requests of
+/// futures polled at once, in order): `BEGIN` with the checkpoint's lock,
+/// then every statement with `COMMIT`, so that a commit of a small batch
+/// costs two round trips however many kinds of change it carries. (A
+/// statement that fails aborts the transaction, and the `COMMIT` behind it
+/// then rolls back; the caller drops the connection on any error.) A large
+/// batch's cards go by `COPY`, and its `COMMIT` waits for the upsert from it.
 async fn commit(
-    client: &mut Client,
+    client: &Client,
     st: &Statements,
     (job, worker, high_water): (&str, usize, Time),
     b: &Batch,
@@ -344,17 +376,18 @@ async fn commit(
     late: &[DeadLetter],
 ) -> Result<(), tokio_postgres::Error> {
     let samples = source.samples;
-    let as_i64 = |t: Time| t.min(i64::MAX as u64) as i64;
     let (upserts, deletes, alerts) = (&b.upserts, &b.deletes, &b.alerts);
-    let transaction = client.transaction().await?;
-    let tx = &transaction;
+    let tx = client;
     // What this worker's store already covers. A batch at or below it (a
     // replay from the least frontier of all workers re-sends what this worker
     // had committed) is not applied again: upserts are guarded by `as_of`,
     // but a window deleted later would come back, with nothing left to
     // delete it. Locked, so that two commits of one worker take turns.
     let (worker_i32, frontier) = (worker as i32, as_i64(b.frontier));
-    let stored: Option<i64> = tx.query_opt(&st.lock, &[&job, &worker_i32]).await?.map(|r| r.get(0));
+    let lock_params: [&(dyn ToSql + Sync); 2] = [&job, &worker_i32];
+    let (_, stored) =
+        tokio::try_join!(tx.batch_execute("BEGIN"), tx.query_opt(&st.lock, &lock_params))?;
+    let stored: Option<i64> = stored.map(|r| r.get(0));
     let covered = stored.is_some_and(|s| s >= frontier);
     let (upserts, deletes, alerts, archived): (&[_], &[_], &[_], &[_]) =
         if covered { (&[], &[], &[], &[]) } else { (upserts, deletes, alerts, &b.archive) };
@@ -421,12 +454,22 @@ async fn commit(
         tx.execute(&st.positions, &[&job, &source.topic, p, o]).await
     };
 
+    let copy = upserts.len() >= COPY_FROM_CARDS;
+    let card_cols = if copy { CardColumns::default() } else { CardColumns::of(upserts) };
     let upsert_fut = async {
         if upserts.is_empty() {
             return Ok(0);
         }
-        copy_cards(tx, upserts).await?;
-        tx.execute(&st.upsert, &[]).await
+        if copy {
+            copy_cards(tx, upserts).await?;
+            return tx.execute(&st.upsert, &[]).await;
+        }
+        let c = &card_cols;
+        let params: [&(dyn ToSql + Sync); 10] = [
+            &c.card, &c.values[0], &c.values[1], &c.values[2], &c.values[3], &c.values[4],
+            &c.values[5], &c.offset, &c.len, &c.as_of,
+        ];
+        tx.execute(&st.upsert_rows, &params).await
     };
 
     let delete_cols = (
@@ -467,23 +510,77 @@ async fn commit(
         }
         tx.execute(&st.checkpoint, &[&job, &worker_i32, &frontier]).await
     };
-    tokio::try_join!(
-        late_fut,
-        samples_fut,
-        floors_fut,
-        positions_fut,
-        upsert_fut,
-        delete_fut,
-        alerts_fut,
-        archive_fut,
-        checkpoint_fut
-    )?;
-    transaction.commit().await
+    let writes = async {
+        tokio::try_join!(
+            late_fut,
+            samples_fut,
+            floors_fut,
+            positions_fut,
+            upsert_fut,
+            delete_fut,
+            alerts_fut,
+            archive_fut,
+            checkpoint_fut
+        )
+    };
+    if copy {
+        writes.await?;
+        tx.batch_execute("COMMIT").await
+    } else {
+        tokio::try_join!(writes, tx.batch_execute("COMMIT")).map(|_| ())
+    }
+}
+
+/// A small batch's cards as the columns `upsert_rows` takes: each card's
+/// non-empty windows, one flat array per statistic, from `offset`, `len` long.
+#[derive(Default)]
+struct CardColumns {
+    card: Vec<i64>,
+    values: [Vec<i64>; 6],
+    offset: Vec<i32>,
+    len: Vec<i32>,
+    as_of: Vec<i64>,
+}
+
+impl CardColumns {
+    fn of(upserts: &[(u64, CardStats, Time)]) -> Self {
+        let mut c = CardColumns::default();
+        for (card, stats, as_of) in upserts {
+            c.card.push(*card as i64);
+            c.as_of.push(as_i64(*as_of));
+            c.offset.push(c.values[0].len() as i32);
+            for (window_ms, w) in stats.non_empty() {
+                let row = window_row(window_ms, &w);
+                for (column, v) in c.values.iter_mut().zip(row) {
+                    column.push(v);
+                }
+            }
+            c.len.push((c.values[0].len() as i32) - c.offset.last().copied().unwrap_or(0));
+        }
+        c
+    }
+}
+
+/// A time as PostgreSQL's bigint (times past its range are clamped).
+fn as_i64(t: Time) -> i64 {
+    t.min(i64::MAX as u64) as i64
+}
+
+/// One window's statistics in the column order of `card_stats`.
+fn window_row(window_ms: Time, s: &tripwire_dataflow::WindowStats) -> [i64; 6] {
+    [
+        window_ms as i64,
+        s.count,
+        s.sum,
+        s.max_amount,
+        s.distinct_merchants,
+        s.distinct_countries,
+    ]
 }
 
 /// Copy the cards' rows into the staging table `card_stats_in` (emptied at commit).
 async fn copy_cards(
-    tx: &tokio_postgres::Transaction<'_>,
+    tx: &Client,
     upserts: &[(u64, CardStats, Time)],
 ) -> Result<(), tokio_postgres::Error> {
     let sink = tx.copy_in("COPY card_stats_in FROM STDIN BINARY").await?;
@@ -506,20 +603,12 @@ async fn copy_cards(
             c.clear();
         }
         for (window_ms, s) in stats.non_empty() {
-            let values = [
-                window_ms as i64,
-                s.count,
-                s.sum,
-                s.max_amount,
-                s.distinct_merchants,
-                s.distinct_countries,
-            ];
-            for (c, v) in columns.iter_mut().zip(values) {
+            for (c, v) in columns.iter_mut().zip(window_row(window_ms, &s)) {
                 c.push(v);
             }
         }
         let [w, n, sum, max, m, ctry] = &columns;
-        let (card, as_of) = (*card as i64, (*as_of).min(i64::MAX as u64) as i64);
+        let (card, as_of) = (*card as i64, as_i64(*as_of));
         writer.as_mut().write(&[&card, w, n, sum, max, m, ctry, &as_of]).await?;
     }
     writer.finish().await?;
@@ -528,7 +617,7 @@ async fn copy_cards(
 
 /// Archive accepted events, once each (a replay finds them there).
 async fn archive(
-    tx: &tokio_postgres::Transaction<'_>,
+    tx: &Client,
     statement: &Statement,
     events: &[tripwire_dataflow::Transaction],
 ) -> Result<u64, tokio_postgres::Error> {
@@ -595,10 +684,115 @@ mod tests {
     /// later batch deleted, and nothing would ever delete it again.
     #[test]
     fn a_batch_the_workers_checkpoint_covers_is_not_applied_again() {
+        in_fresh_schema("covered", |mut store, mut conn| async move {
+            let key = 7;
+            let upsert = |frontier, as_of| Batch {
+                frontier,
+                upserts: vec![(key, stats(1), as_of)],
+                ..Batch::default()
+            };
+            store.commit(&mut conn, &upsert(100, 50)).await.unwrap();
+            let delete = Batch { frontier: 200, deletes: vec![(key, 150)], ..Batch::default() };
+            store.commit(&mut conn, &delete).await.unwrap();
+            assert_eq!(rows(&conn.client).await, vec![], "deleted at 150");
+
+            // The replay re-sends the first batch, with a frontier of its own below 200.
+            store.commit(&mut conn, &upsert(120, 50)).await.unwrap();
+            assert_eq!(rows(&conn.client).await, vec![], "the window stays deleted");
+            assert_eq!(checkpoint(&conn.client).await, 200);
+
+            // A batch beyond the checkpoint is applied, with the changes below it it carries.
+            store.commit(&mut conn, &upsert(300, 250)).await.unwrap();
+            assert_eq!(rows(&conn.client).await, vec![(1, 250)]);
+            assert_eq!(checkpoint(&conn.client).await, 300);
+        });
+    }
+
+    /// Small batches go in as parameters, large ones by `COPY`: either way
+    /// each card's row holds its non-empty windows, in order, and a later
+    /// batch replaces an earlier one's row.
+    #[test]
+    fn small_and_large_batches_store_every_cards_windows() {
+        let windows = [60_000, 300_000, 3_600_000];
+        // Card c: windows whose index divides c + 1 are non-empty, with values from c.
+        let card = |c: u64, round: i64| {
+            CardStats::new(windows.iter().enumerate().map(|(i, &w)| {
+                let count = if (c + 1) % (i as u64 + 1) == 0 { (c as i64 % 7) + round } else { 0 };
+                let s = tripwire_dataflow::WindowStats {
+                    count,
+                    sum: count * (c as i64 + 3),
+                    max_amount: c as i64 + i as i64,
+                    distinct_merchants: count.min(3),
+                    distinct_countries: count.min(2),
+                };
+                (w, if count == 0 { tripwire_dataflow::WindowStats::default() } else { s })
+            }))
+        };
+        let large = COPY_FROM_CARDS as u64 + 200;
+        in_fresh_schema("paths", |mut store, mut conn| async move {
+            // Round 1 in small batches of 100 cards, round 2 in one large batch.
+            for (frontier, chunk) in (0..large).collect::<Vec<_>>().chunks(100).enumerate() {
+                let upserts = chunk.iter().map(|&c| (c, card(c, 1), 10)).collect();
+                let b = Batch { frontier: 20 + frontier as Time, upserts, ..Batch::default() };
+                store.commit(&mut conn, &b).await.unwrap();
+            }
+            assert_eq!(stored(&conn.client).await, expected(large, 1, &card, &windows));
+            let upserts = (0..large).map(|c| (c, card(c, 2), 100)).collect();
+            store.commit(&mut conn, &Batch { frontier: 200, upserts, ..Batch::default() }).await.unwrap();
+            assert_eq!(stored(&conn.client).await, expected(large, 2, &card, &windows));
+        });
+    }
+
+    type Row = (i64, Vec<i64>, Vec<i64>, Vec<i64>, Vec<i64>, Vec<i64>, Vec<i64>);
+
+    /// What the test gave, row by row, as plain loops over its windows.
+    fn expected(
+        cards: u64,
+        round: i64,
+        card: &dyn Fn(u64, i64) -> CardStats,
+        windows: &[Time],
+    ) -> Vec<Row> {
+        (0..cards)
+            .map(|c| {
+                let stats = card(c, round);
+                let mut row: Row = (c as i64, vec![], vec![], vec![], vec![], vec![], vec![]);
+                for (w, s) in windows.iter().zip(stats.windows()) {
+                    assert_eq!(*w, s.0);
+                    if s.1.count > 0 {
+                        row.1.push(*w as i64);
+                        row.2.push(s.1.count);
+                        row.3.push(s.1.sum);
+                        row.4.push(s.1.max_amount);
+                        row.5.push(s.1.distinct_merchants);
+                        row.6.push(s.1.distinct_countries);
+                    }
+                }
+                row
+            })
+            .collect()
+    }
+
+    async fn stored(c: &Client) -> Vec<Row> {
+        let q = "SELECT card_id, window_ms, count, sum_minor, max_amount_minor,
+                        distinct_merchants, distinct_countries FROM card_stats ORDER BY card_id";
+        c.query(q, &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5), r.get(6)))
+            .collect()
+    }
+
+    /// Run `test` with a sink connected to a schema of its own, dropped after.
+    fn in_fresh_schema<F, Fut>(name: &str, test: F)
+    where
+        F: FnOnce(Postgres, PgConn) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
         let endpoints = Endpoints::from_env().unwrap();
         let admin = endpoints.postgres_config();
         let schema = format!(
-            "pgsink_unit_{}_{}",
+            "pgsink_{name}_{}_{}",
             std::process::id(),
             SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis()
         );
@@ -626,27 +820,8 @@ mod tests {
                 },
                 worker: 0,
             };
-            let mut conn = store.connect().await.unwrap();
-            let key = 7;
-            let upsert = |frontier, as_of| Batch {
-                frontier,
-                upserts: vec![(key, stats(1), as_of)],
-                ..Batch::default()
-            };
-            store.commit(&mut conn, &upsert(100, 50)).await.unwrap();
-            let delete = Batch { frontier: 200, deletes: vec![(key, 150)], ..Batch::default() };
-            store.commit(&mut conn, &delete).await.unwrap();
-            assert_eq!(rows(&conn.client).await, vec![], "deleted at 150");
-
-            // The replay re-sends the first batch, with a frontier of its own below 200.
-            store.commit(&mut conn, &upsert(120, 50)).await.unwrap();
-            assert_eq!(rows(&conn.client).await, vec![], "the window stays deleted");
-            assert_eq!(checkpoint(&conn.client).await, 200);
-
-            // A batch beyond the checkpoint is applied, with the changes below it it carries.
-            store.commit(&mut conn, &upsert(300, 250)).await.unwrap();
-            assert_eq!(rows(&conn.client).await, vec![(1, 250)]);
-            assert_eq!(checkpoint(&conn.client).await, 300);
+            let conn = store.connect().await.unwrap();
+            test(store, conn).await;
             admin_client.batch_execute(&format!("DROP SCHEMA {schema} CASCADE")).await.unwrap();
         });
     }
