@@ -23,6 +23,9 @@
 //! - `frontiers`, a hash: per sink worker, its committed frontier (20 digits).
 //!   It always holds one field per worker of the current run
 //!   ([`fit_frontiers`]), so the least of them is what every key is complete up to.
+//! - `progress`, a channel: each stored frontier is published there as
+//!   `{worker} {frontier}` when it is stored, so that a reader can learn
+//!   how fresh the read model is without polling.
 //!
 //! Each batch is applied by Lua scripts of a few thousand arguments each (a
 //! few milliseconds of Redis's time, so that a reader never waits behind a
@@ -379,6 +382,8 @@ for _ = 1, na do
 end
 if ARGV[3] ~= '1' then return 1 end
 redis.call('HSET', KEYS[1], ARGV[7], frontier)
+-- (The channel is Keys::progress.)
+redis.call('PUBLISH', ARGV[2] .. 'progress', ARGV[7] .. ' ' .. frontier)
 -- Markers below every worker's frontier can never be needed again: no replay
 -- recomputes an alert below the frontier it resumes from (event time, not a TTL).
 local least = nil
@@ -454,6 +459,10 @@ impl Keys {
     /// Per card, its newest alert as JSON (`alert_id`, `rule`, `event_time`, `details`).
     pub fn last_alerts(&self) -> String {
         format!("{}last_alert", self.prefix)
+    }
+    /// The channel on which each stored frontier is published: `{worker} {frontier, 20 digits}`.
+    pub fn progress(&self) -> String {
+        format!("{}progress", self.prefix)
     }
     /// Per worker, the greatest frontier of a batch some of whose scripts ran (20 digits).
     pub fn partial(&self) -> String {

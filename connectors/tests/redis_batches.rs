@@ -68,6 +68,10 @@ fn fails_then_lands(cards: u64, bad: u64) {
     };
     let (url, job2) = (endpoints.redis_url(), job.clone());
     timely::execute(timely::Config::thread(), move |worker| {
+        // Readers learn of each stored frontier on the progress channel.
+        let mut listener = redis::Client::open(url.as_str()).unwrap().get_connection().unwrap();
+        let mut progress = listener.as_pubsub();
+        progress.subscribe(Keys::new(&job2).progress()).unwrap();
         let (mut input, mut alerts, committed) = common::redis_sink_alone(worker, &config);
         for card in 0..cards {
             input.update_at((card, common::arrival(60_000, stats(card))), 10, 1);
@@ -98,6 +102,11 @@ fn fails_then_lands(cards: u64, bad: u64) {
         let frontiers = readback::redis_frontiers(&mut con, &job2, 1).unwrap();
         assert!(frontiers[0].is_none_or(|f| f < 20), "the frontier stayed: {frontiers:?}");
         assert!(committed.frontier() < 20);
+        progress.set_read_timeout(Some(Duration::from_millis(10))).unwrap();
+        while let Ok(m) = progress.get_message() {
+            let published: String = m.get_payload().unwrap();
+            assert!(published.as_str() < "0 00000000000000000020", "{published} not stored");
+        }
 
         // Fixed: the retry lands the whole batch, with its frontier.
         let _: () = redis::cmd("DEL").arg(Keys::new(&job2).card(bad)).query(&mut con).unwrap();
@@ -116,6 +125,9 @@ fn fails_then_lands(cards: u64, bad: u64) {
             );
         }
         assert_eq!(readback::redis_frontiers(&mut con, &job2, 1).unwrap(), vec![Some(20)]);
+        progress.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let published: String = progress.get_message().expect("published").get_payload().unwrap();
+        assert_eq!(published, format!("0 {:020}", 20), "worker 0 stored frontier 20");
         drop((input, alerts));
     })
     .unwrap()

@@ -1,4 +1,4 @@
-//! `latency`: from an event's produce time to the commit that makes it visible in PostgreSQL.
+//! `latency`: from an event's produce time to the commits that make it visible in PostgreSQL and in Redis.
 //!
 //! ```text
 //! ./tripwire stack up
@@ -15,7 +15,10 @@
 //! `e` is visible once every worker's committed frontier is past `e` (the
 //! "results complete up to" view passes it), so its latency is the arrival
 //! time of that notification minus the record's Kafka timestamp (its produce
-//! time). Events of the first 5 s (warm-up) and of the last second (no later
+//! time). Redis likewise: the sink publishes each stored frontier on the
+//! job's `progress` channel, and a subscriber stamps each message on arrival.
+//! An event is visible in both stores once both passed it. Events of the
+//! first 5 s (warm-up) and of the last second (no later
 //! traffic closes their time) are not counted; every other event must have
 //! become visible.
 //!
@@ -46,6 +49,7 @@ use tokio_postgres::AsyncMessage;
 use tripwire_connectors::avro::{Limits, TransactionCodec};
 use tripwire_connectors::kafka_admin::ensure_topic;
 use tripwire_connectors::postgres::migrate;
+use tripwire_connectors::redis_sink::Keys;
 use tripwire_connectors::registry::EmbeddedRegistry;
 
 const WORKERS: usize = 2;
@@ -108,6 +112,30 @@ fn listen(schema: &str) -> Commits {
     commits
 }
 
+/// Subscribe to the job's Redis progress channel on a thread of its own,
+/// stamping each published frontier on arrival.
+fn listen_redis(job: &str) -> Commits {
+    let commits: Commits = Arc::default();
+    let seen = commits.clone();
+    let (url, channel) = (support::endpoints().redis_url(), Keys::new(job).progress());
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut con = redis::Client::open(url).unwrap().get_connection().unwrap();
+        let mut pubsub = con.as_pubsub();
+        pubsub.subscribe(&channel).unwrap();
+        ready_tx.send(()).unwrap();
+        while let Ok(m) = pubsub.get_message() {
+            let at = now_us();
+            let payload: String = m.get_payload().unwrap();
+            let mut it = payload.split(' ').map(|x| x.parse::<i64>().unwrap());
+            let (w, f) = (it.next().unwrap(), it.next().unwrap());
+            seen.lock().unwrap().push((at, w as i32, f));
+        }
+    });
+    ready_rx.recv_timeout(Duration::from_secs(30)).expect("SUBSCRIBE is in place");
+    commits
+}
+
 /// Every record of `topic`: (produce time ms, event time ms).
 fn read_back(bootstrap: &str, topic: &str) -> Vec<(i64, i64)> {
     let consumer: BaseConsumer = ClientConfig::new()
@@ -157,13 +185,47 @@ fn steps(commits: &[(i64, i32, i64)]) -> Vec<(i64, i64)> {
     out
 }
 
-struct Measured {
-    achieved: f64,
+/// Quantiles of produce -> visible, ms.
+#[derive(Clone, Copy)]
+struct Quantiles {
     p50: f64,
     p99: f64,
     p999: f64,
+}
+
+impl Quantiles {
+    fn of(mut latencies: Vec<f64>) -> Self {
+        latencies.sort_by(f64::total_cmp);
+        Quantiles {
+            p50: quantile(&latencies, 0.5),
+            p99: quantile(&latencies, 0.99),
+            p999: quantile(&latencies, 0.999),
+        }
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({ "p50_ms": self.p50, "p99_ms": self.p99, "p999_ms": self.p999 })
+    }
+}
+
+struct Measured {
+    achieved: f64,
+    postgres: Quantiles,
+    redis: Quantiles,
+    both: Quantiles,
     counted: usize,
     commits: usize,
+}
+
+/// Per event, produce -> the first step whose frontier is past its time, ms.
+fn latencies(counted: &[(i64, i64)], steps: &[(i64, i64)]) -> Vec<f64> {
+    counted
+        .iter()
+        .map(|&(produced, event_time)| {
+            let i = steps.partition_point(|s| s.1 <= event_time);
+            (steps[i].0 as f64 / 1000.0 - produced as f64).max(0.0)
+        })
+        .collect()
 }
 
 fn measure(rate: u64, seconds: u64, lateness_ms: u64, commit_ms: u64) -> Measured {
@@ -171,6 +233,7 @@ fn measure(rate: u64, seconds: u64, lateness_ms: u64, commit_ms: u64) -> Measure
     let name = unique(&format!("bench_latency_{rate}"));
     ensure_topic(&bootstrap, &name, 12).unwrap();
     let commits = listen(&name);
+    let published = listen_redis(&name);
     let port = free_port();
     let mut job = Command::new(binary("fraud-detector"))
         .args(["--topic", &name, "--job", &name, "--dlq-topic", &format!("{name}-dlq")])
@@ -210,7 +273,8 @@ fn measure(rate: u64, seconds: u64, lateness_ms: u64, commit_ms: u64) -> Measure
     // Wait until every counted event is visible (the job keeps committing
     // as the tail's traffic closes their times).
     let deadline = Instant::now() + Duration::from_secs(300);
-    while steps(&commits.lock().unwrap()).last().is_none_or(|s| s.1 <= newest) {
+    let visible = |c: &Commits| steps(&c.lock().unwrap()).last().is_some_and(|s| s.1 > newest);
+    while !visible(&commits) || !visible(&published) {
         assert!(Instant::now() < deadline, "counted events never became visible");
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -219,16 +283,9 @@ fn measure(rate: u64, seconds: u64, lateness_ms: u64, commit_ms: u64) -> Measure
     clean_up(&name, &[&name]);
 
     let commits = commits.lock().unwrap().clone();
-    let steps = steps(&commits);
-    let mut latencies: Vec<f64> = counted
-        .iter()
-        .map(|&(produced, event_time)| {
-            // The first step whose frontier is past the event's time.
-            let i = steps.partition_point(|s| s.1 <= event_time);
-            let visible_us = steps[i].0;
-            (visible_us as f64 / 1000.0 - produced as f64).max(0.0)
-        })
-        .collect();
+    let pg = latencies(&counted, &steps(&commits));
+    let redis = latencies(&counted, &steps(&published.lock().unwrap()));
+    let latencies: Vec<f64> = pg.iter().zip(&redis).map(|(a, b)| a.max(*b)).collect();
     if std::env::var_os("TRIPWIRE_BENCH_VERBOSE").is_some() {
         // Per second of produce time: median and worst, to see stalls.
         let mut by_second: std::collections::BTreeMap<i64, Vec<f64>> = Default::default();
@@ -244,13 +301,12 @@ fn measure(rate: u64, seconds: u64, lateness_ms: u64, commit_ms: u64) -> Measure
             );
         }
     }
-    latencies.sort_by(f64::total_cmp);
     Measured {
         achieved,
-        p50: quantile(&latencies, 0.5),
-        p99: quantile(&latencies, 0.99),
-        p999: quantile(&latencies, 0.999),
         counted: latencies.len(),
+        postgres: Quantiles::of(pg),
+        redis: Quantiles::of(redis),
+        both: Quantiles::of(latencies),
         commits: commits.len(),
     }
 }
@@ -269,13 +325,23 @@ fn main() {
     for &rate in &rates {
         let m = measure(rate, seconds, lateness_ms, commit_ms);
         table.push(format!(
-            "| {rate} | {:.0} | {} | {} | {:.1} | {:.1} | {:.1} |",
-            m.achieved, m.counted, m.commits, m.p50, m.p99, m.p999
+            "| {rate} | {:.0} | {} | {} | {:.1} / {:.1} | {:.1} / {:.1} | {:.1} | {:.1} | {:.1} |",
+            m.achieved,
+            m.counted,
+            m.commits,
+            m.postgres.p50,
+            m.postgres.p99,
+            m.redis.p50,
+            m.redis.p99,
+            m.both.p50,
+            m.both.p99,
+            m.both.p999
         ));
         results.insert(
             rate.to_string(),
             serde_json::json!({
-                "p50_ms": m.p50, "p99_ms": m.p99, "p999_ms": m.p999,
+                "p50_ms": m.both.p50, "p99_ms": m.both.p99, "p999_ms": m.both.p999,
+                "postgres": m.postgres.json(), "redis": m.redis.json(),
                 "events": m.counted, "checkpoint_writes": m.commits, "produced_eps": m.achieved.round(),
                 "seconds": seconds, "workers": WORKERS, "lateness_ms": lateness_ms,
                 "commit_interval_ms": commit_ms, "linger_ms": 1,
@@ -287,9 +353,9 @@ fn main() {
          commit interval {commit_ms} ms, producer linger 1 ms\n"
     );
     println!(
-        "| events/s asked | produced | events counted | checkpoint writes | p50 ms | p99 ms | p99.9 ms |"
+        "| events/s asked | produced | events counted | PostgreSQL commits | PostgreSQL p50 / p99 ms | Redis p50 / p99 ms | both p50 ms | both p99 ms | both p99.9 ms |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for line in table {
         println!("{line}");
     }

@@ -116,10 +116,7 @@ impl Store for Postgres {
     async fn connect(&mut self) -> Result<PgConn, String> {
         let client = connect(&self.config.conninfo).await.map_err(|e| describe(&e))?;
         if !self.config.synchronous_commit {
-            client
-                .batch_execute("SET synchronous_commit = off")
-                .await
-                .map_err(|e| describe(&e))?;
+            client.batch_execute("SET synchronous_commit = off").await.map_err(|e| describe(&e))?;
         }
         // Where each commit copies its card rows before upserting them.
         client
@@ -281,7 +278,8 @@ struct Statements {
 
 impl Statements {
     async fn prepare(c: &Client) -> Result<Statements, tokio_postgres::Error> {
-        let upsert_staged = format!("INSERT INTO card_stats SELECT * FROM card_stats_in {UPSERT_GUARD}");
+        let upsert_staged =
+            format!("INSERT INTO card_stats SELECT * FROM card_stats_in {UPSERT_GUARD}");
         // A small batch's rows as parameters: the windows of all cards in
         // flat arrays, each card's from offset `o`, `n` long.
         let upsert_rows = format!(
@@ -466,8 +464,16 @@ async fn commit(
         }
         let c = &card_cols;
         let params: [&(dyn ToSql + Sync); 10] = [
-            &c.card, &c.values[0], &c.values[1], &c.values[2], &c.values[3], &c.values[4],
-            &c.values[5], &c.offset, &c.len, &c.as_of,
+            &c.card,
+            &c.values[0],
+            &c.values[1],
+            &c.values[2],
+            &c.values[3],
+            &c.values[4],
+            &c.values[5],
+            &c.offset,
+            &c.len,
+            &c.as_of,
         ];
         tx.execute(&st.upsert_rows, &params).await
     };
@@ -568,14 +574,7 @@ fn as_i64(t: Time) -> i64 {
 
 /// One window's statistics in the column order of `card_stats`.
 fn window_row(window_ms: Time, s: &tripwire_dataflow::WindowStats) -> [i64; 6] {
-    [
-        window_ms as i64,
-        s.count,
-        s.sum,
-        s.max_amount,
-        s.distinct_merchants,
-        s.distinct_countries,
-    ]
+    [window_ms as i64, s.count, s.sum, s.max_amount, s.distinct_merchants, s.distinct_countries]
 }
 
 /// Copy the cards' rows into the staging table `card_stats_in` (emptied at commit).
@@ -717,7 +716,8 @@ mod tests {
         // Card c: windows whose index divides c + 1 are non-empty, with values from c.
         let card = |c: u64, round: i64| {
             CardStats::new(windows.iter().enumerate().map(|(i, &w)| {
-                let count = if (c + 1) % (i as u64 + 1) == 0 { (c as i64 % 7) + round } else { 0 };
+                let count =
+                    if (c + 1).is_multiple_of(i as u64 + 1) { (c as i64 % 7) + round } else { 0 };
                 let s = tripwire_dataflow::WindowStats {
                     count,
                     sum: count * (c as i64 + 3),
@@ -738,7 +738,10 @@ mod tests {
             }
             assert_eq!(stored(&conn.client).await, expected(large, 1, &card, &windows));
             let upserts = (0..large).map(|c| (c, card(c, 2), 100)).collect();
-            store.commit(&mut conn, &Batch { frontier: 200, upserts, ..Batch::default() }).await.unwrap();
+            store
+                .commit(&mut conn, &Batch { frontier: 200, upserts, ..Batch::default() })
+                .await
+                .unwrap();
             assert_eq!(stored(&conn.client).await, expected(large, 2, &card, &windows));
         });
     }
