@@ -71,11 +71,11 @@ pub async fn pg_archive(c: &Client) -> Result<BTreeSet<i64>, tokio_postgres::Err
         .collect())
 }
 
-/// Redis: every card hash of `job` (found by `SCAN`, so a stray key shows), field by field.
+/// Redis: every card record of `job` (found by `SCAN`, so a stray key shows), as stored.
 pub fn redis_cards(
     con: &mut redis::Connection,
     job: &str,
-) -> Result<BTreeMap<u64, BTreeMap<String, String>>, redis::RedisError> {
+) -> Result<BTreeMap<u64, String>, redis::RedisError> {
     let keys = Keys::new(job);
     let pattern = format!("{}*", keys.card_prefix());
     let cards: Vec<String> = redis::cmd("SCAN")
@@ -88,13 +88,16 @@ pub fn redis_cards(
         .iter(con)?
         .collect::<Result<_, _>>()?;
     let mut out = BTreeMap::new();
-    for key in cards {
-        let Some(card_id) = key.strip_prefix(&keys.card_prefix()).and_then(|c| c.parse().ok())
-        else {
-            continue;
-        };
-        let fields: BTreeMap<String, String> = redis::cmd("HGETALL").arg(&key).query(con)?;
-        out.insert(card_id, fields);
+    for chunk in cards.chunks(1_000) {
+        // A key of another type reads as nothing here: shown as an unparsable record.
+        let values: Vec<Option<String>> = redis::cmd("MGET").arg(chunk).query(con)?;
+        for (key, value) in chunk.iter().zip(values) {
+            let Some(card_id) = key.strip_prefix(&keys.card_prefix()).and_then(|c| c.parse().ok())
+            else {
+                continue;
+            };
+            out.insert(card_id, value.unwrap_or_default());
+        }
     }
     Ok(out)
 }
@@ -113,13 +116,14 @@ pub fn redis_stats(
     job: &str,
 ) -> Result<BTreeMap<StatKey, i64>, redis::RedisError> {
     let mut stats = BTreeMap::new();
-    for (card_id, fields) in redis_cards(con, job)? {
-        for (field, value) in fields {
-            // `w{ms}` = `count,sum,max,merchants,countries`; other fields are alerts'.
-            let Some(Ok(window_ms)) = field.strip_prefix('w').map(str::parse) else {
-                continue;
-            };
-            let values: Vec<&str> = value.split(',').collect();
+    for (card_id, record) in redis_cards(con, job)? {
+        // `{"<window ms>": [count, sum, max, merchants, countries], ...}`.
+        let windows: BTreeMap<String, Vec<i64>> = match serde_json::from_str(&record) {
+            Ok(w) => w,
+            Err(_) => BTreeMap::from([(String::new(), Vec::new())]),
+        };
+        for (window, values) in windows {
+            let window_ms = window.parse().unwrap_or(0);
             if values.len() != Metric::ALL.len() {
                 // Shown to the comparison as a value no reference has.
                 stats.insert(StatKey { card_id, window_ms, metric: Metric::Count }, i64::MIN);
@@ -127,7 +131,7 @@ pub fn redis_stats(
             }
             // In the order the sink writes them, which is `Metric::ALL`'s.
             for (metric, v) in Metric::ALL.into_iter().zip(values) {
-                stats.insert(StatKey { card_id, window_ms, metric }, v.parse().unwrap_or(i64::MIN));
+                stats.insert(StatKey { card_id, window_ms, metric }, v);
             }
         }
     }

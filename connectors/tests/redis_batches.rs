@@ -1,9 +1,10 @@
 //! A Redis batch lands whole or not at all as far as its frontier says: one
-//! that fails (a key of the wrong type among its cards) leaves the frontier
-//! where it was, and, when the batch is one script (a few thousand
-//! arguments), no card written; a larger batch is several scripts, and those
-//! before the failing one may stand, rewritten when the batch is retried.
-//! Retried once the key is fixed, the whole batch lands, frontier last.
+//! that fails (a key of the wrong type) leaves the frontier where it was.
+//! A key every part checks before its first write (the partial-batch marks)
+//! fails the batch before anything is written; a key only the alerts' part
+//! checks fails a larger batch after its card parts landed, and those stand,
+//! rewritten when the batch is retried. Retried once the key is fixed, the
+//! whole batch lands, frontier last, and the frontier is published.
 //!
 //! Needs the stack up (`./tripwire stack up`, or run through `./tripwire test`).
 
@@ -14,7 +15,7 @@ use std::time::{Duration, Instant};
 use tripwire_connectors::readback;
 use tripwire_connectors::redis_sink::{Keys, RedisSinkConfig, PART_ARGS};
 use tripwire_connectors::Endpoints;
-use tripwire_dataflow::{StatKey, WindowStats};
+use tripwire_dataflow::{alert_id, Alert, Details, Rule, StatKey, WindowStats};
 
 fn failures() -> f64 {
     prometheus::gather()
@@ -28,23 +29,23 @@ fn failures() -> f64 {
 
 #[test]
 fn a_batch_failing_midway_leaves_nothing_and_lands_whole_once_retried() {
-    fails_then_lands(20, 7);
+    fails_then_lands(20, Keys::partial, false);
 }
 
 #[test]
 fn a_batch_of_several_scripts_stores_its_frontier_only_once_all_landed() {
     let cards = 3_000;
-    assert!(cards as usize * 5 > 2 * PART_ARGS, "the batch is three scripts or more");
-    fails_then_lands(cards, cards - 1);
+    assert!(cards as usize * 2 > PART_ARGS, "the cards take two scripts, the alert a third");
+    fails_then_lands(cards, Keys::last_alert_order, true);
 }
 
 /// The failure counter is the process's: one test at a time reads it.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-/// A batch of `cards` cards, `bad` of which is a key of the wrong type at first.
-fn fails_then_lands(cards: u64, bad: u64) {
+/// A batch of `cards` cards and one alert, the key `bad` names holding a
+/// string at first; `after_cards`: the failure comes after the cards landed.
+fn fails_then_lands(cards: u64, bad: fn(&Keys) -> String, after_cards: bool) {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let one_script = (cards as usize) * 5 < PART_ARGS;
     let endpoints = Endpoints::from_env().unwrap();
     let job = common::unique(&format!("batches_{cards}"));
     let keys = Keys::new(&job);
@@ -52,8 +53,16 @@ fn fails_then_lands(cards: u64, bad: u64) {
         .unwrap()
         .get_connection()
         .expect("Redis; is the stack up? (./tripwire stack up)");
-    // Card `bad`'s key holds a string: the batch's HSET on it would fail midway.
-    let _: () = redis::cmd("SET").arg(keys.card(bad)).arg("not a hash").query(&mut con).unwrap();
+    // A hash the batch writes holds a string: the batch fails on it.
+    let _: () = redis::cmd("SET").arg(bad(&keys)).arg("not a hash").query(&mut con).unwrap();
+    let alert = Alert {
+        id: alert_id(Rule::Velocity, 0, 1, 60_000),
+        card_id: 0,
+        rule: Rule::Velocity,
+        trigger_event: 1,
+        event_time_ms: 10,
+        details: Details::Velocity { window_ms: 60_000, count: 9, limit: 8 },
+    };
 
     let config = RedisSinkConfig {
         commit_interval: Duration::from_millis(10),
@@ -76,6 +85,7 @@ fn fails_then_lands(cards: u64, bad: u64) {
         for card in 0..cards {
             input.update_at((card, common::arrival(60_000, stats(card))), 10, 1);
         }
+        alerts.update_at(alert.clone(), 10, 1);
         input.advance_to(20);
         input.flush();
         alerts.advance_to(20);
@@ -86,17 +96,18 @@ fn fails_then_lands(cards: u64, bad: u64) {
             assert!(Instant::now() < deadline, "the batch never failed");
             worker.step_or_park(Some(Duration::from_millis(5)));
         }
-        // Failed: the frontier did not move (and, for a batch of one script,
+        // Failed: the frontier did not move (and, failing before the cards,
         // not one card of it is in Redis).
         let mut con = redis::Client::open(url.as_str()).unwrap().get_connection().unwrap();
         let keys = Keys::new(&job2);
-        if one_script {
-            let written: Vec<u64> = (0..cards)
-                .filter(|c| *c != bad)
-                .filter(|c| {
-                    redis::cmd("EXISTS").arg(keys.card(*c)).query::<i64>(&mut con).unwrap() == 1
-                })
-                .collect();
+        let written: Vec<u64> = (0..cards)
+            .filter(|c| {
+                redis::cmd("EXISTS").arg(keys.card(*c)).query::<i64>(&mut con).unwrap() == 1
+            })
+            .collect();
+        if after_cards {
+            assert_eq!(written.len() as u64, cards, "the card parts landed before the alert's");
+        } else {
             assert!(written.is_empty(), "no half batch: cards {written:?} written");
         }
         let frontiers = readback::redis_frontiers(&mut con, &job2, 1).unwrap();
@@ -109,7 +120,7 @@ fn fails_then_lands(cards: u64, bad: u64) {
         }
 
         // Fixed: the retry lands the whole batch, with its frontier.
-        let _: () = redis::cmd("DEL").arg(Keys::new(&job2).card(bad)).query(&mut con).unwrap();
+        let _: () = redis::cmd("DEL").arg(bad(&keys)).query(&mut con).unwrap();
         let deadline = Instant::now() + Duration::from_secs(60);
         while committed.frontier() < 20 {
             assert!(Instant::now() < deadline, "the retried batch never landed");
@@ -125,6 +136,7 @@ fn fails_then_lands(cards: u64, bad: u64) {
             );
         }
         assert_eq!(readback::redis_frontiers(&mut con, &job2, 1).unwrap(), vec![Some(20)]);
+        assert_eq!(readback::redis_alert_ids(&mut con, &job2).unwrap(), vec![alert.id as i64]);
         progress.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let published: String = progress.get_message().expect("published").get_payload().unwrap();
         assert_eq!(published, format!("0 {:020}", 20), "worker 0 stored frontier 20");
