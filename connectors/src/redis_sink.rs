@@ -31,9 +31,10 @@
 //!   `{worker} {frontier}` when it is stored, so that a reader can learn
 //!   how fresh the read model is without polling.
 //!
-//! Each batch is applied by Lua scripts of a few thousand arguments each (a
-//! few milliseconds of Redis's time, so that a reader never waits behind a
-//! catch-up), the last of which stores the worker's frontier. Each script is
+//! Each batch is applied by Lua scripts of a few hundred arguments each
+//! (about a millisecond of Redis's time, so that a reader never waits long
+//! behind a catch-up), all but the last sent at once (pipelined), the last,
+//! which stores the worker's frontier, once they all landed. Each script is
 //! all or nothing: Redis refuses it up front when out of memory, and it checks
 //! every key's type before its first write. A batch whose last script did not
 //! run is sent again, whole, on retry or by the replay after a crash; every
@@ -473,9 +474,11 @@ impl Keys {
     }
 }
 
-/// About how many script arguments one part of a batch carries: a few
-/// milliseconds of Redis's time, so that readers never wait long behind a commit.
-pub const PART_ARGS: usize = 4_000;
+/// About how many script arguments one part of a batch carries (two per
+/// card): about a millisecond of Redis's time, so that readers never wait
+/// long behind a commit (a batch's parts go out pipelined, and Redis serves
+/// other clients between them).
+pub const PART_ARGS: usize = 500;
 
 /// What a batch does to one card's hash.
 enum Card<'a> {
@@ -572,8 +575,10 @@ impl Store for Redis {
             None => SourceDecisions::default(),
         };
         let (floors, positions) = decision_fields(&self.config.topic, &decisions);
-        let result = async {
-            for (n, (cards, alerts)) in parts.into_iter().enumerate() {
+        let invocations = parts
+            .into_iter()
+            .enumerate()
+            .map(|(n, (cards, alerts))| {
                 let (floors, positions): (&[_], &[_]) =
                     if n == 0 { (&floors, &positions) } else { (&[], &[]) };
                 let mut invocation = self.script.prepare_invoke();
@@ -630,13 +635,29 @@ impl Store for Redis {
                             .to_string(),
                         );
                 }
-                let applied: i64 =
-                    invocation.invoke_async(conn).await.map_err(|e| e.to_string())?;
-                if applied == 0 {
-                    // Covered by the stored frontier: the rest is too.
-                    break;
-                }
+                Ok(invocation)
+            })
+            .collect::<Result<Vec<_>, String>>();
+        let result = async {
+            let mut invocations = invocations?;
+            let last = invocations.pop().expect("a batch has a last part");
+            // Every part but the last at once: pipelined on the one
+            // connection, each a few milliseconds of Redis's time, so that
+            // readers get their turn between them. Each marks the batch as
+            // partly landed before its writes, and writes only what the
+            // replay writes again.
+            let mut conns = vec![conn.clone(); invocations.len()];
+            let applied: Vec<i64> = futures_util::future::try_join_all(
+                invocations.iter().zip(conns.iter_mut()).map(|(i, c)| i.invoke_async(c)),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            // Covered by the stored frontier (then all of it is): nothing to store.
+            if applied.contains(&0) {
+                return Ok(());
             }
+            // The frontier last, once every other part landed.
+            let _: i64 = last.invoke_async(conn).await.map_err(|e| e.to_string())?;
             Ok::<(), String>(())
         }
         .await;

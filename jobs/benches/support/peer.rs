@@ -157,6 +157,7 @@ impl Reader {
         let handle = std::thread::spawn(move || {
             let mut con = redis::Client::open(url).unwrap().get_connection().unwrap();
             let mut ms = Vec::new();
+            let mut hashes = false;
             let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
             let pace = Duration::from_secs(1) / per_s;
             while !stopped.load(Ordering::Relaxed) {
@@ -164,8 +165,17 @@ impl Reader {
                 x ^= x >> 7;
                 x ^= x << 17;
                 let started = Instant::now();
-                let _: Option<String> =
-                    redis::cmd("GET").arg(keys.card(x % cards)).query(&mut con).unwrap();
+                let key = keys.card(x % cards);
+                if hashes {
+                    let _: Vec<(String, String)> =
+                        redis::cmd("HGETALL").arg(&key).query(&mut con).unwrap();
+                } else if let Err(e) = redis::cmd("GET").arg(&key).query::<Option<String>>(&mut con)
+                {
+                    // A build from before cards were strings (an A/B run
+                    // against a baseline) keeps a hash per card.
+                    assert_eq!(e.code(), Some("WRONGTYPE"), "reading {key}: {e}");
+                    hashes = true;
+                }
                 ms.push(started.elapsed().as_secs_f64() * 1e3);
                 // A steady rate of reads, not a busy loop stealing a core from the job.
                 std::thread::sleep(pace.saturating_sub(started.elapsed()));
