@@ -20,6 +20,8 @@ pub fn read_topic(bootstrap: &str, topic: &str, decode: bool) -> (u64, f64) {
         .set("group.id", "tripwire-ceiling")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
+        // See the source: a full prefetch queue must not stall reading for a second.
+        .set("fetch.queue.backoff.ms", "10")
         .create()
         .expect("consumer");
     let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).expect("metadata");

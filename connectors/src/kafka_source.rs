@@ -477,7 +477,11 @@ pub fn kafka_source<'s>(
         // as an end-of-partition event rather than as a last record.
         .set("enable.partition.eof", if config.bounded { "true" } else { "false" })
         // Consumer lag per partition for `tripwire_consumer_lag`, from librdkafka's own view.
-        .set("statistics.interval.ms", "2000");
+        .set("statistics.interval.ms", "2000")
+        // When a partition's prefetch queue is full, fetch again 10 ms later,
+        // not librdkafka's default 1 s: reading from offset 0 stalled for a
+        // second at a time (consume-only 0.4-0.7M records/s instead of 1M).
+        .set("fetch.queue.backoff.ms", "10");
     for (key, value) in &config.consumer_properties {
         client_config.set(key, value);
     }
