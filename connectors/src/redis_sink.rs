@@ -558,7 +558,7 @@ impl Store for Redis {
             .map(|(card, stats, _)| Card::Set(*card, stats))
             .chain(deletes.iter().map(|(card, _)| Card::Delete(*card, may_pass && b.passing(card))))
             .collect();
-        // Parts of about PART_ARGS arguments (two per card): each runs for a few milliseconds.
+        // Parts of about PART_ARGS arguments (two per card): about a millisecond each.
         type Part<'a, 'b> = (&'a [Card<'b>], &'a [(Alert, Time)]);
         let mut parts: Vec<Part<'_, '_>> =
             cards.chunks(PART_ARGS / 2).map(|c| (c, &[][..])).collect();
@@ -581,6 +581,7 @@ impl Store for Redis {
             .map(|(n, (cards, alerts))| {
                 let (floors, positions): (&[_], &[_]) =
                     if n == 0 { (&floors, &positions) } else { (&[], &[]) };
+                let sets = cards.iter().filter(|c| matches!(c, Card::Set(..))).count();
                 let mut invocation = self.script.prepare_invoke();
                 invocation
                     .key(keys.frontiers())
@@ -595,13 +596,13 @@ impl Store for Redis {
                     .arg(&keys.prefix)
                     .arg(u8::from(n == last))
                     .arg(self.config.stream_max_len)
-                    .arg(cards.iter().filter(|c| matches!(c, Card::Set(..))).count())
+                    .arg(sets)
                     .arg(alerts.len())
                     .arg(self.worker)
                     .arg(padded(b.start))
                     .arg(floors.len())
                     .arg(positions.len())
-                    .arg(cards.iter().filter(|c| matches!(c, Card::Delete(..))).count());
+                    .arg(cards.len() - sets);
                 for (field, value) in floors.iter().chain(positions) {
                     invocation.arg(field).arg(value);
                 }
@@ -642,7 +643,7 @@ impl Store for Redis {
             let mut invocations = invocations?;
             let last = invocations.pop().expect("a batch has a last part");
             // Every part but the last at once: pipelined on the one
-            // connection, each a few milliseconds of Redis's time, so that
+            // connection, each about a millisecond of Redis's time, so that
             // readers get their turn between them. Each marks the batch as
             // partly landed before its writes, and writes only what the
             // replay writes again.

@@ -317,11 +317,7 @@ fn measure(rate: u64, seconds: u64, lateness_ms: u64, commit_ms: u64) -> Measure
 }
 
 fn main() {
-    let rates: Vec<u64> = std::env::var("TRIPWIRE_BENCH_RATES")
-        .unwrap_or_else(|_| "10000,50000,100000".into())
-        .split(',')
-        .map(|r| r.trim().parse().expect("TRIPWIRE_BENCH_RATES: numbers"))
-        .collect();
+    let rates = support::env_list("TRIPWIRE_BENCH_RATES", "10000,50000,100000");
     let seconds = env_or("TRIPWIRE_BENCH_SECONDS", 60);
     let lateness_ms = env_or("TRIPWIRE_BENCH_LATENESS_MS", 10);
     let commit_ms = env_or("TRIPWIRE_BENCH_COMMIT_MS", 10);

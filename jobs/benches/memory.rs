@@ -100,11 +100,7 @@ fn measure(cards: u64) -> Measured {
 }
 
 fn main() {
-    let counts: Vec<u64> = std::env::var("TRIPWIRE_BENCH_CARDS")
-        .unwrap_or_else(|_| "1000000,5000000".into())
-        .split(',')
-        .map(|c| c.trim().parse().expect("TRIPWIRE_BENCH_CARDS: numbers"))
-        .collect();
+    let counts = support::env_list("TRIPWIRE_BENCH_CARDS", "1000000,5000000");
     let mut rows = Vec::new();
     let mut results = serde_json::Map::new();
     for &n in &counts {

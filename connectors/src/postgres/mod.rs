@@ -11,3 +11,10 @@ pub use resume::{
     resume_point, ResumePoint,
 };
 pub use sink::{pg_committer, pg_sink, PgSinkConfig};
+
+use tripwire_dataflow::Time;
+
+/// A time as PostgreSQL's bigint (times past its range are clamped).
+fn as_i64(t: Time) -> i64 {
+    t.min(i64::MAX as u64) as i64
+}

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use tokio_postgres::Client;
 use tripwire_dataflow::Time;
 
+use super::as_i64;
 use crate::kafka_source::{Resume, SourceDecisions};
 
 /// A restarted job's starting point.
@@ -103,7 +104,6 @@ pub async fn resume_point(
 ) -> Result<ResumePoint, tokio_postgres::Error> {
     let skip_below = frontier.saturating_sub(longest.saturating_add(tick.max(1)));
     let read_from = skip_below.saturating_sub(dedup_horizon);
-    let as_i64 = |t: Time| t.min(i64::MAX as u64) as i64;
     let rows = client
         .query(
             "SELECT DISTINCT ON (partition) partition, \"offset\", max_event_time,

@@ -16,7 +16,7 @@ use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, NoTls, Statement};
 use tripwire_dataflow::{CardStats, Channel, Time};
 
-use super::migrate;
+use super::{as_i64, migrate};
 use crate::commit::{
     committer, frontier_sinks, Batch, CommitOptions, Committed, Committer, InputEnd, SinkInputs,
     Store,
@@ -554,22 +554,18 @@ impl CardColumns {
         for (card, stats, as_of) in upserts {
             c.card.push(*card as i64);
             c.as_of.push(as_i64(*as_of));
-            c.offset.push(c.values[0].len() as i32);
+            let offset = c.values[0].len() as i32;
             for (window_ms, w) in stats.non_empty() {
                 let row = window_row(window_ms, &w);
                 for (column, v) in c.values.iter_mut().zip(row) {
                     column.push(v);
                 }
             }
-            c.len.push((c.values[0].len() as i32) - c.offset.last().copied().unwrap_or(0));
+            c.offset.push(offset);
+            c.len.push(c.values[0].len() as i32 - offset);
         }
         c
     }
-}
-
-/// A time as PostgreSQL's bigint (times past its range are clamped).
-fn as_i64(t: Time) -> i64 {
-    t.min(i64::MAX as u64) as i64
 }
 
 /// One window's statistics in the column order of `card_stats`.

@@ -29,6 +29,15 @@ pub fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
+/// A comma-separated list of numbers from the environment variable `name`, or `default`.
+pub fn env_list(name: &str, default: &str) -> Vec<u64> {
+    std::env::var(name)
+        .unwrap_or_else(|_| default.into())
+        .split(',')
+        .map(|x| x.trim().parse().unwrap_or_else(|_| panic!("{name}: comma-separated numbers")))
+        .collect()
+}
+
 /// The stack's endpoints.
 pub fn endpoints() -> Endpoints {
     Endpoints::from_env().expect("TRIPWIRE_* addresses parse")
