@@ -4,15 +4,20 @@
 //! Exactly once, across crashes and restarts:
 //! - a dead letter goes to the dead-letter partition of its source partition
 //!   (the topic has at least as many partitions as the input), in source
-//!   offset order, by an idempotent producer;
-//! - on start the sink reads the last record of each dead-letter partition:
-//!   its `source.offset` header says up to where a replay's dead letters are
-//!   already there, and those are skipped;
+//!   offset order, in Kafka transactions (one transactional id per worker);
+//! - on start the sink reads the last committed letter of each dead-letter
+//!   partition: its `source.offset` header says up to where a replay's dead
+//!   letters are already there, and those are skipped;
 //! - a restart point (progress sample) reaches the PostgreSQL sink only once
-//!   every dead letter before it is delivered ([`DeadLetterSink::confirm`]),
-//!   so that no restart can begin after a dead letter that never landed.
+//!   the transaction holding every dead letter before it is committed
+//!   ([`Confirm`]), so that no restart can begin after a dead letter that
+//!   never landed.
+//!
+//! Read the topic with `isolation.level=read_committed` (librdkafka's
+//! default; the Java client's default is `read_uncommitted`): a transaction
+//! that failed and was sent again leaves aborted copies behind.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -69,7 +74,14 @@ pub enum DeadLetterError {
     },
 }
 
-/// Per source partition, the highest source offset whose dead letter is in `topic` already.
+/// Per source partition, the highest source offset whose dead letter is
+/// committed in `topic` already.
+///
+/// Reads with `read_committed`, backwards from each partition's end: the last
+/// record there is usually a transaction marker, not a letter, and letters of
+/// aborted transactions are not there at all; so it reads the last 16 records,
+/// then 32, 64 and so on until a committed letter of `source_topic` (a topic
+/// may hold other sources' letters too) or the partition's start.
 pub fn written(
     bootstrap: &str,
     topic: &str,
@@ -80,53 +92,225 @@ pub fn written(
         .set("group.id", format!("tripwire-dlq-tail-{topic}"))
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
+        .set("isolation.level", "read_committed")
         .create()?;
     let count = crate::kafka_admin::partition_count(bootstrap, topic)?.unwrap_or(0);
-    let mut assignment = TopicPartitionList::new();
-    let mut waiting = 0;
+    // Per partition still unsettled: (its start, its end, how far back to read).
+    let mut unsettled: HashMap<i32, (i64, i64, i64)> = HashMap::new();
     for p in 0..count as i32 {
-        let (low, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10))?;
+        let (low, high) = crate::kafka_admin::while_starting(|| {
+            consumer.fetch_watermarks(topic, p, Duration::from_secs(10))
+        })?;
         if high > low {
-            assignment.add_partition_offset(topic, p, Offset::Offset(high - 1))?;
-            waiting += 1;
+            unsettled.insert(p, (low, high, 16));
         }
     }
     let mut found = HashMap::new();
-    if waiting == 0 {
-        return Ok(found);
-    }
-    consumer.assign(&assignment)?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while waiting > 0 && std::time::Instant::now() < deadline {
-        match consumer.poll(Duration::from_millis(200)) {
-            Some(Ok(m)) => {
-                let header = |name: &str| {
-                    m.headers().and_then(|hs| {
-                        hs.iter()
-                            .find(|h| h.key == name)
-                            .and_then(|h| h.value)
-                            .map(|v| String::from_utf8_lossy(v).into_owned())
-                    })
-                };
-                if header(headers::TOPIC).as_deref() == Some(source_topic) {
-                    let partition = header(headers::PARTITION).and_then(|p| p.parse::<i32>().ok());
-                    let offset = header(headers::OFFSET).and_then(|o| o.parse::<i64>().ok());
-                    if let (Some(p), Some(o)) = (partition, offset) {
-                        let e = found.entry(p).or_insert(o);
-                        *e = (*e).max(o);
+    while !unsettled.is_empty() {
+        let mut assignment = TopicPartitionList::new();
+        for (&p, &(low, high, back)) in &unsettled {
+            assignment.add_partition_offset(topic, p, Offset::Offset((high - back).max(low)))?;
+        }
+        consumer.assign(&assignment)?;
+        let mut at_end = 0;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let mut settled = std::collections::HashSet::new();
+        while at_end < unsettled.len() {
+            if std::time::Instant::now() > deadline {
+                return Err(KafkaError::MessageConsumption(RDKafkaErrorCode::OperationTimedOut));
+            }
+            match consumer.poll(Duration::from_millis(200)) {
+                Some(Ok(m)) => {
+                    let header = |name: &str| {
+                        m.headers().and_then(|hs| {
+                            hs.iter()
+                                .find(|h| h.key == name)
+                                .and_then(|h| h.value)
+                                .map(|v| String::from_utf8_lossy(v).into_owned())
+                        })
+                    };
+                    if header(headers::TOPIC).as_deref() == Some(source_topic) {
+                        let partition =
+                            header(headers::PARTITION).and_then(|p| p.parse::<i32>().ok());
+                        let offset = header(headers::OFFSET).and_then(|o| o.parse::<i64>().ok());
+                        if let (Some(p), Some(o)) = (partition, offset) {
+                            let e = found.entry(p).or_insert(o);
+                            *e = (*e).max(o);
+                            settled.insert(m.partition());
+                        }
                     }
                 }
-                waiting -= 1;
+                Some(Err(KafkaError::PartitionEOF(_))) => at_end += 1,
+                Some(Err(e)) => return Err(e),
+                None => {}
             }
-            Some(Err(KafkaError::PartitionEOF(_))) => {}
-            Some(Err(e)) => return Err(e),
-            None => {}
         }
-    }
-    if waiting > 0 {
-        return Err(KafkaError::MessageConsumption(RDKafkaErrorCode::OperationTimedOut));
+        unsettled.retain(|p, (low, high, back)| {
+            let settled = settled.contains(p) || *high - *back <= *low;
+            *back *= 2;
+            !settled
+        });
     }
     Ok(found)
+}
+
+/// The dead-letter producer of one worker: letters go out in Kafka
+/// transactions, each committed before the restart points taken after its
+/// letters are confirmed.
+///
+/// An idempotent producer alone is not enough: after a broker restart or a
+/// timed-out request librdkafka may bump the producer epoch and send letters
+/// the broker had already written again (confluentinc/librdkafka#4953). In a
+/// transaction such a failure aborts instead, and the letters are sent again
+/// in a new one, so a `read_committed` reader sees each letter once. A
+/// restarted worker's `init_transactions` (same transactional id) aborts what
+/// its previous incarnation left open.
+struct Transactional {
+    bootstrap: String,
+    id: String,
+    producer: ThreadedProducer<DefaultProducerContext>,
+    /// Letters sent in the open transaction (none open when empty).
+    open: Vec<DeadLetter>,
+}
+
+impl Transactional {
+    fn new(bootstrap: &str, id: String) -> Result<Self, KafkaError> {
+        let producer = Self::producer(bootstrap, &id)?;
+        Ok(Transactional { bootstrap: bootstrap.to_string(), id, producer, open: Vec::new() })
+    }
+
+    fn producer(
+        bootstrap: &str,
+        id: &str,
+    ) -> Result<ThreadedProducer<DefaultProducerContext>, KafkaError> {
+        let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .set("transactional.id", id)
+            .create()?;
+        producer.init_transactions(Duration::from_secs(60))?;
+        Ok(producer)
+    }
+
+    /// Send `d` in the open transaction (beginning one if none is).
+    fn send(&mut self, topic: &str, d: &DeadLetter) -> Result<(), KafkaError> {
+        if self.open.is_empty() {
+            self.producer.begin_transaction()?;
+        }
+        let partition = d.partition.to_string();
+        let offset = d.offset.to_string();
+        let headers = OwnedHeaders::new()
+            .insert(Header { key: headers::REASON, value: Some(d.reason.as_str()) })
+            .insert(Header { key: headers::ERROR, value: Some(d.detail.as_str()) })
+            .insert(Header { key: headers::TOPIC, value: Some(d.topic.as_str()) })
+            .insert(Header { key: headers::PARTITION, value: Some(partition.as_str()) })
+            .insert(Header { key: headers::OFFSET, value: Some(offset.as_str()) });
+        let mut record = BaseRecord::<[u8], [u8]>::to(topic)
+            .partition(d.partition)
+            .payload(&d.payload[..])
+            .headers(headers);
+        if let Some(k) = &d.key {
+            record = record.key(&k[..]);
+        }
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => break,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                    // The producer's own thread drains its queue. A flood of dead
+                    // letters slows this worker down rather than losing any.
+                    record = r;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err((e, _)) => return Err(e),
+            }
+        }
+        self.open.push(d.clone());
+        Ok(())
+    }
+
+    /// Send `d`, starting the transaction over if the producer cannot go on.
+    /// An error left is the letter's own (e.g. larger than the broker takes).
+    fn send_or_start_over(&mut self, topic: &str, d: &DeadLetter) -> Result<(), KafkaError> {
+        loop {
+            match self.send(topic, d) {
+                Err(e) if Self::producer_failed(&e) => {
+                    tracing::warn!(error = %e, "dead-letter producer failed; starting over");
+                    self.start_over(topic);
+                }
+                done => return done,
+            }
+        }
+    }
+
+    /// Whether `e` is the producer's or transaction's failure, not one letter's.
+    fn producer_failed(e: &KafkaError) -> bool {
+        matches!(
+            e,
+            KafkaError::Transaction(_)
+                | KafkaError::MessageProduction(RDKafkaErrorCode::Fatal | RDKafkaErrorCode::State)
+        )
+    }
+
+    /// Commit the open transaction; when it fails, start over until its
+    /// letters are committed.
+    fn commit(&mut self, topic: &str) {
+        while !self.open.is_empty() {
+            match self.producer.commit_transaction(Duration::from_secs(30)) {
+                Ok(()) => {
+                    for d in self.open.drain(..) {
+                        dead_letters_total().with_label_values(&[d.reason.as_str()]).inc();
+                    }
+                }
+                Err(KafkaError::Transaction(e)) if e.is_retriable() => {
+                    tracing::warn!(error = %e, "dead letters not yet committed; waiting");
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, letters = self.open.len(),
+                        "dead-letter transaction failed; sending its letters again");
+                    self.start_over(topic);
+                }
+            }
+        }
+    }
+
+    /// Leave the open transaction behind and send its letters again in a new
+    /// one: a new producer under the same transactional id, whose
+    /// initialisation aborts what the old one left open.
+    fn start_over(&mut self, topic: &str) {
+        let letters = std::mem::take(&mut self.open);
+        'over: loop {
+            self.open.clear();
+            loop {
+                match Self::producer(&self.bootstrap, &self.id) {
+                    Ok(p) => {
+                        self.producer = p;
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "dead-letter producer not ready; retrying");
+                        std::thread::sleep(Duration::from_secs(1));
+                    }
+                }
+            }
+            for d in &letters {
+                match self.send(topic, d) {
+                    Ok(()) => {}
+                    Err(e) if Self::producer_failed(&e) => {
+                        tracing::warn!(error = %e, "dead-letter producer failed; starting over");
+                        continue 'over;
+                    }
+                    Err(e) => lost_loudly(&e, d),
+                }
+            }
+            return;
+        }
+    }
+}
+
+/// A letter Kafka will not take (e.g. larger than the broker accepts): an
+/// invariant of the pipeline is broken, so say so loudly.
+fn lost_loudly(e: &KafkaError, d: &DeadLetter) {
+    tracing::error!(error = %e, partition = d.partition, offset = d.offset,
+        "dead letter could not be produced");
 }
 
 /// Write the dead letters of `stream` (read from `source_topic`, which has
@@ -148,16 +332,15 @@ pub fn dead_letter_sink(
             needs: source_partitions,
         });
     }
+    let worker = stream.scope().index();
+    // Before reading the tail: a restarted worker's producer aborts what its
+    // previous incarnation left open. One id per worker, dead-letter topic
+    // and source: jobs sharing a dead-letter topic must not fence each other.
+    let mut producer =
+        Transactional::new(bootstrap, format!("tripwire-dlq-{topic}-{source_topic}-{worker}"))?;
     let already = written(bootstrap, topic, source_topic)?;
-    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        // No duplicates or reordering from producer retries.
-        .set("enable.idempotence", "true")
-        .create()?;
     let topic = topic.to_string();
-    let mut pending: VecDeque<DeadLetter> = VecDeque::new();
-    let mut flushed = false;
-    let mut unflushed = false;
+    let mut finished = false;
     stream.sink(Pipeline, "DeadLetterSink", move |(input, frontier)| {
         // Restart points taken so far: their dead letters are in `input` by now
         // (the source gives a record's dead letter before the sample after it).
@@ -166,64 +349,29 @@ pub fn dead_letter_sink(
             None => Vec::new(),
         };
         input.for_each(|_cap, data| {
-            pending.extend(
-                data.drain(..).filter(|d| already.get(&d.partition).is_none_or(|o| d.offset > *o)),
-            )
+            for d in data.drain(..) {
+                if already.get(&d.partition).is_some_and(|o| d.offset <= *o) {
+                    continue;
+                }
+                if let Err(e) = producer.send_or_start_over(&topic, &d) {
+                    lost_loudly(&e, &d);
+                }
+            }
         });
-        while let Some(d) = pending.front() {
-            let partition = d.partition.to_string();
-            let offset = d.offset.to_string();
-            let headers = OwnedHeaders::new()
-                .insert(Header { key: headers::REASON, value: Some(d.reason.as_str()) })
-                .insert(Header { key: headers::ERROR, value: Some(d.detail.as_str()) })
-                .insert(Header { key: headers::TOPIC, value: Some(d.topic.as_str()) })
-                .insert(Header { key: headers::PARTITION, value: Some(partition.as_str()) })
-                .insert(Header { key: headers::OFFSET, value: Some(offset.as_str()) });
-            let mut record = BaseRecord::<[u8], [u8]>::to(&topic)
-                .partition(d.partition)
-                .payload(&d.payload[..])
-                .headers(headers);
-            if let Some(k) = &d.key {
-                record = record.key(&k[..]);
-            }
-            match producer.send(record) {
-                Ok(()) => {
-                    dead_letters_total().with_label_values(&[d.reason.as_str()]).inc();
-                    unflushed = true;
-                    pending.pop_front();
-                }
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                    // The producer's own thread drains its queue. A flood of dead
-                    // letters slows this worker down rather than losing any.
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                Err((e, _)) => {
-                    // Not retryable here (e.g. message too large for the broker):
-                    // an invariant of the pipeline is broken, say so loudly.
-                    tracing::error!(error = %e, partition = d.partition, offset = d.offset,
-                        "dead letter could not be produced");
-                    pending.pop_front();
-                }
-            }
-        }
-        if let Some(c) = &confirm {
-            if !taken.is_empty() {
-                // Delivered before a restart point may be stored (rare: only
+        match &confirm {
+            Some(c) if !taken.is_empty() => {
+                // Committed before a restart point may be stored (rare: only
                 // when dead letters were sent since the last restart point).
-                if unflushed {
-                    while let Err(e) = producer.flush(Duration::from_secs(30)) {
-                        tracing::warn!(error = %e, "dead letters not yet delivered; waiting");
-                    }
-                    unflushed = false;
-                }
+                producer.commit(&topic);
                 c.confirmed.lock().expect("progress samples").extend(taken);
             }
+            Some(_) => {}
+            // No restart points to wait for: letters are committed as they come.
+            None => producer.commit(&topic),
         }
-        if frontier.is_empty() && pending.is_empty() && !flushed {
-            flushed = true;
-            if let Err(e) = producer.flush(Duration::from_secs(30)) {
-                tracing::error!(error = %e, "dead-letter producer did not flush");
-            }
+        if frontier.is_empty() && !finished {
+            finished = true;
+            producer.commit(&topic);
         }
     });
     Ok(())

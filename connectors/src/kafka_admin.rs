@@ -23,17 +23,19 @@ fn admin(
 /// Create `topic` with `partitions` partitions unless it exists (then leave it as it is).
 pub fn ensure_topic(bootstrap: &str, topic: &str, partitions: i32) -> Result<(), KafkaError> {
     let (admin, rt) = admin(bootstrap)?;
-    let results = rt.block_on(admin.create_topics(
-        &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
-        &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
-    ))?;
-    for r in results {
-        match r {
-            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((_, code)) => return Err(KafkaError::AdminOp(code)),
+    while_starting(|| {
+        let results = rt.block_on(admin.create_topics(
+            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        ))?;
+        for r in results {
+            match r {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((_, code)) => return Err(KafkaError::AdminOp(code)),
+            }
         }
-    }
-    Ok(())
+        Ok(())
+    })
 }
 
 /// Delete `topics`; one that does not exist is no error.
@@ -58,11 +60,51 @@ pub fn delete_topics(bootstrap: &str, topics: &[&str]) -> Result<(), KafkaError>
 /// How many partitions `topic` has; `None` if it does not exist.
 pub fn partition_count(bootstrap: &str, topic: &str) -> Result<Option<usize>, KafkaError> {
     let client: BaseConsumer = ClientConfig::new().set("bootstrap.servers", bootstrap).create()?;
-    let metadata = client.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    let metadata = while_starting(|| client.fetch_metadata(Some(topic), Duration::from_secs(10)))?;
     Ok(metadata
         .topics()
         .first()
         .filter(|t| t.error().is_none())
         .map(|t| t.partitions().len())
         .filter(|n| *n > 0))
+}
+
+/// Run `f` again (for up to a minute) while it fails as a broker does in
+/// its first seconds up or while it is away: no leader yet, not reachable.
+/// A job started beside a restarting broker waits for it, as Kafka clients
+/// do, instead of exiting.
+pub fn while_starting<T>(mut f: impl FnMut() -> Result<T, KafkaError>) -> Result<T, KafkaError> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match f() {
+            Err(e) if std::time::Instant::now() < deadline && starting(&e) => {
+                tracing::warn!(error = %e, "Kafka not ready; trying again");
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            done => return done,
+        }
+    }
+}
+
+fn starting(e: &KafkaError) -> bool {
+    use RDKafkaErrorCode::*;
+    let code = match e {
+        KafkaError::AdminOp(code) => Some(*code),
+        e => e.rdkafka_error_code(),
+    };
+    matches!(
+        code,
+        Some(
+            NotLeaderForPartition
+                | LeaderNotAvailable
+                | AllBrokersDown
+                | BrokerTransportFailure
+                | BrokerNotAvailable
+                | RequestTimedOut
+                | OperationTimedOut
+                | NotCoordinator
+                | CoordinatorLoadInProgress
+                | CoordinatorNotAvailable
+        )
+    )
 }

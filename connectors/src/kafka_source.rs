@@ -496,7 +496,9 @@ pub fn kafka_source<'s>(
     for &p in &mine {
         let start = config.start_offsets.get(&p).map_or(Offset::Beginning, |o| Offset::Offset(*o));
         assignment.add_partition_offset(&config.topic, p, start)?;
-        let (low, high) = client.fetch_watermarks(&config.topic, p, Duration::from_secs(10))?;
+        let (low, high) = crate::kafka_admin::while_starting(|| {
+            client.fetch_watermarks(&config.topic, p, Duration::from_secs(10))
+        })?;
         if let Some(&wanted) = config.start_offsets.get(&p) {
             if wanted < low {
                 return Err(SourceError::ResumePointGone {

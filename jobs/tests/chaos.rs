@@ -47,7 +47,7 @@ use tripwire_dataflow::reference::Reference;
 use tripwire_dataflow::{FraudConfig, StatKey, Time, Transaction};
 use tripwire_jobs::generator::{Expect, GenConfig, Generator, Planned, SchemaIds};
 
-use common::{accepted, dead_letters, now_ms, produce, produce_at, record};
+use common::{accepted, dead_letters, now_ms, produce, produce_at, record, rejected};
 use tripwire_connectors::dead_letter::DeadLetterReason;
 
 const PROCESSES: usize = 2;
@@ -75,21 +75,6 @@ fn end_of(fraud: &FraudConfig, accepted: &[Transaction], ahead_ts: i64) -> Time 
         .max()
         .unwrap()
         + 1
-}
-
-/// Per `partition`, the offsets of the records the source must reject.
-fn rejected(plan: &[Planned]) -> Vec<(i32, i64)> {
-    let mut next: std::collections::HashMap<i32, i64> = Default::default();
-    let mut out = Vec::new();
-    for p in plan {
-        let o = next.entry(p.partition).or_default();
-        if matches!(p.expect, Expect::Reject(_)) {
-            out.push((p.partition, *o));
-        }
-        *o += 1;
-    }
-    out.sort_unstable();
-    out
 }
 
 /// The reference model's result over `accepted` at the frontier `end`.

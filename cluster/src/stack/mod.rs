@@ -59,10 +59,19 @@ pub trait Service {
     fn stop_signal(&self) -> &'static str {
         "TERM"
     }
-    /// How long a cold start may take before `up` gives up.
+    /// How long a start may go without progress (an answer, a growing log,
+    /// `LOADING`) before `up` gives up.
     fn start_timeout(&self) -> Duration {
         Duration::from_secs(60)
     }
+}
+
+/// The longest `up` waits for one service that keeps making progress.
+const MAX_START: Duration = Duration::from_secs(30 * 60);
+
+/// Bytes in a service's log so far (0 before it exists).
+fn log_length(log: &Path) -> u64 {
+    fs::metadata(log).map(|m| m.len()).unwrap_or(0)
 }
 
 impl Stack {
@@ -146,9 +155,16 @@ impl Stack {
         Ok(started)
     }
 
+    /// Wait until `s` answers. The start timeout counts from the service's last
+    /// sign of progress, not from its start: a broker recovering thousands of
+    /// partitions after an unclean stop keeps writing its log, and a Redis
+    /// loading a large append-only file answers `LOADING`; both are starting,
+    /// not stuck, so `up` waits for them (up to [`MAX_START`] in all).
     fn wait_until_up(&self, s: &dyn Service) -> Result<()> {
         let files = self.files(s.name());
-        let deadline = Instant::now() + s.start_timeout();
+        let started = Instant::now();
+        let mut progress_at = started;
+        let mut log_len = log_length(&files.log);
         loop {
             let err = match s.probe() {
                 Ok(()) => {
@@ -166,12 +182,18 @@ impl Stack {
                     process::tail(&files.log, 20)
                 );
             }
-            if Instant::now() > deadline {
+            let len = log_length(&files.log);
+            if len != log_len || format!("{err:#}").contains("LOADING") {
+                log_len = len;
+                progress_at = Instant::now();
+            }
+            if progress_at.elapsed() > s.start_timeout() || started.elapsed() > MAX_START {
                 bail!(
-                    "{} did not answer at {} within {:?}: {err:#}; see its log at {}",
+                    "{} did not answer at {} within {:?} of its last progress ({:?} in all): {err:#}; see its log at {}",
                     s.name(),
                     s.address(),
                     s.start_timeout(),
+                    started.elapsed(),
                     files.log.display()
                 );
             }

@@ -133,6 +133,21 @@ pub fn dead_letters(dlq: &str) -> Vec<(i32, i64, String)> {
     out
 }
 
+/// Where `plan`'s rejected records lie once produced to a fresh topic: (partition, offset), sorted.
+pub fn rejected(plan: &[Planned]) -> Vec<(i32, i64)> {
+    let mut next: HashMap<i32, i64> = Default::default();
+    let mut out = Vec::new();
+    for p in plan {
+        let o = next.entry(p.partition).or_default();
+        if matches!(p.expect, Expect::Reject(_)) {
+            out.push((p.partition, *o));
+        }
+        *o += 1;
+    }
+    out.sort_unstable();
+    out
+}
+
 /// The events the source accepts from `plan`, and per partition the largest accepted event time.
 pub fn accepted(plan: &[Planned]) -> (Vec<Transaction>, HashMap<i32, Time>) {
     let registry = Arc::new(EmbeddedRegistry::new().unwrap());

@@ -1,0 +1,101 @@
+//! The dead-letter sink's tail reader against a real broker: where a replay's
+//! letters are already committed, when the topic's end holds transaction
+//! markers, aborted letters, letters of another source topic and letters
+//! written without a transaction (by builds before transactions).
+//!
+//! Needs the stack up (`./tripwire stack up`, or run through `./tripwire test`).
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::ClientConfig;
+use tripwire_connectors::dead_letter_sink::{headers, written};
+use tripwire_connectors::kafka_admin::ensure_topic;
+use tripwire_connectors::Endpoints;
+
+fn producer(
+    bootstrap: &str,
+    transactional_id: Option<&str>,
+) -> ThreadedProducer<DefaultProducerContext> {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", bootstrap);
+    match transactional_id {
+        Some(id) => config.set("transactional.id", id),
+        None => config.set("enable.idempotence", "true"),
+    };
+    let p: ThreadedProducer<DefaultProducerContext> = config.create().unwrap();
+    if transactional_id.is_some() {
+        p.init_transactions(Duration::from_secs(30)).unwrap();
+    }
+    p
+}
+
+/// A letter on dead-letter `partition` for record `offset` of `source` partition `partition`.
+fn letter(
+    p: &ThreadedProducer<DefaultProducerContext>,
+    dlq: &str,
+    source: &str,
+    partition: i32,
+    offset: i64,
+) {
+    let (part, off) = (partition.to_string(), offset.to_string());
+    let hs = OwnedHeaders::new()
+        .insert(Header { key: headers::REASON, value: Some("late") })
+        .insert(Header { key: headers::TOPIC, value: Some(source) })
+        .insert(Header { key: headers::PARTITION, value: Some(part.as_str()) })
+        .insert(Header { key: headers::OFFSET, value: Some(off.as_str()) });
+    let record =
+        BaseRecord::<[u8], [u8]>::to(dlq).partition(partition).payload(&b"x"[..]).headers(hs);
+    p.send(record).map_err(|(e, _)| e).unwrap();
+}
+
+#[test]
+fn the_tail_is_the_last_committed_letter_of_the_source() {
+    let bootstrap = Endpoints::from_env().unwrap().kafka_bootstrap;
+    let source = common::unique("tail_src");
+    let dlq = format!("{source}-dlq");
+    ensure_topic(&bootstrap, &dlq, 4).expect("topic; is the stack up?");
+    let txn = producer(&bootstrap, Some(&format!("tripwire-test-{dlq}")));
+
+    // Partition 0: offsets 1-3 committed, then 4-5 aborted, then 6-45 aborted
+    // (more than the reader's first look back of 16 records).
+    txn.begin_transaction().unwrap();
+    for o in 1..=3 {
+        letter(&txn, &dlq, &source, 0, o);
+    }
+    txn.commit_transaction(Duration::from_secs(30)).unwrap();
+    for range in [4..=5, 6..=45] {
+        txn.begin_transaction().unwrap();
+        for o in range {
+            letter(&txn, &dlq, &source, 0, o);
+        }
+        txn.flush(Duration::from_secs(30)).unwrap();
+        txn.abort_transaction(Duration::from_secs(30)).unwrap();
+    }
+    // Partition 1: only aborted letters.
+    txn.begin_transaction().unwrap();
+    letter(&txn, &dlq, &source, 1, 7);
+    txn.flush(Duration::from_secs(30)).unwrap();
+    txn.abort_transaction(Duration::from_secs(30)).unwrap();
+    // Partition 2: a committed letter of this source, then committed letters
+    // of another source topic after it.
+    txn.begin_transaction().unwrap();
+    letter(&txn, &dlq, &source, 2, 11);
+    for o in 100..130 {
+        letter(&txn, &dlq, "another_topic", 2, o);
+    }
+    txn.commit_transaction(Duration::from_secs(30)).unwrap();
+    // Partition 3: letters written without a transaction (an older build), last.
+    let plain = producer(&bootstrap, None);
+    letter(&plain, &dlq, &source, 3, 21);
+    letter(&plain, &dlq, &source, 3, 22);
+    plain.flush(Duration::from_secs(30)).unwrap();
+
+    let tail = written(&bootstrap, &dlq, &source).unwrap();
+    let want: HashMap<i32, i64> = [(0, 3), (2, 11), (3, 22)].into_iter().collect();
+    assert_eq!(tail, want, "per partition the last committed letter of this source");
+}
