@@ -17,7 +17,7 @@
 //! differential collection, consolidated per time.
 
 use std::cell::Cell;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::rc::Rc;
 
 use differential_dataflow::{AsCollection, VecCollection};
@@ -144,12 +144,60 @@ pub struct StateSize {
 /// Arrivals plus card passes one activation may do before yielding to downstream operators.
 const FUEL: usize = 20_000;
 
-/// What happens at one time: arrivals, and cards (by slot) whose windows lose transactions.
+/// The cards (by slot) whose transactions leave one window, by time.
+///
+/// Times are processed in ascending order and a card's transactions arriving
+/// at `t` leave window `w` at `t + w`, so each window's departures are
+/// scheduled in ascending time: a queue, with no per-time allocation or tree
+/// node. (A B-tree entry with its own vectors per time and window cost about
+/// 150 bytes per transaction in the day window; a queue entry costs 4, plus
+/// 16 per time.)
 #[derive(Default)]
-struct Due {
-    arrivals: Vec<Transaction>,
-    /// `(slot, depth)`: the card's windows `lengths[..depth]` may have changed.
-    wake: Vec<(u32, usize)>,
+struct Departures {
+    /// `(time, how many of the next slots leave then)`, ascending time.
+    times: VecDeque<(Time, u32)>,
+    slots: VecDeque<u32>,
+}
+
+impl Departures {
+    fn first(&self) -> Option<Time> {
+        self.times.front().map(|&(t, _)| t)
+    }
+
+    /// `slots` leave at `t`, at or after every time scheduled so far.
+    fn push(&mut self, t: Time, slots: &[u32]) {
+        match self.times.back_mut() {
+            // Only where `t + w` saturates at the end of time.
+            Some((last, n)) if *last == t => *n += slots.len() as u32,
+            last => {
+                debug_assert!(last.is_none_or(|(l, _)| *l < t), "departures in time order");
+                self.times.push_back((t, slots.len() as u32));
+            }
+        }
+        self.slots.extend(slots);
+    }
+
+    /// The slots leaving at `t`, with `depth`, onto `wake`.
+    fn pop_at(&mut self, t: Time, depth: usize, wake: &mut Vec<(u32, usize)>) {
+        if self.first() == Some(t) {
+            let (_, n) = self.times.pop_front().expect("first");
+            wake.extend(self.slots.drain(..n as usize).map(|slot| (slot, depth)));
+        }
+    }
+}
+
+/// The earliest time with arrivals or departures.
+fn next_due(
+    arrivals: &BTreeMap<Time, Vec<Transaction>>,
+    departures: &[Departures],
+) -> Option<Time> {
+    arrivals
+        .keys()
+        .next()
+        .copied()
+        .into_iter()
+        .chain(departures.iter().filter_map(Departures::first))
+        .min()
 }
 
 /// Route by a mix of the card id, so that sequential ids spread over workers.
@@ -257,7 +305,10 @@ pub fn card_windows<'s>(
         let mut cards = Cards::default();
         let mut entries: usize = 0;
         let mut arrived: Vec<u32> = Vec::new();
-        let mut due: BTreeMap<Time, Due> = BTreeMap::new();
+        let mut pending: BTreeMap<Time, Vec<Transaction>> = BTreeMap::new();
+        // Per entry of `wakes`, its departures.
+        let mut departures: Vec<Departures> = wakes.iter().map(|_| Departures::default()).collect();
+        let mut wake: Vec<(u32, usize)> = Vec::new();
         // Capabilities for both outputs at the earliest due time; `None` iff `due` is empty.
         let mut held: Option<[Capability<Time>; 2]> = None;
         let mut scratch = Scratch::default();
@@ -272,9 +323,9 @@ pub fn card_windows<'s>(
                 for (x, t, r) in data.drain(..) {
                     // Accepted events are only ever inserted.
                     debug_assert_eq!(r, 1, "card_windows expects insert-only input");
-                    due.entry(t).or_default().arrivals.push(x);
+                    pending.entry(t).or_default().push(x);
                 }
-                if let Some((&first, _)) = due.first_key_value() {
+                if let Some(first) = next_due(&pending, &departures) {
                     if held.as_ref().is_none_or(|h| *h[0].time() > first) {
                         // A new earliest time came with this message, so `first >= least`.
                         debug_assert!(first >= least);
@@ -294,8 +345,7 @@ pub fn card_windows<'s>(
             // make one activation produce everything at once, and hold all of it
             // in channel buffers before anything downstream runs.
             let mut fuel: usize = FUEL;
-            while let Some(entry) = due.first_entry() {
-                let t = *entry.key();
+            while let Some(t) = next_due(&pending, &departures) {
                 // Time `t` is complete once no input at or before it can arrive.
                 if frontier.iter().any(|f| *f <= t) {
                     break;
@@ -304,7 +354,14 @@ pub fn card_windows<'s>(
                     activator.activate();
                     break;
                 }
-                let Due { mut arrivals, mut wake } = entry.remove();
+                let mut arrivals = match pending.first_entry() {
+                    Some(e) if *e.key() == t => e.remove(),
+                    _ => Vec::new(),
+                };
+                wake.clear();
+                for (d, &(_, depth)) in departures.iter_mut().zip(&wakes) {
+                    d.pop_at(t, depth, &mut wake);
+                }
 
                 // Arrivals first, grouped by card; then one pass per changed card.
                 arrivals.sort_unstable_by_key(|x| (x.card_id, x.event_time_ms, x.event_id));
@@ -325,9 +382,8 @@ pub fn card_windows<'s>(
                 }
                 // Their departures, one queue entry per window for all of them.
                 if !arrived.is_empty() {
-                    for &(w, depth) in &wakes {
-                        let at = &mut due.entry(t.saturating_add(w)).or_default().wake;
-                        at.extend(arrived.iter().map(|&slot| (slot, depth)));
+                    for (d, &(w, _)) in departures.iter_mut().zip(&wakes) {
+                        d.push(t.saturating_add(w), &arrived);
                     }
                 }
                 // One pass per card, as deep as its deepest change.
@@ -335,7 +391,7 @@ pub fn card_windows<'s>(
                 wake.dedup_by_key(|(slot, _)| *slot);
                 fuel = fuel.saturating_sub(arrivals.len() + wake.len());
 
-                for (slot, depth) in wake {
+                for (slot, depth) in wake.drain(..) {
                     let (card_id, state) = &mut cards.states[slot as usize];
                     let card_id = *card_id;
                     entries -= state.trim(t, longest);
@@ -402,15 +458,19 @@ pub fn card_windows<'s>(
             }
             drop(stats_session);
             drop(judged_session);
-            match due.first_key_value() {
-                Some((&next, _)) => {
+            match next_due(&pending, &departures) {
+                Some(next) => {
                     let caps = held.as_mut().expect("held");
                     caps[0].downgrade(&next);
                     caps[1].downgrade(&next);
                 }
                 None => held = None,
             }
-            gauge.set(StateSize { cards: cards.slot_of.len(), entries, due_times: due.len() });
+            gauge.set(StateSize {
+                cards: cards.slot_of.len(),
+                entries,
+                due_times: pending.len() + departures.iter().map(|d| d.times.len()).sum::<usize>(),
+            });
         }
     });
 

@@ -19,6 +19,10 @@
 //! - the active cards (rows of `card_stats`), and each figure per card.
 //!
 //! Prints a table and writes `bench/results/memory.json`.
+//!
+//! `TRIPWIRE_BENCH_BASELINE=/path/to/an/older/fraud-detector`: the job's peak
+//! RSS only, the two builds in turn on the same topic, and their ratio (a
+//! change's effect measured in one run); nothing is written.
 
 mod support;
 
@@ -52,7 +56,7 @@ struct Measured {
     pg_bytes: u64,
 }
 
-fn measure(cards: u64) -> Measured {
+fn measure(cards: u64, bin: &std::path::Path) -> Measured {
     let endpoints = support::endpoints();
     let topic = format!("bench_memory_{cards}cards");
     if records_in(&endpoints.kafka_bootstrap, &topic) == 0 {
@@ -64,7 +68,7 @@ fn measure(cards: u64) -> Measured {
     let mut con = redis::Client::open(endpoints.redis_url()).unwrap().get_connection().unwrap();
     let redis_before = redis_used(&mut con);
     let run = JobRun { topic: &topic, job: &job, processes: 1, workers: 2, args: vec![] };
-    let mut children = run.bounded().spawn();
+    let mut children = run.bounded().spawn_binary(bin);
     assert_eq!(children.len(), 1);
     let child = &mut children[0];
     let mut peak = 0;
@@ -101,10 +105,27 @@ fn measure(cards: u64) -> Measured {
 
 fn main() {
     let counts = support::env_list("TRIPWIRE_BENCH_CARDS", "1000000,5000000");
+    let bin = support::binary("fraud-detector");
+    if let Ok(baseline) = std::env::var("TRIPWIRE_BENCH_BASELINE") {
+        println!("| cards drawn from | active cards | baseline peak RSS | this build | ratio |");
+        println!("|---|---|---|---|---|");
+        for &n in &counts {
+            let old = measure(n, std::path::Path::new(&baseline));
+            let new = measure(n, &bin);
+            println!(
+                "| {n} | {} | {:.0} MB | {:.0} MB | {:.2} |",
+                new.cards,
+                old.job_peak_rss as f64 / 1e6,
+                new.job_peak_rss as f64 / 1e6,
+                new.job_peak_rss as f64 / old.job_peak_rss as f64
+            );
+        }
+        return;
+    }
     let mut rows = Vec::new();
     let mut results = serde_json::Map::new();
     for &n in &counts {
-        let m = measure(n);
+        let m = measure(n, &bin);
         let per = |bytes: u64| bytes as f64 / m.cards.max(1) as f64;
         rows.push(format!(
             "| {n} | {} | {} | {:.0} MB | {:.0} | {:.0} MB | {:.0} | {:.0} MB | {:.0} |",

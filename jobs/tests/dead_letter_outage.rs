@@ -44,11 +44,7 @@ fn start(topic: &str, job: &str, schema: &str, config_file: &str) -> Child {
         .args(["--job", job, "--bounded", "-w", "2", "--metrics-port", "0"])
         .args(["--config", config_file])
         .env("TRIPWIRE_PG_SCHEMA", schema)
-        .env(
-            "RUST_LOG",
-            std::env::var("DLO_LOG")
-                .unwrap_or("error,tripwire_connectors::dead_letter_sink=warn".into()),
-        )
+        .env("RUST_LOG", "error,tripwire_connectors::dead_letter_sink=warn")
         .spawn()
         .expect("fraud-detector starts")
 }
@@ -84,20 +80,20 @@ fn dead_letters_once_when_broker_and_job_die() {
     let config_file = config_file.display().to_string();
     ensure_topic(&bootstrap, &topic, 8).expect("topic; is the stack up?");
 
-    // Many rejected records, spread over the whole input, so that letters are
-    // on their way whenever the broker dies.
+    // Many rejected records (some of them 100 kB), spread over the whole
+    // input, so that letters are on their way whenever the broker dies.
     let now = now_ms();
     let plan = Generator::new(GenConfig {
-        bad_per_10k: 2_500,
+        bad_per_10k: 600,
         late_per_10k: 100,
-        // 150,000 events 50 ms apart: 2.1 h, all in the past.
+        // 100,000 events 50 ms apart: 1.4 h, all in the past.
         ..common::traffic(23, 8, now - 3 * 3_600_000)
     })
-    .generate(150_000);
+    .generate(100_000);
     produce(&bootstrap, &topic, &plan);
     let want = rejected(&plan);
     let late = plan.iter().filter(|p| p.expect == Expect::Reject(DeadLetterReason::Late)).count();
-    assert!(want.len() > 20_000 && late > 0, "{} rejected, {late} late", want.len());
+    assert!(want.len() > 5_000 && late > 0, "{} rejected, {late} late", want.len());
 
     // First run: the broker dies (SIGKILL) once letters are flowing, and the
     // job dies (SIGKILL) while the broker is down.
@@ -186,4 +182,6 @@ fn dead_letters_once_when_broker_and_job_die() {
         .get(0)
     });
     assert_eq!(stored as usize, late, "every late record in late_events, once");
+    // The oversize records make these topics some 100 MB: give the disk back.
+    tripwire_connectors::kafka_admin::delete_topics(&bootstrap, &[&topic, &dlq]).unwrap();
 }
