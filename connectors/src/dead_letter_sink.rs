@@ -18,7 +18,7 @@
 //! that failed and was sent again leaves aborted copies behind.
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -26,7 +26,7 @@ use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use timely::dataflow::channels::pact::Pipeline;
-use timely::dataflow::operators::generic::Operator;
+use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
 use timely::dataflow::StreamVec;
 use tripwire_dataflow::Time;
 
@@ -171,12 +171,23 @@ struct Transactional {
     producer: ThreadedProducer<DefaultProducerContext>,
     /// Letters sent in the open transaction (none open when empty).
     open: Vec<DeadLetter>,
+    /// When the open transaction began.
+    began: Instant,
 }
+
+/// The longest a dead letter waits in an open transaction.
+const LINGER: Duration = Duration::from_millis(200);
 
 impl Transactional {
     fn new(bootstrap: &str, id: String) -> Result<Self, KafkaError> {
         let producer = Self::producer(bootstrap, &id)?;
-        Ok(Transactional { bootstrap: bootstrap.to_string(), id, producer, open: Vec::new() })
+        Ok(Transactional {
+            bootstrap: bootstrap.to_string(),
+            id,
+            producer,
+            open: Vec::new(),
+            began: Instant::now(),
+        })
     }
 
     fn producer(
@@ -195,6 +206,7 @@ impl Transactional {
     fn send(&mut self, topic: &str, d: &DeadLetter) -> Result<(), KafkaError> {
         if self.open.is_empty() {
             self.producer.begin_transaction()?;
+            self.began = Instant::now();
         }
         let partition = d.partition.to_string();
         let offset = d.offset.to_string();
@@ -225,6 +237,11 @@ impl Transactional {
         }
         self.open.push(d.clone());
         Ok(())
+    }
+
+    /// How long the open transaction has been open, if one is.
+    fn open_for(&self) -> Option<Duration> {
+        (!self.open.is_empty()).then(|| self.began.elapsed())
     }
 
     /// Send `d`, starting the transaction over if the producer cannot go on.
@@ -332,7 +349,8 @@ pub fn dead_letter_sink(
             needs: source_partitions,
         });
     }
-    let worker = stream.scope().index();
+    let scope = stream.scope();
+    let worker = scope.index();
     // Before reading the tail: a restarted worker's producer aborts what its
     // previous incarnation left open. One id per worker, dead-letter topic
     // and source: jobs sharing a dead-letter topic must not fence each other.
@@ -341,37 +359,46 @@ pub fn dead_letter_sink(
     let already = written(bootstrap, topic, source_topic)?;
     let topic = topic.to_string();
     let mut finished = false;
-    stream.sink(Pipeline, "DeadLetterSink", move |(input, frontier)| {
-        // Restart points taken so far: their dead letters are in `input` by now
-        // (the source gives a record's dead letter before the sample after it).
-        let taken: Vec<ProgressSample> = match &confirm {
-            Some(c) => std::mem::take(&mut *c.taken.lock().expect("progress samples")),
-            None => Vec::new(),
-        };
-        input.for_each(|_cap, data| {
-            for d in data.drain(..) {
-                if already.get(&d.partition).is_some_and(|o| d.offset <= *o) {
-                    continue;
+    let mut builder = OperatorBuilder::new("DeadLetterSink".to_owned(), scope);
+    let activator = scope.activator_for(builder.operator_info().address);
+    let mut input = builder.new_input(stream, Pipeline);
+    builder.build(move |_capabilities| {
+        move |frontiers| {
+            // Restart points taken so far: their dead letters are in `input` by
+            // now (the source gives a record's dead letter before the sample after it).
+            let taken: Vec<ProgressSample> = match &confirm {
+                Some(c) => std::mem::take(&mut *c.taken.lock().expect("progress samples")),
+                None => Vec::new(),
+            };
+            input.for_each(|_cap, data| {
+                for d in data.drain(..) {
+                    if already.get(&d.partition).is_some_and(|o| d.offset <= *o) {
+                        continue;
+                    }
+                    if let Err(e) = producer.send_or_start_over(&topic, &d) {
+                        lost_loudly(&e, &d);
+                    }
                 }
-                if let Err(e) = producer.send_or_start_over(&topic, &d) {
-                    lost_loudly(&e, &d);
-                }
-            }
-        });
-        match &confirm {
-            Some(c) if !taken.is_empty() => {
-                // Committed before a restart point may be stored (rare: only
-                // when dead letters were sent since the last restart point).
+            });
+            // Committed before a restart point after them may be stored, and
+            // within LINGER of the first in any case: restart points come
+            // every few thousand records of a partition, which on a slow
+            // topic is minutes, and readers should not wait that long.
+            // Committing early is safe: a replay skips what the tail shows.
+            let lingered = producer.open_for().is_some_and(|open| open >= LINGER);
+            if !taken.is_empty() || lingered || confirm.is_none() {
                 producer.commit(&topic);
+            }
+            if let Some(c) = &confirm {
                 c.confirmed.lock().expect("progress samples").extend(taken);
             }
-            Some(_) => {}
-            // No restart points to wait for: letters are committed as they come.
-            None => producer.commit(&topic),
-        }
-        if frontier.is_empty() && !finished {
-            finished = true;
-            producer.commit(&topic);
+            if let Some(open) = producer.open_for() {
+                activator.activate_after(LINGER.saturating_sub(open));
+            }
+            if frontiers[0].is_empty() && !finished {
+                finished = true;
+                producer.commit(&topic);
+            }
         }
     });
     Ok(())

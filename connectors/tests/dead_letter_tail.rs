@@ -8,13 +8,15 @@
 mod common;
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::ClientConfig;
-use tripwire_connectors::dead_letter_sink::{headers, written};
+use tripwire_connectors::dead_letter::DeadLetterReason;
+use tripwire_connectors::dead_letter_sink::{dead_letter_sink, headers, written, Confirm};
 use tripwire_connectors::kafka_admin::ensure_topic;
+use tripwire_connectors::kafka_source::{DeadLetter, Progress};
 use tripwire_connectors::Endpoints;
 
 fn producer(
@@ -98,4 +100,44 @@ fn the_tail_is_the_last_committed_letter_of_the_source() {
     let tail = written(&bootstrap, &dlq, &source).unwrap();
     let want: HashMap<i32, i64> = [(0, 3), (2, 11), (3, 22)].into_iter().collect();
     assert_eq!(tail, want, "per partition the last committed letter of this source");
+}
+
+#[test]
+fn a_letter_is_committed_soon_without_a_restart_point() {
+    let bootstrap = Endpoints::from_env().unwrap().kafka_bootstrap;
+    let source = common::unique("linger_src");
+    let dlq = format!("{source}-dlq");
+    ensure_topic(&bootstrap, &dlq, 1).expect("topic; is the stack up?");
+    timely::execute(timely::Config::thread(), move |worker| {
+        let mut input = timely::dataflow::InputHandleVec::<u64, DeadLetter>::new();
+        let (b, d, s) = (bootstrap.clone(), dlq.clone(), source.clone());
+        worker.dataflow::<u64, _, _>(|scope| {
+            // Restart points are taken every few thousand records of a
+            // partition: none comes here, as on a slow topic.
+            let confirm = Confirm { taken: Progress::default(), confirmed: Progress::default() };
+            dead_letter_sink(input.to_stream(scope), &b, &d, &s, 1, Some(confirm)).unwrap();
+        });
+        input.send(DeadLetter {
+            reason: DeadLetterReason::Late,
+            detail: "behind the floor".into(),
+            topic: source.clone(),
+            partition: 0,
+            offset: 41,
+            key: None,
+            payload: b"x".to_vec(),
+        });
+        input.advance_to(1);
+        // The input stays open: only the sink's own timer can commit the letter.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let started = Instant::now();
+        loop {
+            worker.step_or_park(Some(Duration::from_millis(20)));
+            if written(&bootstrap, &dlq, &source).unwrap().get(&0) == Some(&41) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the letter was not committed within 30 s");
+        }
+        println!("committed after {:?}", started.elapsed());
+    })
+    .unwrap();
 }
