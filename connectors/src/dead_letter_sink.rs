@@ -30,6 +30,7 @@ use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
 use timely::dataflow::StreamVec;
 use tripwire_dataflow::Time;
 
+use crate::dead_letter::DeadLetterReason;
 use crate::kafka_source::{DeadLetter, Progress, ProgressSample};
 use crate::metrics::dead_letters_total;
 
@@ -74,19 +75,29 @@ pub enum DeadLetterError {
     },
 }
 
-/// Per source partition, the highest source offset whose dead letter is
-/// committed in `topic` already.
+/// One committed letter as the tail readers see it.
+#[derive(Clone, Copy, Debug)]
+struct Seen {
+    /// Its source partition and offset.
+    partition: i32,
+    offset: i64,
+    late: bool,
+}
+
+/// This source's committed letters at the end of each partition of `topic`,
+/// by dead-letter partition, read backwards until `enough(partition, letters)`.
 ///
-/// Reads with `read_committed`, backwards from each partition's end: the last
-/// record there is usually a transaction marker, not a letter, and letters of
-/// aborted transactions are not there at all; so it reads the last 16 records,
-/// then 32, 64 and so on until a committed letter of `source_topic` (a topic
-/// may hold other sources' letters too) or the partition's start.
-pub fn written(
+/// Reads with `read_committed`: the last record of a partition is usually a
+/// transaction marker, not a letter, and letters of aborted transactions are
+/// not there at all; so it reads the last 16 records, then 32, 64 and so on
+/// until `enough` or the partition's start (a topic may hold other sources'
+/// letters too).
+fn read_back(
     bootstrap: &str,
     topic: &str,
     source_topic: &str,
-) -> Result<HashMap<i32, i64>, KafkaError> {
+    enough: impl Fn(i32, &[Seen]) -> bool,
+) -> Result<HashMap<i32, Vec<Seen>>, KafkaError> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("group.id", format!("tripwire-dlq-tail-{topic}"))
@@ -105,16 +116,17 @@ pub fn written(
             unsettled.insert(p, (low, high, 16));
         }
     }
-    let mut found = HashMap::new();
+    let mut found: HashMap<i32, Vec<Seen>> = HashMap::new();
     while !unsettled.is_empty() {
         let mut assignment = TopicPartitionList::new();
         for (&p, &(low, high, back)) in &unsettled {
             assignment.add_partition_offset(topic, p, Offset::Offset((high - back).max(low)))?;
+            // Each round reads its window whole.
+            found.remove(&p);
         }
         consumer.assign(&assignment)?;
         let mut at_end = 0;
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        let mut settled = std::collections::HashSet::new();
         while at_end < unsettled.len() {
             if std::time::Instant::now() > deadline {
                 return Err(KafkaError::MessageConsumption(RDKafkaErrorCode::OperationTimedOut));
@@ -129,15 +141,19 @@ pub fn written(
                                 .map(|v| String::from_utf8_lossy(v).into_owned())
                         })
                     };
-                    if header(headers::TOPIC).as_deref() == Some(source_topic) {
-                        let partition =
-                            header(headers::PARTITION).and_then(|p| p.parse::<i32>().ok());
-                        let offset = header(headers::OFFSET).and_then(|o| o.parse::<i64>().ok());
-                        if let (Some(p), Some(o)) = (partition, offset) {
-                            let e = found.entry(p).or_insert(o);
-                            *e = (*e).max(o);
-                            settled.insert(m.partition());
-                        }
+                    if header(headers::TOPIC).as_deref() != Some(source_topic) {
+                        continue;
+                    }
+                    let partition = header(headers::PARTITION).and_then(|p| p.parse::<i32>().ok());
+                    let offset = header(headers::OFFSET).and_then(|o| o.parse::<i64>().ok());
+                    if let (Some(partition), Some(offset)) = (partition, offset) {
+                        let late = header(headers::REASON).as_deref()
+                            == Some(DeadLetterReason::Late.as_str());
+                        found.entry(m.partition()).or_default().push(Seen {
+                            partition,
+                            offset,
+                            late,
+                        });
                     }
                 }
                 Some(Err(KafkaError::PartitionEOF(_))) => at_end += 1,
@@ -146,12 +162,62 @@ pub fn written(
             }
         }
         unsettled.retain(|p, (low, high, back)| {
-            let settled = settled.contains(p) || *high - *back <= *low;
+            let read = found.get(p).map_or(&[][..], Vec::as_slice);
+            let settled = enough(*p, read) || *high - *back <= *low;
             *back *= 2;
             !settled
         });
     }
     Ok(found)
+}
+
+/// Per source partition, the highest source offset whose dead letter is
+/// committed in `topic` already: a replay skips letters up to there.
+pub fn written(
+    bootstrap: &str,
+    topic: &str,
+    source_topic: &str,
+) -> Result<HashMap<i32, i64>, KafkaError> {
+    let tails = read_back(bootstrap, topic, source_topic, |_, letters| !letters.is_empty())?;
+    let mut found = HashMap::new();
+    for s in tails.values().flatten() {
+        let e = found.entry(s.partition).or_insert(s.offset);
+        *e = (*e).max(s.offset);
+    }
+    Ok(found)
+}
+
+/// Per source partition, the source offsets at or after `from[partition]`
+/// whose letters with reason `late` are committed in `topic`.
+///
+/// A replay must find those records late again. Lateness against a floor
+/// (a quiet partition passed by the frontier) depends on timing, and the
+/// floor is recorded with the store's next commit; a letter committed before
+/// that commit, then a crash, leaves a replay that would not know the floor
+/// and could accept the record its letter already rejects. The committed
+/// letter is itself the record of that decision.
+pub fn committed_late(
+    bootstrap: &str,
+    topic: &str,
+    source_topic: &str,
+    from: &HashMap<i32, i64>,
+) -> Result<HashMap<i32, Vec<i64>>, KafkaError> {
+    if crate::kafka_admin::partition_count(bootstrap, topic)?.is_none() {
+        return Ok(HashMap::new());
+    }
+    let start = |p: i32| from.get(&p).copied().unwrap_or(0);
+    let tails = read_back(bootstrap, topic, source_topic, |_, letters| {
+        letters.iter().any(|s| s.offset < start(s.partition))
+    })?;
+    let mut late: HashMap<i32, Vec<i64>> = HashMap::new();
+    for s in tails.values().flatten().filter(|s| s.late && s.offset >= start(s.partition)) {
+        late.entry(s.partition).or_default().push(s.offset);
+    }
+    for offsets in late.values_mut() {
+        offsets.sort_unstable();
+        offsets.dedup();
+    }
+    Ok(late)
 }
 
 /// The dead-letter producer of one worker: letters go out in Kafka

@@ -68,6 +68,8 @@ pub struct Partition {
     pub next_offset: i64,
     /// A replay must not decide anything new before reading up to here.
     pub replay_until: i64,
+    /// Offsets to reject as late (an earlier run's committed dead letters), ascending.
+    late: VecDeque<i64>,
     /// Where an earlier run last let the frontier pass this partition, if it
     /// had read nothing after that by its last commit: the partition was
     /// quiet at its end and is taken as still quiet until it reads past it.
@@ -101,6 +103,11 @@ impl Partition {
             recorded: recorded.into(),
             next_offset,
             replay_until: restored.replay_until,
+            late: {
+                let mut late = restored.late;
+                late.sort_unstable();
+                late.into()
+            },
             quiet_at,
             seen: HashMap::new(),
             expiry: BinaryHeap::new(),
@@ -154,6 +161,19 @@ impl Partition {
         self.next_offset = offset + 1;
         self.apply_recorded(offset);
         let e = x.event_time_ms;
+        while self.late.front().is_some_and(|&o| o < offset) {
+            self.late.pop_front();
+        }
+        if self.late.front() == Some(&offset) {
+            self.late.pop_front();
+            return Err(Rejected::new(
+                DeadLetterReason::Late,
+                format!(
+                    "event_time {e} was late in an earlier run, whose dead letter for it is committed"
+                ),
+            )
+            .of_event(x.event_id as i64));
+        }
         let fp = fingerprint(x);
         if let Some(&(first, first_time)) = self.seen.get(&x.event_id) {
             if first_time.saturating_add(rules.dedup_horizon_ms) >= e {
@@ -274,6 +294,10 @@ pub struct Restored {
     pub floors: Vec<(i64, Time)>,
     /// How far an earlier run had read and recorded.
     pub replay_until: i64,
+    /// Offsets an earlier run rejected as late whose dead letters are
+    /// committed: late again, whatever this run's timing
+    /// ([`crate::dead_letter_sink::committed_late`]).
+    pub late: Vec<i64>,
 }
 
 #[cfg(test)]
@@ -350,6 +374,22 @@ mod tests {
         assert!(!p.replaying());
         assert_eq!(p.release_to(60_000), Some((6, 60_000)));
         assert_eq!(p.release_to(60_000), None, "nothing new to record");
+    }
+
+    #[test]
+    fn records_whose_late_letters_are_committed_are_late_again() {
+        // An earlier run rejected offsets 3 and 5 against a floor it never
+        // got to record; their letters are committed. Nothing else here would
+        // make them late.
+        let restored = Restored { late: vec![5, 3], ..Restored::default() };
+        let mut p = Partition::new(0, 2, restored);
+        assert_eq!(judge(&mut p, 2, 10_000, &tx(1, 10_000, 5)), Ok(Verdict::Accept));
+        assert_eq!(judge(&mut p, 3, 10_000, &tx(2, 10_000, 5)), Err("late".into()));
+        assert_eq!(judge(&mut p, 4, 10_000, &tx(3, 10_000, 5)), Ok(Verdict::Accept));
+        assert_eq!(judge(&mut p, 5, 10_000, &tx(4, 10_000, 5)), Err("late".into()));
+        assert_eq!(judge(&mut p, 6, 10_000, &tx(5, 10_000, 5)), Ok(Verdict::Accept));
+        // A late record moves no watermark: the basis is that of the accepted ones.
+        assert_eq!(p.basis, Some(10_000));
     }
 
     #[test]

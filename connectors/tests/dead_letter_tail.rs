@@ -14,7 +14,9 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::ClientConfig;
 use tripwire_connectors::dead_letter::DeadLetterReason;
-use tripwire_connectors::dead_letter_sink::{dead_letter_sink, headers, written, Confirm};
+use tripwire_connectors::dead_letter_sink::{
+    committed_late, dead_letter_sink, headers, written, Confirm,
+};
 use tripwire_connectors::kafka_admin::ensure_topic;
 use tripwire_connectors::kafka_source::{DeadLetter, Progress};
 use tripwire_connectors::Endpoints;
@@ -36,7 +38,7 @@ fn producer(
     p
 }
 
-/// A letter on dead-letter `partition` for record `offset` of `source` partition `partition`.
+/// A late letter on dead-letter `partition` for record `offset` of `source` partition `partition`.
 fn letter(
     p: &ThreadedProducer<DefaultProducerContext>,
     dlq: &str,
@@ -44,9 +46,21 @@ fn letter(
     partition: i32,
     offset: i64,
 ) {
+    letter_for(p, dlq, source, partition, offset, "late");
+}
+
+/// [`letter`] with another reason.
+fn letter_for(
+    p: &ThreadedProducer<DefaultProducerContext>,
+    dlq: &str,
+    source: &str,
+    partition: i32,
+    offset: i64,
+    reason: &str,
+) {
     let (part, off) = (partition.to_string(), offset.to_string());
     let hs = OwnedHeaders::new()
-        .insert(Header { key: headers::REASON, value: Some("late") })
+        .insert(Header { key: headers::REASON, value: Some(reason) })
         .insert(Header { key: headers::TOPIC, value: Some(source) })
         .insert(Header { key: headers::PARTITION, value: Some(part.as_str()) })
         .insert(Header { key: headers::OFFSET, value: Some(off.as_str()) });
@@ -140,4 +154,37 @@ fn a_letter_is_committed_soon_without_a_restart_point() {
         println!("committed after {:?}", started.elapsed());
     })
     .unwrap();
+}
+
+#[test]
+fn committed_late_letters_past_the_restart_points_are_found() {
+    let bootstrap = Endpoints::from_env().unwrap().kafka_bootstrap;
+    let source = common::unique("late_src");
+    let dlq = format!("{source}-dlq");
+    ensure_topic(&bootstrap, &dlq, 2).expect("topic; is the stack up?");
+    let txn = producer(&bootstrap, Some(&format!("tripwire-test-{dlq}")));
+    txn.begin_transaction().unwrap();
+    // Partition 0 restarts at offset 3: the late letter at 2 lies before it.
+    letter(&txn, &dlq, &source, 0, 2);
+    letter_for(&txn, &dlq, &source, 0, 3, "truncated");
+    letter(&txn, &dlq, &source, 0, 10);
+    for o in 11..40 {
+        letter_for(&txn, &dlq, &source, 0, o, "wrong_magic");
+    }
+    letter(&txn, &dlq, &source, 0, 41);
+    // Partition 1 restarts at its beginning.
+    letter(&txn, &dlq, &source, 1, 5);
+    txn.commit_transaction(Duration::from_secs(30)).unwrap();
+    // Aborted: no record of anything.
+    txn.begin_transaction().unwrap();
+    letter(&txn, &dlq, &source, 0, 44);
+    txn.flush(Duration::from_secs(30)).unwrap();
+    txn.abort_transaction(Duration::from_secs(30)).unwrap();
+
+    let from: HashMap<i32, i64> = [(0, 3), (1, 0)].into_iter().collect();
+    let late = committed_late(&bootstrap, &dlq, &source, &from).unwrap();
+    let want: HashMap<i32, Vec<i64>> = [(0, vec![10, 41]), (1, vec![5])].into_iter().collect();
+    assert_eq!(late, want, "committed late letters at or after each restart offset");
+    let none = committed_late(&bootstrap, &format!("{dlq}-missing"), &source, &from).unwrap();
+    assert!(none.is_empty(), "no dead-letter topic yet: nothing");
 }

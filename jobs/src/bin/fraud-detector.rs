@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use tripwire_connectors::avro::Limits;
 use tripwire_connectors::commit::{finish_current_commits, frontier_sinks, SinkInputs};
 use tripwire_connectors::confluent_registry::ConfluentRegistry;
-use tripwire_connectors::dead_letter_sink::{dead_letter_sink, Confirm};
+use tripwire_connectors::dead_letter_sink::{committed_late, dead_letter_sink, Confirm};
 use tripwire_connectors::kafka_admin::{ensure_topic, partition_count};
 use tripwire_connectors::kafka_source::{kafka_source, SourceConfig};
 use tripwire_connectors::metrics::serve;
@@ -280,6 +280,29 @@ fn main() -> Result<()> {
             }
         }
     };
+    let mut resume = resume;
+    if let Some(r) = resume.as_mut() {
+        // Late letters committed past the restart points record decisions the
+        // stores may not have recorded yet (a crash between the two commits):
+        // the replay finds those records late again.
+        let late = tripwire_connectors::kafka_admin::while_starting(|| {
+            committed_late(
+                &endpoints.kafka_bootstrap,
+                &args.dlq_topic,
+                &args.topic,
+                &r.start_offsets,
+            )
+        })
+        .context("reading the dead-letter topic's committed late letters")?;
+        for (p, offsets) in late {
+            tracing::info!(
+                partition = p,
+                records = offsets.len(),
+                "late again: their letters are committed"
+            );
+            r.resume.partitions.entry(p).or_default().late = offsets;
+        }
+    }
     if let Some(r) = &resume {
         tracing::info!(
             frontier = r.frontier,
