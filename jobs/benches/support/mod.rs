@@ -161,7 +161,9 @@ impl JobRun<'_> {
             .map(|p| {
                 let mut cmd = Command::new(bin);
                 cmd.args(["--topic", self.topic, "--job", self.job])
-                    .args(["--dlq-topic", &format!("{}-dlq", self.topic)])
+                    // Its own dead-letter topic, as the README asks of every job: a
+                    // shared one holds earlier runs' letters, which a new run skips.
+                    .args(["--dlq-topic", &format!("{}-dlq", self.job)])
                     .args(["-w", &self.workers.to_string()])
                     .args(&self.args)
                     .env("TRIPWIRE_PG_SCHEMA", self.job)
