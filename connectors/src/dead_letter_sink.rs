@@ -202,9 +202,6 @@ pub fn committed_late(
     source_topic: &str,
     from: &HashMap<i32, i64>,
 ) -> Result<HashMap<i32, Vec<i64>>, KafkaError> {
-    if crate::kafka_admin::partition_count(bootstrap, topic)?.is_none() {
-        return Ok(HashMap::new());
-    }
     let start = |p: i32| from.get(&p).copied().unwrap_or(0);
     let tails = read_back(bootstrap, topic, source_topic, |_, letters| {
         letters.iter().any(|s| s.offset < start(s.partition))
@@ -289,18 +286,8 @@ impl Transactional {
         if let Some(k) = &d.key {
             record = record.key(&k[..]);
         }
-        loop {
-            match self.producer.send(record) {
-                Ok(()) => break,
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                    // The producer's own thread drains its queue. A flood of dead
-                    // letters slows this worker down rather than losing any.
-                    record = r;
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                Err((e, _)) => return Err(e),
-            }
-        }
+        // A flood of dead letters slows this worker down rather than losing any.
+        crate::kafka_admin::send_waiting(&self.producer, record)?;
         self.open.push(d.clone());
         Ok(())
     }

@@ -1,11 +1,15 @@
-//! Creating topics on purpose: the broker's automatic creation is off (see the README).
+//! Kafka client helpers: creating topics on purpose (the broker's automatic
+//! creation is off, see the README), waiting out a broker that is starting,
+//! and producing through a full queue.
 
 use std::time::Duration;
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication, TopicResult};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::ToBytes;
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, ThreadedProducer};
 use rdkafka::ClientConfig;
 
 /// An admin client, and a runtime to wait for its operations on.
@@ -28,14 +32,20 @@ pub fn ensure_topic(bootstrap: &str, topic: &str, partitions: i32) -> Result<(),
             &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
             &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
         ))?;
-        for r in results {
-            match r {
-                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                Err((_, code)) => return Err(KafkaError::AdminOp(code)),
-            }
-        }
-        Ok(())
+        all_done(results, RDKafkaErrorCode::TopicAlreadyExists)
     })
+}
+
+/// `Ok` if every topic operation succeeded or failed only with `fine`.
+fn all_done(results: Vec<TopicResult>, fine: RDKafkaErrorCode) -> Result<(), KafkaError> {
+    for r in results {
+        match r {
+            Ok(_) => {}
+            Err((_, code)) if code == fine => {}
+            Err((_, code)) => return Err(KafkaError::AdminOp(code)),
+        }
+    }
+    Ok(())
 }
 
 /// Delete `topics`; one that does not exist is no error.
@@ -48,13 +58,7 @@ pub fn delete_topics(bootstrap: &str, topics: &[&str]) -> Result<(), KafkaError>
         topics,
         &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
     ))?;
-    for r in results {
-        match r {
-            Ok(_) | Err((_, RDKafkaErrorCode::UnknownTopicOrPartition)) => {}
-            Err((_, code)) => return Err(KafkaError::AdminOp(code)),
-        }
-    }
-    Ok(())
+    all_done(results, RDKafkaErrorCode::UnknownTopicOrPartition)
 }
 
 /// How many partitions `topic` has; `None` if it does not exist.
@@ -107,4 +111,23 @@ fn starting(e: &KafkaError) -> bool {
                 | CoordinatorNotAvailable
         )
     )
+}
+
+/// Send `record`, waiting while the producer's queue is full: the queue
+/// drains on rdkafka's own thread, so a flood slows the caller down rather
+/// than losing records. Any other error is the caller's.
+pub fn send_waiting<K: ToBytes + ?Sized, P: ToBytes + ?Sized>(
+    producer: &ThreadedProducer<DefaultProducerContext>,
+    mut record: BaseRecord<'_, K, P>,
+) -> Result<(), KafkaError> {
+    loop {
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                record = back;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err((e, _)) => return Err(e),
+        }
+    }
 }

@@ -69,13 +69,23 @@ fn letter_for(
     p.send(record).map_err(|(e, _)| e).unwrap();
 }
 
+/// A fresh source name, its dead-letter topic with `partitions` partitions,
+/// and a transactional producer for it: `(bootstrap, source, dlq, producer)`.
+fn fixture(
+    name: &str,
+    partitions: i32,
+) -> (String, String, String, ThreadedProducer<DefaultProducerContext>) {
+    let bootstrap = Endpoints::from_env().unwrap().kafka_bootstrap;
+    let source = common::unique(name);
+    let dlq = format!("{source}-dlq");
+    ensure_topic(&bootstrap, &dlq, partitions).expect("topic; is the stack up?");
+    let txn = producer(&bootstrap, Some(&format!("tripwire-test-{dlq}")));
+    (bootstrap, source, dlq, txn)
+}
+
 #[test]
 fn the_tail_is_the_last_committed_letter_of_the_source() {
-    let bootstrap = Endpoints::from_env().unwrap().kafka_bootstrap;
-    let source = common::unique("tail_src");
-    let dlq = format!("{source}-dlq");
-    ensure_topic(&bootstrap, &dlq, 4).expect("topic; is the stack up?");
-    let txn = producer(&bootstrap, Some(&format!("tripwire-test-{dlq}")));
+    let (bootstrap, source, dlq, txn) = fixture("tail_src", 4);
 
     // Partition 0: offsets 1-3 committed, then 4-5 aborted, then 6-45 aborted
     // (more than the reader's first look back of 16 records).
@@ -158,11 +168,7 @@ fn a_letter_is_committed_soon_without_a_restart_point() {
 
 #[test]
 fn committed_late_letters_past_the_restart_points_are_found() {
-    let bootstrap = Endpoints::from_env().unwrap().kafka_bootstrap;
-    let source = common::unique("late_src");
-    let dlq = format!("{source}-dlq");
-    ensure_topic(&bootstrap, &dlq, 2).expect("topic; is the stack up?");
-    let txn = producer(&bootstrap, Some(&format!("tripwire-test-{dlq}")));
+    let (bootstrap, source, dlq, txn) = fixture("late_src", 2);
     txn.begin_transaction().unwrap();
     // Partition 0 restarts at offset 3: the late letter at 2 lies before it.
     letter(&txn, &dlq, &source, 0, 2);

@@ -259,7 +259,7 @@ fn main() -> Result<()> {
     // committing to PostgreSQL through a Redis outage; a starting one cannot
     // know what Redis lacks until it can ask).
     let mut wait = Duration::from_millis(200);
-    let (pg_frontier, redis_frontier, resume, (pg_high_water, redis_high_water)) = loop {
+    let (pg_frontier, redis_frontier, mut resume, (pg_high_water, redis_high_water)) = loop {
         match rt.block_on(read_checkpoints(
             &endpoints,
             &args.job,
@@ -280,7 +280,6 @@ fn main() -> Result<()> {
             }
         }
     };
-    let mut resume = resume;
     if let Some(r) = resume.as_mut() {
         // Late letters committed past the restart points record decisions the
         // stores may not have recorded yet (a crash between the two commits):

@@ -13,11 +13,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::ClientConfig;
 use tripwire_connectors::confluent_registry::ConfluentRegistry;
-use tripwire_connectors::kafka_admin::ensure_topic;
+use tripwire_connectors::kafka_admin::{ensure_topic, send_waiting};
 use tripwire_connectors::registry::{EmbeddedRegistry, SchemaRegistry};
 use tripwire_connectors::Endpoints;
 use tripwire_jobs::generator::{Expect, GenConfig, Generator, Planned, SchemaIds};
@@ -206,19 +205,9 @@ impl Output {
                 self.in_txn = 0;
             }
         }
-        let mut record =
+        let record =
             BaseRecord::to(&self.topic).partition(p.partition).key(&p.key).payload(&p.payload);
-        loop {
-            match self.producer.send(record) {
-                Ok(()) => break,
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                    record = back;
-                    // The queue drains on rdkafka's own thread; nothing to wait on but time.
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                Err((e, _)) => return Err(e).context("producing"),
-            }
-        }
+        send_waiting(&self.producer, record).context("producing")?;
         if let (Some(w), Some(s), Expect::Accept(id)) = (self.labels.as_mut(), p.label, &p.expect) {
             writeln!(w, "{id},{}", s.rule_name())?;
         }
