@@ -31,10 +31,16 @@
 //! interval (`TRIPWIRE_BENCH_COMMIT_MS`, default 10 ms), producer linger 1 ms.
 //!
 //! Prints a table and writes `bench/results/latency.json`.
+//!
+//! To measure a change as a ratio in one run: build the job before it, copy
+//! `target/release/fraud-detector` aside, build it after, and run with
+//! `TRIPWIRE_BENCH_BASELINE=/path/to/the/copy`: each rate with each build in
+//! turn, `TRIPWIRE_BENCH_ROUNDS` (default 2) times; nothing is written.
 
 mod support;
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -231,14 +237,14 @@ fn latencies(counted: &[(i64, i64)], steps: &[(i64, i64)]) -> Vec<f64> {
         .collect()
 }
 
-fn measure(rate: u64, seconds: u64, lateness_ms: u64, commit_ms: u64) -> Measured {
+fn measure(bin: &Path, rate: u64, seconds: u64, lateness_ms: u64, commit_ms: u64) -> Measured {
     let bootstrap = support::endpoints().kafka_bootstrap;
     let name = unique(&format!("bench_latency_{rate}"));
     ensure_topic(&bootstrap, &name, 12).unwrap();
     let commits = listen(&name);
     let published = listen_redis(&name);
     let port = free_port();
-    let mut job = Command::new(binary("fraud-detector"))
+    let mut job = Command::new(bin)
         .args(["--topic", &name, "--job", &name, "--dlq-topic", &format!("{name}-dlq")])
         .args(["-w", &WORKERS.to_string(), "--archive", "false"])
         .args(["--lateness-ms", &lateness_ms.to_string()])
@@ -321,10 +327,28 @@ fn main() {
     let seconds = env_or("TRIPWIRE_BENCH_SECONDS", 60);
     let lateness_ms = env_or("TRIPWIRE_BENCH_LATENESS_MS", 10);
     let commit_ms = env_or("TRIPWIRE_BENCH_COMMIT_MS", 10);
+    let bin = binary("fraud-detector");
+    if let Ok(baseline) = std::env::var("TRIPWIRE_BENCH_BASELINE") {
+        let rounds = env_or("TRIPWIRE_BENCH_ROUNDS", 2);
+        println!("| rate | round | build | produced | both p50 ms | both p99 ms | both p99.9 ms | PostgreSQL p99 ms | Redis p99 ms |");
+        println!("|---|---|---|---|---|---|---|---|---|");
+        for &rate in &rates {
+            for round in 1..=rounds {
+                for (name, b) in [("baseline", Path::new(&baseline)), ("this", bin.as_path())] {
+                    let m = measure(b, rate, seconds, lateness_ms, commit_ms);
+                    println!(
+                        "| {rate} | {round} | {name} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
+                        m.achieved, m.both.p50, m.both.p99, m.both.p999, m.postgres.p99, m.redis.p99
+                    );
+                }
+            }
+        }
+        return;
+    }
     let mut results = serde_json::Map::new();
     let mut table = Vec::new();
     for &rate in &rates {
-        let m = measure(rate, seconds, lateness_ms, commit_ms);
+        let m = measure(&bin, rate, seconds, lateness_ms, commit_ms);
         table.push(format!(
             "| {rate} | {:.0} | {} | {} | {:.1} / {:.1} | {:.1} / {:.1} | {:.1} | {:.1} | {:.1} |",
             m.achieved,
