@@ -76,6 +76,17 @@ pub enum AvroChannel {
     ATM,
 }
 
+impl AvroChannel {
+    /// Its symbol in the schema (as serde names it).
+    fn symbol(self) -> &'static str {
+        match self {
+            AvroChannel::POS => "POS",
+            AvroChannel::ECOM => "ECOM",
+            AvroChannel::ATM => "ATM",
+        }
+    }
+}
+
 /// Limits the source applies to every record.
 #[derive(Clone, Debug)]
 pub struct Limits {
@@ -307,23 +318,105 @@ pub fn validate(
 
 /// Encode `record` in the wire format with writer schema `id` (`schema`); fields the
 /// schema lacks (v1 has no `device_id`) are left out.
+///
+/// Written field by field in the schema's order when every field is one this
+/// record has, with the type it has (what Tripwire's own schemas hold): about
+/// a twentieth of the time of going through apache-avro's `Value` tree,
+/// which rebuilt a writer from the schema for every record and was most of
+/// what the load generator spent per record. Any other schema goes that way.
 pub fn encode(
     record: &AvroTransaction,
     id: u32,
     schema: &Schema,
 ) -> Result<Vec<u8>, apache_avro::Error> {
+    let mut out = Vec::with_capacity(96);
+    out.push(MAGIC);
+    out.extend_from_slice(&id.to_be_bytes());
+    if direct(record, schema, &mut out) {
+        return Ok(out);
+    }
+    out.truncate(5);
+    out.extend_from_slice(&datum(record, schema)?);
+    Ok(out)
+}
+
+/// Append `record`'s Avro datum under `schema` to `out`, field by field;
+/// false (and `out` partly written) when the schema has a field this does
+/// not write directly.
+fn direct(r: &AvroTransaction, schema: &Schema, out: &mut Vec<u8>) -> bool {
+    let Schema::Record(rs) = schema else { return false };
+    for field in &rs.fields {
+        let ok = match (field.name.as_str(), &field.schema) {
+            ("event_id", Schema::Long) => long(out, r.event_id),
+            ("card_id", Schema::Long) => long(out, r.card_id),
+            ("account_id", Schema::Long) => long(out, r.account_id),
+            ("merchant_id", Schema::Long) => long(out, r.merchant_id),
+            ("mcc", Schema::Int) => long(out, i64::from(r.mcc)),
+            ("amount_minor", Schema::Long) => long(out, r.amount_minor),
+            ("currency", Schema::String) => string(out, &r.currency),
+            ("country", Schema::String) => string(out, &r.country),
+            ("lat", Schema::Double) => double(out, r.lat),
+            ("lon", Schema::Double) => double(out, r.lon),
+            ("channel", Schema::Enum(e)) => {
+                match e.symbols.iter().position(|s| s == r.channel.symbol()) {
+                    Some(i) => long(out, i as i64),
+                    None => false,
+                }
+            }
+            ("event_time", Schema::Long | Schema::TimestampMillis) => long(out, r.event_time),
+            ("device_id", Schema::Union(u)) => {
+                let branch = |kind: fn(&Schema) -> bool| u.variants().iter().position(kind);
+                match (
+                    r.device_id,
+                    branch(|s| matches!(s, Schema::Null)),
+                    branch(|s| matches!(s, Schema::Long)),
+                ) {
+                    (None, Some(null), _) => long(out, null as i64),
+                    (Some(d), _, Some(l)) => long(out, l as i64) && long(out, d),
+                    _ => false,
+                }
+            }
+            _ => false,
+        };
+        if !ok {
+            return false;
+        }
+    }
+    true
+}
+
+/// Avro's `int` and `long`: zigzag, then a base-128 varint.
+fn long(out: &mut Vec<u8>, v: i64) -> bool {
+    let mut z = ((v << 1) ^ (v >> 63)) as u64;
+    while z >= 0x80 {
+        out.push((z as u8) | 0x80);
+        z >>= 7;
+    }
+    out.push(z as u8);
+    true
+}
+
+/// Avro's `string`: its length in bytes as a `long`, then UTF-8.
+fn string(out: &mut Vec<u8>, s: &str) -> bool {
+    long(out, s.len() as i64);
+    out.extend_from_slice(s.as_bytes());
+    true
+}
+
+/// Avro's `double`: 8 bytes, little-endian.
+fn double(out: &mut Vec<u8>, v: f64) -> bool {
+    out.extend_from_slice(&v.to_le_bytes());
+    true
+}
+
+/// `record`'s datum under `schema`, by apache-avro (any schema).
+fn datum(record: &AvroTransaction, schema: &Schema) -> Result<Vec<u8>, apache_avro::Error> {
     use apache_avro::types::Value;
     let mut value = apache_avro::to_value(record)?;
     if let (Value::Record(fields), Schema::Record(rs)) = (&mut value, schema) {
         fields.retain(|(name, _)| rs.lookup.contains_key(name));
     }
-    let datum =
-        GenericDatumWriter::builder(schema).build()?.write_value_to_vec(value.resolve(schema)?)?;
-    let mut out = Vec::with_capacity(5 + datum.len());
-    out.push(MAGIC);
-    out.extend_from_slice(&id.to_be_bytes());
-    out.extend_from_slice(&datum);
-    Ok(out)
+    GenericDatumWriter::builder(schema).build()?.write_value_to_vec(value.resolve(schema)?)
 }
 
 #[cfg(test)]
@@ -363,6 +456,92 @@ mod tests {
 
     fn reason(bytes: &[u8]) -> Reason {
         codec().0.decode(bytes, Some(NOW)).unwrap_err().reason
+    }
+
+    /// Records with every field's extremes, both devices and every channel, seeded.
+    fn varied(n: usize) -> Vec<AvroTransaction> {
+        let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
+        // splitmix64
+        let mut next = move || {
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        };
+        let edges = [0, 1, -1, 63, 64, -64, -65, 127, 128, i64::MAX, i64::MIN];
+        let mut long = move || {
+            let x = next();
+            if x % 4 == 0 {
+                (edges[(x >> 8) as usize % edges.len()], x)
+            } else {
+                ((x as i64) >> (x % 60), x)
+            }
+        };
+        (0..n)
+            .map(|i| AvroTransaction {
+                event_id: long().0,
+                card_id: long().0,
+                account_id: long().0,
+                merchant_id: long().0,
+                mcc: long().0 as i32,
+                amount_minor: long().0,
+                currency: ["EUR", "", "USD", "ünï"][i % 4].into(),
+                country: "x".repeat(i % 70),
+                lat: f64::from_bits(long().1),
+                lon: -0.0,
+                channel: [AvroChannel::POS, AvroChannel::ECOM, AvroChannel::ATM][i % 3],
+                event_time: long().0,
+                device_id: (i % 2 == 0).then(|| long().0),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_direct_encoding_is_what_apache_avro_writes() {
+        let (_, registry) = codec();
+        for id in [1, 2] {
+            let schema = registry.schema(id).unwrap();
+            for r in varied(5_000) {
+                let mut direct_bytes = Vec::new();
+                assert!(direct(&r, &schema, &mut direct_bytes), "schema {id} is written directly");
+                assert_eq!(direct_bytes, datum(&r, &schema).unwrap(), "schema {id}, {r:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_schema_the_direct_encoding_does_not_know_goes_through_apache_avro() {
+        // v2 with the fields in another order and `mcc` a long: the order is
+        // followed directly; a field of another type is left to apache-avro.
+        let reordered = Schema::parse_str(
+            r#"{"type": "record", "name": "Transaction", "namespace": "dev.tripwire", "fields": [
+                {"name": "device_id", "type": ["null", "long"], "default": null},
+                {"name": "event_time", "type": "long"},
+                {"name": "channel", "type": {"type": "enum", "name": "Channel", "symbols": ["ATM", "ECOM", "POS"]}},
+                {"name": "lon", "type": "double"}, {"name": "lat", "type": "double"},
+                {"name": "country", "type": "string"}, {"name": "currency", "type": "string"},
+                {"name": "amount_minor", "type": "long"}, {"name": "mcc", "type": "int"},
+                {"name": "merchant_id", "type": "long"}, {"name": "account_id", "type": "long"},
+                {"name": "card_id", "type": "long"}, {"name": "event_id", "type": "long"}]}"#,
+        )
+        .unwrap();
+        let widened = Schema::parse_str(
+            &include_str!("../../schemas/transaction-v2.avsc")
+                .replace(r#""name": "mcc", "type": "int""#, r#""name": "mcc", "type": "long""#),
+        )
+        .unwrap();
+        for r in varied(500) {
+            let mut out = Vec::new();
+            assert!(direct(&r, &reordered, &mut out));
+            assert_eq!(out, datum(&r, &reordered).unwrap());
+            assert!(
+                !direct(&r, &widened, &mut Vec::new()),
+                "mcc as a long is not written directly"
+            );
+            let framed = encode(&r, 9, &widened).unwrap();
+            assert_eq!(framed[5..], datum(&r, &widened).unwrap()[..]);
+        }
     }
 
     #[test]
