@@ -346,7 +346,7 @@ pub fn encode(
 fn direct(r: &AvroTransaction, schema: &Schema, out: &mut Vec<u8>) -> bool {
     let Schema::Record(rs) = schema else { return false };
     for field in &rs.fields {
-        let ok = match (field.name.as_str(), &field.schema) {
+        match (field.name.as_str(), &field.schema) {
             ("event_id", Schema::Long) => long(out, r.event_id),
             ("card_id", Schema::Long) => long(out, r.card_id),
             ("account_id", Schema::Long) => long(out, r.account_id),
@@ -355,58 +355,47 @@ fn direct(r: &AvroTransaction, schema: &Schema, out: &mut Vec<u8>) -> bool {
             ("amount_minor", Schema::Long) => long(out, r.amount_minor),
             ("currency", Schema::String) => string(out, &r.currency),
             ("country", Schema::String) => string(out, &r.country),
-            ("lat", Schema::Double) => double(out, r.lat),
-            ("lon", Schema::Double) => double(out, r.lon),
+            ("lat", Schema::Double) => out.extend_from_slice(&r.lat.to_le_bytes()),
+            ("lon", Schema::Double) => out.extend_from_slice(&r.lon.to_le_bytes()),
             ("channel", Schema::Enum(e)) => {
-                match e.symbols.iter().position(|s| s == r.channel.symbol()) {
-                    Some(i) => long(out, i as i64),
-                    None => false,
-                }
+                let Some(i) = e.symbols.iter().position(|s| s == r.channel.symbol()) else {
+                    return false;
+                };
+                long(out, i as i64);
             }
             ("event_time", Schema::Long | Schema::TimestampMillis) => long(out, r.event_time),
             ("device_id", Schema::Union(u)) => {
                 let branch = |kind: fn(&Schema) -> bool| u.variants().iter().position(kind);
-                match (
-                    r.device_id,
-                    branch(|s| matches!(s, Schema::Null)),
-                    branch(|s| matches!(s, Schema::Long)),
-                ) {
+                let null = branch(|s| matches!(s, Schema::Null));
+                match (r.device_id, null, branch(|s| matches!(s, Schema::Long))) {
                     (None, Some(null), _) => long(out, null as i64),
-                    (Some(d), _, Some(l)) => long(out, l as i64) && long(out, d),
-                    _ => false,
+                    (Some(d), _, Some(l)) => {
+                        long(out, l as i64);
+                        long(out, d);
+                    }
+                    _ => return false,
                 }
             }
-            _ => false,
-        };
-        if !ok {
-            return false;
+            _ => return false,
         }
     }
     true
 }
 
 /// Avro's `int` and `long`: zigzag, then a base-128 varint.
-fn long(out: &mut Vec<u8>, v: i64) -> bool {
+fn long(out: &mut Vec<u8>, v: i64) {
     let mut z = ((v << 1) ^ (v >> 63)) as u64;
     while z >= 0x80 {
         out.push((z as u8) | 0x80);
         z >>= 7;
     }
     out.push(z as u8);
-    true
 }
 
 /// Avro's `string`: its length in bytes as a `long`, then UTF-8.
-fn string(out: &mut Vec<u8>, s: &str) -> bool {
+fn string(out: &mut Vec<u8>, s: &str) {
     long(out, s.len() as i64);
     out.extend_from_slice(s.as_bytes());
-    true
-}
-
-/// Avro's `double`: 8 bytes, little-endian.
-fn double(out: &mut Vec<u8>, v: f64) -> bool {
-    out.extend_from_slice(&v.to_le_bytes());
-    true
 }
 
 /// `record`'s datum under `schema`, by apache-avro (any schema).

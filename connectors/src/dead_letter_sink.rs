@@ -438,6 +438,7 @@ fn produce(
 /// A letter Kafka will not take (e.g. larger than the broker accepts): an
 /// invariant of the pipeline is broken, so say so loudly.
 fn lost_loudly(e: &KafkaError, d: &DeadLetter) {
+    crate::metrics::dead_letters_lost_total().inc();
     tracing::error!(error = %e, partition = d.partition, offset = d.offset,
         "dead letter could not be produced");
 }
@@ -485,12 +486,23 @@ pub fn dead_letter_sink(
             move || produce(producer, &topic, &inbox, confirmed.as_ref())
         })
         .map_err(|e| KafkaError::ClientCreation(e.to_string()))?;
+    // Exported from the start, at 0, so that an alert on it has a series.
+    crate::metrics::dead_letters_lost_total();
     let mut running = Some((orders, thread));
     let mut builder = OperatorBuilder::new("DeadLetterSink".to_owned(), scope);
     let mut input = builder.new_input(stream, Pipeline);
     builder.build(move |_capabilities| {
         move |frontiers| {
-            let Some((orders, _)) = &running else { return };
+            let Some((orders, thread)) = &running else { return };
+            // Its end is noticed now, not at the next letter (restart points
+            // would stop being confirmed without a word).
+            if thread.is_finished() {
+                let (_, thread) = running.take().expect("running");
+                match thread.join() {
+                    Err(panic) => std::panic::resume_unwind(panic),
+                    Ok(()) => panic!("the dead-letter thread of worker {worker} has stopped"),
+                }
+            }
             // Restart points taken so far: their dead letters are in `input` by
             // now (the source gives a record's dead letter before the sample after it).
             let taken: Vec<ProgressSample> = match &confirm {

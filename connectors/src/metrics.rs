@@ -86,6 +86,20 @@ pub fn registry_retries_total() -> &'static prometheus::IntCounter {
     })
 }
 
+/// `tripwire_dead_letters_lost_total`: rejected records Kafka would not take
+/// as dead letters (e.g. larger than the producer sends); each is also logged
+/// as an error with its source partition and offset. Should stay 0.
+pub fn dead_letters_lost_total() -> &'static prometheus::IntCounter {
+    static C: OnceLock<prometheus::IntCounter> = OnceLock::new();
+    C.get_or_init(|| {
+        prometheus::register_int_counter!(
+            "tripwire_dead_letters_lost_total",
+            "Rejected records the dead-letter topic would not take (logged with their source offsets)."
+        )
+        .expect("metric registered once")
+    })
+}
+
 /// `tripwire_store_rollbacks_total{sink}`: a store found behind what it had acknowledged.
 pub fn store_rollbacks_total() -> &'static IntCounterVec {
     static C: OnceLock<IntCounterVec> = OnceLock::new();
