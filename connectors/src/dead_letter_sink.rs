@@ -1,5 +1,6 @@
 //! The dead-letter sink: every rejected record goes to the dead-letter topic,
-//! its payload untouched, with the reason and its source coordinates in headers.
+//! its payload untouched (unless too large, below), with the reason and its
+//! source coordinates in headers.
 //!
 //! Exactly once, across crashes and restarts:
 //! - a dead letter goes to the dead-letter partition of its source partition
@@ -18,18 +19,26 @@
 //! held up every operator of the worker (in a bulk run the workers spent
 //! half their time there).
 //!
+//! A letter the dead-letter topic will not take whole (larger than its
+//! `max.message.bytes`, refused by the client or by the broker) goes without
+//! its key and payload, with a [`headers::PAYLOAD_OMITTED`] header giving the
+//! payload's size: the record itself is still in the source topic at the
+//! coordinates the letter names. Without that, the refused letter failed
+//! every commit of its transaction and stalled the worker for good.
+//!
 //! Read the topic with `isolation.level=read_committed` (librdkafka's
 //! default; the Java client's default is `read_uncommitted`): a transaction
 //! that failed and was sent again leaves aborted copies behind.
 
 use std::collections::HashMap;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
 use timely::dataflow::StreamVec;
@@ -51,6 +60,9 @@ pub mod headers {
     pub const PARTITION: &str = "source.partition";
     /// Offset, decimal.
     pub const OFFSET: &str = "source.offset";
+    /// On a letter sent without its key and payload, because the topic would
+    /// not take it whole: the payload's size in bytes, decimal.
+    pub const PAYLOAD_OMITTED: &str = "tripwire.payload-omitted";
 }
 
 /// Restart points the source took, and those whose dead letters are all delivered.
@@ -236,55 +248,160 @@ pub fn committed_late(
 struct Transactional {
     bootstrap: String,
     id: String,
-    producer: ThreadedProducer<DefaultProducerContext>,
+    producer: ThreadedProducer<Delivery>,
+    /// The delivery reports of `producer`'s letters.
+    reports: Arc<Reports>,
     /// Letters sent in the open transaction (none open when empty).
-    open: Vec<DeadLetter>,
+    open: Vec<Letter>,
     /// When the open transaction began.
     began: Instant,
+}
+
+/// A dead letter as sent.
+#[derive(Clone)]
+struct Letter {
+    d: DeadLetter,
+    /// The size of the payload left out, when the topic would not take it whole.
+    omitted: Option<usize>,
+    /// Whether the broker has refused it as too large (sent whole once more,
+    /// with the topic's limit read again, before its payload is left out).
+    refused: bool,
+}
+
+impl Letter {
+    /// The most of a letter's error text kept when its payload is left out.
+    const DETAIL: usize = 1024;
+
+    /// This letter without its key and payload (and its error text cut to
+    /// [`Self::DETAIL`] bytes), or `None` if it has been cut already.
+    fn without_payload(&self) -> Option<Letter> {
+        if self.omitted.is_some() {
+            return None;
+        }
+        let mut d = self.d.clone();
+        let mut end = d.detail.len().min(Self::DETAIL);
+        while !d.detail.is_char_boundary(end) {
+            end -= 1;
+        }
+        d.detail.truncate(end);
+        d.key = None;
+        let omitted = std::mem::take(&mut d.payload).len();
+        tracing::warn!(topic = %d.topic, partition = d.partition, offset = d.offset,
+            bytes = omitted, "dead letter too large for its topic; sent without its payload");
+        Some(Letter { d, omitted: Some(omitted), refused: false })
+    }
+}
+
+/// The delivery reports of one producer's open transaction.
+#[derive(Default)]
+struct Reports {
+    seen: Mutex<Reported>,
+    came: Condvar,
+}
+
+#[derive(Default)]
+struct Reported {
+    /// How many came.
+    reports: usize,
+    /// Whether any letter failed.
+    failed: bool,
+    /// The letters (by their place in the transaction) refused as too large.
+    refused: Vec<usize>,
+}
+
+/// The dead-letter producer's context: it keeps the delivery reports.
+struct Delivery(Arc<Reports>);
+
+impl ClientContext for Delivery {}
+
+impl ProducerContext for Delivery {
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, place: usize) {
+        let mut seen = self.0.seen.lock().expect("delivery reports");
+        seen.reports += 1;
+        if let Err((e, _)) = result {
+            seen.failed = true;
+            if too_large(e) {
+                seen.refused.push(place);
+            }
+        }
+        self.0.came.notify_all();
+    }
+}
+
+/// Whether `e` says a record is larger than the topic (or the client) takes.
+fn too_large(e: &KafkaError) -> bool {
+    matches!(
+        e,
+        KafkaError::MessageProduction(
+            RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::MessageBatchTooLarge
+        )
+    )
 }
 
 /// The longest a dead letter waits in an open transaction.
 const LINGER: Duration = Duration::from_millis(200);
 
 impl Transactional {
-    fn new(bootstrap: &str, id: String) -> Result<Self, KafkaError> {
-        let producer = Self::producer(bootstrap, &id)?;
+    fn new(bootstrap: &str, topic: &str, id: String) -> Result<Self, KafkaError> {
+        let (producer, reports) = Self::producer(bootstrap, topic, &id)?;
         Ok(Transactional {
             bootstrap: bootstrap.to_string(),
             id,
             producer,
+            reports,
             open: Vec::new(),
             began: Instant::now(),
         })
     }
 
+    /// A producer for `topic`, its batches and letters no larger than the
+    /// topic takes: a letter larger than that is refused at once, by the
+    /// client, and goes without its payload.
     fn producer(
         bootstrap: &str,
+        topic: &str,
         id: &str,
-    ) -> Result<ThreadedProducer<DefaultProducerContext>, KafkaError> {
-        let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+    ) -> Result<(ThreadedProducer<Delivery>, Arc<Reports>), KafkaError> {
+        // librdkafka's default, and room for a batch's framing below the topic's limit.
+        let limit = crate::kafka_admin::max_message_bytes(bootstrap, topic)?
+            .map_or(1_000_000, |topic| topic.saturating_sub(512).clamp(1000, 1_000_000))
+            .to_string();
+        let reports = Arc::new(Reports::default());
+        let producer: ThreadedProducer<Delivery> = ClientConfig::new()
             .set("bootstrap.servers", bootstrap)
             .set("transactional.id", id)
-            .create()?;
+            .set("message.max.bytes", &limit)
+            .set("batch.size", &limit)
+            .create_with_context(Delivery(reports.clone()))?;
         producer.init_transactions(Duration::from_secs(60))?;
-        Ok(producer)
+        Ok((producer, reports))
     }
 
-    /// Send `d` in the open transaction (beginning one if none is).
-    fn send(&mut self, topic: &str, d: &DeadLetter) -> Result<(), KafkaError> {
+    /// Send `letter` in the open transaction (beginning one if none is).
+    fn send(&mut self, topic: &str, letter: &Letter) -> Result<(), KafkaError> {
         if self.open.is_empty() {
             self.producer.begin_transaction()?;
             self.began = Instant::now();
+            // Places count from 0 again (the last transaction's reports are
+            // all in: it was committed after them).
+            *self.reports.seen.lock().expect("delivery reports") = Reported::default();
         }
+        let d = &letter.d;
         let partition = d.partition.to_string();
         let offset = d.offset.to_string();
-        let headers = OwnedHeaders::new()
+        let mut headers = OwnedHeaders::new()
             .insert(Header { key: headers::REASON, value: Some(d.reason.as_str()) })
             .insert(Header { key: headers::ERROR, value: Some(d.detail.as_str()) })
             .insert(Header { key: headers::TOPIC, value: Some(d.topic.as_str()) })
             .insert(Header { key: headers::PARTITION, value: Some(partition.as_str()) })
             .insert(Header { key: headers::OFFSET, value: Some(offset.as_str()) });
-        let mut record = BaseRecord::<[u8], [u8]>::to(topic)
+        let omitted = letter.omitted.map(|n| n.to_string());
+        if let Some(n) = &omitted {
+            headers = headers.insert(Header { key: headers::PAYLOAD_OMITTED, value: Some(n) });
+        }
+        let mut record = BaseRecord::<[u8], [u8], usize>::with_opaque_to(topic, self.open.len())
             .partition(d.partition)
             .payload(&d.payload[..])
             .headers(headers);
@@ -293,7 +410,7 @@ impl Transactional {
         }
         // A flood of dead letters slows this worker down rather than losing any.
         crate::kafka_admin::send_waiting(&self.producer, record)?;
-        self.open.push(d.clone());
+        self.open.push(letter.clone());
         Ok(())
     }
 
@@ -302,14 +419,32 @@ impl Transactional {
         (!self.open.is_empty()).then(|| self.began.elapsed())
     }
 
-    /// Send `d`, starting the transaction over if the producer cannot go on.
-    /// An error left is the letter's own (e.g. larger than the broker takes).
-    fn send_or_start_over(&mut self, topic: &str, d: &DeadLetter) -> Result<(), KafkaError> {
+    /// Send `letter`, starting the transaction over if the producer cannot go
+    /// on, and without its payload if the client will not take it whole. An
+    /// error left is the letter's own, and it is counted as lost.
+    fn send_or_start_over(&mut self, topic: &str, letter: &Letter) {
+        while let Err(e) = self.send_or_cut(topic, letter) {
+            tracing::warn!(error = %e, "dead-letter producer failed; starting over");
+            self.start_over(topic);
+        }
+    }
+
+    /// Send `letter`, without its payload if the client will not take it
+    /// whole. An error left is the producer's; a letter it will not take
+    /// even so is counted as lost.
+    fn send_or_cut(&mut self, topic: &str, letter: &Letter) -> Result<(), KafkaError> {
+        let mut cut = None;
         loop {
-            match self.send(topic, d) {
-                Err(e) if Self::producer_failed(&e) => {
-                    tracing::warn!(error = %e, "dead-letter producer failed; starting over");
-                    self.start_over(topic);
+            let letter = cut.as_ref().unwrap_or(letter);
+            match self.send(topic, letter) {
+                Err(e) if !Self::producer_failed(&e) => {
+                    match letter.without_payload().filter(|_| too_large(&e)) {
+                        Some(without) => cut = Some(without),
+                        None => {
+                            lost_loudly(&e, &letter.d);
+                            return Ok(());
+                        }
+                    }
                 }
                 done => return done,
             }
@@ -329,10 +464,30 @@ impl Transactional {
     /// letters are committed.
     fn commit(&mut self, topic: &str) {
         while !self.open.is_empty() {
+            // librdkafka commits a transaction whose letters the broker
+            // refused (too large) without them; so every letter's delivery
+            // report first, and a transaction with a failed one is not committed.
+            if let Err(e) = self.producer.flush(Duration::from_secs(30)) {
+                tracing::warn!(error = %e, "dead letters not yet delivered; waiting");
+                if Self::producer_failed(&e) {
+                    self.start_over(topic);
+                }
+                continue;
+            }
+            if let Some(refused) = self.failed_deliveries() {
+                tracing::warn!(
+                    letters = self.open.len(),
+                    refused = refused.len(),
+                    "dead letters not delivered; sending them again"
+                );
+                self.mark_refused(&refused);
+                self.start_over(topic);
+                continue;
+            }
             match self.producer.commit_transaction(Duration::from_secs(30)) {
                 Ok(()) => {
                     for d in self.open.drain(..) {
-                        dead_letters_total().with_label_values(&[d.reason.as_str()]).inc();
+                        dead_letters_total().with_label_values(&[d.d.reason.as_str()]).inc();
                     }
                 }
                 Err(KafkaError::Transaction(e)) if e.is_retriable() => {
@@ -347,6 +502,47 @@ impl Transactional {
         }
     }
 
+    /// After a flush: `None` if every letter of the open transaction was
+    /// delivered, else the places of those the broker refused as too large
+    /// (maybe none: another failure, or reports that did not come).
+    fn failed_deliveries(&self) -> Option<Vec<usize>> {
+        let sent = self.open.len();
+        // The reports come on the producer's polling thread, just after the
+        // flush; the bound only guards against one that never comes.
+        let seen = self.reports.seen.lock().expect("delivery reports");
+        let (seen, _) = self
+            .reports
+            .came
+            .wait_timeout_while(seen, Duration::from_secs(30), |s| s.reports < sent)
+            .expect("delivery reports");
+        (seen.reports < sent || seen.failed).then(|| seen.refused.clone())
+    }
+
+    /// The letters at `refused` places, refused by the broker as too large
+    /// (its limit was lowered since the producer read it): each goes whole
+    /// once more, by a producer that reads the limit again (a batch is
+    /// refused whole, and its small letters may fit), then without its
+    /// payload (sent whole, it would fail every time). One refused without
+    /// its payload is lost, loudly: the topic takes less than its headers.
+    fn mark_refused(&mut self, refused: &[usize]) {
+        let mut lost = Vec::new();
+        for &place in refused {
+            let Some(letter) = self.open.get_mut(place) else { continue };
+            if !letter.refused {
+                letter.refused = true;
+                continue;
+            }
+            match letter.without_payload() {
+                Some(cut) => *letter = cut,
+                None => lost.push(place),
+            }
+        }
+        let refusal = KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge);
+        for place in lost.into_iter().rev() {
+            lost_loudly(&refusal, &self.open.remove(place).d);
+        }
+    }
+
     /// Leave the open transaction behind and send its letters again in a new
     /// one: a new producer under the same transactional id, whose
     /// initialisation aborts what the old one left open.
@@ -355,9 +551,10 @@ impl Transactional {
         'over: loop {
             self.open.clear();
             loop {
-                match Self::producer(&self.bootstrap, &self.id) {
-                    Ok(p) => {
-                        self.producer = p;
+                match Self::producer(&self.bootstrap, topic, &self.id) {
+                    Ok((producer, reports)) => {
+                        self.producer = producer;
+                        self.reports = reports;
                         break;
                     }
                     Err(e) => {
@@ -366,14 +563,10 @@ impl Transactional {
                     }
                 }
             }
-            for d in &letters {
-                match self.send(topic, d) {
-                    Ok(()) => {}
-                    Err(e) if Self::producer_failed(&e) => {
-                        tracing::warn!(error = %e, "dead-letter producer failed; starting over");
-                        continue 'over;
-                    }
-                    Err(e) => lost_loudly(&e, d),
+            for letter in &letters {
+                if let Err(e) = self.send_or_cut(topic, letter) {
+                    tracing::warn!(error = %e, "dead-letter producer failed; starting over");
+                    continue 'over;
                 }
             }
             return;
@@ -410,10 +603,9 @@ fn produce(
             .map_or(Duration::from_secs(3600), |open| LINGER.saturating_sub(open));
         match inbox.recv_timeout(wait) {
             Ok(Order::Letters(letters)) => {
-                for d in &letters {
-                    if let Err(e) = producer.send_or_start_over(topic, d) {
-                        lost_loudly(&e, d);
-                    }
+                for d in letters {
+                    producer
+                        .send_or_start_over(topic, &Letter { d, omitted: None, refused: false });
                 }
             }
             Ok(Order::Commit(samples)) => {
@@ -435,8 +627,8 @@ fn produce(
     }
 }
 
-/// A letter Kafka will not take (e.g. larger than the broker accepts): an
-/// invariant of the pipeline is broken, so say so loudly.
+/// A letter Kafka will not take even without its payload: an invariant of
+/// the pipeline is broken, so say so loudly.
 fn lost_loudly(e: &KafkaError, d: &DeadLetter) {
     crate::metrics::dead_letters_lost_total().inc();
     tracing::error!(error = %e, partition = d.partition, offset = d.offset,
@@ -467,8 +659,11 @@ pub fn dead_letter_sink(
     // Before reading the tail: a restarted worker's producer aborts what its
     // previous incarnation left open. One id per worker, dead-letter topic
     // and source: jobs sharing a dead-letter topic must not fence each other.
-    let producer =
-        Transactional::new(bootstrap, format!("tripwire-dlq-{topic}-{source_topic}-{worker}"))?;
+    let producer = Transactional::new(
+        bootstrap,
+        topic,
+        format!("tripwire-dlq-{topic}-{source_topic}-{worker}"),
+    )?;
     let already = written(bootstrap, topic, source_topic)?;
     // The producer works on a thread of its own: a commit waits for the
     // broker (a round trip to the transaction coordinator and its markers, and

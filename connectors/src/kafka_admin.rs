@@ -4,12 +4,15 @@
 
 use std::time::Duration;
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication, TopicResult};
+use rdkafka::admin::{
+    AdminClient, AdminOptions, AlterConfig, NewTopic, ResourceSpecifier, TopicReplication,
+    TopicResult,
+};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::ToBytes;
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, ThreadedProducer};
+use rdkafka::producer::{BaseRecord, ProducerContext, ThreadedProducer};
 use rdkafka::ClientConfig;
 
 /// An admin client, and a runtime to wait for its operations on.
@@ -26,10 +29,25 @@ fn admin(
 
 /// Create `topic` with `partitions` partitions unless it exists (then leave it as it is).
 pub fn ensure_topic(bootstrap: &str, topic: &str, partitions: i32) -> Result<(), KafkaError> {
+    ensure_topic_with(bootstrap, topic, partitions, &[])
+}
+
+/// [`ensure_topic`] with topic settings (`config`) for a topic it creates.
+pub fn ensure_topic_with(
+    bootstrap: &str,
+    topic: &str,
+    partitions: i32,
+    config: &[(&str, &str)],
+) -> Result<(), KafkaError> {
     let (admin, rt) = admin(bootstrap)?;
+    let new = config
+        .iter()
+        .fold(NewTopic::new(topic, partitions, TopicReplication::Fixed(1)), |t, (k, v)| {
+            t.set(k, v)
+        });
     while_starting(|| {
         let results = rt.block_on(admin.create_topics(
-            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
+            std::slice::from_ref(&new),
             &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
         ))?;
         all_done(results, RDKafkaErrorCode::TopicAlreadyExists)
@@ -71,6 +89,44 @@ pub fn partition_count(bootstrap: &str, topic: &str) -> Result<Option<usize>, Ka
         .filter(|t| t.error().is_none())
         .map(|t| t.partitions().len())
         .filter(|n| *n > 0))
+}
+
+/// The largest record batch `topic` takes (its `max.message.bytes`), if the
+/// topic exists.
+pub fn max_message_bytes(bootstrap: &str, topic: &str) -> Result<Option<usize>, KafkaError> {
+    let (admin, rt) = admin(bootstrap)?;
+    let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
+    let results = while_starting(|| {
+        rt.block_on(admin.describe_configs(&[ResourceSpecifier::Topic(topic)], &opts))
+    })?;
+    match results.into_iter().next() {
+        Some(Ok(config)) => Ok(config
+            .get("max.message.bytes")
+            .and_then(|e| e.value.as_deref())
+            .and_then(|v| v.parse().ok())),
+        Some(Err(RDKafkaErrorCode::UnknownTopicOrPartition)) | None => Ok(None),
+        Some(Err(code)) => Err(KafkaError::AdminOp(code)),
+    }
+}
+
+/// Set `config` on `topic`; settings it does not name go back to their defaults.
+pub fn alter_topic(
+    bootstrap: &str,
+    topic: &str,
+    config: &[(&str, &str)],
+) -> Result<(), KafkaError> {
+    let (admin, rt) = admin(bootstrap)?;
+    let alter = config
+        .iter()
+        .fold(AlterConfig::new(ResourceSpecifier::Topic(topic)), |a, (k, v)| a.set(k, v));
+    let results = rt.block_on(admin.alter_configs(
+        std::slice::from_ref(&alter),
+        &AdminOptions::new().request_timeout(Some(Duration::from_secs(10))),
+    ))?;
+    for r in results {
+        r.map_err(|(_, code)| KafkaError::AdminOp(code))?;
+    }
+    Ok(())
 }
 
 /// Run `f` again (for up to a minute) while it fails as a broker does in
@@ -116,9 +172,9 @@ fn starting(e: &KafkaError) -> bool {
 /// Send `record`, waiting while the producer's queue is full: the queue
 /// drains on rdkafka's own thread, so a flood slows the caller down rather
 /// than losing records. Any other error is the caller's.
-pub fn send_waiting<K: ToBytes + ?Sized, P: ToBytes + ?Sized>(
-    producer: &ThreadedProducer<DefaultProducerContext>,
-    mut record: BaseRecord<'_, K, P>,
+pub fn send_waiting<K: ToBytes + ?Sized, P: ToBytes + ?Sized, C: ProducerContext + 'static>(
+    producer: &ThreadedProducer<C>,
+    mut record: BaseRecord<'_, K, P, C::DeliveryOpaque>,
 ) -> Result<(), KafkaError> {
     loop {
         match producer.send(record) {

@@ -87,14 +87,14 @@ pub fn registry_retries_total() -> &'static prometheus::IntCounter {
 }
 
 /// `tripwire_dead_letters_lost_total`: rejected records Kafka would not take
-/// as dead letters (e.g. larger than the producer sends); each is also logged
+/// as dead letters even without their payload; each is also logged
 /// as an error with its source partition and offset. Should stay 0.
 pub fn dead_letters_lost_total() -> &'static prometheus::IntCounter {
     static C: OnceLock<prometheus::IntCounter> = OnceLock::new();
     C.get_or_init(|| {
         prometheus::register_int_counter!(
             "tripwire_dead_letters_lost_total",
-            "Rejected records the dead-letter topic would not take (logged with their source offsets)."
+            "Rejected records the dead-letter topic would not take even without their payload (logged with their source offsets)."
         )
         .expect("metric registered once")
     })

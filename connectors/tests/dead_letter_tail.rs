@@ -194,3 +194,152 @@ fn committed_late_letters_past_the_restart_points_are_found() {
     let none = committed_late(&bootstrap, &format!("{dlq}-missing"), &source, &from).unwrap();
     assert!(none.is_empty(), "no dead-letter topic yet: nothing");
 }
+
+/// Every committed letter of `dlq` partition 0, in order:
+/// `(source offset, payload, payload-omitted header)`.
+fn read_letters(bootstrap: &str, dlq: &str) -> Vec<(i64, Vec<u8>, Option<String>)> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::Headers;
+    use rdkafka::{Message, Offset, TopicPartitionList};
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", format!("{dlq}-reader"))
+        .set("enable.partition.eof", "true")
+        .set("isolation.level", "read_committed")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(dlq, 0, Offset::Beginning).unwrap();
+    consumer.assign(&tpl).unwrap();
+    let header = |m: &rdkafka::message::BorrowedMessage<'_>, key: &str| {
+        m.headers().and_then(|hs| {
+            hs.iter()
+                .find(|h| h.key == key)
+                .and_then(|h| h.value.map(|v| String::from_utf8_lossy(v).into_owned()))
+        })
+    };
+    let mut letters = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        assert!(Instant::now() < deadline, "the dead-letter topic's end was not reached");
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => letters.push((
+                header(&m, headers::OFFSET).unwrap().parse().unwrap(),
+                m.payload().unwrap_or_default().to_vec(),
+                header(&m, headers::PAYLOAD_OMITTED),
+            )),
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => return letters,
+            Some(Err(e)) => panic!("reading the dead-letter topic: {e}"),
+            None => {}
+        }
+    }
+}
+
+/// Produce a record of `bytes` bytes to partition 1 of `topic` (no letter:
+/// it has no headers) and say whether the broker took it.
+fn broker_takes(bootstrap: &str, topic: &str, bytes: usize) -> bool {
+    use rdkafka::producer::{BaseProducer, DeliveryResult, ProducerContext};
+    use std::sync::{Arc, Mutex};
+    struct Took(Arc<Mutex<Option<bool>>>);
+    impl rdkafka::ClientContext for Took {}
+    impl ProducerContext for Took {
+        type DeliveryOpaque = ();
+        fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+            *self.0.lock().unwrap() = Some(result.is_ok());
+        }
+    }
+    let took = Arc::new(Mutex::new(None));
+    let p: BaseProducer<Took> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create_with_context(Took(took.clone()))
+        .unwrap();
+    let payload = vec![0_u8; bytes];
+    p.send(BaseRecord::<[u8], [u8]>::to(topic).partition(1).payload(&payload[..]))
+        .map_err(|(e, _)| e)
+        .unwrap();
+    p.flush(Duration::from_secs(30)).unwrap();
+    let took = took.lock().unwrap().expect("a delivery report after flush");
+    took
+}
+
+/// Letters of up to `big` bytes through the sink to a dead-letter topic that
+/// takes records of up to 4 KiB, from its creation (`lowered: false`: the
+/// client refuses what is larger) or from after the sink's producer read its
+/// limit (`lowered: true`: the broker does): every letter arrives once, in
+/// order, the large ones without their payload.
+fn too_large_letters(name: &str, lowered: bool) {
+    use std::sync::mpsc::RecvTimeoutError;
+    use tripwire_connectors::kafka_admin::{alter_topic, ensure_topic_with};
+    let bootstrap = Endpoints::from_env().unwrap().kafka_bootstrap;
+    let source = common::unique(name);
+    let dlq = format!("{source}-dlq");
+    let small = [("max.message.bytes", "4096")];
+    ensure_topic_with(&bootstrap, &dlq, 2, if lowered { &[] } else { &small })
+        .expect("topic; is the stack up?");
+    // (offset, payload size): 50 KB, and 3 MB (more than the client takes
+    // from any topic: its `message.max.bytes` is 1 MB), between small ones.
+    let sizes = [(10_i64, 100_usize), (11, 50_000), (12, 200), (13, 3_000_000), (14, 300)];
+    let payload = |offset: i64, n: usize| vec![b'a' + (offset % 26) as u8; n];
+    let (b, d, s) = (bootstrap.clone(), dlq.clone(), source.clone());
+    let started = Instant::now();
+    let (done, finished) = std::sync::mpsc::channel();
+    let run = std::thread::spawn(move || {
+        let ran = timely::execute(timely::Config::thread(), move |worker| {
+            let mut input = timely::dataflow::InputHandleVec::<u64, DeadLetter>::new();
+            worker.dataflow::<u64, _, _>(|scope| {
+                dead_letter_sink(input.to_stream(scope), &b, &d, &s, 1, None).unwrap();
+            });
+            if lowered {
+                alter_topic(&b, &d, &small).unwrap();
+                // The broker applies it soon after it answers.
+                while broker_takes(&b, &d, 8192) {}
+            }
+            for (offset, n) in sizes {
+                input.send(DeadLetter {
+                    reason: DeadLetterReason::Truncated,
+                    detail: format!("{n} bytes, limit 1000"),
+                    topic: s.clone(),
+                    partition: 0,
+                    offset,
+                    key: Some(b"card".to_vec()),
+                    payload: payload(offset, n),
+                });
+            }
+            // The input closes: the sink commits what it has and ends.
+        });
+        done.send(ran.map(drop)).unwrap();
+    });
+    // A refused letter used to stall the sink for good: bound the wait.
+    match finished.recv_timeout(Duration::from_secs(120)) {
+        Ok(ran) => ran.unwrap(),
+        Err(RecvTimeoutError::Timeout) => panic!("the sink did not finish within 120 s"),
+        Err(RecvTimeoutError::Disconnected) => {
+            std::panic::resume_unwind(run.join().expect_err("it sent nothing: it panicked"))
+        }
+    }
+    println!("all letters committed after {:?}", started.elapsed());
+
+    let letters = read_letters(&bootstrap, &dlq);
+    let offsets: Vec<i64> = letters.iter().map(|(o, _, _)| *o).collect();
+    assert_eq!(offsets, vec![10, 11, 12, 13, 14], "every letter, once, in source order");
+    for ((offset, n), (_, got, omitted)) in sizes.iter().zip(&letters) {
+        if *n > 4096 {
+            assert!(got.is_empty(), "letter {offset} went without its payload");
+            assert_eq!(omitted.as_deref(), Some(n.to_string().as_str()), "letter {offset}");
+        } else {
+            assert_eq!(got, &payload(*offset, *n), "letter {offset} went whole");
+            assert_eq!(omitted, &None, "letter {offset}");
+        }
+    }
+    assert_eq!(written(&bootstrap, &dlq, &source).unwrap().get(&0), Some(&14));
+}
+
+#[test]
+fn a_letter_larger_than_the_topic_takes_goes_without_its_payload() {
+    too_large_letters("too_large_src", false);
+}
+
+#[test]
+fn a_letter_the_broker_refuses_goes_again_then_without_its_payload() {
+    too_large_letters("refused_src", true);
+}
