@@ -251,7 +251,10 @@ struct Transactional {
     producer: ThreadedProducer<Delivery>,
     /// The delivery reports of `producer`'s letters.
     reports: Arc<Reports>,
-    /// Letters sent in the open transaction (none open when empty).
+    /// Whether a transaction is open (it may hold no letter yet: its first
+    /// was refused by the client).
+    in_transaction: bool,
+    /// Letters sent in the open transaction.
     open: Vec<Letter>,
     /// When the open transaction began.
     began: Instant,
@@ -351,6 +354,7 @@ impl Transactional {
             id,
             producer,
             reports,
+            in_transaction: false,
             open: Vec::new(),
             began: Instant::now(),
         })
@@ -364,8 +368,15 @@ impl Transactional {
         topic: &str,
         id: &str,
     ) -> Result<(ThreadedProducer<Delivery>, Arc<Reports>), KafkaError> {
-        // librdkafka's default, and room for a batch's framing below the topic's limit.
-        let limit = crate::kafka_admin::max_message_bytes(bootstrap, topic)?
+        // librdkafka's default, and room for a batch's framing below the
+        // topic's limit. Without the topic's settings (no DescribeConfigs
+        // right, say) the broker's refusals still find a letter too large.
+        let topic_limit = crate::kafka_admin::max_message_bytes(bootstrap, topic)
+            .unwrap_or_else(|e| {
+                tracing::warn!(error = %e, topic, "cannot read the dead-letter topic's max.message.bytes");
+                None
+            });
+        let limit = topic_limit
             .map_or(1_000_000, |topic| topic.saturating_sub(512).clamp(1000, 1_000_000))
             .to_string();
         let reports = Arc::new(Reports::default());
@@ -381,8 +392,9 @@ impl Transactional {
 
     /// Send `letter` in the open transaction (beginning one if none is).
     fn send(&mut self, topic: &str, letter: &Letter) -> Result<(), KafkaError> {
-        if self.open.is_empty() {
+        if !self.in_transaction {
             self.producer.begin_transaction()?;
+            self.in_transaction = true;
             self.began = Instant::now();
             // Places count from 0 again (the last transaction's reports are
             // all in: it was committed after them).
@@ -464,28 +476,26 @@ impl Transactional {
     /// letters are committed.
     fn commit(&mut self, topic: &str) {
         while !self.open.is_empty() {
-            // librdkafka commits a transaction whose letters the broker
-            // refused (too large) without them; so every letter's delivery
-            // report first, and a transaction with a failed one is not committed.
+            // Every letter's delivery report first: a transaction with a
+            // letter the broker refused would fail its commit; the reports
+            // say which, and it is sent again at once. (`flush` fails only by
+            // timing out; letters still queued then time out within the
+            // transaction's timeout and report as failed.)
             if let Err(e) = self.producer.flush(Duration::from_secs(30)) {
                 tracing::warn!(error = %e, "dead letters not yet delivered; waiting");
-                if Self::producer_failed(&e) {
-                    self.start_over(topic);
-                }
                 continue;
             }
-            if let Some(refused) = self.failed_deliveries() {
+            if !self.all_delivered() {
                 tracing::warn!(
                     letters = self.open.len(),
-                    refused = refused.len(),
                     "dead letters not delivered; sending them again"
                 );
-                self.mark_refused(&refused);
                 self.start_over(topic);
                 continue;
             }
             match self.producer.commit_transaction(Duration::from_secs(30)) {
                 Ok(()) => {
+                    self.in_transaction = false;
                     for d in self.open.drain(..) {
                         dead_letters_total().with_label_values(&[d.d.reason.as_str()]).inc();
                     }
@@ -502,54 +512,35 @@ impl Transactional {
         }
     }
 
-    /// After a flush: `None` if every letter of the open transaction was
-    /// delivered, else the places of those the broker refused as too large
-    /// (maybe none: another failure, or reports that did not come).
-    fn failed_deliveries(&self) -> Option<Vec<usize>> {
+    /// After a flush: whether every letter of the open transaction was delivered.
+    fn all_delivered(&self) -> bool {
         let sent = self.open.len();
-        // The reports come on the producer's polling thread, just after the
-        // flush; the bound only guards against one that never comes.
+        // The reports come on the producer's polling thread, by the end of
+        // the flush; the bound only guards against one that never comes.
         let seen = self.reports.seen.lock().expect("delivery reports");
         let (seen, _) = self
             .reports
             .came
             .wait_timeout_while(seen, Duration::from_secs(30), |s| s.reports < sent)
             .expect("delivery reports");
-        (seen.reports < sent || seen.failed).then(|| seen.refused.clone())
-    }
-
-    /// The letters at `refused` places, refused by the broker as too large
-    /// (its limit was lowered since the producer read it): each goes whole
-    /// once more, by a producer that reads the limit again (a batch is
-    /// refused whole, and its small letters may fit), then without its
-    /// payload (sent whole, it would fail every time). One refused without
-    /// its payload is lost, loudly: the topic takes less than its headers.
-    fn mark_refused(&mut self, refused: &[usize]) {
-        let mut lost = Vec::new();
-        for &place in refused {
-            let Some(letter) = self.open.get_mut(place) else { continue };
-            if !letter.refused {
-                letter.refused = true;
-                continue;
-            }
-            match letter.without_payload() {
-                Some(cut) => *letter = cut,
-                None => lost.push(place),
-            }
-        }
-        let refusal = KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge);
-        for place in lost.into_iter().rev() {
-            lost_loudly(&refusal, &self.open.remove(place).d);
-        }
+        seen.reports >= sent && !seen.failed
     }
 
     /// Leave the open transaction behind and send its letters again in a new
     /// one: a new producer under the same transactional id, whose
-    /// initialisation aborts what the old one left open.
+    /// initialisation aborts what the old one left open, and which reads the
+    /// topic's limit again. The letters the broker refused as too large
+    /// (its limit was lowered since) go whole once more (a batch is refused
+    /// whole, and its small letters may fit), then without their payload.
     fn start_over(&mut self, topic: &str) {
-        let letters = std::mem::take(&mut self.open);
-        'over: loop {
-            self.open.clear();
+        loop {
+            let refused = std::mem::take(&mut self.reports.seen.lock().expect("reports").refused);
+            for lost in refused_again(&mut self.open, &refused) {
+                let refusal = KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge);
+                lost_loudly(&refusal, &lost.d);
+            }
+            let letters = std::mem::take(&mut self.open);
+            self.in_transaction = false;
             loop {
                 match Self::producer(&self.bootstrap, topic, &self.id) {
                     Ok((producer, reports)) => {
@@ -563,15 +554,43 @@ impl Transactional {
                     }
                 }
             }
-            for letter in &letters {
-                if let Err(e) = self.send_or_cut(topic, letter) {
+            let mut rest = letters.iter();
+            let failed = rest.by_ref().find_map(|letter| self.send_or_cut(topic, letter).err());
+            match failed {
+                None => return,
+                Some(e) => {
                     tracing::warn!(error = %e, "dead-letter producer failed; starting over");
-                    continue 'over;
+                    // The letter that failed and those after it go after the
+                    // ones sent (whose places the reports name).
+                    let from = letters.len() - rest.len() - 1;
+                    self.open.extend(letters[from..].iter().cloned());
                 }
             }
-            return;
         }
     }
+}
+
+/// Mark the letters at `refused` places of `open` (refused by the broker as
+/// too large): one refused for the first time goes whole once more, one
+/// refused again goes without its payload; one refused without its payload
+/// already is taken out and returned, lost.
+fn refused_again(open: &mut Vec<Letter>, refused: &[usize]) -> Vec<Letter> {
+    let mut lost = Vec::new();
+    for &place in refused {
+        let Some(letter) = open.get_mut(place) else { continue };
+        if !letter.refused {
+            letter.refused = true;
+            continue;
+        }
+        match letter.without_payload() {
+            Some(cut) => *letter = cut,
+            None => lost.push(place),
+        }
+    }
+    // Reports come in any order: out from the back, each once.
+    lost.sort_unstable();
+    lost.dedup();
+    lost.into_iter().rev().map(|place| open.remove(place)).collect()
 }
 
 /// What the sink's operator hands its producer thread, in order.
@@ -731,4 +750,45 @@ pub fn dead_letter_sink(
         }
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn letter(offset: i64, refused: bool, omitted: Option<usize>) -> Letter {
+        let d = DeadLetter {
+            reason: DeadLetterReason::Truncated,
+            detail: "é".repeat(600),
+            topic: "t".into(),
+            partition: 0,
+            offset,
+            key: Some(b"k".to_vec()),
+            payload: vec![1; if omitted.is_some() { 0 } else { 10 }],
+        };
+        Letter { d, omitted, refused }
+    }
+
+    #[test]
+    fn refused_letters_go_whole_once_then_without_payload_then_are_lost() {
+        let mut open = vec![
+            letter(0, false, None),
+            letter(1, true, None),
+            letter(2, false, Some(10)),
+            letter(3, false, None),
+            letter(4, true, Some(10)),
+            letter(5, true, Some(10)),
+        ];
+        // Reports in any order, one place twice.
+        let lost = refused_again(&mut open, &[5, 0, 1, 4, 2, 5]);
+        let offsets = |ls: &[Letter]| ls.iter().map(|l| l.d.offset).collect::<Vec<_>>();
+        assert_eq!(offsets(&lost), vec![5, 4], "refused again without payload: lost");
+        assert_eq!(offsets(&open), vec![0, 1, 2, 3], "the rest keep their order");
+        assert!(open[0].refused && open[0].omitted.is_none(), "first refusal: whole once more");
+        assert_eq!(open[1].omitted, Some(10), "second refusal: without its payload");
+        assert!(open[1].d.payload.is_empty() && open[1].d.key.is_none());
+        assert!(open[1].d.detail.len() <= Letter::DETAIL, "error text cut");
+        assert!(open[2].refused, "a cut letter refused once goes once more");
+        assert!(!open[3].refused && open[3].omitted.is_none(), "not refused: untouched");
+    }
 }
