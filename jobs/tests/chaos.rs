@@ -647,9 +647,21 @@ fn chaos_leaves_exactly_the_reference_result_and_that_of_a_run_without_failures(
                         g.log_lines("circuit breaker open").len() > opens && g.paused()
                     },
                 );
+                let closes = group.log_lines("circuit breaker closed").len();
                 stack.up().unwrap();
+                // Before the next kill, which may be due at once (its
+                // progress target reached before the outage) and would
+                // otherwise take the processes down before their probe.
+                run_until(
+                    &mut job,
+                    &mut group,
+                    "the breaker closed once PostgreSQL was back",
+                    Duration::from_secs(120),
+                    Some("after PostgreSQL came back"),
+                    |g: &Group| g.log_lines("circuit breaker closed").len() > closes,
+                );
                 outages.push(format!(
-                    "PostgreSQL down {:?}: source paused, breaker opened",
+                    "PostgreSQL down {:?}: source paused, breaker opened, and closed again",
                     t.elapsed()
                 ));
             }
