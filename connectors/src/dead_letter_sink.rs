@@ -65,6 +65,15 @@ pub mod headers {
     pub const PAYLOAD_OMITTED: &str = "tripwire.payload-omitted";
 }
 
+/// The value of `m`'s header `name` (the first of that name), as text.
+pub fn header(m: &impl Message, name: &str) -> Option<String> {
+    m.headers()?
+        .iter()
+        .find(|h| h.key == name)
+        .and_then(|h| h.value)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
 /// Restart points the source took, and those whose dead letters are all delivered.
 #[derive(Clone)]
 pub struct Confirm {
@@ -150,14 +159,7 @@ fn read_back(
             }
             match consumer.poll(Duration::from_millis(200)) {
                 Some(Ok(m)) => {
-                    let header = |name: &str| {
-                        m.headers().and_then(|hs| {
-                            hs.iter()
-                                .find(|h| h.key == name)
-                                .and_then(|h| h.value)
-                                .map(|v| String::from_utf8_lossy(v).into_owned())
-                        })
-                    };
+                    let header = |name: &str| header(&m, name);
                     if header(headers::TOPIC).as_deref() != Some(source_topic) {
                         continue;
                     }
@@ -450,7 +452,8 @@ impl Transactional {
             let letter = cut.as_ref().unwrap_or(letter);
             match self.send(topic, letter) {
                 Err(e) if !Self::producer_failed(&e) => {
-                    match letter.without_payload().filter(|_| too_large(&e)) {
+                    // Cut (and say so) only when the size is the reason.
+                    match too_large(&e).then(|| letter.without_payload()).flatten() {
                         Some(without) => cut = Some(without),
                         None => {
                             lost_loudly(&e, &letter.d);

@@ -15,7 +15,7 @@ use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedPr
 use rdkafka::ClientConfig;
 use tripwire_connectors::dead_letter::DeadLetterReason;
 use tripwire_connectors::dead_letter_sink::{
-    committed_late, dead_letter_sink, headers, written, Confirm,
+    committed_late, dead_letter_sink, header, headers, written, Confirm,
 };
 use tripwire_connectors::kafka_admin::ensure_topic;
 use tripwire_connectors::kafka_source::{DeadLetter, Progress};
@@ -199,7 +199,6 @@ fn committed_late_letters_past_the_restart_points_are_found() {
 /// `(source offset, payload, payload-omitted header)`.
 fn read_letters(bootstrap: &str, dlq: &str) -> Vec<(i64, Vec<u8>, Option<String>)> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
-    use rdkafka::message::Headers;
     use rdkafka::{Message, Offset, TopicPartitionList};
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
@@ -211,13 +210,6 @@ fn read_letters(bootstrap: &str, dlq: &str) -> Vec<(i64, Vec<u8>, Option<String>
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(dlq, 0, Offset::Beginning).unwrap();
     consumer.assign(&tpl).unwrap();
-    let header = |m: &rdkafka::message::BorrowedMessage<'_>, key: &str| {
-        m.headers().and_then(|hs| {
-            hs.iter()
-                .find(|h| h.key == key)
-                .and_then(|h| h.value.map(|v| String::from_utf8_lossy(v).into_owned()))
-        })
-    };
     let mut letters = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
