@@ -167,6 +167,70 @@ fn a_letter_is_committed_soon_without_a_restart_point() {
 }
 
 #[test]
+fn restart_points_queued_behind_a_commit_share_its_transaction() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use tripwire_connectors::kafka_source::ProgressSample;
+    // A catch-up: a letter, then a restart point past it, many times over,
+    // as fast as the worker goes; each commit waits for the broker.
+    const POINTS: i64 = 100;
+    let bootstrap = Endpoints::from_env().unwrap().kafka_bootstrap;
+    let source = common::unique("queued_src");
+    let dlq = format!("{source}-dlq");
+    ensure_topic(&bootstrap, &dlq, 1).expect("topic; is the stack up?");
+    let confirmed = Progress::default();
+    let (b, d, s, c) = (bootstrap.clone(), dlq.clone(), source.clone(), confirmed.clone());
+    timely::execute(timely::Config::thread(), move |worker| {
+        let mut input = timely::dataflow::InputHandleVec::<u64, DeadLetter>::new();
+        let taken = Progress::default();
+        worker.dataflow::<u64, _, _>(|scope| {
+            let confirm = Confirm { taken: taken.clone(), confirmed: c.clone() };
+            dead_letter_sink(input.to_stream(scope), &b, &d, &s, 1, Some(confirm)).unwrap();
+        });
+        for offset in 0..POINTS {
+            input.send(DeadLetter {
+                reason: DeadLetterReason::Late,
+                detail: "behind the floor".into(),
+                topic: s.clone(),
+                partition: 0,
+                offset,
+                key: None,
+                payload: offset.to_string().into_bytes(),
+            });
+            let point = ProgressSample {
+                topic: s.clone(),
+                partition: 0,
+                offset: offset + 1,
+                max_event_time: 0,
+                basis: 0,
+                top: 0,
+            };
+            taken.lock().unwrap().push(point);
+            input.advance_to(offset as u64 + 1);
+            worker.step();
+        }
+        // The input closes: the sink commits what it has and ends.
+    })
+    .unwrap();
+
+    let offsets: Vec<i64> = read_letters(&bootstrap, &dlq).iter().map(|(o, _, _)| *o).collect();
+    assert_eq!(offsets, (0..POINTS).collect::<Vec<_>>(), "every letter, once, in order");
+    let passed: Vec<i64> = confirmed.lock().unwrap().iter().map(|p| p.offset).collect();
+    assert_eq!(passed, (1..=POINTS).collect::<Vec<_>>(), "every restart point, in order");
+    // Each committed transaction leaves a marker in the partition: its end
+    // is the letters plus one marker per commit.
+    let consumer: BaseConsumer =
+        ClientConfig::new().set("bootstrap.servers", &bootstrap).create().unwrap();
+    let (_, end) = consumer.fetch_watermarks(&dlq, 0, Duration::from_secs(30)).unwrap();
+    let commits = end - POINTS;
+    println!("{POINTS} restart points, {commits} commits");
+    assert!(
+        commits <= POINTS / 4,
+        "restart points waiting behind a commit share the next one: \
+         {commits} commits for {POINTS} restart points"
+    );
+}
+
+#[test]
 fn committed_late_letters_past_the_restart_points_are_found() {
     let (bootstrap, source, dlq, txn) = fixture("late_src", 2);
     txn.begin_transaction().unwrap();

@@ -1,6 +1,7 @@
 //! In-process throughput of the whole fraud computation (all windows, aggregates and rules), no Kafka.
 //!
 //! `cargo bench -p tripwire-dataflow --bench fraud [-- EVENTS [CARDS]]`
+//! (`TRIPWIRE_BENCH_EVENT_RATE`: events per event-time second, default 10,000)
 //!
 //! Runs 1 and 2 workers at the default tick (1 ms) and at a 100 ms tick, each
 //! in a child process of its own so that its peak memory (VmHWM) is its own,
@@ -15,8 +16,12 @@ use timely::dataflow::operators::probe::Probe;
 use timely::dataflow::ProbeHandle;
 use tripwire_dataflow::{Channel, DetectFraud, Diff, FraudConfig, Time, Transaction};
 
-/// Event-time rate of the generated stream: a mid-size issuer's peak.
-const EVENTS_PER_EVENT_SECOND: u64 = 10_000;
+/// Event-time rate of the generated stream (`TRIPWIRE_BENCH_EVENT_RATE`,
+/// default 10,000: a mid-size issuer's peak). The bulk topic of the job's
+/// benchmarks has 1,000 (one event per tick).
+static EVENTS_PER_EVENT_SECOND: std::sync::LazyLock<u64> = std::sync::LazyLock::new(|| {
+    std::env::var("TRIPWIRE_BENCH_EVENT_RATE").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000)
+});
 /// Input time advances (and the worker catches up) every this many events.
 const BATCH: u64 = 2_000;
 
@@ -34,7 +39,8 @@ fn main() {
     let cards: u64 = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(100_000);
     println!(
         "fraud dataflow, in-process: {events} events, {cards} cards, \
-         {EVENTS_PER_EVENT_SECOND} events per event-time second"
+         {} events per event-time second",
+        *EVENTS_PER_EVENT_SECOND
     );
     println!("windows 1m/5m/1h/24h, 5 aggregates, 5 rules\n");
     println!("| tick ms | workers | seconds | events/s | peak RSS MiB |");
@@ -86,11 +92,11 @@ fn child(workers: usize, events: u64, cards: u64, tick: u64) {
                 input.update_at(x, t, 1);
                 n += peers;
             }
-            input.advance_to(config.time_of(base + n * 1000 / EVENTS_PER_EVENT_SECOND));
+            input.advance_to(config.time_of(base + n * 1000 / *EVENTS_PER_EVENT_SECOND));
             input.flush();
             // Stay within a few batches of the input, as a source under backpressure would.
             let behind =
-                base + n.saturating_sub(4 * BATCH * peers) * 1000 / EVENTS_PER_EVENT_SECOND;
+                base + n.saturating_sub(4 * BATCH * peers) * 1000 / *EVENTS_PER_EVENT_SECOND;
             worker.step_while(|| probe.less_than(&behind));
         }
         input.close();
@@ -137,7 +143,7 @@ fn transaction(n: u64, cards: u64, base: Time) -> Transaction {
         lat_e6: lat,
         lon_e6: lon,
         channel: Channel::Pos,
-        event_time_ms: base + n * 1000 / EVENTS_PER_EVENT_SECOND,
+        event_time_ms: base + n * 1000 / *EVENTS_PER_EVENT_SECOND,
         device_id: None,
     }
 }
