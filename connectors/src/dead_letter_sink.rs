@@ -634,9 +634,7 @@ fn produce(
                 // letters given after a restart point with it is committing
                 // early, which is safe (see above).
                 let mut samples: Option<Vec<ProgressSample>> = None;
-                let mut next = Some(order);
-                let mut taken = 0;
-                while let Some(order) = next {
+                for order in std::iter::once(order).chain(inbox.try_iter().take(ORDERS - 1)) {
                     match order {
                         Order::Letters(letters) => {
                             for d in letters {
@@ -646,8 +644,6 @@ fn produce(
                         }
                         Order::Commit(s) => samples.get_or_insert_with(Vec::new).extend(s),
                     }
-                    taken += 1;
-                    next = if taken < ORDERS { inbox.try_recv().ok() } else { None };
                 }
                 if let Some(samples) = samples {
                     producer.commit(topic);

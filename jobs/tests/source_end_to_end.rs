@@ -13,12 +13,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Headers;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use timely::dataflow::operators::capture::{Capture, Extract};
 use tripwire_connectors::dead_letter::DeadLetterReason;
-use tripwire_connectors::dead_letter_sink::{dead_letter_sink, headers};
+use tripwire_connectors::dead_letter_sink::{dead_letter_sink, header, headers};
 use tripwire_connectors::kafka_source::{kafka_source, SourceConfig};
 use tripwire_connectors::registry::EmbeddedRegistry;
 use tripwire_connectors::Endpoints;
@@ -190,14 +189,7 @@ fn source_accepts_every_good_record_once_and_dead_letters_every_bad_one_with_its
     while seen.len() < rejects.len() && Instant::now() < deadline {
         let Some(m) = consumer.poll(Duration::from_millis(200)) else { continue };
         let m = m.unwrap();
-        let hs = m.headers().expect("dead letters carry headers");
-        let get = |name: &str| {
-            hs.iter()
-                .find(|h| h.key == name)
-                .and_then(|h| h.value)
-                .map(|v| String::from_utf8_lossy(v).into_owned())
-                .unwrap_or_default()
-        };
+        let get = |name: &str| header(&m, name).unwrap_or_default();
         assert_eq!(get(headers::TOPIC), topic);
         assert!(!get(headers::ERROR).is_empty(), "the error text is there");
         let at = (get(headers::PARTITION).parse().unwrap(), get(headers::OFFSET).parse().unwrap());
