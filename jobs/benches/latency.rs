@@ -31,7 +31,8 @@
 //! interval (`TRIPWIRE_BENCH_COMMIT_MS`, default 10 ms), producer linger
 //! (`TRIPWIRE_BENCH_LINGER_MS`, default 5 ms: the default of librdkafka and,
 //! since Kafka 4.0, of the Java producer; at 1 ms nearly every record is a
-//! produce request of its own, and at 10K/s the broker took a fifth more CPU).
+//! produce request of its own, and at 10K/s the broker took a tenth to a
+//! fifth more CPU).
 //!
 //! Prints a table and writes `bench/results/latency.json`.
 //!

@@ -14,7 +14,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use timely::dataflow::operators::capture::{Capture, Extract};
 use tripwire_connectors::dead_letter::DeadLetterReason;
 use tripwire_connectors::dead_letter_sink::{dead_letter_sink, header, headers};
@@ -189,6 +189,7 @@ fn source_accepts_every_good_record_once_and_dead_letters_every_bad_one_with_its
     while seen.len() < rejects.len() && Instant::now() < deadline {
         let Some(m) = consumer.poll(Duration::from_millis(200)) else { continue };
         let m = m.unwrap();
+        assert!(m.headers().is_some(), "dead letters carry headers");
         let get = |name: &str| header(&m, name).unwrap_or_default();
         assert_eq!(get(headers::TOPIC), topic);
         assert!(!get(headers::ERROR).is_empty(), "the error text is there");

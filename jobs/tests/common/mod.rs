@@ -89,7 +89,7 @@ pub fn produce_at(bootstrap: &str, topic: &str, p: &Planned, timestamp_ms: i64) 
 /// Every record of the dead-letter topic `dlq`, as its source partition, offset and reason.
 pub fn dead_letters(dlq: &str) -> Vec<(i32, i64, String)> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
-    use rdkafka::{Offset, TopicPartitionList};
+    use rdkafka::{Message, Offset, TopicPartitionList};
     use tripwire_connectors::dead_letter_sink::{header, headers};
     let bootstrap = tripwire_connectors::Endpoints::from_env().unwrap().kafka_bootstrap;
     let consumer: BaseConsumer = ClientConfig::new()
@@ -110,6 +110,7 @@ pub fn dead_letters(dlq: &str) -> Vec<(i32, i64, String)> {
     while eof < n && std::time::Instant::now() < deadline {
         match consumer.poll(Duration::from_millis(200)) {
             Some(Ok(m)) => {
+                assert!(m.headers().is_some(), "dead letters carry headers");
                 let get = |name: &str| header(&m, name).unwrap_or_default();
                 out.push((
                     get(headers::PARTITION).parse().unwrap(),
