@@ -119,3 +119,27 @@ fn both_stores_keep_the_greater_floor_and_the_further_position() {
     });
     assert_eq!(redis, want, "Redis");
 }
+
+/// A schema named in mixed case (`TRIPWIRE_PG_SCHEMA=Bench1`) is the one
+/// PostgreSQL resolves the unquoted name to (`bench1`): the job's tables are
+/// created there, not in a case-preserved schema its connections never see
+/// (which left the job waiting for the stores forever).
+#[test]
+fn a_mixed_case_schema_name_is_created_as_postgresql_resolves_it() {
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let name = format!("Mixed_Case_{}_{nanos}", std::process::id());
+    let mut e = Endpoints::from_env().unwrap();
+    e.pg_schema = Some(name.clone());
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let (schema, rows) = rt.block_on(async {
+        let (mut c, conn) = tokio_postgres::connect(&e.postgres_config(), NoTls).await.unwrap();
+        tokio::spawn(conn);
+        migrate(&mut c).await.expect("migrations apply in a mixed-case schema");
+        let schema: String = c.query_one("SELECT current_schema()", &[]).await.unwrap().get(0);
+        let rows: i64 = c.query_one("SELECT count(*) FROM card_stats", &[]).await.unwrap().get(0);
+        (schema, rows)
+    });
+    assert_eq!(schema, name.to_ascii_lowercase());
+    assert_eq!(rows, 0, "a fresh schema's card_stats is empty");
+}

@@ -193,7 +193,9 @@ pub async fn migrate(client: &mut Client) -> Result<Vec<i32>, tokio_postgres::Er
     let path: String = client.query_one("SHOW search_path", &[]).await?.get(0);
     if let Some(first) = path.split(',').map(str::trim).next() {
         if !first.is_empty() && !first.starts_with('"') && first != "public" {
-            let ident = first.replace('"', "");
+            // PostgreSQL folds an unquoted name in search_path to lower case
+            // (ASCII only) when it resolves it: create the schema it will look for.
+            let ident = first.to_ascii_lowercase();
             // IF NOT EXISTS alone races between processes starting together.
             let tx = client.transaction().await?;
             tx.execute("SELECT pg_advisory_xact_lock(7342001)", &[]).await?;
