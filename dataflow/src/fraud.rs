@@ -9,7 +9,7 @@ use crate::card_windows::{card_windows, StateSize};
 use crate::config::FraudConfig;
 use crate::event::{Diff, Time, Transaction};
 use crate::output::{Alert, CardChange};
-use crate::rules::{AmountSpike, CardTesting, CountryHopping, ImpossibleTravel, Velocity};
+use crate::rules::{Judge, Rules};
 
 /// The two outputs of the fraud computation.
 pub struct FraudOutputs<'s> {
@@ -31,14 +31,7 @@ pub trait DetectFraud<'s> {
 impl<'s> DetectFraud<'s> for VecCollection<'s, Time, Transaction, Diff> {
     fn detect_fraud(self, config: &FraudConfig) -> FraudOutputs<'s> {
         let windows = card_windows(self, config);
-        let judged = windows.judged;
-        let alerts = judged
-            .clone()
-            .velocity(&config.velocity)
-            .concat(judged.clone().amount_spike(&config.amount_spike))
-            .concat(judged.clone().country_hopping(&config.country_hopping))
-            .concat(judged.clone().card_testing(&config.card_testing))
-            .concat(judged.impossible_travel(&config.travel));
+        let alerts = windows.judged.alerts(Rules::new(config));
         FraudOutputs { state: windows.size, stats: windows.stats, alerts }
     }
 }

@@ -10,7 +10,8 @@
 //!   closed time; emits statistics changes and each event judged against its
 //!   card's state at its time.
 //! - [`fxhash`]: the fast hasher of the operator's maps.
-//! - [`rules`]: one fraud rule per file, each an extension trait on judged events.
+//! - [`rules`]: one fraud rule per file, each a pure function of a judged
+//!   event; all of them applied in one operator.
 //! - [`fraud`]: the whole computation, [`DetectFraud::detect_fraud`].
 //! - [`reference`]: the brute-force reference model, plain loops over the whole
 //!   input; the judge of the dataflow in tests. It shares nothing with the
