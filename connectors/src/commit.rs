@@ -436,6 +436,8 @@ pub fn frontier_sinks(inputs: SinkInputs<'_>, committers: Vec<Committer>) -> Vec
         let mut pending = Pending::default();
         // Everything below this has left `pending`.
         let mut forgotten: Time = resume_from;
+        // How many statistics changes were left after the last compaction.
+        let mut compacted: usize = 0;
         move |frontiers| {
             // The replayed past (below `resume_from`) is dropped as it arrives.
             let keep = |t: &Time| *t >= resume_from;
@@ -457,6 +459,22 @@ pub fn frontier_sinks(inputs: SinkInputs<'_>, committers: Vec<Committer>) -> Vec
                 .min()
                 .unwrap_or(Time::MAX);
             let done = frontier == Time::MAX;
+            // What waits for a commit stays bounded by the cards it changes.
+            if !done && pending.stats.len() >= COMPACT_FROM.max(2 * compacted) {
+                let mut cuts: Vec<Time> = outlets.iter().map(|o| o.sent).collect();
+                cuts.sort_unstable();
+                cuts.dedup();
+                let before = pending.stats.len();
+                pending.compact(&cuts, frontier);
+                compacted = pending.stats.len();
+                tracing::debug!(
+                    worker,
+                    before,
+                    after = compacted,
+                    frontier,
+                    "compacted pending changes"
+                );
+            }
             // Catching up (results more than a minute behind the wall clock),
             // nobody waits for each half second: larger batches consolidate
             // more updates per key and cost the stores far fewer rows.
@@ -523,6 +541,7 @@ pub fn frontier_sinks(inputs: SinkInputs<'_>, committers: Vec<Committer>) -> Vec
             if least > forgotten {
                 pending.forget(least);
                 forgotten = least;
+                compacted = compacted.min(pending.stats.len());
             }
             for o in outlets.iter() {
                 if o.thread.as_ref().is_some_and(|t| t.is_finished()) {
@@ -549,6 +568,13 @@ pub fn frontier_sinks(inputs: SinkInputs<'_>, committers: Vec<Committer>) -> Vec
     });
     marks
 }
+
+/// Statistics changes waiting for a commit are compacted once there are this
+/// many, and again each time their number doubles (a change is about 170
+/// bytes). Small, so that the exactly-once tests (commits every 100 ms)
+/// compact as a catch-up does; a pass is a sort of what waits, and doubling
+/// keeps their total cost within a constant of the last one's.
+const COMPACT_FROM: usize = 1 << 12;
 
 /// Results further behind the wall clock than this are being caught up on.
 const CATCH_UP_BEHIND_MS: Time = 60_000;
@@ -620,6 +646,39 @@ impl Pending {
                 .collect();
         }
         b
+    }
+
+    /// Fold each card's changes within each segment `[cuts[i], cuts[i + 1])`,
+    /// the last ending at `frontier`, into one: the first's `existed`, the
+    /// last's statistics and time. What a batch makes of them is unchanged
+    /// for every batch that can still be cut: each starts at one of `cuts`
+    /// (what each store has been sent, ascending) and ends at or beyond
+    /// `frontier` (the input frontier now). Changes at or beyond `frontier`
+    /// are left as they are. So what waits for a commit is bounded by the
+    /// cards it changes, not by the changes: a catch-up waits its catch-up
+    /// interval and changes each card many times meanwhile.
+    fn compact(&mut self, cuts: &[Time], frontier: Time) {
+        let Some(&first_cut) = cuts.first() else { return };
+        let segment = |t: Time| cuts.partition_point(|c| *c <= t);
+        let updates = std::mem::take(&mut self.stats);
+        let mut order: Vec<(usize, u64, Time, u32)> = Vec::new();
+        let mut kept = Vec::with_capacity(updates.len() / 2);
+        for (i, u) in updates.iter().enumerate() {
+            let t = u.1;
+            if first_cut <= t && t < frontier {
+                order.push((segment(t), u.0 .0, t, i as u32));
+            } else {
+                kept.push(*u);
+            }
+        }
+        order.sort_unstable();
+        for group in order.chunk_by(|x, y| (x.0, x.1) == (y.0, y.1)) {
+            let first = &updates[group[0].3 as usize];
+            let last = &updates[group[group.len() - 1].3 as usize];
+            let change = CardChange { stats: last.0 .1.stats, existed: first.0 .1.existed };
+            kept.push(((last.0 .0, change), last.1, last.2));
+        }
+        self.stats = kept;
     }
 
     /// Drop every update below `below`: every store has been sent it.
@@ -870,6 +929,56 @@ mod tests {
         // Cards 2 and 3 had no row when the batch began; card 2 came and went.
         assert_eq!(b.absent_before, vec![key(2), key(3)]);
         assert!(b.passing(&key(2)) && !b.passing(&key(1)));
+    }
+
+    #[test]
+    fn compacting_changes_leaves_every_batch_that_can_still_be_cut_as_it_was() {
+        // Seeded pseudo-random changes: 8 cards, times 0..100, each card's
+        // `existed` true after its first change unless it emptied.
+        let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+        let mut next = move |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        for _ in 0..200 {
+            let mut had = [false; 8];
+            let mut updates = Vec::new();
+            for t in 0..100 {
+                for card in 0..8u64 {
+                    if next(4) == 0 {
+                        let count = next(3) as i64;
+                        updates.push(((key(card), change(count, had[card as usize])), t, 1));
+                        had[card as usize] = count > 0;
+                    }
+                }
+            }
+            // Arrival order is not time order.
+            for i in (1..updates.len()).rev() {
+                updates.swap(i, next(i as u64 + 1) as usize);
+            }
+            let (a, b) = (next(40), 40 + next(30));
+            let cuts = if a == b { vec![a] } else { vec![a, b] };
+            let frontier = b + next(30);
+            let before = Pending { stats: updates.clone(), ..Pending::default() };
+            let mut after = Pending { stats: updates, ..Pending::default() };
+            after.compact(&cuts, frontier);
+            assert!(after.stats.len() <= before.stats.len());
+            for &start in &cuts {
+                for end in [frontier, frontier + 1, frontier + 17, Time::MAX] {
+                    let (x, y) = (before.batch(start, end, false), after.batch(start, end, false));
+                    assert_eq!(x.upserts, y.upserts, "cuts {cuts:?} frontier {frontier} end {end}");
+                    assert_eq!(x.deletes, y.deletes, "cuts {cuts:?} frontier {frontier} end {end}");
+                    assert_eq!(x.absent_before, y.absent_before, "cuts {cuts:?} end {end}");
+                }
+            }
+        }
+        // Many changes of one card within a segment become one.
+        let updates = (0..10).map(|t| ((key(1), change(t + 1, t > 0)), t as Time, 1)).collect();
+        let mut p = Pending { stats: updates, ..Pending::default() };
+        p.compact(&[0], 10);
+        assert_eq!(p.stats, vec![((key(1), change(10, false)), 9, 1)]);
     }
 
     #[test]

@@ -31,7 +31,7 @@ use crate::card_state::{Agg, CardState, Entry, Scratch};
 use crate::config::FraudConfig;
 use crate::event::{Diff, Time, Transaction};
 use crate::fxhash::FxHashMap;
-use crate::output::{CardChange, CardStats};
+use crate::output::{CardChange, CardStats, WindowStats};
 
 /// How many distinct window lengths the rules may read.
 pub const MAX_RULE_WINDOWS: usize = 4;
@@ -212,19 +212,24 @@ fn route(card_id: u64) -> u64 {
 /// A slot is freed only when its card's last transaction has left the longest
 /// window, which is also the time of the card's last scheduled wake-up, so no
 /// pending wake-up ever names a reused slot.
-#[derive(Default)]
 struct Cards {
     slot_of: FxHashMap<u64, u32>,
     states: Vec<(u64, CardState)>,
     free: Vec<u32>,
+    /// A new card's emitted record: every statistics window, all empty.
+    empty: CardStats,
 }
 
 impl Cards {
+    fn new(empty: CardStats) -> Self {
+        Cards { slot_of: FxHashMap::default(), states: Vec::new(), free: Vec::new(), empty }
+    }
+
     fn slot(&mut self, card_id: u64) -> u32 {
         if let Some(&slot) = self.slot_of.get(&card_id) {
             return slot;
         }
-        let state = (card_id, CardState::new());
+        let state = (card_id, CardState { emitted: self.empty, ..CardState::new() });
         let slot = match self.free.pop() {
             Some(slot) => {
                 self.states[slot as usize] = state;
@@ -302,7 +307,9 @@ pub fn card_windows<'s>(
     let size = Rc::new(Cell::new(StateSize::default()));
     let gauge = size.clone();
     builder.build(move |_initial| {
-        let mut cards = Cards::default();
+        let mut cards = Cards::new(CardStats::new(
+            stat_index.iter().map(|&i| (lengths[i], WindowStats::default())),
+        ));
         let mut entries: usize = 0;
         let mut arrived: Vec<u32> = Vec::new();
         let mut pending: BTreeMap<Time, Vec<Transaction>> = BTreeMap::new();
@@ -408,21 +415,13 @@ pub fn card_windows<'s>(
                         &mut aggs,
                     );
                     // One change per card: if any window changed, the card's record after.
-                    let changed = stat_index
-                        .iter()
-                        .enumerate()
-                        .any(|(k, &i)| i < depth && state.emitted[k] != aggs[i].stats());
+                    let existed = !state.emitted.is_empty();
+                    let mut changed = false;
+                    for (k, &i) in stat_index.iter().enumerate().filter(|(_, &i)| i < depth) {
+                        changed |= state.emitted.set(k, aggs[i].stats().as_ref());
+                    }
                     if changed {
-                        let existed = state.emitted.iter().any(Option::is_some);
-                        for (k, &i) in stat_index.iter().enumerate().filter(|(_, &i)| i < depth) {
-                            state.emitted[k] = aggs[i].stats();
-                        }
-                        let stats = CardStats::new(
-                            stat_index
-                                .iter()
-                                .zip(&state.emitted)
-                                .map(|(&i, s)| (lengths[i], s.unwrap_or_default())),
-                        );
+                        let stats = state.emitted;
                         stats_session.give(((card_id, CardChange { stats, existed }), t, 1));
                     }
                     let mut windows = [WindowView::default(); MAX_RULE_WINDOWS];

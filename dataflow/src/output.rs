@@ -153,6 +153,15 @@ impl CardStats {
         s
     }
 
+    /// Set the `k`-th window it lists to `stats` (`None`: empty); whether that changed it.
+    pub fn set(&mut self, k: usize, stats: Option<&WindowStats>) -> bool {
+        let slot = &mut self.windows[..self.len as usize][k];
+        let new = Packed::new(slot.window_ms.into(), stats.unwrap_or(&WindowStats::default()));
+        let changed = *slot != new;
+        *slot = new;
+        changed
+    }
+
     /// How many windows it lists.
     pub fn len(&self) -> usize {
         self.len as usize
@@ -352,6 +361,21 @@ mod tests {
         assert!(!record.is_empty());
         assert_eq!(record.stat_keys(9).count(), 10, "five metrics of two non-empty windows");
         assert!(CardStats::new([(MINUTE, WindowStats::default())]).is_empty());
+    }
+
+    #[test]
+    fn setting_a_window_keeps_its_length_and_says_whether_it_changed() {
+        let mut record = CardStats::new([(MINUTE, WindowStats::default()), (DAY, stats(2, 5))]);
+        assert!(record.set(0, Some(&stats(1, 3))), "empty to one transaction");
+        assert!(!record.set(0, Some(&stats(1, 3))), "the same again");
+        assert!(record.set(1, None), "emptied");
+        assert_eq!(
+            record.windows().collect::<Vec<_>>(),
+            [(MINUTE, stats(1, 3)), (DAY, WindowStats::default())]
+        );
+        assert!(!record.set(1, None), "empty stays empty");
+        assert!(record.set(0, None));
+        assert!(record.is_empty());
     }
 
     #[test]

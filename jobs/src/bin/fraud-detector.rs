@@ -76,8 +76,8 @@ struct Args {
     commit_interval_ms: u64,
     /// Commit at most this often while results are more than a minute behind
     /// the wall clock (catching up), ms; larger batches mean far fewer rows
-    /// (a card written once per batch, not once per change), and more memory
-    /// for the changes a batch holds.
+    /// (a card written once per batch, not once per change). What a batch
+    /// holds meanwhile is bounded by the cards it changes.
     #[arg(long, default_value_t = 20_000)]
     catch_up_commit_interval_ms: u64,
     /// Read the topic to its current end, commit, and exit (bulk loads, demos, tests).
