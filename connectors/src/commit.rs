@@ -464,14 +464,18 @@ pub fn frontier_sinks(inputs: SinkInputs<'_>, committers: Vec<Committer>) -> Vec
                 let mut cuts: Vec<Time> = outlets.iter().map(|o| o.sent).collect();
                 cuts.sort_unstable();
                 cuts.dedup();
+                // No batch is cut beyond a bounded run's end (below): nor
+                // may a compaction fold a change before it into one after.
+                let limit =
+                    end.as_ref().and_then(InputEnd::get).map_or(frontier, |e| frontier.min(e));
                 let before = pending.stats.len();
-                pending.compact(&cuts, frontier);
+                pending.compact(&cuts, limit);
                 compacted = pending.stats.len();
                 tracing::debug!(
                     worker,
                     before,
                     after = compacted,
-                    frontier,
+                    limit,
                     "compacted pending changes"
                 );
             }

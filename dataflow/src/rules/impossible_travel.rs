@@ -31,6 +31,7 @@ pub fn check(config: &TravelConfig, j: &Judged, out: &mut Vec<Alert>) {
     }
 }
 
+/// Haversine distance between the previous position and the event's, km.
 fn great_circle_km(a: &Previous, b: &Trigger) -> f64 {
     let rad = |e6: i32| (e6 as f64 / 1e6).to_radians();
     let (phi1, phi2) = (rad(a.lat_e6), rad(b.lat_e6));
