@@ -985,6 +985,95 @@ mod tests {
         assert_eq!(p.stats, vec![((key(1), change(10, false)), 9, 1)]);
     }
 
+    /// A store that keeps what it is given: per batch, its frontier and the
+    /// cards it upserts with their times.
+    struct Recording(Arc<Mutex<Vec<Recorded>>>);
+
+    /// A batch as [`Recording`] keeps it.
+    type Recorded = (Time, Vec<(u64, Time)>);
+
+    impl Store for Recording {
+        type Conn = ();
+        async fn connect(&mut self) -> Result<(), String> {
+            Ok(())
+        }
+        async fn stored_frontier(&mut self, _: &mut ()) -> Result<Option<Time>, String> {
+            Ok(None)
+        }
+        async fn commit(&mut self, _: &mut (), batch: &Batch) -> Result<(), String> {
+            let cards = batch.upserts.iter().map(|(c, _, t)| (*c, *t)).collect();
+            self.0.lock().expect("recording").push((batch.frontier, cards));
+            Ok(())
+        }
+    }
+
+    /// A bounded run's last batch ends at the input's end, while the frontier
+    /// runs on through the windows that close after it. A compaction then
+    /// must not fold a card's change before the end into its change after
+    /// the end: the batch, cut at the end, would miss the card.
+    #[test]
+    fn a_compaction_past_a_bounded_runs_end_leaves_the_batch_at_the_end_every_card() {
+        use differential_dataflow::input::Input;
+        const END: Time = 100;
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let store = Recording(seen.clone());
+        timely::execute_directly(move |worker| {
+            let end = InputEnd::default();
+            end.set(END);
+            let options = CommitOptions {
+                // One batch early on, then none until the input is done.
+                interval: Duration::from_secs(3600),
+                resume_from: 0,
+                report_to: None,
+                catch_up_interval: Duration::from_secs(3600),
+                end: Some(end),
+            };
+            let (mut stats, mut alerts, marks) = worker.dataflow::<Time, _, _>(|scope| {
+                let (stats_in, stats) = scope.new_collection::<(u64, CardChange), Diff>();
+                let (alerts_in, alerts) = scope.new_collection::<Alert, Diff>();
+                let committer = committer("Recording", 0, store, options, false);
+                let marks =
+                    frontier_sinks(SinkInputs { stats, alerts, archive: None }, vec![committer]);
+                (stats_in, alerts_in, marks)
+            });
+            use differential_dataflow::input::InputSession;
+            type Stats = InputSession<Time, (u64, CardChange), Diff>;
+            type Inputs<'a> = (&'a mut Stats, &'a mut InputSession<Time, Alert, Diff>);
+            // Both inputs to `to`, and steps until the operator has seen it.
+            let advance =
+                |(stats, alerts): Inputs<'_>, to: Time, worker: &mut timely::worker::Worker| {
+                    stats.advance_to(to);
+                    alerts.advance_to(to);
+                    stats.flush();
+                    alerts.flush();
+                    worker.step_while(|| marks[0].0.input.load(Ordering::Acquire) < to.min(END));
+                };
+            // The first batch goes at once, at 5.
+            advance((&mut stats, &mut alerts), 5, worker);
+            // Card 0 changes before the end and again after it, among fewer
+            // changes than make a compaction.
+            stats.update_at((key(0), change(1, false)), 10, 1);
+            stats.update_at((key(0), change(2, true)), 150, 1);
+            for card in 1..=COMPACT_FROM as u64 / 2 {
+                stats.update_at((key(card), change(1, false)), 20 + card % 50, 1);
+            }
+            advance((&mut stats, &mut alerts), 160, worker);
+            // More changes after the end: now what waits is compacted, with
+            // the frontier past both of card 0's changes.
+            for card in 1..=COMPACT_FROM as u64 / 2 {
+                stats.update_at((key(card), change(2, true)), 160 + card % 30, 1);
+            }
+            advance((&mut stats, &mut alerts), 200, worker);
+            stats.close();
+            alerts.close();
+        });
+        let batches = seen.lock().expect("recording");
+        let (frontier, cards) = batches.last().expect("batches");
+        assert_eq!(*frontier, END, "the last batch ends at the input's end");
+        assert_eq!(cards.len(), COMPACT_FROM / 2 + 1, "every card that changed before the end");
+        assert!(cards.contains(&(key(0), 10)), "card 0 as it was before the end");
+    }
+
     #[test]
     fn changes_count_in_time_order_whatever_order_they_reach_the_sink_in() {
         let updates = vec![
