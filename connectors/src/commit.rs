@@ -181,28 +181,7 @@ impl Committed {
     }
 }
 
-/// Where a bounded run's input ends: the sinks commit up to it and no further
-/// (the windows as they stand after the last event, not closed at the end of time).
-#[derive(Clone, Debug)]
-pub struct InputEnd(Arc<AtomicU64>);
-
-impl Default for InputEnd {
-    fn default() -> Self {
-        InputEnd(Arc::new(AtomicU64::new(Time::MAX)))
-    }
-}
-
-impl InputEnd {
-    /// The input ends at `t`: every output below it is final, none at or after it is.
-    pub fn set(&self, t: Time) {
-        self.0.store(t, Ordering::Release);
-    }
-
-    /// Where the input ends, once known.
-    pub fn get(&self) -> Option<Time> {
-        Some(self.0.load(Ordering::Acquire)).filter(|t| *t != Time::MAX)
-    }
-}
+pub use tripwire_dataflow::InputEnd;
 
 /// Set when the process is shutting down: no committer starts another commit.
 static STOPPING: AtomicBool = AtomicBool::new(false);

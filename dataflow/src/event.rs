@@ -54,3 +54,28 @@ pub struct Transaction {
     /// Device fingerprint (schema v2); `None` for v1 records.
     pub device_id: Option<u64>,
 }
+
+/// Where a bounded run's input ends: every output below it is final, and
+/// none at or after it is wanted (the windows as they stand after the last
+/// event, not closed at the end of time). Shared by the source that learns
+/// it, the window operator that stops there, and the sinks that commit up to it.
+#[derive(Clone, Debug)]
+pub struct InputEnd(std::sync::Arc<std::sync::atomic::AtomicU64>);
+
+impl Default for InputEnd {
+    fn default() -> Self {
+        InputEnd(std::sync::Arc::new(std::sync::atomic::AtomicU64::new(Time::MAX)))
+    }
+}
+
+impl InputEnd {
+    /// The input ends at `t`: every output below it is final, none at or after it is.
+    pub fn set(&self, t: Time) {
+        self.0.store(t, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Where the input ends, once known.
+    pub fn get(&self) -> Option<Time> {
+        Some(self.0.load(std::sync::atomic::Ordering::Acquire)).filter(|t| *t != Time::MAX)
+    }
+}

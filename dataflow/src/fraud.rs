@@ -5,9 +5,9 @@ use differential_dataflow::VecCollection;
 use std::cell::Cell;
 use std::rc::Rc;
 
-use crate::card_windows::{card_windows, StateSize};
+use crate::card_windows::{card_windows, CardWindows, StateSize};
 use crate::config::FraudConfig;
-use crate::event::{Diff, Time, Transaction};
+use crate::event::{Diff, InputEnd, Time, Transaction};
 use crate::output::{Alert, CardChange};
 use crate::rules::{Judge, Rules};
 
@@ -26,12 +26,25 @@ pub trait DetectFraud<'s> {
     /// Statistics and alerts of these events. Each event must be present from
     /// time `config.time_of(event_time_ms)` on, and never retracted (the source's job).
     fn detect_fraud(self, config: &FraudConfig) -> FraudOutputs<'s>;
+
+    /// [`DetectFraud::detect_fraud`] for a bounded run, whose input ends at
+    /// `end` once that is set: nothing at or after the end is computed (the
+    /// windows are not closed at the end of time), so outputs stop there.
+    fn detect_fraud_to(self, config: &FraudConfig, end: InputEnd) -> FraudOutputs<'s>;
 }
 
 impl<'s> DetectFraud<'s> for VecCollection<'s, Time, Transaction, Diff> {
     fn detect_fraud(self, config: &FraudConfig) -> FraudOutputs<'s> {
-        let windows = card_windows(self, config);
-        let alerts = windows.judged.alerts(Rules::new(config));
-        FraudOutputs { state: windows.size, stats: windows.stats, alerts }
+        outputs(card_windows(self, config, None), config)
     }
+
+    fn detect_fraud_to(self, config: &FraudConfig, end: InputEnd) -> FraudOutputs<'s> {
+        outputs(card_windows(self, config, Some(end)), config)
+    }
+}
+
+/// The rules over the windows' judged events.
+fn outputs<'s>(windows: CardWindows<'s>, config: &FraudConfig) -> FraudOutputs<'s> {
+    let alerts = windows.judged.alerts(Rules::new(config));
+    FraudOutputs { state: windows.size, stats: windows.stats, alerts }
 }

@@ -33,7 +33,7 @@ pub mod reference;
 pub mod rules;
 
 pub use config::FraudConfig;
-pub use event::{Channel, Diff, Time, Transaction};
+pub use event::{Channel, Diff, InputEnd, Time, Transaction};
 pub use fraud::{DetectFraud, FraudOutputs};
 pub use output::{
     alert_id, Alert, CardChange, CardStats, Details, Metric, Rule, StatKey, WindowStats,

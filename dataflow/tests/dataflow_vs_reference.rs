@@ -5,7 +5,9 @@
 
 mod common;
 
-use common::{assert_matches_reference, run_dataflow, Rng, Scenario, Topology, CITIES};
+use common::{
+    assert_matches_reference, run_dataflow, run_dataflow_to, Rng, Scenario, Topology, CITIES,
+};
 use tripwire_dataflow::{Channel, FraudConfig, Time, Transaction};
 
 /// The seconds-scale windows, at `tick_ms`.
@@ -164,4 +166,46 @@ fn random_streams_exercise_every_rule() {
         fired.extend(reference.alerts_until(Time::MAX).into_iter().map(|a| a.rule));
     }
     assert_eq!(fired.len(), 5, "rules fired: {fired:?}");
+}
+
+/// A bounded run (`detect_fraud_to`) stops at its input's end: its outputs
+/// are the unbounded run's before the end, update for update, and nothing at
+/// or after it (where the unbounded run closes every window).
+#[test]
+fn a_bounded_run_outputs_what_the_unbounded_run_does_before_its_end_and_nothing_after() {
+    for seed in 0..6 {
+        let scenario = random_scenario(seed, compact_config(1), 300, 3);
+        let cfg = &scenario.config;
+        let end =
+            scenario.accepted().iter().map(|x| cfg.time_of(x.event_time_ms)).max().unwrap() + 1;
+        for (processes, workers) in [(1, 1), (1, 2), (2, 1)] {
+            let topology = Topology { processes, workers };
+            let full = run_dataflow(&scenario, topology, seed);
+            let bounded = run_dataflow_to(&scenario, topology, seed, Some(end));
+            let label = format!("seed {seed}, {topology:?}, end {end}");
+            assert!(full.stats.iter().any(|u| u.1 >= end), "{label}: windows close after the end");
+            // Updates before the end, accumulated per (record, time): equal.
+            fn before<D: Ord + Clone>(
+                updates: &[(D, Time, i64)],
+                end: Time,
+            ) -> Vec<(D, Time, i64)> {
+                let mut acc: std::collections::BTreeMap<(D, Time), i64> = Default::default();
+                for (d, t, r) in updates.iter().filter(|u| u.1 < end) {
+                    *acc.entry((d.clone(), *t)).or_default() += r;
+                }
+                acc.into_iter().filter(|(_, r)| *r != 0).map(|((d, t), r)| (d, t, r)).collect()
+            }
+            assert_eq!(
+                before(&bounded.stats, end),
+                before(&full.stats, end),
+                "{label}: statistics"
+            );
+            assert_eq!(before(&bounded.alerts, end), before(&full.alerts, end), "{label}: alerts");
+            assert!(
+                bounded.stats.iter().all(|u| u.1 < end),
+                "{label}: no statistics from the end on"
+            );
+            assert!(bounded.alerts.iter().all(|u| u.1 < end), "{label}: no alerts from the end on");
+        }
+    }
 }

@@ -13,7 +13,7 @@ use timely::{Config, WorkerConfig};
 
 use tripwire_dataflow::reference::Reference;
 use tripwire_dataflow::{
-    Alert, CardChange, CardStats, Channel, DetectFraud, Diff, FraudConfig, StatKey, Time,
+    Alert, CardChange, CardStats, Channel, DetectFraud, Diff, FraudConfig, InputEnd, StatKey, Time,
     Transaction,
 };
 
@@ -124,6 +124,17 @@ pub struct Topology {
 
 /// Run the dataflow on `scenario` and collect every output update.
 pub fn run_dataflow(scenario: &Scenario, topology: Topology, seed: u64) -> Outputs {
+    run_dataflow_to(scenario, topology, seed, None)
+}
+
+/// [`run_dataflow`] as a bounded run whose input ends at `end`
+/// ([`DetectFraud::detect_fraud_to`]), when given.
+pub fn run_dataflow_to(
+    scenario: &Scenario,
+    topology: Topology,
+    seed: u64,
+    end: Option<Time>,
+) -> Outputs {
     let (stats_tx, stats_rx) = mpsc::channel();
     let (alerts_tx, alerts_rx) = mpsc::channel();
     let stats_tx = Arc::new(Mutex::new(stats_tx));
@@ -154,7 +165,14 @@ pub fn run_dataflow(scenario: &Scenario, topology: Topology, seed: u64) -> Outpu
                 let fraud = scenario.config.clone();
                 let input = worker.dataflow::<Time, _, _>(|scope| {
                     let (input, events) = scope.new_collection::<Transaction, Diff>();
-                    let out = events.detect_fraud(&fraud);
+                    let out = match end {
+                        Some(t) => {
+                            let input_end = InputEnd::default();
+                            input_end.set(t);
+                            events.detect_fraud_to(&fraud, input_end)
+                        }
+                        None => events.detect_fraud(&fraud),
+                    };
                     out.stats.inner.capture_into(stats_tx);
                     out.alerts.inner.capture_into(alerts_tx);
                     input

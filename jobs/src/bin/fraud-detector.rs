@@ -429,7 +429,8 @@ fn main() -> Result<()> {
                     std::process::exit(2);
                 }
                 let archived = archive.then(|| input.events.clone());
-                let out = input.events.detect_fraud(&fraud);
+                // A bounded run computes nothing past its input's end.
+                let out = input.events.detect_fraud_to(&fraud, input.end.clone());
                 // The source's restart points and late records go with the
                 // PostgreSQL commits, which also release its backpressure.
                 let sink = PgSinkConfig {
