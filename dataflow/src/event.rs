@@ -1,6 +1,8 @@
 //! The transaction event, the one type the dataflow and its reference model share.
 
 use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// Event time in milliseconds since the Unix epoch, and the dataflow's timely timestamp.
 pub type Time = u64;
@@ -60,22 +62,22 @@ pub struct Transaction {
 /// event, not closed at the end of time). Shared by the source that learns
 /// it, the window operator that stops there, and the sinks that commit up to it.
 #[derive(Clone, Debug)]
-pub struct InputEnd(std::sync::Arc<std::sync::atomic::AtomicU64>);
+pub struct InputEnd(Arc<AtomicU64>);
 
 impl Default for InputEnd {
     fn default() -> Self {
-        InputEnd(std::sync::Arc::new(std::sync::atomic::AtomicU64::new(Time::MAX)))
+        InputEnd(Arc::new(AtomicU64::new(Time::MAX)))
     }
 }
 
 impl InputEnd {
     /// The input ends at `t`: every output below it is final, none at or after it is.
     pub fn set(&self, t: Time) {
-        self.0.store(t, std::sync::atomic::Ordering::Release);
+        self.0.store(t, Ordering::Release);
     }
 
     /// Where the input ends, once known.
     pub fn get(&self) -> Option<Time> {
-        Some(self.0.load(std::sync::atomic::Ordering::Acquire)).filter(|t| *t != Time::MAX)
+        Some(self.0.load(Ordering::Acquire)).filter(|t| *t != Time::MAX)
     }
 }
