@@ -4,7 +4,8 @@
 //! Writes are idempotent as well, so that a replay after a crash cannot double
 //! anything: statistics are absolute values upserted under a version guard
 //! (`as_of` only moves forward), one row per card (`card_stats`) copied in
-//! (`COPY ... BINARY` into a staging table, one upsert from it); cards whose
+//! (`COPY ... BINARY` into a staging table, one upsert from it; a large
+//! batch's cards new to the store straight into `card_stats`); cards whose
 //! windows all emptied are deleted under the same guard, alerts are inserted
 //! with `ON CONFLICT DO NOTHING` on their deterministic id, archived events
 //! likewise on their event id. The rest goes in bulk (`UNNEST` over arrays).
@@ -12,6 +13,7 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, NoTls, Statement};
 use tripwire_dataflow::{CardStats, Channel, Time};
@@ -80,7 +82,7 @@ pub fn pg_sink(inputs: SinkInputs<'_>, config: &PgSinkConfig) -> Committed {
 /// Worker `worker`'s PostgreSQL committer, for [`frontier_sinks`] (with the
 /// archived events in its batches if `archive`).
 pub fn pg_committer(worker: usize, config: &PgSinkConfig, archive: bool) -> Committer {
-    let store = Postgres { config: config.clone(), worker };
+    let store = Postgres { config: config.clone(), worker, insert_new_cards: true };
     let options = CommitOptions {
         interval: config.commit_interval,
         resume_from: config.resume_from,
@@ -94,6 +96,9 @@ pub fn pg_committer(worker: usize, config: &PgSinkConfig, archive: bool) -> Comm
 struct Postgres {
     config: PgSinkConfig,
     worker: usize,
+    /// Whether a large batch's cards new to the store (see [`commit`]) are
+    /// copied straight into `card_stats`; off after one of them was not new.
+    insert_new_cards: bool,
 }
 
 /// Everything the source left in `shared` for this commit.
@@ -151,9 +156,20 @@ impl Store for Postgres {
         let (client, st) = (&mut conn.client, &conn.statements);
         let job = &self.config.job;
         let source = Source { topic: &self.config.topic, samples: &samples, decisions: &decisions };
-        let result =
-            commit(client, st, (job, self.worker, self.config.high_water), batch, &source, &late)
-                .await;
+        let at = (job.as_str(), self.worker, self.config.high_water);
+        let result = commit(client, st, at, batch, &source, &late, self.insert_new_cards).await;
+        if let Err(e) = &result {
+            if e.code() == Some(&SqlState::UNIQUE_VIOLATION) && self.insert_new_cards {
+                // A card this run's dataflow took for new had a row after
+                // all: from now on every card goes through the guarded upsert.
+                tracing::warn!(
+                    worker = self.worker,
+                    error = %describe(e),
+                    "a card taken for new is in card_stats: upserting every card from now on"
+                );
+                self.insert_new_cards = false;
+            }
+        }
         if result.is_ok() {
             for (a, _) in &batch.alerts {
                 crate::metrics::alerts_total().with_label_values(&[a.rule.name()]).inc();
@@ -372,6 +388,7 @@ async fn commit(
     b: &Batch,
     source: &Source<'_>,
     late: &[DeadLetter],
+    insert_new_cards: bool,
 ) -> Result<(), tokio_postgres::Error> {
     let samples = source.samples;
     let (upserts, deletes, alerts) = (&b.upserts, &b.deletes, &b.alerts);
@@ -454,13 +471,36 @@ async fn commit(
 
     let copy = upserts.len() >= COPY_FROM_CARDS;
     let card_cols = if copy { CardColumns::default() } else { CardColumns::of(upserts) };
+    // Which of a large batch's cards are new to the store: none of its rows
+    // at `start` (so the store holds none, when it holds exactly what this
+    // run left). They are copied straight into `card_stats`, without the
+    // staging table, the upsert's conflict check and its speculative
+    // insertion (half of PostgreSQL's work when a bulk load ends). Should
+    // one have a row after all, the key's uniqueness fails the commit, and
+    // its retry upserts them all (the caller turns this off).
+    let new: Vec<bool> = if copy && exact && insert_new_cards {
+        flags(upserts.iter().map(|u| u.0), &b.absent_before)
+    } else {
+        Vec::new()
+    };
     let upsert_fut = async {
         if upserts.is_empty() {
             return Ok(0);
         }
         if copy {
-            copy_cards(tx, upserts).await?;
-            return tx.execute(&st.upsert, &[]).await;
+            if new.is_empty() {
+                copy_cards(tx, "card_stats_in", upserts.iter()).await?;
+                return tx.execute(&st.upsert, &[]).await;
+            }
+            let split = |is_new: bool| {
+                upserts.iter().zip(&new).filter(move |(_, n)| **n == is_new).map(|(u, _)| u)
+            };
+            let inserted = copy_cards(tx, "card_stats", split(true)).await?;
+            if split(false).next().is_none() {
+                return Ok(inserted);
+            }
+            copy_cards(tx, "card_stats_in", split(false)).await?;
+            return Ok(inserted + tx.execute(&st.upsert, &[]).await?);
         }
         let c = &card_cols;
         let params: [&(dyn ToSql + Sync); 10] = [
@@ -573,12 +613,24 @@ fn window_row(window_ms: Time, s: &tripwire_dataflow::WindowStats) -> [i64; 6] {
     [window_ms as i64, s.count, s.sum, s.max_amount, s.distinct_merchants, s.distinct_countries]
 }
 
-/// Copy the cards' rows into the staging table `card_stats_in` (emptied at commit).
-async fn copy_cards(
+/// For each of `keys` (ascending), whether it is among `among` (ascending).
+fn flags(keys: impl Iterator<Item = u64>, among: &[u64]) -> Vec<bool> {
+    let mut rest = among.iter().peekable();
+    keys.map(|k| {
+        while rest.next_if(|a| **a < k).is_some() {}
+        rest.peek().is_some_and(|a| **a == k)
+    })
+    .collect()
+}
+
+/// Copy the cards' rows into `table`: `card_stats` itself, or its staging
+/// table `card_stats_in` (emptied at commit); how many.
+async fn copy_cards<'a>(
     tx: &Client,
-    upserts: &[(u64, CardStats, Time)],
-) -> Result<(), tokio_postgres::Error> {
-    let sink = tx.copy_in("COPY card_stats_in FROM STDIN BINARY").await?;
+    table: &str,
+    upserts: impl Iterator<Item = &'a (u64, CardStats, Time)>,
+) -> Result<u64, tokio_postgres::Error> {
+    let sink = tx.copy_in(&format!("COPY {table} FROM STDIN BINARY")).await?;
     let types = [
         Type::INT8,
         Type::INT8_ARRAY,
@@ -606,8 +658,7 @@ async fn copy_cards(
         let (card, as_of) = (*card as i64, as_i64(*as_of));
         writer.as_mut().write(&[&card, w, n, sum, max, m, ctry, &as_of]).await?;
     }
-    writer.finish().await?;
-    Ok(())
+    writer.finish().await
 }
 
 /// Archive accepted events, once each (a replay finds them there).
@@ -742,6 +793,83 @@ mod tests {
         });
     }
 
+    /// A large batch's cards new to the store are copied straight into
+    /// `card_stats`, beside the upsert of the others; when one of them has a
+    /// row after all (one this run did not write), the commit fails on the
+    /// key's uniqueness, and its retry upserts every card, under the guard.
+    #[test]
+    fn new_cards_are_inserted_and_one_that_was_not_new_fails_over_to_the_upsert() {
+        let large = COPY_FROM_CARDS as u64 + 200;
+        let row = |card: u64, count: i64| -> Row {
+            (card as i64, vec![60_000], vec![count], vec![100 * count], vec![100], vec![1], vec![1])
+        };
+        in_fresh_schema("new_cards", |mut store, mut conn| async move {
+            // The first commit leaves the checkpoint that later batches start from.
+            let first = Batch { frontier: 100, ..Batch::default() };
+            store.commit(&mut conn, &first).await.unwrap();
+            // Cards 0..large, all new.
+            let b = Batch {
+                start: 100,
+                frontier: 200,
+                upserts: (0..large).map(|c| (c, stats(1), 150)).collect(),
+                absent_before: (0..large).collect(),
+                ..Batch::default()
+            };
+            store.commit(&mut conn, &b).await.unwrap();
+            assert!(store.insert_new_cards, "no card had a row");
+            let want: Vec<Row> = (0..large).map(|c| row(c, 1)).collect();
+            assert_eq!(stored(&conn.client).await, want);
+            // Those again, changed, beside new ones (every other card up to 2 * large).
+            let new: Vec<u64> = (large..2 * large).step_by(2).collect();
+            let b = Batch {
+                start: 200,
+                frontier: 300,
+                upserts: (0..large)
+                    .chain(new.iter().copied())
+                    .map(|c| (c, stats(2), 250))
+                    .collect(),
+                absent_before: new.clone(),
+                ..Batch::default()
+            };
+            store.commit(&mut conn, &b).await.unwrap();
+            assert!(store.insert_new_cards);
+            let mut want: Vec<Row> =
+                (0..large).chain(new.iter().copied()).map(|c| row(c, 2)).collect();
+            assert_eq!(stored(&conn.client).await, want);
+            // A card taken for new has a row this run did not write.
+            let odd = 2 * large + 1;
+            conn.client
+                .execute(
+                    "INSERT INTO card_stats VALUES ($1, '{60000}', '{9}', '{900}', '{100}', '{1}', '{1}', 280)",
+                    &[&(odd as i64)],
+                )
+                .await
+                .unwrap();
+            let b = Batch {
+                start: 300,
+                frontier: 400,
+                upserts: (2 * large..3 * large).map(|c| (c, stats(3), 350)).collect(),
+                absent_before: (2 * large..3 * large).collect(),
+                ..Batch::default()
+            };
+            let failed = store.commit(&mut conn, &b).await.expect_err("the card's key is taken");
+            assert!(failed.contains("23505"), "{failed}");
+            assert!(!store.insert_new_cards, "turned off after the conflict");
+            // As the committer does after a failure: a new connection.
+            conn = store.connect().await.unwrap();
+            assert_eq!(checkpoint(&conn.client).await, 300, "nothing of the batch stored");
+            store.commit(&mut conn, &b).await.unwrap();
+            assert_eq!(checkpoint(&conn.client).await, 400);
+            want.extend((2 * large..3 * large).map(|c| row(c, 3)));
+            want.sort();
+            assert_eq!(
+                stored(&conn.client).await,
+                want,
+                "the card's row replaced by the later one"
+            );
+        });
+    }
+
     type Row = (i64, Vec<i64>, Vec<i64>, Vec<i64>, Vec<i64>, Vec<i64>, Vec<i64>);
 
     /// What the test gave, row by row, as plain loops over its windows.
@@ -818,6 +946,7 @@ mod tests {
                     high_water: 0,
                 },
                 worker: 0,
+                insert_new_cards: true,
             };
             let conn = store.connect().await.unwrap();
             test(store, conn).await;
