@@ -421,7 +421,12 @@ pub fn frontier_sinks(inputs: SinkInputs<'_>, committers: Vec<Committer>) -> Vec
             // The replayed past (below `resume_from`) is dropped as it arrives.
             let keep = |t: &Time| *t >= resume_from;
             stats_in.for_each(|_cap, data| {
-                pending.stats.extend(data.drain(..).filter(|(_, t, _)| keep(t)))
+                // Past the replay, in one copy (a filter moves them one by one).
+                if data.iter().all(|(_, t, _)| keep(t)) {
+                    pending.stats.append(data);
+                } else {
+                    pending.stats.extend(data.drain(..).filter(|(_, t, _)| keep(t)))
+                }
             });
             alerts_in.for_each(|_cap, data| {
                 pending.alerts.extend(data.drain(..).filter(|(_, t, _)| keep(t)))
