@@ -496,7 +496,7 @@ async fn commit(
                 upserts.iter().zip(&new).filter(move |(_, n)| **n == is_new).map(|(u, _)| u)
             };
             let inserted = copy_cards(tx, "card_stats", split(true)).await?;
-            if split(false).next().is_none() {
+            if new.iter().all(|n| *n) {
                 return Ok(inserted);
             }
             copy_cards(tx, "card_stats_in", split(false)).await?;
@@ -613,7 +613,10 @@ fn window_row(window_ms: Time, s: &tripwire_dataflow::WindowStats) -> [i64; 6] {
     [window_ms as i64, s.count, s.sum, s.max_amount, s.distinct_merchants, s.distinct_countries]
 }
 
-/// For each of `keys` (ascending), whether it is among `among` (ascending).
+/// For each of `keys` (ascending), whether it is among `among` (ascending):
+/// [`Batch::passing`] for every card at once, in one merge (a binary search
+/// per card, twice over, for the hundreds of thousands of a bulk load's
+/// last batch, would be a pass of cache misses each).
 fn flags(keys: impl Iterator<Item = u64>, among: &[u64]) -> Vec<bool> {
     let mut rest = among.iter().peekable();
     keys.map(|k| {
