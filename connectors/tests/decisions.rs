@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::NoTls;
 use tripwire_connectors::kafka_source::{Decisions, SourceDecisions};
-use tripwire_connectors::postgres::{migrate, record_decisions, recorded_decisions};
+use tripwire_connectors::postgres::{migrate, migrate_up_to, record_decisions, recorded_decisions};
 use tripwire_connectors::redis_sink::{self, RedisSinkConfig};
 use tripwire_connectors::Endpoints;
 use tripwire_dataflow::{Time, WindowStats};
@@ -152,9 +152,9 @@ fn a_mixed_case_schema_name_is_created_as_postgresql_resolves_it() {
 }
 
 /// Autovacuum's ANALYZE of `card_stats` gathers statistics only for the
-/// columns queries find rows by: statistics on the six window arrays cost
-/// most of each ANALYZE (270 of 340 ms for 450K cards), which ran about once
-/// a minute beside the commits on two shared cores.
+/// columns queries find rows by: statistics on the window arrays cost most
+/// of each ANALYZE (270 of 340 ms for 450K cards), which ran about once a
+/// minute beside the commits on two shared cores.
 #[test]
 fn analyze_gathers_no_statistics_on_the_window_arrays() {
     let (rt, e, name) = in_schema("analyze");
@@ -164,8 +164,8 @@ fn analyze_gathers_no_statistics_on_the_window_arrays() {
         migrate(&mut c).await.unwrap();
         c.batch_execute(
             "INSERT INTO card_stats
-             SELECT i, ARRAY[60000, 300000], ARRAY[i % 7, i % 11], ARRAY[i * 100, i * 300],
-                    ARRAY[i, i * 2], ARRAY[1, i % 3], ARRAY[1, 1], i * 1000
+             SELECT i, ARRAY[[60000, i % 7, i * 100, i, 1, 1], [300000, i % 11, i * 300, i * 2, i % 3, 1]],
+                    i * 1000
              FROM generate_series(1, 2000) AS i;
              ANALYZE card_stats;",
         )
@@ -184,4 +184,74 @@ fn analyze_gathers_no_statistics_on_the_window_arrays() {
         rows.iter().map(|r| r.get::<_, String>(0)).collect::<Vec<_>>()
     });
     assert_eq!(columns, ["as_of", "card_id"], "columns ANALYZE gathered statistics for");
+}
+
+/// Migration 8 (a card's windows in one two-dimensional array) keeps every
+/// card's windows as analysts read them: a store as migration 7 left it,
+/// with cards of one to four windows, reads the same through `window_stats`
+/// before and after, and `card_stats` holds each card's windows as rows,
+/// ascending by length.
+#[test]
+fn one_array_of_windows_keeps_what_six_arrays_held() {
+    let (rt, e, name) = in_schema("windows_8");
+    let (before, after, one, ndims) = rt.block_on(async {
+        let (mut c, conn) = tokio_postgres::connect(&e.postgres_config(), NoTls).await.unwrap();
+        tokio::spawn(conn);
+        migrate_up_to(&mut c, 7).await.unwrap();
+        // Card i has the first 1 + i % 4 of the four windows, values from i.
+        c.batch_execute(
+            "INSERT INTO card_stats
+             SELECT i, (ARRAY[60000, 300000, 3600000, 86400000])[1 : n],
+                    (SELECT array_agg(i + w) FROM generate_series(1, n) w),
+                    (SELECT array_agg(i * 100 + w) FROM generate_series(1, n) w),
+                    (SELECT array_agg(i * 10 + w) FROM generate_series(1, n) w),
+                    (SELECT array_agg(w) FROM generate_series(1, n) w),
+                    (SELECT array_agg(1 + w % 2) FROM generate_series(1, n) w),
+                    i * 1000
+             FROM generate_series(1, 500) AS i, LATERAL (SELECT 1 + i % 4 AS n) AS k",
+        )
+        .await
+        .unwrap();
+        let read = "SELECT card_id, window_ms, count, sum_minor, max_amount_minor,
+                           distinct_merchants, distinct_countries, as_of
+                    FROM window_stats ORDER BY card_id, window_ms";
+        let rows = |rows: Vec<tokio_postgres::Row>| -> Vec<Vec<i64>> {
+            rows.iter().map(|r| (0..8).map(|i| r.get::<_, i64>(i)).collect()).collect()
+        };
+        let before = rows(c.query(read, &[]).await.unwrap());
+        assert_eq!(migrate(&mut c).await.unwrap(), vec![8], "only migration 8 was left");
+        let after = rows(c.query(read, &[]).await.unwrap());
+        let one: Vec<Vec<i64>> = c
+            .query_one(
+                "SELECT ARRAY(SELECT unnest(windows)) FROM card_stats WHERE card_id = 6",
+                &[],
+            )
+            .await
+            .map(|r| {
+                let flat: Vec<i64> = r.get(0);
+                flat.chunks(6).map(<[i64]>::to_vec).collect()
+            })
+            .unwrap();
+        let ndims: i32 = c
+            .query_one("SELECT array_ndims(windows) FROM card_stats WHERE card_id = 6", &[])
+            .await
+            .unwrap()
+            .get(0);
+        c.batch_execute(&format!("DROP SCHEMA \"{name}\" CASCADE")).await.unwrap();
+        (before, after, one, ndims)
+    });
+    // Cards 1..=500 with 1 + i % 4 windows each.
+    let windows: usize = (1..=500).map(|i| 1 + i % 4).sum();
+    assert_eq!(before.len(), windows, "the old layout read through the view");
+    assert_eq!(after, before, "every card's windows, as analysts read them");
+    assert_eq!(ndims, 2, "one row per window");
+    // Card 6: 1 + 6 % 4 = 3 windows, each [window_ms, count, sum, max, merchants, countries].
+    assert_eq!(
+        one,
+        vec![
+            vec![60000, 7, 601, 61, 1, 2],
+            vec![300000, 8, 602, 62, 2, 1],
+            vec![3600000, 9, 603, 63, 3, 2]
+        ]
+    );
 }

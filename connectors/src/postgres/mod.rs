@@ -5,7 +5,7 @@ pub mod resume;
 pub mod sink;
 
 pub use crate::commit::Committed;
-pub use migrations::migrate;
+pub use migrations::{migrate, migrate_up_to};
 pub use resume::{
     committed_frontier, fit_checkpoints, high_water, record_decisions, recorded_decisions,
     resume_point, ResumePoint,

@@ -12,9 +12,10 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use bytes::{BufMut, BytesMut};
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::types::{accepts, to_sql_checked, IsNull, ToSql, Type};
 use tokio_postgres::{Client, NoTls, Statement};
 use tripwire_dataflow::{CardStats, Channel, Time};
 
@@ -266,10 +267,7 @@ struct Source<'a> {
 
 /// How a row of `card_stats` replaces the stored one: only by a later one.
 const UPSERT_GUARD: &str = "ON CONFLICT (card_id) DO UPDATE SET
-     window_ms = EXCLUDED.window_ms, count = EXCLUDED.count, sum_minor = EXCLUDED.sum_minor,
-     max_amount_minor = EXCLUDED.max_amount_minor,
-     distinct_merchants = EXCLUDED.distinct_merchants,
-     distinct_countries = EXCLUDED.distinct_countries, as_of = EXCLUDED.as_of
+     windows = EXCLUDED.windows, as_of = EXCLUDED.as_of
  WHERE card_stats.as_of <= EXCLUDED.as_of";
 
 /// Batches of fewer cards than this go in as statement parameters, in the
@@ -297,14 +295,11 @@ impl Statements {
         let upsert_staged =
             format!("INSERT INTO card_stats SELECT * FROM card_stats_in {UPSERT_GUARD}");
         // A small batch's rows as parameters: the windows of all cards in
-        // flat arrays, each card's from offset `o`, `n` long.
+        // one array of window rows, each card's from row `o`, `n` long.
         let upsert_rows = format!(
             "INSERT INTO card_stats
-             SELECT c.card_id, ($2::bigint[])[c.o + 1 : c.o + c.n],
-                    ($3::bigint[])[c.o + 1 : c.o + c.n], ($4::bigint[])[c.o + 1 : c.o + c.n],
-                    ($5::bigint[])[c.o + 1 : c.o + c.n], ($6::bigint[])[c.o + 1 : c.o + c.n],
-                    ($7::bigint[])[c.o + 1 : c.o + c.n], c.as_of
-             FROM UNNEST($1::bigint[], $8::int[], $9::int[], $10::bigint[])
+             SELECT c.card_id, ($2::bigint[])[c.o + 1 : c.o + c.n][1:6], c.as_of
+             FROM UNNEST($1::bigint[], $3::int[], $4::int[], $5::bigint[])
                   AS c(card_id, o, n, as_of)
              {UPSERT_GUARD}"
         );
@@ -503,18 +498,8 @@ async fn commit(
             return Ok(inserted + tx.execute(&st.upsert, &[]).await?);
         }
         let c = &card_cols;
-        let params: [&(dyn ToSql + Sync); 10] = [
-            &c.card,
-            &c.values[0],
-            &c.values[1],
-            &c.values[2],
-            &c.values[3],
-            &c.values[4],
-            &c.values[5],
-            &c.offset,
-            &c.len,
-            &c.as_of,
-        ];
+        let windows = WindowRows(&c.windows);
+        let params: [&(dyn ToSql + Sync); 5] = [&c.card, &windows, &c.offset, &c.len, &c.as_of];
         tx.execute(&st.upsert_rows, &params).await
     };
 
@@ -578,11 +563,11 @@ async fn commit(
 }
 
 /// A small batch's cards as the columns `upsert_rows` takes: each card's
-/// non-empty windows, one flat array per statistic, from `offset`, `len` long.
+/// non-empty windows, rows of one array, from row `offset`, `len` long.
 #[derive(Default)]
 struct CardColumns {
     card: Vec<i64>,
-    values: [Vec<i64>; 6],
+    windows: Vec<[i64; 6]>,
     offset: Vec<i32>,
     len: Vec<i32>,
     as_of: Vec<i64>,
@@ -594,23 +579,51 @@ impl CardColumns {
         for (card, stats, as_of) in upserts {
             c.card.push(*card as i64);
             c.as_of.push(as_i64(*as_of));
-            let offset = c.values[0].len() as i32;
-            for (window_ms, w) in stats.non_empty() {
-                let row = window_row(window_ms, &w);
-                for (column, v) in c.values.iter_mut().zip(row) {
-                    column.push(v);
-                }
-            }
+            let offset = c.windows.len() as i32;
+            c.windows.extend(stats.non_empty().map(|(window_ms, w)| window_row(window_ms, &w)));
             c.offset.push(offset);
-            c.len.push(c.values[0].len() as i32 - offset);
+            c.len.push(c.windows.len() as i32 - offset);
         }
         c
     }
 }
 
-/// One window's statistics in the column order of `card_stats`.
+/// One window's statistics as a row of `card_stats.windows` holds them.
 fn window_row(window_ms: Time, s: &tripwire_dataflow::WindowStats) -> [i64; 6] {
     [window_ms as i64, s.count, s.sum, s.max_amount, s.distinct_merchants, s.distinct_countries]
+}
+
+/// Window rows as a two-dimensional `bigint[]` (`card_stats.windows`, or a
+/// batch's windows for `upsert_rows`), in PostgreSQL's binary array format:
+/// one array per row read where six were.
+#[derive(Debug)]
+struct WindowRows<'a>(&'a [[i64; 6]]);
+
+impl ToSql for WindowRows<'_> {
+    fn to_sql(
+        &self,
+        _: &Type,
+        out: &mut BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        let rows = i32::try_from(self.0.len())?;
+        // Dimensions (none for an empty array), no nulls, elements of type int8.
+        let dims: &[i32] = if rows == 0 { &[] } else { &[rows, 1, 6, 1] };
+        out.reserve(12 + 4 * dims.len() + 12 * 6 * self.0.len());
+        out.put_i32(dims.len() as i32 / 2);
+        out.put_i32(0);
+        out.put_u32(Type::INT8.oid());
+        for d in dims {
+            out.put_i32(*d);
+        }
+        for v in self.0.iter().flatten() {
+            out.put_i32(8);
+            out.put_i64(*v);
+        }
+        Ok(IsNull::No)
+    }
+
+    accepts!(INT8_ARRAY);
+    to_sql_checked!();
 }
 
 /// For each of `keys` (ascending), whether it is among `among` (ascending):
@@ -634,32 +647,16 @@ async fn copy_cards<'a>(
     upserts: impl Iterator<Item = &'a (u64, CardStats, Time)>,
 ) -> Result<u64, tokio_postgres::Error> {
     let sink = tx.copy_in(&format!("COPY {table} FROM STDIN BINARY")).await?;
-    let types = [
-        Type::INT8,
-        Type::INT8_ARRAY,
-        Type::INT8_ARRAY,
-        Type::INT8_ARRAY,
-        Type::INT8_ARRAY,
-        Type::INT8_ARRAY,
-        Type::INT8_ARRAY,
-        Type::INT8,
-    ];
+    let types = [Type::INT8, Type::INT8_ARRAY, Type::INT8];
     let writer = BinaryCopyInWriter::new(sink, &types);
     let mut writer = std::pin::pin!(writer);
-    // The arrays of one row, reused: no allocation per row.
-    let mut columns: [Vec<i64>; 6] = Default::default();
+    // The window rows of one card, reused: no allocation per row.
+    let mut windows: Vec<[i64; 6]> = Vec::new();
     for (card, stats, as_of) in upserts {
-        for c in columns.iter_mut() {
-            c.clear();
-        }
-        for (window_ms, s) in stats.non_empty() {
-            for (c, v) in columns.iter_mut().zip(window_row(window_ms, &s)) {
-                c.push(v);
-            }
-        }
-        let [w, n, sum, max, m, ctry] = &columns;
+        windows.clear();
+        windows.extend(stats.non_empty().map(|(window_ms, s)| window_row(window_ms, &s)));
         let (card, as_of) = (*card as i64, as_i64(*as_of));
-        writer.as_mut().write(&[&card, w, n, sum, max, m, ctry, &as_of]).await?;
+        writer.as_mut().write(&[&card, &WindowRows(&windows), &as_of]).await?;
     }
     writer.finish().await
 }
@@ -843,7 +840,7 @@ mod tests {
             let odd = 2 * large + 1;
             conn.client
                 .execute(
-                    "INSERT INTO card_stats VALUES ($1, '{60000}', '{9}', '{900}', '{100}', '{1}', '{1}', 280)",
+                    "INSERT INTO card_stats VALUES ($1, '{{60000, 9, 900, 100, 1, 1}}', 280)",
                     &[&(odd as i64)],
                 )
                 .await
@@ -902,9 +899,14 @@ mod tests {
             .collect()
     }
 
+    /// Every card's windows as analysts read them (`window_stats`), by card.
     async fn stored(c: &Client) -> Vec<Row> {
-        let q = "SELECT card_id, window_ms, count, sum_minor, max_amount_minor,
-                        distinct_merchants, distinct_countries FROM card_stats ORDER BY card_id";
+        let q = "SELECT card_id, array_agg(window_ms ORDER BY window_ms),
+                        array_agg(count ORDER BY window_ms), array_agg(sum_minor ORDER BY window_ms),
+                        array_agg(max_amount_minor ORDER BY window_ms),
+                        array_agg(distinct_merchants ORDER BY window_ms),
+                        array_agg(distinct_countries ORDER BY window_ms)
+                 FROM window_stats GROUP BY card_id ORDER BY card_id";
         c.query(q, &[])
             .await
             .unwrap()
