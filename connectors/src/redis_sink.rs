@@ -50,6 +50,7 @@
 
 use std::time::Duration;
 
+use futures_util::stream::{self, StreamExt, TryStreamExt};
 use redis::aio::MultiplexedConnection;
 use tripwire_dataflow::{Alert, CardStats, Time};
 
@@ -480,6 +481,11 @@ impl Keys {
 /// other clients between them).
 pub const PART_ARGS: usize = 500;
 
+/// How many parts of a batch are sent ahead of the replies to earlier ones:
+/// enough to keep Redis busy, few enough that formatting the rest of a large
+/// batch overlaps Redis's work on the first.
+const PARTS_IN_FLIGHT: usize = 64;
+
 /// What a batch does to one card's hash.
 enum Card<'a> {
     /// Set its non-empty windows' fields, remove its empty ones'.
@@ -575,90 +581,95 @@ impl Store for Redis {
             None => SourceDecisions::default(),
         };
         let (floors, positions) = decision_fields(&self.config.topic, &decisions);
-        let invocations = parts
-            .into_iter()
-            .enumerate()
-            .map(|(n, (cards, alerts))| {
-                let (floors, positions): (&[_], &[_]) =
-                    if n == 0 { (&floors, &positions) } else { (&[], &[]) };
-                let sets = cards.iter().filter(|c| matches!(c, Card::Set(..))).count();
-                let mut invocation = self.script.prepare_invoke();
+        // A part's script invocation, built when it is about to go out.
+        let build = |n: usize, (cards, alerts): Part<'_, '_>| {
+            let (floors, positions): (&[_], &[_]) =
+                if n == 0 { (&floors, &positions) } else { (&[], &[]) };
+            let sets = cards.iter().filter(|c| matches!(c, Card::Set(..))).count();
+            let mut invocation = self.script.prepare_invoke();
+            invocation
+                .key(keys.frontiers())
+                .key(keys.alerts())
+                .key(keys.alert_markers())
+                .key(keys.last_alert_order())
+                .key(keys.last_alerts())
+                .key(keys.partial())
+                .key(keys.floors())
+                .key(keys.positions())
+                .arg(padded(b.frontier))
+                .arg(&keys.prefix)
+                .arg(u8::from(n == last))
+                .arg(self.config.stream_max_len)
+                .arg(sets)
+                .arg(alerts.len())
+                .arg(self.worker)
+                .arg(padded(b.start))
+                .arg(floors.len())
+                .arg(positions.len())
+                .arg(cards.len() - sets);
+            for (field, value) in floors.iter().chain(positions) {
+                invocation.arg(field).arg(value);
+            }
+            for card in cards {
+                if let Card::Set(id, stats) = card {
+                    invocation.arg(keys.card(*id)).arg(card_value(stats));
+                }
+            }
+            for card in cards {
+                if let Card::Delete(id, passing) = card {
+                    invocation.arg(keys.card(*id)).arg(u8::from(*passing));
+                }
+            }
+            for (a, t) in alerts {
+                let details = serde_json::to_string(&a.details).map_err(|e| e.to_string())?;
                 invocation
-                    .key(keys.frontiers())
-                    .key(keys.alerts())
-                    .key(keys.alert_markers())
-                    .key(keys.last_alert_order())
-                    .key(keys.last_alerts())
-                    .key(keys.partial())
-                    .key(keys.floors())
-                    .key(keys.positions())
-                    .arg(padded(b.frontier))
-                    .arg(&keys.prefix)
-                    .arg(u8::from(n == last))
-                    .arg(self.config.stream_max_len)
-                    .arg(sets)
-                    .arg(alerts.len())
-                    .arg(self.worker)
-                    .arg(padded(b.start))
-                    .arg(floors.len())
-                    .arg(positions.len())
-                    .arg(cards.len() - sets);
-                for (field, value) in floors.iter().chain(positions) {
-                    invocation.arg(field).arg(value);
-                }
-                for card in cards {
-                    if let Card::Set(id, stats) = card {
-                        invocation.arg(keys.card(*id)).arg(card_value(stats));
-                    }
-                }
-                for card in cards {
-                    if let Card::Delete(id, passing) = card {
-                        invocation.arg(keys.card(*id)).arg(u8::from(*passing));
-                    }
-                }
-                for (a, t) in alerts {
-                    let details = serde_json::to_string(&a.details).map_err(|e| e.to_string())?;
-                    invocation
-                        .arg(a.card_id)
-                        .arg(a.id)
-                        .arg(a.rule.name())
-                        .arg(*t)
-                        .arg(a.event_time_ms)
-                        .arg(details)
-                        .arg(format!("{}{}", padded(a.event_time_ms), padded(a.id)))
-                        .arg(
-                            serde_json::json!({
-                                "alert_id": a.id.to_string(),
-                                "rule": a.rule.name(),
-                                "event_time": a.event_time_ms,
-                                "details": &a.details,
-                            })
-                            .to_string(),
-                        );
-                }
-                Ok(invocation)
-            })
-            .collect::<Result<Vec<_>, String>>();
+                    .arg(a.card_id)
+                    .arg(a.id)
+                    .arg(a.rule.name())
+                    .arg(*t)
+                    .arg(a.event_time_ms)
+                    .arg(details)
+                    .arg(format!("{}{}", padded(a.event_time_ms), padded(a.id)))
+                    .arg(
+                        serde_json::json!({
+                            "alert_id": a.id.to_string(),
+                            "rule": a.rule.name(),
+                            "event_time": a.event_time_ms,
+                            "details": &a.details,
+                        })
+                        .to_string(),
+                    );
+            }
+            Ok::<_, String>(invocation)
+        };
         let result = async {
-            let mut invocations = invocations?;
-            let last = invocations.pop().expect("a batch has a last part");
-            // Every part but the last at once: pipelined on the one
-            // connection, each about a millisecond of Redis's time, so that
-            // readers get their turn between them. Each marks the batch as
-            // partly landed before its writes, and writes only what the
-            // replay writes again.
-            let mut conns = vec![conn.clone(); invocations.len()];
-            let applied: Vec<i64> = futures_util::future::try_join_all(
-                invocations.iter().zip(conns.iter_mut()).map(|(i, c)| i.invoke_async(c)),
-            )
-            .await
-            .map_err(|e| e.to_string())?;
+            let last_part = parts.pop().expect("a batch has a last part");
+            // Every part but the last pipelined on the one connection, up to
+            // PARTS_IN_FLIGHT at a time, each built as an earlier one lands:
+            // Redis starts on a large batch while the rest is still being
+            // formatted, and each part is about a millisecond of its time,
+            // so that readers get their turn between them. Each marks the
+            // batch as partly landed before its writes, and writes only what
+            // the replay writes again (so a part that fails to build, after
+            // some went out, leaves nothing the replay does not redo).
+            let applied: Vec<i64> = stream::iter(parts.into_iter().enumerate())
+                .map(|(n, part)| {
+                    let invocation = build(n, part);
+                    let mut c = conn.clone();
+                    async move {
+                        invocation?.invoke_async::<i64>(&mut c).await.map_err(|e| e.to_string())
+                    }
+                })
+                .buffered(PARTS_IN_FLIGHT)
+                .try_collect()
+                .await?;
             // Covered by the stored frontier (then all of it is): nothing to store.
             if applied.contains(&0) {
                 return Ok(());
             }
             // The frontier last, once every other part landed.
-            let _: i64 = last.invoke_async(conn).await.map_err(|e| e.to_string())?;
+            let _: i64 =
+                build(last, last_part)?.invoke_async(conn).await.map_err(|e| e.to_string())?;
             Ok::<(), String>(())
         }
         .await;
