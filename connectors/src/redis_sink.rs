@@ -524,9 +524,11 @@ impl Store for Redis {
 
     async fn connect(&mut self) -> Result<MultiplexedConnection, String> {
         let client = redis::Client::open(self.config.url.as_str()).map_err(|e| e.to_string())?;
-        // One script applies a whole batch: tens of thousands of writes can
-        // take longer than the client's default response timeout (0.5 s), and
-        // a timed-out commit is retried, so the wait is long on purpose.
+        // A part's reply can wait behind the parts in flight of every
+        // worker's batch (PARTS_IN_FLIGHT each, about a millisecond apiece,
+        // longer on a busy machine), which can exceed the client's default
+        // response timeout (0.5 s); a timed-out commit is retried, so the
+        // wait is long on purpose.
         let config = redis::AsyncConnectionConfig::new()
             .set_response_timeout(Some(Duration::from_secs(30)))
             .set_connection_timeout(Some(Duration::from_secs(5)));
