@@ -421,9 +421,18 @@ impl Keys {
     pub fn new(job: &str) -> Self {
         Keys { prefix: format!("tripwire:{job}:") }
     }
-    /// A card's hash.
+    /// A card's key.
     pub fn card(&self, card_id: u64) -> String {
-        format!("{}{card_id}", self.card_prefix())
+        let mut key = Vec::with_capacity(self.prefix.len() + 25);
+        self.write_card(card_id, &mut key);
+        String::from_utf8(key).expect("a prefix and digits")
+    }
+    /// A card's key, written over `key`.
+    fn write_card(&self, card_id: u64, key: &mut Vec<u8>) {
+        key.clear();
+        key.extend_from_slice(self.prefix.as_bytes());
+        key.extend_from_slice(b"card:");
+        key.extend_from_slice(itoa::Buffer::new().format(card_id).as_bytes());
     }
     /// What every card hash's key starts with.
     pub fn card_prefix(&self) -> String {
@@ -498,19 +507,35 @@ enum Card<'a> {
 /// ms, each `[count, sum, max, distinct merchants, distinct countries]`
 /// (amounts in minor units), e.g. `{"60000":[2,1500,1000,2,1]}`.
 pub fn card_value(stats: &CardStats) -> String {
-    use std::fmt::Write;
-    let mut v = String::with_capacity(24 * stats.len() + 2);
-    v.push('{');
+    let mut v = Vec::new();
+    write_card_value(stats, &mut v);
+    String::from_utf8(v).expect("JSON of digits")
+}
+
+/// [`card_value`], written over `v`. Without `fmt`: a bulk load's last
+/// commit formats about 865K of them, and `write!` spent a tenth of the
+/// Redis committers' time in its machinery.
+fn write_card_value(stats: &CardStats, v: &mut Vec<u8>) {
+    let mut digits = itoa::Buffer::new();
+    v.clear();
+    v.push(b'{');
     for (n, (w, s)) in stats.non_empty().enumerate() {
-        let comma = if n == 0 { "" } else { "," };
-        let _ = write!(
-            v,
-            "{comma}\"{w}\":[{},{},{},{},{}]",
-            s.count, s.sum, s.max_amount, s.distinct_merchants, s.distinct_countries
-        );
+        if n > 0 {
+            v.push(b',');
+        }
+        v.push(b'"');
+        v.extend_from_slice(digits.format(w).as_bytes());
+        v.extend_from_slice(b"\":[");
+        let numbers = [s.count, s.sum, s.max_amount, s.distinct_merchants, s.distinct_countries];
+        for (k, x) in numbers.into_iter().enumerate() {
+            if k > 0 {
+                v.push(b',');
+            }
+            v.extend_from_slice(digits.format(x).as_bytes());
+        }
+        v.push(b']');
     }
-    v.push('}');
-    v
+    v.push(b'}');
 }
 
 struct Redis {
@@ -612,14 +637,19 @@ impl Store for Redis {
             for (field, value) in floors.iter().chain(positions) {
                 invocation.arg(field).arg(value);
             }
+            // One key and one value buffer for the part: `arg` copies them.
+            let (mut key, mut value) = (Vec::new(), Vec::new());
             for card in cards {
                 if let Card::Set(id, stats) = card {
-                    invocation.arg(keys.card(*id)).arg(card_value(stats));
+                    keys.write_card(*id, &mut key);
+                    write_card_value(stats, &mut value);
+                    invocation.arg(&key[..]).arg(&value[..]);
                 }
             }
             for card in cards {
                 if let Card::Delete(id, passing) = card {
-                    invocation.arg(keys.card(*id)).arg(u8::from(*passing));
+                    keys.write_card(*id, &mut key);
+                    invocation.arg(&key[..]).arg(u8::from(*passing));
                 }
             }
             for (a, t) in alerts {
@@ -679,5 +709,51 @@ impl Store for Redis {
             d.put_back(DecisionStore::Redis, decisions);
         }
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tripwire_dataflow::WindowStats;
+
+    /// The card value is the JSON the readers parse: the document serde_json
+    /// writes of the card's non-empty windows, for extreme and ordinary numbers.
+    #[test]
+    fn card_value_is_the_json_serde_writes() {
+        let amounts = [0, 1, -1, 9, 10, 99_999, i64::MAX, i64::MIN, 1_234_567_890_123];
+        let counts = [1, 2, 9, 10, 4_294_967_295];
+        for (n, &a) in amounts.iter().enumerate() {
+            let b = amounts[(n + 3) % amounts.len()];
+            let stats = |count: i64| WindowStats {
+                count,
+                sum: a,
+                max_amount: b,
+                distinct_merchants: counts[n % counts.len()],
+                distinct_countries: counts[(n + 1) % counts.len()],
+            };
+            let card = CardStats::new([
+                (60_000, stats(counts[n % counts.len()])),
+                (300_000, stats(0)),
+                (4_294_967_295, stats(1)),
+            ]);
+            let mut expected = serde_json::Map::new();
+            for (w, s) in card.non_empty() {
+                let v = [s.count, s.sum, s.max_amount, s.distinct_merchants, s.distinct_countries];
+                expected.insert(w.to_string(), serde_json::json!(v));
+            }
+            assert_eq!(expected.len(), 2, "two windows of three are non-empty");
+            let written = card_value(&card);
+            let parsed: serde_json::Value = serde_json::from_str(&written).expect(&written);
+            assert_eq!(parsed, serde_json::Value::Object(expected), "{written}");
+        }
+        assert_eq!(card_value(&CardStats::new([(60_000, WindowStats::default())])), "{}");
+    }
+
+    #[test]
+    fn a_card_key_is_the_prefix_and_the_id() {
+        let keys = Keys::new("job-1");
+        assert_eq!(keys.card(0), "tripwire:job-1:card:0");
+        assert_eq!(keys.card(u64::MAX), "tripwire:job-1:card:18446744073709551615");
     }
 }

@@ -173,6 +173,21 @@ fn source_accepts_every_good_record_once_and_dead_letters_every_bad_one_with_its
     let doubled = got.values().filter(|d| **d != 1).count();
     assert_eq!((missing, extra, doubled), (0, 0, 0), "accepted events: missing, extra, not once");
 
+    // The business metrics (counted per worker, added once per activation)
+    // count every accepted event once, whatever the workers' activations.
+    let families = prometheus::gather();
+    let family = |name: &str| {
+        families.iter().find(|f| f.name() == name).unwrap_or_else(|| panic!("{name} gathered"))
+    };
+    let counted: u64 = family("tripwire_transactions_total")
+        .get_metric()
+        .iter()
+        .map(|m| m.get_counter().get_value() as u64)
+        .sum();
+    assert_eq!(counted, want.len() as u64, "tripwire_transactions_total over its labels");
+    let amounts = family("tripwire_transaction_amount_minor").get_metric()[0].get_histogram();
+    assert_eq!(amounts.get_sample_count(), want.len() as u64, "amounts observed");
+
     // Every bad record in the dead-letter topic, with the reason planned for its offset.
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap())
