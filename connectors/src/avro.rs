@@ -77,6 +77,9 @@ pub enum AvroChannel {
 }
 
 impl AvroChannel {
+    /// Every channel.
+    pub const ALL: [AvroChannel; 3] = [AvroChannel::POS, AvroChannel::ECOM, AvroChannel::ATM];
+
     /// Its symbol in the schema (as serde names it).
     fn symbol(self) -> &'static str {
         match self {
@@ -175,21 +178,24 @@ impl TransactionCodec {
         // The plan reads what it can read exactly as apache-avro would; on
         // anything else (a truncated or malformed record among them) apache-avro
         // reads it again and says what is wrong.
-        if let Some(record) = reader.plan.as_ref().and_then(|p| p.read(datum)) {
-            let event_id = record.event_id;
-            return validate(record, &self.limits, log_time_ms).map_err(|r| r.of_event(event_id));
-        }
-        let total = datum.len();
-        let record: AvroTransaction = reader.generic.read_deser(&mut datum).map_err(classify)?;
-        if !datum.is_empty() {
-            return Err(Rejected::new(
-                Reason::WrongSchema,
-                format!(
-                    "{} of {total} bytes left after the record: not written with schema {id}",
-                    datum.len()
-                ),
-            ));
-        }
+        let record = match reader.plan.as_ref().and_then(|p| p.read(datum)) {
+            Some(record) => record,
+            None => {
+                let total = datum.len();
+                let record: AvroTransaction =
+                    reader.generic.read_deser(&mut datum).map_err(classify)?;
+                if !datum.is_empty() {
+                    return Err(Rejected::new(
+                        Reason::WrongSchema,
+                        format!(
+                            "{} of {total} bytes left after the record: not written with schema {id}",
+                            datum.len()
+                        ),
+                    ));
+                }
+                record
+            }
+        };
         let event_id = record.event_id;
         validate(record, &self.limits, log_time_ms).map_err(|r| r.of_event(event_id))
     }
@@ -280,9 +286,7 @@ impl Plan {
                 ("channel", Schema::Enum(e)) if e.symbols.len() <= 8 => {
                     let mut by_index = [None; 8];
                     for (i, symbol) in e.symbols.iter().enumerate() {
-                        by_index[i] = [AvroChannel::POS, AvroChannel::ECOM, AvroChannel::ATM]
-                            .into_iter()
-                            .find(|c| c.symbol() == symbol);
+                        by_index[i] = AvroChannel::ALL.into_iter().find(|c| c.symbol() == symbol);
                     }
                     Step::Channel(by_index, e.symbols.len())
                 }
@@ -298,23 +302,10 @@ impl Plan {
             };
             steps.push(step);
         }
-        let has = |name: &str| rs.fields.iter().filter(|f| f.name == name).count() == 1;
-        let required = [
-            "event_id",
-            "card_id",
-            "account_id",
-            "merchant_id",
-            "mcc",
-            "amount_minor",
-            "currency",
-            "country",
-            "lat",
-            "lon",
-            "channel",
-            "event_time",
-        ];
-        let device = rs.fields.iter().filter(|f| f.name == "device_id").count();
-        (required.iter().all(|n| has(n)) && device <= 1).then_some(Plan { steps })
+        // Field names are distinct (the schema parser refuses duplicates), so
+        // twelve steps besides the device id's are the twelve required fields.
+        let required = steps.iter().filter(|s| !matches!(s, Step::DeviceId(..))).count();
+        (required == 12).then_some(Plan { steps })
     }
 
     /// The record in `datum`, all of it; `None` where the plan cannot tell
@@ -671,7 +662,7 @@ mod tests {
                 country: "x".repeat(i % 70),
                 lat: f64::from_bits(long().1),
                 lon: -0.0,
-                channel: [AvroChannel::POS, AvroChannel::ECOM, AvroChannel::ATM][i % 3],
+                channel: AvroChannel::ALL[i % 3],
                 event_time: long().0,
                 device_id: (i % 2 == 0).then(|| long().0),
             })
@@ -926,7 +917,7 @@ mod tests {
                     country: strings[pick(strings.len())].to_string(),
                     lat: [0.0, -90.0, 52.52, f64::MIN_POSITIVE, f64::INFINITY][pick(5)],
                     lon: Some(f64::from_bits(next())).filter(|v| v.is_finite()).unwrap_or(13.4),
-                    channel: [AvroChannel::POS, AvroChannel::ECOM, AvroChannel::ATM][pick(3)],
+                    channel: AvroChannel::ALL[pick(3)],
                     event_time: long(next() >> 23, pick(9)),
                     device_id: if v1 || pick(2) == 0 { None } else { Some(long(next(), pick(9))) },
                 };

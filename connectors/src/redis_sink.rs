@@ -411,6 +411,9 @@ pub fn redis_committer(worker: usize, config: &RedisSinkConfig) -> Committer {
     committer("RedisSink", worker, store, options, false)
 }
 
+/// What a card's key holds after the job's prefix, before the card id.
+const CARD: &str = "card:";
+
 /// The keys of one job's read model.
 pub struct Keys {
     prefix: String,
@@ -431,12 +434,12 @@ impl Keys {
     fn write_card(&self, card_id: u64, key: &mut Vec<u8>) {
         key.clear();
         key.extend_from_slice(self.prefix.as_bytes());
-        key.extend_from_slice(b"card:");
+        key.extend_from_slice(CARD.as_bytes());
         key.extend_from_slice(itoa::Buffer::new().format(card_id).as_bytes());
     }
     /// What every card hash's key starts with.
     pub fn card_prefix(&self) -> String {
-        format!("{}card:", self.prefix)
+        format!("{}{CARD}", self.prefix)
     }
     /// The alert stream.
     pub fn alerts(&self) -> String {
