@@ -26,6 +26,7 @@
 //!   order, each once.
 
 use std::future::Future;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -34,7 +35,7 @@ use std::time::{Duration, Instant};
 use differential_dataflow::VecCollection;
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
-use tripwire_dataflow::{Alert, CardChange, CardStats, Diff, Time, Transaction};
+use tripwire_dataflow::{Alert, CardChange, CardStats, Coalesce, Diff, Time, Transaction};
 
 use crate::metrics;
 
@@ -231,6 +232,10 @@ pub struct SinkInputs<'s> {
     pub alerts: VecCollection<'s, Time, Alert, Diff>,
     /// Accepted events, when the sink archives them.
     pub archive: Option<VecCollection<'s, Time, Transaction, Diff>>,
+    /// The coalescing of `stats` by the window operator that emits them
+    /// (this worker's), which the commit operator enables and cuts batches
+    /// by; `None` for statistics from elsewhere.
+    pub coalesce: Option<Rc<Coalesce>>,
 }
 
 /// How a sink commits.
@@ -395,6 +400,18 @@ pub fn frontier_sinks(inputs: SinkInputs<'_>, committers: Vec<Committer>) -> Vec
     let mut archive_in = inputs.archive.map(|a| builder.new_input(a.inner, Pipeline));
     // Changes below every store's resume point were committed by an earlier run.
     let resume_from = committers.iter().map(|c| c.options.resume_from).min().unwrap_or(0);
+    // No epoch spans a store's resume point: it opens at or after the highest.
+    // An epoch stays open at most as long as a batch may wait.
+    let coalesce = inputs.coalesce;
+    if let Some(c) = coalesce.as_ref() {
+        let from = committers.iter().map(|c| c.options.resume_from).max().unwrap_or(0);
+        let longest = committers
+            .iter()
+            .map(|c| c.options.interval.max(c.options.catch_up_interval))
+            .max()
+            .unwrap_or_default();
+        c.enable(from, activator.clone(), longest);
+    }
     let end = committers.iter().find_map(|c| c.options.end.clone());
     let mut outlets: Vec<Outlet> = committers
         .into_iter()
@@ -443,6 +460,23 @@ pub fn frontier_sinks(inputs: SinkInputs<'_>, committers: Vec<Committer>) -> Vec
                 .min()
                 .unwrap_or(Time::MAX);
             let done = frontier == Time::MAX;
+            // Catching up (results more than a minute behind the wall clock),
+            // nobody waits for each half second: larger batches consolidate
+            // more updates per key and cost the stores far fewer rows.
+            let behind = wall_clock_ms().saturating_sub(frontier) > CATCH_UP_BEHIND_MS;
+            // No batch (nor compaction) ends inside an epoch whose changes
+            // were coalesced: it ends at the epoch's start instead.
+            let frontier = match coalesce.as_ref() {
+                Some(c) => {
+                    c.catching_up(behind && !done);
+                    if done {
+                        frontier
+                    } else {
+                        c.cut(frontier)
+                    }
+                }
+                None => frontier,
+            };
             // What waits for a commit stays bounded by the cards it changes.
             if !done && pending.stats.len() >= COMPACT_FROM.max(2 * compacted) {
                 let mut cuts: Vec<Time> = outlets.iter().map(|o| o.sent).collect();
@@ -463,10 +497,6 @@ pub fn frontier_sinks(inputs: SinkInputs<'_>, committers: Vec<Committer>) -> Vec
                     "compacted pending changes"
                 );
             }
-            // Catching up (results more than a minute behind the wall clock),
-            // nobody waits for each half second: larger batches consolidate
-            // more updates per key and cost the stores far fewer rows.
-            let behind = wall_clock_ms().saturating_sub(frontier) > CATCH_UP_BEHIND_MS;
             // Per store: where its batch ends (if one is due now), and when it next is.
             let mut due_at: Vec<Option<Time>> = Vec::with_capacity(outlets.len());
             let mut wake: Option<Duration> = None;
@@ -530,6 +560,24 @@ pub fn frontier_sinks(inputs: SinkInputs<'_>, committers: Vec<Committer>) -> Vec
                 pending.forget(least);
                 forgotten = least;
                 compacted = compacted.min(pending.stats.len());
+                if let Some(c) = coalesce.as_ref() {
+                    c.forget(least);
+                }
+            }
+            // An open epoch holds the statistics back: it closes when the
+            // first store's batch is due (the window operator then emits
+            // what it held, and the frontier moves on).
+            if let Some(c) = coalesce.as_ref().filter(|c| !done && c.is_open()) {
+                let until_due = outlets
+                    .iter()
+                    .map(|o| o.interval.max(o.catch_up).saturating_sub(o.last_sent.elapsed()))
+                    .min()
+                    .unwrap_or_default();
+                if until_due.is_zero() {
+                    c.request();
+                } else {
+                    wake = Some(wake.map_or(until_due, |w| w.min(until_due)));
+                }
             }
             for o in outlets.iter() {
                 if o.thread.as_ref().is_some_and(|t| t.is_finished()) {
@@ -1034,8 +1082,10 @@ mod tests {
                 let (stats_in, stats) = scope.new_collection::<(u64, CardChange), Diff>();
                 let (alerts_in, alerts) = scope.new_collection::<Alert, Diff>();
                 let committer = committer("Recording", 0, store, options, false);
-                let marks =
-                    frontier_sinks(SinkInputs { stats, alerts, archive: None }, vec![committer]);
+                let marks = frontier_sinks(
+                    SinkInputs { stats, alerts, archive: None, coalesce: None },
+                    vec![committer],
+                );
                 (stats_in, alerts_in, marks)
             });
             use differential_dataflow::input::InputSession;

@@ -294,6 +294,21 @@ pub fn state_size() -> &'static IntGaugeVec {
     })
 }
 
+/// `tripwire_coalesced_changes_total{worker}`: statistics changes a worker's
+/// window operator folded into a later change of the same card while results
+/// were caught up on, and so never emitted (see `tripwire_dataflow::coalesce`).
+pub fn coalesced_changes() -> &'static IntCounterVec {
+    static C: OnceLock<IntCounterVec> = OnceLock::new();
+    C.get_or_init(|| {
+        register_int_counter_vec!(
+            "tripwire_coalesced_changes_total",
+            "Statistics changes folded into a later change of the same card while catching up.",
+            &["worker"]
+        )
+        .expect("metric registered once")
+    })
+}
+
 /// `tripwire_group_restarts`: restarts of this process's group so far (from the supervisor).
 pub fn group_restarts() -> &'static IntGauge {
     static G: OnceLock<IntGauge> = OnceLock::new();

@@ -146,10 +146,21 @@ fn sink_holds_exactly_the_reference_below_the_frontier_and_empties_with_the_wind
                 let (input, events) = scope.new_collection::<Transaction, Diff>();
                 let out = events.detect_fraud(&fraud);
                 let (stats, alerts) = (out.stats, out.alerts);
-                let to_pg =
-                    SinkInputs { stats: stats.clone(), alerts: alerts.clone(), archive: None };
+                let to_pg = SinkInputs {
+                    stats: stats.clone(),
+                    alerts: alerts.clone(),
+                    archive: None,
+                    coalesce: None,
+                };
                 let pg = pg_sink(to_pg, &sink_config);
-                (input, pg, redis_sink(SinkInputs { stats, alerts, archive: None }, &redis_config))
+                (
+                    input,
+                    pg,
+                    redis_sink(
+                        SinkInputs { stats, alerts, archive: None, coalesce: None },
+                        &redis_config,
+                    ),
+                )
             });
             for x in events.iter().filter(|x| x.event_id as usize % peers == index) {
                 let t = fraud.time_of(x.event_time_ms);

@@ -27,7 +27,8 @@ use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
 use timely::dataflow::operators::generic::OutputBuilder;
 use timely::dataflow::operators::Capability;
 
-use crate::card_state::{Agg, CardState, Entry, Scratch};
+use crate::card_state::{Agg, CardState, Coalesced, Entry, Scratch};
+use crate::coalesce::Coalesce;
 use crate::config::FraudConfig;
 use crate::event::{Diff, InputEnd, Time, Transaction};
 use crate::fxhash::FxHashMap;
@@ -127,6 +128,9 @@ pub struct CardWindows<'s> {
     pub judged: VecCollection<'s, Time, Judged, Diff>,
     /// How much this worker's operator holds, updated after each activation.
     pub size: Rc<Cell<StateSize>>,
+    /// Coalescing of `stats` while results are caught up on, which the
+    /// operator committing `stats` enables (see [`crate::coalesce`]).
+    pub coalesce: Rc<Coalesce>,
 }
 
 /// What the window operator of one worker holds: the measure of its state,
@@ -244,6 +248,25 @@ impl Cards {
         slot
     }
 
+    /// Emit each card marked in the epoch that closes, once, at its last
+    /// change; how many. (A slot may be listed twice: its card went, and
+    /// another took the slot within the epoch.)
+    fn emit_coalesced(
+        &mut self,
+        dirty: &mut Vec<u32>,
+        mut give: impl FnMut((u64, CardChange), Time),
+    ) -> u64 {
+        let mut emitted = 0;
+        for slot in dirty.drain(..) {
+            let (card_id, state) = &mut self.states[slot as usize];
+            if let Some(c) = state.coalesced.take() {
+                give((*card_id, CardChange { stats: state.emitted, existed: c.existed }), c.at);
+                emitted += 1;
+            }
+        }
+        emitted
+    }
+
     fn release(&mut self, slot: u32) {
         let (card_id, state) = &mut self.states[slot as usize];
         self.slot_of.remove(card_id);
@@ -300,6 +323,9 @@ pub fn card_windows<'s>(
     let scope = events.inner.scope();
     let mut builder = OperatorBuilder::new("CardWindows".to_owned(), scope);
     let activator = scope.activator_for(builder.operator_info().address);
+    let coalesce = Rc::new(Coalesce::new());
+    coalesce.wake_window_with(activator.clone());
+    let epochs = coalesce.clone();
     let mut input = builder.new_input(
         events.inner,
         Exchange::new(|(x, _t, _r): &(Transaction, Time, Diff)| route(x.card_id)),
@@ -325,6 +351,13 @@ pub fn card_windows<'s>(
         let mut wake: Vec<(u32, usize)> = Vec::new();
         // Capabilities for both outputs at the earliest due time; `None` iff `due` is empty.
         let mut held: Option<[Capability<Time>; 2]> = None;
+        // While an epoch is open: the statistics output held at its start,
+        // the cards marked in it (by slot), its last change, and how many
+        // changes it marked.
+        let mut held_epoch: Option<Capability<Time>> = None;
+        let mut dirty: Vec<u32> = Vec::new();
+        let mut epoch_last: Option<Time> = None;
+        let mut epoch_changes: u64 = 0;
         let mut scratch = Scratch::default();
         let mut aggs: Vec<Agg> = Vec::new();
 
@@ -348,18 +381,30 @@ pub fn card_windows<'s>(
                 }
             });
 
-            let Some(caps) = held.as_ref() else { return };
-            // One session per output for this activation, at the earliest due
-            // time; every update carries its own (later or equal) time.
-            let mut stats_session = stats_handle.session(&caps[0]);
-            let mut judged_session = judged_handle.session(&caps[1]);
+            // One session per output for this activation, at the earliest
+            // time it may emit at (the open epoch's start, else the earliest
+            // due time); every update carries its own (later or equal) time.
+            let Some(stats_cap) = held_epoch.as_ref().or(held.as_ref().map(|h| &h[0])).cloned()
+            else {
+                return;
+            };
+            let mut stats_session = stats_handle.session(&stats_cap);
+            // A batch asked for since the last activation is cut before anything else.
+            if held_epoch.is_some() && epochs.should_close() {
+                let emitted = cards
+                    .emit_coalesced(&mut dirty, |change, t| stats_session.give((change, t, 1)));
+                epochs.close(epoch_last.take(), std::mem::take(&mut epoch_changes) - emitted);
+                held_epoch = None;
+            }
             let frontier = frontiers[0].frontier();
+            let mut judged_session = held.as_ref().map(|caps| judged_handle.session(&caps[1]));
             // Work done in this activation, in arrivals and card passes. A frontier
             // that jumps far (end of input, catch-up after replay) would otherwise
             // make one activation produce everything at once, and hold all of it
             // in channel buffers before anything downstream runs.
             let mut fuel: usize = FUEL;
             let end_at = end.as_ref().and_then(InputEnd::get);
+            let mut ended = end_at.is_some_and(|e| frontier.iter().all(|f| *f >= e));
             while let Some(t) = next_due(&pending, &departures) {
                 // Time `t` is complete once no input at or before it can arrive.
                 if frontier.iter().any(|f| *f <= t) {
@@ -370,12 +415,19 @@ pub fn card_windows<'s>(
                     // on is wanted: what waits goes, and the outputs close.
                     pending.clear();
                     departures.iter_mut().for_each(|d| *d = Departures::default());
+                    ended = true;
                     break;
                 }
                 if fuel == 0 {
                     activator.activate();
                     break;
                 }
+                if held_epoch.is_none() && epochs.may_open(t) {
+                    epochs.open(t);
+                    held_epoch = Some(stats_cap.delayed(&t));
+                }
+                let coalescing = held_epoch.is_some();
+                let judged_session = judged_session.as_mut().expect("held while anything is due");
                 let mut arrivals = match pending.first_entry() {
                     Some(e) if *e.key() == t => e.remove(),
                     _ => Vec::new(),
@@ -435,7 +487,18 @@ pub fn card_windows<'s>(
                     for (k, &i) in stat_index.iter().enumerate().filter(|(_, &i)| i < depth) {
                         changed |= state.emitted.set(k, aggs[i].stats().as_ref());
                     }
-                    if changed {
+                    if changed && coalescing {
+                        // Marked, emitted when the epoch closes.
+                        epoch_changes += 1;
+                        epoch_last = Some(t);
+                        match state.coalesced.as_mut() {
+                            Some(c) => c.at = t,
+                            None => {
+                                state.coalesced = Some(Coalesced { at: t, existed });
+                                dirty.push(slot);
+                            }
+                        }
+                    } else if changed {
                         let stats = state.emitted;
                         stats_session.give(((card_id, CardChange { stats, existed }), t, 1));
                     }
@@ -465,10 +528,24 @@ pub fn card_windows<'s>(
                         judged_session.give((judged, t, 1));
                     }
                     // State is bounded by the window contents: an empty card goes.
+                    // A card marked in the open epoch leaves at once: its slot may be reused.
                     if state.entries.is_empty() {
+                        if let Some(c) = state.coalesced.take() {
+                            let change = CardChange { stats: state.emitted, existed: c.existed };
+                            stats_session.give(((card_id, change), c.at, 1));
+                            epoch_changes -= 1;
+                        }
                         cards.release(slot);
                     }
                 }
+            }
+            // The epoch closes when a batch is due, when results are no longer
+            // behind, and when the input has ended (nothing more will close it).
+            if held_epoch.is_some() && (epochs.should_close() || frontier.is_empty() || ended) {
+                let emitted = cards
+                    .emit_coalesced(&mut dirty, |change, t| stats_session.give((change, t, 1)));
+                epochs.close(epoch_last.take(), std::mem::take(&mut epoch_changes) - emitted);
+                held_epoch = None;
             }
             drop(stats_session);
             drop(judged_session);
@@ -488,5 +565,5 @@ pub fn card_windows<'s>(
         }
     });
 
-    CardWindows { stats: stats.as_collection(), judged: judged.as_collection(), size }
+    CardWindows { stats: stats.as_collection(), judged: judged.as_collection(), size, coalesce }
 }

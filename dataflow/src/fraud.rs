@@ -6,6 +6,7 @@ use std::cell::Cell;
 use std::rc::Rc;
 
 use crate::card_windows::{card_windows, CardWindows, StateSize};
+use crate::coalesce::Coalesce;
 use crate::config::FraudConfig;
 use crate::event::{Diff, InputEnd, Time, Transaction};
 use crate::output::{Alert, CardChange};
@@ -19,6 +20,9 @@ pub struct FraudOutputs<'s> {
     pub alerts: VecCollection<'s, Time, Alert, Diff>,
     /// What this worker's window state holds, for metrics and tests.
     pub state: Rc<Cell<StateSize>>,
+    /// Coalescing of `stats` while results are caught up on: the commit
+    /// operator that reads `stats` enables it (see [`crate::coalesce`]).
+    pub coalesce: Rc<Coalesce>,
 }
 
 /// Extension trait: run the fraud computation on a collection of accepted events.
@@ -46,5 +50,5 @@ impl<'s> DetectFraud<'s> for VecCollection<'s, Time, Transaction, Diff> {
 /// The rules over the windows' judged events.
 fn outputs<'s>(windows: CardWindows<'s>, config: &FraudConfig) -> FraudOutputs<'s> {
     let alerts = windows.judged.alerts(Rules::new(config));
-    FraudOutputs { state: windows.size, stats: windows.stats, alerts }
+    FraudOutputs { state: windows.size, stats: windows.stats, alerts, coalesce: windows.coalesce }
 }

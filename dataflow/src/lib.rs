@@ -9,6 +9,9 @@
 //! - [`card_windows`]: the keyed operator applying arrivals and departures per
 //!   closed time; emits statistics changes and each event judged against its
 //!   card's state at its time.
+//! - [`coalesce`]: while results are caught up on, each card's changes
+//!   within an epoch leave the window operator as one; what it and the commit
+//!   operator agree on so that every batch stays exact.
 //! - [`fxhash`]: the fast hasher of the operator's maps.
 //! - [`rules`]: one fraud rule per file, each a pure function of a judged
 //!   event; all of them applied in one operator.
@@ -24,6 +27,7 @@
 
 pub mod card_state;
 pub mod card_windows;
+pub mod coalesce;
 pub mod config;
 pub mod event;
 pub mod fraud;
@@ -32,6 +36,7 @@ pub mod output;
 pub mod reference;
 pub mod rules;
 
+pub use coalesce::Coalesce;
 pub use config::FraudConfig;
 pub use event::{Channel, Diff, InputEnd, Time, Transaction};
 pub use fraud::{DetectFraud, FraudOutputs};

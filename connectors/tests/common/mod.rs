@@ -48,7 +48,8 @@ pub fn redis_sink_alone(
     worker.dataflow::<Time, _, _>(|scope| {
         let (input, rows) = scope.new_collection::<(u64, CardChange), Diff>();
         let (alerts_in, alerts) = scope.new_collection::<Alert, Diff>();
-        let committed = redis_sink(SinkInputs { stats: rows, alerts, archive: None }, config);
+        let committed =
+            redis_sink(SinkInputs { stats: rows, alerts, archive: None, coalesce: None }, config);
         (input, alerts_in, committed)
     })
 }

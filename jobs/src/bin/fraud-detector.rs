@@ -401,7 +401,7 @@ fn main() -> Result<()> {
         move |worker| {
             let _span = tracing::info_span!("worker", process, worker = worker.index()).entered();
             let registry = registry.clone();
-            let state = worker.dataflow::<Time, _, _>(|scope| {
+            let (state, coalesce) = worker.dataflow::<Time, _, _>(|scope| {
                 let input = match kafka_source(scope, &source, &fraud, registry) {
                     Ok(input) => input,
                     Err(e) => {
@@ -457,9 +457,14 @@ fn main() -> Result<()> {
                     pg_committer(index, &sink, archived.is_some()),
                     redis_committer(index, &read_model),
                 ];
-                let inputs = SinkInputs { stats: out.stats, alerts: out.alerts, archive: archived };
+                let inputs = SinkInputs {
+                    stats: out.stats,
+                    alerts: out.alerts,
+                    archive: archived,
+                    coalesce: Some(out.coalesce.clone()),
+                };
                 frontier_sinks(inputs, committers);
-                out.state
+                (out.state, out.coalesce)
             });
             // Drive the worker here, to publish its state's size as it goes.
             let index = worker.index().to_string();
@@ -467,11 +472,14 @@ fn main() -> Result<()> {
                 tripwire_connectors::metrics::state_size().with_label_values(&[&index, what])
             };
             let (cards, entries, due) = (gauge("cards"), gauge("entries"), gauge("due_times"));
+            let coalesced =
+                tripwire_connectors::metrics::coalesced_changes().with_label_values(&[&index]);
             while worker.step_or_park(Some(Duration::from_millis(100))) {
                 let s = state.get();
                 cards.set(s.cards as i64);
                 entries.set(s.entries as i64);
                 due.set(s.due_times as i64);
+                coalesced.inc_by(coalesce.folded().saturating_sub(coalesced.get()));
             }
         },
     )
