@@ -236,17 +236,6 @@ pub struct CardState {
     /// Inline (a separate allocation was a cache miss on every card visit)
     /// and packed (136 bytes, where a row per window took 192).
     pub emitted: CardStats,
-    /// A change of `emitted` held back while an epoch is open (see [`crate::coalesce`]).
-    pub coalesced: Option<Coalesced>,
-}
-
-/// What stands for a card's changes within an open epoch until it closes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Coalesced {
-    /// The time of its last change.
-    pub at: Time,
-    /// Whether it had statistics just before its first.
-    pub existed: bool,
 }
 
 impl CardState {

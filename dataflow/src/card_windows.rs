@@ -27,7 +27,7 @@ use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
 use timely::dataflow::operators::generic::OutputBuilder;
 use timely::dataflow::operators::Capability;
 
-use crate::card_state::{Agg, CardState, Coalesced, Entry, Scratch};
+use crate::card_state::{Agg, CardState, Entry, Scratch};
 use crate::coalesce::Coalesce;
 use crate::config::FraudConfig;
 use crate::event::{Diff, InputEnd, Time, Transaction};
@@ -248,30 +248,108 @@ impl Cards {
         slot
     }
 
-    /// Emit each card marked in the epoch that closes, once, at its last
-    /// change; how many. (A slot may be listed twice: its card went, and
-    /// another took the slot within the epoch.)
-    fn emit_coalesced(
-        &mut self,
-        dirty: &mut Vec<u32>,
-        mut give: impl FnMut((u64, CardChange), Time),
-    ) -> u64 {
-        let mut emitted = 0;
-        for slot in dirty.drain(..) {
-            let (card_id, state) = &mut self.states[slot as usize];
-            if let Some(c) = state.coalesced.take() {
-                give((*card_id, CardChange { stats: state.emitted, existed: c.existed }), c.at);
-                emitted += 1;
-            }
-        }
-        emitted
-    }
-
     fn release(&mut self, slot: u32) {
         let (card_id, state) = &mut self.states[slot as usize];
         self.slot_of.remove(card_id);
         *state = CardState::default();
         self.free.push(slot);
+    }
+}
+
+/// The depth of an arrival's wake-up (every window), above any departure's
+/// but the longest window's: the deepest of a card's wake-ups at one time is
+/// the one that counts.
+const ARRIVAL: usize = usize::MAX - 1;
+/// The depth of a departure from the longest window (every window, and the
+/// card is trimmed).
+const TRIM: usize = usize::MAX;
+
+/// A slot no change of the open epoch has marked.
+const UNMARKED: u64 = u64::MAX;
+/// In a mark: the card had statistics before its first change in the epoch.
+const EXISTED: u64 = 1 << 63;
+
+/// The window operator's side of an open epoch (see [`crate::coalesce`]).
+///
+/// A card changed within it is marked, not emitted: the time of its last
+/// change and whether it had statistics before its first, in a dense array
+/// by slot (a few megabytes that mostly stay in cache, where the cards'
+/// states are hundreds). A card's departure from a window shorter than the
+/// longest is then only a mark: it does not visit the card's state at all
+/// (a departure always changes the window it leaves, and a card that had a
+/// transaction in a statistics window had statistics). Each marked card is
+/// visited once when the epoch closes, its windows computed as they stand
+/// at the epoch's last time, and emitted at its last change.
+#[derive(Default)]
+struct Epoch {
+    /// The statistics output held at the epoch's start; `Some` iff one is open.
+    held: Option<Capability<Time>>,
+    /// Per slot, [`UNMARKED`] or the card's last change, with [`EXISTED`].
+    marks: Vec<u64>,
+    /// The marked slots, in marking order. A slot may be listed twice (its
+    /// card went and another took the slot): its mark is taken once.
+    dirty: Vec<u32>,
+    /// The last time processed within the epoch.
+    processed: Time,
+    /// Its last change.
+    last: Option<Time>,
+    /// Changes marked and not yet emitted.
+    changes: u64,
+}
+
+impl Epoch {
+    /// Card `slot` changed at `t`; before its first change in the epoch it
+    /// had statistics if `existed` (consulted only if this is its first).
+    fn mark(&mut self, slot: u32, t: Time, existed: bool) {
+        let i = slot as usize;
+        if self.marks.len() <= i {
+            self.marks.resize(i + 1, UNMARKED);
+        }
+        let m = &mut self.marks[i];
+        if *m == UNMARKED {
+            *m = t | if existed { EXISTED } else { 0 };
+            self.dirty.push(slot);
+        } else {
+            *m = t | (*m & EXISTED);
+        }
+        self.changes += 1;
+        self.last = Some(t);
+    }
+
+    /// The mark of a card that goes now (its slot may be reused): its last
+    /// change and whether it had statistics before its first.
+    fn take(&mut self, slot: u32) -> Option<(Time, bool)> {
+        let m = self.marks.get_mut(slot as usize)?;
+        let taken = std::mem::replace(m, UNMARKED);
+        (taken != UNMARKED).then(|| {
+            self.changes -= 1;
+            (taken & !EXISTED, taken & EXISTED != 0)
+        })
+    }
+
+    /// Close the epoch: every marked card's windows as they stand at its
+    /// last time, emitted once at its last change.
+    fn close(
+        &mut self,
+        cards: &mut Cards,
+        rescan: &mut impl FnMut(&mut CardState, Time),
+        coalesce: &Coalesce,
+        mut give: impl FnMut((u64, CardChange), Time),
+    ) {
+        let mut emitted = 0;
+        for slot in self.dirty.drain(..) {
+            let m = std::mem::replace(&mut self.marks[slot as usize], UNMARKED);
+            if m == UNMARKED {
+                continue;
+            }
+            let (card_id, state) = &mut cards.states[slot as usize];
+            rescan(state, self.processed);
+            let change = CardChange { stats: state.emitted, existed: m & EXISTED != 0 };
+            give((*card_id, change), m & !EXISTED);
+            emitted += 1;
+        }
+        coalesce.close(self.last.take(), std::mem::take(&mut self.changes) - emitted);
+        self.held = None;
     }
 }
 
@@ -317,8 +395,11 @@ pub fn card_windows<'s>(
     let mut wakes: Vec<Time> = stat_index.iter().map(|&i| lengths[i]).chain([longest]).collect();
     wakes.sort_unstable();
     wakes.dedup();
-    let wakes: Vec<(Time, usize)> =
-        wakes.into_iter().map(|w| (w, lengths.iter().filter(|l| **l <= w).count())).collect();
+    // The longest window's departure trims the card (and may let it go).
+    let wakes: Vec<(Time, usize)> = wakes
+        .into_iter()
+        .map(|w| (w, if w == longest { TRIM } else { lengths.iter().filter(|l| **l <= w).count() }))
+        .collect();
 
     let scope = events.inner.scope();
     let mut builder = OperatorBuilder::new("CardWindows".to_owned(), scope);
@@ -351,13 +432,17 @@ pub fn card_windows<'s>(
         let mut wake: Vec<(u32, usize)> = Vec::new();
         // Capabilities for both outputs at the earliest due time; `None` iff `due` is empty.
         let mut held: Option<[Capability<Time>; 2]> = None;
-        // While an epoch is open: the statistics output held at its start,
-        // the cards marked in it (by slot), its last change, and how many
-        // changes it marked.
-        let mut held_epoch: Option<Capability<Time>> = None;
-        let mut dirty: Vec<u32> = Vec::new();
-        let mut epoch_last: Option<Time> = None;
-        let mut epoch_changes: u64 = 0;
+        // The open epoch, if any.
+        let mut epoch = Epoch::default();
+        // A card's windows as they stand at a time, into its record.
+        let stat_lengths: Vec<Time> = stat_index.iter().map(|&i| lengths[i]).collect();
+        let (mut rescan_scratch, mut rescan_aggs) = (Scratch::default(), Vec::new());
+        let mut rescan = move |state: &mut CardState, t: Time| {
+            state.scan(t, &stat_lengths, 0, 0, &mut rescan_scratch, &mut rescan_aggs);
+            for (k, a) in rescan_aggs.iter().enumerate() {
+                state.emitted.set(k, a.stats().as_ref());
+            }
+        };
         let mut scratch = Scratch::default();
         let mut aggs: Vec<Agg> = Vec::new();
 
@@ -384,17 +469,16 @@ pub fn card_windows<'s>(
             // One session per output for this activation, at the earliest
             // time it may emit at (the open epoch's start, else the earliest
             // due time); every update carries its own (later or equal) time.
-            let Some(stats_cap) = held_epoch.as_ref().or(held.as_ref().map(|h| &h[0])).cloned()
+            let Some(stats_cap) = epoch.held.as_ref().or(held.as_ref().map(|h| &h[0])).cloned()
             else {
                 return;
             };
             let mut stats_session = stats_handle.session(&stats_cap);
             // A batch asked for since the last activation is cut before anything else.
-            if held_epoch.is_some() && epochs.should_close() {
-                let emitted = cards
-                    .emit_coalesced(&mut dirty, |change, t| stats_session.give((change, t, 1)));
-                epochs.close(epoch_last.take(), std::mem::take(&mut epoch_changes) - emitted);
-                held_epoch = None;
+            if epoch.held.is_some() && epochs.should_close() {
+                epoch.close(&mut cards, &mut rescan, &epochs, |change, t| {
+                    stats_session.give((change, t, 1))
+                });
             }
             let frontier = frontiers[0].frontier();
             let mut judged_session = held.as_ref().map(|caps| judged_handle.session(&caps[1]));
@@ -422,11 +506,14 @@ pub fn card_windows<'s>(
                     activator.activate();
                     break;
                 }
-                if held_epoch.is_none() && epochs.may_open(t) {
+                if epoch.held.is_none() && epochs.may_open(t) {
                     epochs.open(t);
-                    held_epoch = Some(stats_cap.delayed(&t));
+                    epoch.held = Some(stats_cap.delayed(&t));
                 }
-                let coalescing = held_epoch.is_some();
+                let coalescing = epoch.held.is_some();
+                if coalescing {
+                    epoch.processed = t;
+                }
                 let judged_session = judged_session.as_mut().expect("held while anything is due");
                 let mut arrivals = match pending.first_entry() {
                     Some(e) if *e.key() == t => e.remove(),
@@ -450,7 +537,7 @@ pub fn card_windows<'s>(
                     if state.touched_at != Some(t) {
                         state.touched_at = Some(t);
                         state.arrivals.start = n;
-                        wake.push((slot, lengths.len()));
+                        wake.push((slot, ARRIVAL));
                         arrived.push(slot);
                     }
                 }
@@ -466,6 +553,12 @@ pub fn card_windows<'s>(
                 fuel = fuel.saturating_sub(arrivals.len() + wake.len());
 
                 for (slot, depth) in wake.drain(..) {
+                    if coalescing && depth < ARRIVAL {
+                        // Within an epoch a departure is only a mark.
+                        epoch.mark(slot, t, true);
+                        continue;
+                    }
+                    let depth = depth.min(lengths.len());
                     let (card_id, state) = &mut cards.states[slot as usize];
                     let card_id = *card_id;
                     entries -= state.trim(t, longest);
@@ -489,15 +582,7 @@ pub fn card_windows<'s>(
                     }
                     if changed && coalescing {
                         // Marked, emitted when the epoch closes.
-                        epoch_changes += 1;
-                        epoch_last = Some(t);
-                        match state.coalesced.as_mut() {
-                            Some(c) => c.at = t,
-                            None => {
-                                state.coalesced = Some(Coalesced { at: t, existed });
-                                dirty.push(slot);
-                            }
-                        }
+                        epoch.mark(slot, t, existed);
                     } else if changed {
                         let stats = state.emitted;
                         stats_session.give(((card_id, CardChange { stats, existed }), t, 1));
@@ -530,10 +615,9 @@ pub fn card_windows<'s>(
                     // State is bounded by the window contents: an empty card goes.
                     // A card marked in the open epoch leaves at once: its slot may be reused.
                     if state.entries.is_empty() {
-                        if let Some(c) = state.coalesced.take() {
-                            let change = CardChange { stats: state.emitted, existed: c.existed };
-                            stats_session.give(((card_id, change), c.at, 1));
-                            epoch_changes -= 1;
+                        if let Some((at, existed)) = epoch.take(slot) {
+                            let change = CardChange { stats: state.emitted, existed };
+                            stats_session.give(((card_id, change), at, 1));
                         }
                         cards.release(slot);
                     }
@@ -541,11 +625,10 @@ pub fn card_windows<'s>(
             }
             // The epoch closes when a batch is due, when results are no longer
             // behind, and when the input has ended (nothing more will close it).
-            if held_epoch.is_some() && (epochs.should_close() || frontier.is_empty() || ended) {
-                let emitted = cards
-                    .emit_coalesced(&mut dirty, |change, t| stats_session.give((change, t, 1)));
-                epochs.close(epoch_last.take(), std::mem::take(&mut epoch_changes) - emitted);
-                held_epoch = None;
+            if epoch.held.is_some() && (epochs.should_close() || frontier.is_empty() || ended) {
+                epoch.close(&mut cards, &mut rescan, &epochs, |change, t| {
+                    stats_session.give((change, t, 1))
+                });
             }
             drop(stats_session);
             drop(judged_session);
