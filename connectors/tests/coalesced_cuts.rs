@@ -26,18 +26,10 @@ use tripwire_dataflow::{
     CardStats, Channel, DetectFraud, Diff, FraudConfig, StatKey, Time, Transaction,
 };
 
-/// SplitMix64.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        (z ^ (z >> 31)) % n.max(1)
-    }
-}
+// The dataflow tests' harness, for its seeded random numbers.
+#[path = "../../dataflow/tests/common/mod.rs"]
+mod harness;
+use harness::Rng;
 
 /// A batch as a store saw it.
 #[derive(Clone, Debug)]
@@ -77,7 +69,7 @@ impl Store for Recording {
 /// Events over a few minutes of event time in 1970 (far behind the wall
 /// clock), a few cards so that windows fill and empty, bursts and gaps.
 fn stream(seed: u64) -> Vec<Transaction> {
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let events = 300 + rng.below(600);
     let cards = 2 + rng.below(12);
     let mut t: Time = 1_000_000 + rng.below(10_000);
@@ -168,7 +160,7 @@ fn run(
         });
         // Every worker walks the stream in the same random batches, giving
         // its share, and steps its dataflow a random number of times.
-        let mut rng = Rng(seed);
+        let mut rng = Rng::new(seed);
         let mut at = 0;
         while at < events.len() {
             let next = (at + 1 + rng.below(12) as usize).min(events.len());
