@@ -677,9 +677,18 @@ fn lost_loudly(e: &KafkaError, d: &DeadLetter) {
         "dead letter could not be produced");
 }
 
+/// What becomes of a dead-letter sink that cannot start once the dataflow
+/// runs (its producer, or the reading of what its topic holds, failed on its
+/// thread): given the error, on the worker's thread, it should end the job
+/// (which cannot go on without its dead letters). Without one, or should it
+/// return, the worker panics with it.
+pub type OnStartError = Box<dyn FnOnce(&DeadLetterError)>;
+
 /// Write the dead letters of `stream` (read from `source_topic`, which has
 /// `source_partitions` partitions) to `topic` at `bootstrap`, exactly once;
 /// with `confirm`, pass restart points on once their dead letters are delivered.
+/// What can be checked before the dataflow runs is returned; a failure of
+/// the rest of the start goes to `on_start_error`.
 pub fn dead_letter_sink(
     stream: StreamVec<'_, Time, DeadLetter>,
     bootstrap: &str,
@@ -687,6 +696,7 @@ pub fn dead_letter_sink(
     source_topic: &str,
     source_partitions: usize,
     confirm: Option<Confirm>,
+    on_start_error: Option<OnStartError>,
 ) -> Result<(), DeadLetterError> {
     let partitions = crate::kafka_admin::partition_count(bootstrap, topic)?.unwrap_or(0);
     if partitions < source_partitions {
@@ -734,6 +744,14 @@ pub fn dead_letter_sink(
     // Exported from the start, at 0, so that an alert on it has a series.
     crate::metrics::dead_letters_lost_total();
     let mut running = Some((orders, thread));
+    let mut on_start_error = on_start_error;
+    let start_failed = move |e: KafkaError, hook: Option<OnStartError>| -> ! {
+        let e = DeadLetterError::Kafka(e);
+        if let Some(hook) = hook {
+            hook(&e);
+        }
+        panic!("cannot start the dead-letter sink of worker {worker}: {e}")
+    };
     let mut builder = OperatorBuilder::new("DeadLetterSink".to_owned(), scope);
     let mut input = builder.new_input(stream, Pipeline);
     builder.build(move |_capabilities| {
@@ -745,9 +763,7 @@ pub fn dead_letter_sink(
                 let (_, thread) = running.take().expect("running");
                 match thread.join() {
                     Err(panic) => std::panic::resume_unwind(panic),
-                    Ok(Err(e)) => {
-                        panic!("cannot start the dead-letter sink of worker {worker}: {e}")
-                    }
+                    Ok(Err(e)) => start_failed(e, on_start_error.take()),
                     Ok(Ok(())) => panic!("the dead-letter thread of worker {worker} has stopped"),
                 }
             }
@@ -774,9 +790,7 @@ pub fn dead_letter_sink(
                 drop(orders);
                 match thread.join() {
                     Err(panic) => std::panic::resume_unwind(panic),
-                    Ok(Err(e)) => {
-                        panic!("cannot start the dead-letter sink of worker {worker}: {e}")
-                    }
+                    Ok(Err(e)) => start_failed(e, on_start_error.take()),
                     Ok(Ok(())) => {}
                 }
             }

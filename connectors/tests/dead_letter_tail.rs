@@ -139,7 +139,7 @@ fn a_letter_is_committed_soon_without_a_restart_point() {
             // Restart points are taken every few thousand records of a
             // partition: none comes here, as on a slow topic.
             let confirm = Confirm { taken: Progress::default(), confirmed: Progress::default() };
-            dead_letter_sink(input.to_stream(scope), &b, &d, &s, 1, Some(confirm)).unwrap();
+            dead_letter_sink(input.to_stream(scope), &b, &d, &s, 1, Some(confirm), None).unwrap();
         });
         input.send(DeadLetter {
             reason: DeadLetterReason::Late,
@@ -184,7 +184,7 @@ fn restart_points_queued_behind_a_commit_share_its_transaction() {
         let taken = Progress::default();
         worker.dataflow::<u64, _, _>(|scope| {
             let confirm = Confirm { taken: taken.clone(), confirmed: c.clone() };
-            dead_letter_sink(input.to_stream(scope), &b, &d, &s, 1, Some(confirm)).unwrap();
+            dead_letter_sink(input.to_stream(scope), &b, &d, &s, 1, Some(confirm), None).unwrap();
         });
         for offset in 0..POINTS {
             input.send(DeadLetter {
@@ -344,7 +344,7 @@ fn too_large_letters(name: &str, lowered: bool) {
         let ran = timely::execute(timely::Config::thread(), move |worker| {
             let mut input = timely::dataflow::InputHandleVec::<u64, DeadLetter>::new();
             worker.dataflow::<u64, _, _>(|scope| {
-                dead_letter_sink(input.to_stream(scope), &b, &d, &s, 1, None).unwrap();
+                dead_letter_sink(input.to_stream(scope), &b, &d, &s, 1, None, None).unwrap();
             });
             if lowered {
                 alter_topic(&b, &d, &small).unwrap();

@@ -34,6 +34,12 @@
 //! produce request of its own, and at 10K/s the broker took a tenth to a
 //! fifth more CPU).
 //!
+//! First, one run at the first rate for `TRIPWIRE_BENCH_WARMUP_SECONDS`
+//! (default 20, at least 10; 0 for none) that is printed but neither counted nor written:
+//! right after `./tripwire stack up` the broker's JVM has not compiled its
+//! code yet and PostgreSQL's caches are cold, and the first run measured
+//! that (50K/s: p50 1.1 s, p99 4.5 s cold; 38 / 81 ms in the next run).
+//!
 //! Prints a table and writes `bench/results/latency.json`.
 //!
 //! To measure a change as a ratio in one run: build the job before it, copy
@@ -345,6 +351,18 @@ fn main() {
     let linger_ms = env_or("TRIPWIRE_BENCH_LINGER_MS", 5);
     let settings = Settings { seconds, lateness_ms, commit_ms, linger_ms };
     let bin = binary("fraud-detector");
+    // At least 10 s: the first 5 s and the tail of a run are not counted.
+    let warm_up = match env_or("TRIPWIRE_BENCH_WARMUP_SECONDS", 20) {
+        0 => 0,
+        s => s.max(10),
+    };
+    if let (Some(&rate), true) = (rates.first(), warm_up > 0) {
+        let m = measure(&bin, rate, Settings { seconds: warm_up, ..settings });
+        println!(
+            "warm-up, not counted: {warm_up} s at {rate} events/s, both p50 {:.1} ms, p99 {:.1} ms",
+            m.both.p50, m.both.p99
+        );
+    }
     if let Ok(baseline) = std::env::var("TRIPWIRE_BENCH_BASELINE") {
         let rounds = env_or("TRIPWIRE_BENCH_ROUNDS", 2);
         println!("| rate | round | build | produced | both p50 ms | both p99 ms | both p99.9 ms | PostgreSQL p99 ms | Redis p99 ms |");

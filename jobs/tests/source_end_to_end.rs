@@ -145,6 +145,7 @@ fn source_accepts_every_good_record_once_and_dead_letters_every_bad_one_with_its
                 &source_topic,
                 PARTITIONS as usize,
                 None,
+                None,
             )
             .unwrap();
         });

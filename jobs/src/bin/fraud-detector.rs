@@ -423,10 +423,9 @@ fn main() -> Result<()> {
                     &topic,
                     partitions,
                     Some(confirm),
+                    Some(Box::new(|e| cannot_start_dead_letters(e))),
                 ) {
-                    tracing::error!(error = %e, "cannot start the dead-letter sink");
-                    eprintln!("fraud-detector: {e}");
-                    std::process::exit(2);
+                    cannot_start_dead_letters(&e);
                 }
                 let archived = archive.then(|| input.events.clone());
                 // A bounded run computes nothing past its input's end.
@@ -489,6 +488,15 @@ fn main() -> Result<()> {
     }
     tracing::info!("finished");
     Ok(())
+}
+
+/// The dead-letter sink cannot start, before the dataflow runs or on its
+/// own thread after: the job cannot keep its promise that no bad record is
+/// lost, so it stops as it does when its input cannot be read.
+fn cannot_start_dead_letters(e: &tripwire_connectors::dead_letter_sink::DeadLetterError) -> ! {
+    tracing::error!(error = %e, "cannot start the dead-letter sink");
+    eprintln!("fraud-detector: cannot start the dead-letter sink: {e}");
+    std::process::exit(2);
 }
 
 /// Both stores' committed frontiers and, if either ever committed, where to resume.
