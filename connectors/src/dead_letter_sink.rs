@@ -696,7 +696,7 @@ pub fn dead_letter_sink(
     source_topic: &str,
     source_partitions: usize,
     confirm: Option<Confirm>,
-    on_start_error: Option<OnStartError>,
+    mut on_start_error: Option<OnStartError>,
 ) -> Result<(), DeadLetterError> {
     let partitions = crate::kafka_admin::partition_count(bootstrap, topic)?.unwrap_or(0);
     if partitions < source_partitions {
@@ -744,10 +744,9 @@ pub fn dead_letter_sink(
     // Exported from the start, at 0, so that an alert on it has a series.
     crate::metrics::dead_letters_lost_total();
     let mut running = Some((orders, thread));
-    let mut on_start_error = on_start_error;
-    let start_failed = move |e: KafkaError, hook: Option<OnStartError>| -> ! {
+    let mut start_failed = move |e: KafkaError| -> ! {
         let e = DeadLetterError::Kafka(e);
-        if let Some(hook) = hook {
+        if let Some(hook) = on_start_error.take() {
             hook(&e);
         }
         panic!("cannot start the dead-letter sink of worker {worker}: {e}")
@@ -763,7 +762,7 @@ pub fn dead_letter_sink(
                 let (_, thread) = running.take().expect("running");
                 match thread.join() {
                     Err(panic) => std::panic::resume_unwind(panic),
-                    Ok(Err(e)) => start_failed(e, on_start_error.take()),
+                    Ok(Err(e)) => start_failed(e),
                     Ok(Ok(())) => panic!("the dead-letter thread of worker {worker} has stopped"),
                 }
             }
@@ -790,7 +789,7 @@ pub fn dead_letter_sink(
                 drop(orders);
                 match thread.join() {
                     Err(panic) => std::panic::resume_unwind(panic),
-                    Ok(Err(e)) => start_failed(e, on_start_error.take()),
+                    Ok(Err(e)) => start_failed(e),
                     Ok(Ok(())) => {}
                 }
             }
