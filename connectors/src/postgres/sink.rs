@@ -793,6 +793,43 @@ mod tests {
         });
     }
 
+    /// On either path, a card's row is replaced only by a later one: a batch
+    /// carrying an earlier `as_of` for a card (a replay beside a run that
+    /// wrote further) leaves that row as it is, and still updates and
+    /// inserts the batch's other cards.
+    #[test]
+    fn a_later_row_is_never_replaced_by_an_earlier_one_on_either_path() {
+        for (name, cards) in [("guard_small", 3), ("guard_large", COPY_FROM_CARDS as u64 + 3)] {
+            in_fresh_schema(name, |mut store, mut conn| async move {
+                // Card 0 stored at 500 by a run ahead, card 1 at 100; the others absent.
+                for (card, count, as_of) in [(0i64, 9i64, 500i64), (1, 1, 100)] {
+                    conn.client
+                        .execute(
+                            "INSERT INTO card_stats
+                             VALUES ($1, ARRAY[[60000, $2::bigint, 100 * $2::bigint, 100, 1, 1]], $3)",
+                            &[&card, &count, &as_of],
+                        )
+                        .await
+                        .unwrap();
+                }
+                let upserts = (0..cards).map(|c| (c, stats(2), 300)).collect();
+                let b = Batch { frontier: 400, upserts, ..Batch::default() };
+                store.commit(&mut conn, &b).await.unwrap();
+                let got: Vec<(i64, i64, i64)> = conn
+                    .client
+                    .query("SELECT card_id, count, as_of FROM window_stats ORDER BY card_id", &[])
+                    .await
+                    .unwrap()
+                    .iter()
+                    .map(|r| (r.get(0), r.get(1), r.get(2)))
+                    .collect();
+                let mut want = vec![(0, 9, 500)];
+                want.extend((1..cards as i64).map(|c| (c, 2, 300)));
+                assert_eq!(got, want, "{name}");
+            });
+        }
+    }
+
     /// A large batch's cards new to the store are copied straight into
     /// `card_stats`, beside the upsert of the others; when one of them has a
     /// row after all (one this run did not write), the commit fails on the
