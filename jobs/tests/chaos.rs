@@ -28,6 +28,9 @@
 //! test stops and starts its services.
 
 mod common;
+// The dataflow tests' harness, for its seeded random numbers.
+#[path = "../../dataflow/tests/common/mod.rs"]
+mod harness;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
@@ -48,6 +51,7 @@ use tripwire_dataflow::{FraudConfig, StatKey, Time, Transaction};
 use tripwire_jobs::generator::{Expect, GenConfig, Generator, Planned, SchemaIds};
 
 use common::{accepted, dead_letters, now_ms, produce, produce_at, record, rejected};
+use harness::Rng;
 use tripwire_connectors::dead_letter::DeadLetterReason;
 
 const PROCESSES: usize = 2;
@@ -146,19 +150,6 @@ fn rows_of(want: &Want, got: &Results) -> [(&'static str, (usize, usize, usize))
 
 fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-/// SplitMix64: the driver's own seeded randomness.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        (z ^ (z >> 31)) % n.max(1)
-    }
 }
 
 /// One job (a name, a PostgreSQL schema, a Redis prefix) over the test's topic.
@@ -551,7 +542,7 @@ fn chaos_leaves_exactly_the_reference_result_and_that_of_a_run_without_failures(
         rt: tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap(),
         endpoints: endpoints.clone(),
     };
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let mut job = Job {
         name: format!("chaos_{id}"),
         topic: topic.clone(),
