@@ -274,24 +274,6 @@ fn main() -> Result<()> {
     } else {
         timely::CommunicationConfig::Process(args.workers)
     };
-    // The input's partition count, and the dead-letter topic, the job's own
-    // output, with as many partitions (a missing input is the source's error
-    // to report): neither needs the stores, so both are found and made while
-    // the stores' checkpoints are read below (each takes a Kafka client of
-    // its own: together about 0.14 s of every start, a fiftieth of a bulk
-    // load of 2M events).
-    let topics = {
-        let bootstrap = endpoints.kafka_bootstrap.clone();
-        let (topic, dlq) = (args.topic.clone(), args.dlq_topic.clone());
-        std::thread::Builder::new().name("topics".into()).spawn(move || -> Result<usize> {
-            let partitions = partition_count(&bootstrap, &topic)
-                .with_context(|| format!("reading topic {topic}"))?
-                .unwrap_or(1);
-            ensure_topic(&bootstrap, &dlq, partitions as i32)
-                .with_context(|| format!("creating topic {dlq}"))?;
-            Ok(partitions)
-        })?
-    };
     // Resume where the job's sinks have committed, if they ever did: each sink
     // drops what it already has, the source re-reads what the slower one needs.
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -399,9 +381,14 @@ fn main() -> Result<()> {
     let bootstrap = endpoints.kafka_bootstrap.clone();
     let dlq = args.dlq_topic.clone();
     let archive = args.archive;
-    let partitions =
-        topics.join().map_err(|_| anyhow::anyhow!("the thread finding the topics panicked"))??;
+    // The dead-letter topic is the job's own output: it creates it, with as
+    // many partitions as the input (a missing input is the source's error to report).
+    let partitions = partition_count(&bootstrap, &args.topic)
+        .with_context(|| format!("reading topic {}", args.topic))?
+        .unwrap_or(1);
     let topic = args.topic.clone();
+    ensure_topic(&bootstrap, &dlq, partitions as i32)
+        .with_context(|| format!("creating topic {dlq}"))?;
     let registry: Arc<dyn SchemaRegistry> = if args.schema_registry {
         Arc::new(ConfluentRegistry::new(&endpoints.registry_url))
     } else {
