@@ -30,14 +30,22 @@
 //! - `progress`, a channel: each stored frontier is published there as
 //!   `{worker} {frontier}` when it is stored, so that a reader can learn
 //!   how fresh the read model is without polling.
+//! - `fence:{worker}`, a string per sink worker, written whenever its
+//!   frontier is stored or fitted ([`Keys::fence`]).
 //!
-//! Each batch is applied by Lua scripts of a few hundred arguments each
-//! (about a millisecond of Redis's time, so that a reader never waits long
-//! behind a catch-up), all but the last sent at once (pipelined), the last,
-//! which stores the worker's frontier, once they all landed. Each script is
-//! all or nothing: Redis refuses it up front when out of memory, and it checks
-//! every key's type before its first write. A batch whose last script did not
-//! run is sent again, whole, on retry or by the replay after a crash; every
+//! Each batch is applied in parts of a few hundred cards each (a fraction of
+//! a millisecond of Redis's time, so that a reader never waits long behind a
+//! catch-up), all but the last sent at once (pipelined), the last, which
+//! stores the worker's frontier, once they all landed. A part is one
+//! transaction: `WATCH` the worker's fence; a small script, the guard, that
+//! lets it through only if its batch is beyond the worker's stored frontier
+//! (touching the fence otherwise); then `MULTI`, the cards as one plain
+//! `MSET` (and a `DEL`), the alerts and the frontier by script, and `EXEC`,
+//! which does nothing if the fence was written since the `WATCH`: refused by
+//! the guard, or a frontier stored meanwhile by another run. Redis refuses
+//! the whole transaction when out of memory, and the scripts check every
+//! key's type before their first write. A batch whose last part did not
+//! land is sent again, whole, on retry or by the replay after a crash; every
 //! write is idempotent, so the batch lands once. A batch at or below the
 //! stored frontier is skipped, and changes below the
 //! frontier the job had committed when this run started are dropped (a replay
@@ -81,10 +89,6 @@ pub struct RedisSinkConfig {
     pub resume_from: Time,
     /// A bounded run's end, from the source.
     pub end: Option<InputEnd>,
-    /// The greatest frontier any worker had stored when this run started
-    /// (before a rescale fitted them): until a batch starts there, fields this
-    /// run did not write may be in Redis.
-    pub high_water: Time,
     /// The source's decisions, recorded with the commits (see [`DecisionStore`]).
     pub decisions: Option<Decisions>,
     /// The topic the decisions are about.
@@ -105,7 +109,6 @@ impl RedisSinkConfig {
             stream_max_len: 100_000,
             resume_from: 0,
             end: None,
-            high_water: 0,
             decisions: None,
             topic: String::new(),
         }
@@ -212,29 +215,6 @@ pub async fn worker_frontiers(
     Ok(all.iter().filter_map(|(w, v)| Some((w.parse().ok()?, v.parse::<Time>().ok()?))).collect())
 }
 
-/// The greatest frontier any of `job`'s Redis sink workers ever stored,
-/// including before a rescale fitted them (0 if none did).
-pub async fn high_water(url: &str, job: &str) -> Result<Time, redis::RedisError> {
-    let keys = Keys::new(job);
-    let client = redis::Client::open(url)?;
-    let mut conn = client.get_multiplexed_async_connection().await?;
-    let (before, partial): (Option<String>, Vec<String>) = redis::pipe()
-        .cmd("GET")
-        .arg(keys.high_water())
-        .cmd("HVALS")
-        .arg(keys.partial())
-        .query_async(&mut conn)
-        .await?;
-    let stored = worker_frontiers(url, job).await?.values().copied().max();
-    Ok(before
-        .into_iter()
-        .chain(partial)
-        .filter_map(|v| v.parse().ok())
-        .chain(stored)
-        .max()
-        .unwrap_or(0))
-}
-
 /// Make `job`'s frontiers fit a run of `workers` sink workers, before it starts.
 ///
 /// A worker's frontier speaks only for the keys that worker owned, and which
@@ -246,108 +226,119 @@ pub async fn high_water(url: &str, job: &str) -> Result<Time, redis::RedisError>
 pub async fn fit_frontiers(url: &str, job: &str, workers: usize) -> Result<(), redis::RedisError> {
     let client = redis::Client::open(url)?;
     let mut conn = client.get_multiplexed_async_connection().await?;
+    let keys = Keys::new(job);
     let _: i64 = redis::Script::new(FIT)
-        .key(Keys::new(job).frontiers())
-        .key(Keys::new(job).high_water())
-        .key(Keys::new(job).partial())
+        .key(keys.frontiers())
         .arg(workers)
+        .arg(&keys.prefix)
         .invoke_async(&mut conn)
         .await?;
     Ok(())
 }
 
+/// KEYS[1] the frontiers hash; ARGV[1] the number of workers of the run about
+/// to start, ARGV[2] the prefix. Every worker's fence, old and new, is
+/// touched (see `Keys::fence`).
 const FIT: &str = r#"
--- KEYS[1] the frontiers hash, KEYS[2] the high water, KEYS[3] the partial batches' hash;
--- ARGV[1] the number of workers of the run about to start.
 local n = tonumber(ARGV[1])
 local all = redis.call('HGETALL', KEYS[1])
-local least, greatest, fits = nil, nil, (#all / 2 == n)
+local least, fits = nil, (#all / 2 == n)
 for i = 1, #all, 2 do
   local w = tonumber(all[i])
   if w == nil or w >= n then fits = false end
   if least == nil or all[i + 1] < least then least = all[i + 1] end
-  if greatest == nil or all[i + 1] > greatest then greatest = all[i + 1] end
 end
 if fits then return 0 end
-for _, p in ipairs(redis.call('HVALS', KEYS[3])) do
-  if greatest == nil or p > greatest then greatest = p end
-end
--- Fields the earlier workers wrote may lie beyond the frontier every worker starts at.
-local was = redis.call('GET', KEYS[2])
-if greatest and (not was or greatest > was) then redis.call('SET', KEYS[2], greatest) end
+least = least or '00000000000000000000'
+for i = 1, #all, 2 do redis.call('SET', ARGV[2] .. 'fence:' .. all[i], least) end
 redis.call('DEL', KEYS[1])
 for w = 0, n - 1 do
-  redis.call('HSET', KEYS[1], tostring(w), least or '00000000000000000000')
+  redis.call('HSET', KEYS[1], tostring(w), least)
+  redis.call('SET', ARGV[2] .. 'fence:' .. w, least)
 end
 return 1
 "#;
 
-const SCRIPT: &str = r#"#!lua
--- KEYS[1] frontiers hash, KEYS[2] alert stream, KEYS[3] alert markers (a sorted set),
--- KEYS[4] last alert order by card, KEYS[5] last alert by card, KEYS[6] partial: per
--- worker, the greatest frontier of a batch some of whose parts landed (beyond it, Redis
--- may hold values that no stored frontier speaks for), KEYS[7] the source's floors,
--- KEYS[8] its read positions (both hashes of 20-digit values, each kept at its greatest).
--- ARGV: frontier (20-digit), prefix, last (1 on a batch's last part: it stores the
--- frontier), stream max len, #sets, #alerts, this worker's field, the batch's start
--- (20-digit), #floors, #positions, #deletes; then floors and positions (field, value:
--- recorded whether or not the batch is covered, as the source took them while reading);
--- then the cards to set (key, value: the card's record); then the cards whose windows
--- all emptied (key, passing: 1 when the card came and went within the batch, and is
--- deleted only when Redis may hold what this run did not write); then alerts (card, id,
--- rule, time, event time, details, order: event time and id, 20 digits each, the alert
--- as JSON).
--- Each part all or nothing: the shebang makes Redis refuse the whole script up front
--- when it is out of memory, and every key written but the cards' (plain strings, which
--- SET and DEL take whatever they held) is checked for its type before the first write.
--- A batch is several parts, so that no reader waits behind a long script; only the last
--- stores the frontier, and the parts before it are written again, whole, by the replay
--- if the batch does not land (every write is idempotent).
+/// A Lua function every script below starts with: `nil` when `key` is absent
+/// or of type `kind`, else the error that refuses the part.
+macro_rules! lua_expect {
+    () => {
+        r#"#!lua
 local function expect(key, kind)
   local t = redis.call('TYPE', key)['ok']
   if t ~= 'none' and t ~= kind then
     return redis.error_reply('WRONGTYPE ' .. key .. ' holds a ' .. t .. ', not a ' .. kind .. ': batch not applied')
   end
 end
-local err = expect(KEYS[1], 'hash') or expect(KEYS[7], 'hash') or expect(KEYS[8], 'hash')
-if err then return err end
--- The source's decisions the batch's results depend on (and perhaps a few newer ones):
--- valid whatever becomes of the batch, so written first.
-local i = 12
-local function keep_greatest(key, n)
-  for _ = 1, n do
-    local was = redis.call('HGET', key, ARGV[i])
-    if not was or ARGV[i + 1] > was then redis.call('HSET', key, ARGV[i], ARGV[i + 1]) end
-    i = i + 2
+"#
+    };
+}
+
+/// The guard of one part of a batch, run after the part's `WATCH` of this
+/// worker's fence and before its `MULTI`: it lets the part's writes (queued
+/// in the `MULTI`, run by `EXEC`) land only if the batch is beyond the
+/// stored frontier. Refusing, it touches the fence, which makes the part's
+/// `EXEC` do nothing; so does any writer that stores this worker's frontier
+/// between the guard and the `EXEC`. Any failure refuses (under `pcall`:
+/// a guard that fails half way still touches the fence).
+///
+/// KEYS[1] frontiers hash, KEYS[2] this worker's fence, KEYS[3] the source's
+/// floors, KEYS[4] its read positions (hashes of 20-digit values, each kept at
+/// its greatest). ARGV: the batch's frontier (20 digits), this worker's
+/// field, #floors, #positions, then floors and positions (field, value:
+/// recorded whether or not the batch is covered, as the source took them
+/// while reading; only the first part carries them). Returns 1 (go on), 0
+/// (the stored frontier covers the batch) or an error.
+const GUARD: &str = concat!(
+    lua_expect!(),
+    r#"
+local function guard()
+  local err = expect(KEYS[1], 'hash') or expect(KEYS[3], 'hash') or expect(KEYS[4], 'hash')
+  if err then return err end
+  local i = 5
+  for k, n in ipairs({tonumber(ARGV[3]), tonumber(ARGV[4])}) do
+    for _ = 1, n do
+      local was = redis.call('HGET', KEYS[2 + k], ARGV[i])
+      if not was or ARGV[i + 1] > was then redis.call('HSET', KEYS[2 + k], ARGV[i], ARGV[i + 1]) end
+      i = i + 2
+    end
   end
+  local current = redis.call('HGET', KEYS[1], ARGV[2])
+  if current and ARGV[1] <= current then return 0 end
+  return 1
 end
-keep_greatest(KEYS[7], tonumber(ARGV[9]))
-keep_greatest(KEYS[8], tonumber(ARGV[10]))
-local frontier = ARGV[1]
-local current = redis.call('HGET', KEYS[1], ARGV[7])
-if current and frontier <= current then return 0 end
-local maxlen = ARGV[4]
-local ns, na, nd = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[11])
-err = expect(KEYS[6], 'hash')
+local ok, r = pcall(guard)
+if ok and r == 1 then return 1 end
+redis.call('SET', KEYS[2], ARGV[1])
+if not ok then return redis.error_reply(type(r) == 'table' and r.err or tostring(r)) end
+return r
+"#
+);
+
+/// A part's alerts and, in a batch's last part, its frontier: run inside the
+/// part's `MULTI`, after its cards.
+///
+/// KEYS[1] frontiers hash, KEYS[2] alert stream, KEYS[3] alert markers (a
+/// sorted set), KEYS[4] last alert order by card, KEYS[5] last alert by card,
+/// KEYS[6] this worker's fence. ARGV: frontier (20 digits), prefix, last (1
+/// on a batch's last part: it stores the frontier), stream max len, #alerts,
+/// this worker's field; then the alerts (card, id, rule, time, event time,
+/// details, order: event time and id, 20 digits each, the alert as JSON).
+/// Every key it writes is checked for its type before its first write.
+const SCRIPT: &str = concat!(
+    lua_expect!(),
+    r#"
+local na = tonumber(ARGV[5])
+local err = expect(KEYS[1], 'hash')
 if not err and (na > 0 or ARGV[3] == '1') then err = expect(KEYS[3], 'zset') end
 if not err and na > 0 then
   err = expect(KEYS[2], 'stream') or expect(KEYS[4], 'hash') or expect(KEYS[5], 'hash')
 end
 if err then return err end
-local partial = redis.call('HGET', KEYS[6], ARGV[7])
-local exact = current == ARGV[8] and (not partial or partial <= ARGV[8])
-if ARGV[3] ~= '1' and (not partial or partial < frontier) then
-  redis.call('HSET', KEYS[6], ARGV[7], frontier)
-end
-if ns > 0 then
-  redis.call('MSET', unpack(ARGV, i, i + 2 * ns - 1))
-  i = i + 2 * ns
-end
-for _ = 1, nd do
-  -- Redis may hold values this run did not write, unless it holds exactly the batch's start.
-  if not (ARGV[i + 1] == '1' and exact) then redis.call('DEL', ARGV[i]) end
-  i = i + 2
-end
+local frontier = ARGV[1]
+local current = redis.call('HGET', KEYS[1], ARGV[6])
+if current and frontier <= current then return 0 end
+local i = 7
 for _ = 1, na do
   -- Each alert enters the stream once, whichever worker or run commits it:
   -- one below this worker's stored frontier is there already (a replay, or
@@ -357,7 +348,7 @@ for _ = 1, na do
   local fresh = not current or tonumber(ARGV[i + 3]) >= tonumber(current)
   if fresh and not redis.call('ZSCORE', KEYS[3], id) then
     redis.call('ZADD', KEYS[3], ARGV[i + 3], id)
-    redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 'alert_id', id, 'card_id', ARGV[i],
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'alert_id', id, 'card_id', ARGV[i],
       'rule', ARGV[i + 2], 'event_time', ARGV[i + 4], 'details', ARGV[i + 5])
   end
   -- The card's newest alert by event time, ties by id: the same whatever the
@@ -371,9 +362,10 @@ for _ = 1, na do
   i = i + 8
 end
 if ARGV[3] ~= '1' then return 1 end
-redis.call('HSET', KEYS[1], ARGV[7], frontier)
+redis.call('HSET', KEYS[1], ARGV[6], frontier)
+redis.call('SET', KEYS[6], frontier)
 -- (The channel is Keys::progress.)
-redis.call('PUBLISH', ARGV[2] .. 'progress', ARGV[7] .. ' ' .. frontier)
+redis.call('PUBLISH', ARGV[2] .. 'progress', ARGV[6] .. ' ' .. frontier)
 -- Markers below every worker's frontier can never be needed again: no replay
 -- recomputes an alert below the frontier it resumes from (event time, not a TTL).
 local least = nil
@@ -382,7 +374,8 @@ for _, f in ipairs(redis.call('HVALS', KEYS[1])) do
 end
 if least then redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. tonumber(least)) end
 return 1
-"#;
+"#
+);
 
 /// A frontier as 20 zero-padded digits, so that Lua compares them exactly, as strings.
 fn padded(t: Time) -> String {
@@ -400,7 +393,7 @@ pub fn redis_sink(inputs: SinkInputs<'_>, config: &RedisSinkConfig) -> Committed
 /// Worker `worker`'s Redis committer, for [`frontier_sinks`] (the read model
 /// keeps no archive).
 pub fn redis_committer(worker: usize, config: &RedisSinkConfig) -> Committer {
-    let store = Redis { config: config.clone(), worker, script: redis::Script::new(SCRIPT) };
+    let store = Redis { config: config.clone(), worker };
     let options = CommitOptions {
         interval: config.commit_interval,
         resume_from: config.resume_from,
@@ -461,14 +454,12 @@ impl Keys {
     pub fn progress(&self) -> String {
         format!("{}progress", self.prefix)
     }
-    /// Per worker, the greatest frontier of a batch some of whose scripts ran (20 digits).
-    pub fn partial(&self) -> String {
-        format!("{}partial", self.prefix)
-    }
-
-    /// The greatest worker frontier before the last rescale (a string of 20 digits).
-    pub fn high_water(&self) -> String {
-        format!("{}high_water", self.prefix)
+    /// Worker `worker`'s fence, a string: written whenever the worker's
+    /// frontier is stored or fitted, and whenever a part of one of its batches
+    /// is refused. Each part watches it (`WATCH`) from before its guard to its
+    /// writes (`EXEC`), which then land only if nothing wrote it meanwhile.
+    pub fn fence(&self, worker: usize) -> String {
+        format!("{}fence:{worker}", self.prefix)
     }
 
     /// The source's floors (field `{topic}:{partition}:{offset}`, the floor in 20 digits).
@@ -487,24 +478,19 @@ impl Keys {
     }
 }
 
-/// About how many script arguments one part of a batch carries (two per
-/// card): about a millisecond of Redis's time, so that readers never wait
-/// long behind a commit (a batch's parts go out pipelined, and Redis serves
-/// other clients between them).
-pub const PART_ARGS: usize = 500;
+/// How many cards one part of a batch writes: a fraction of a millisecond
+/// of Redis's time, so that readers never wait long behind a commit (a
+/// batch's parts go out pipelined, and Redis serves other clients between
+/// them).
+pub const PART_CARDS: usize = 250;
+
+/// How many alerts one part of a batch carries (each is a few writes in a script).
+pub const PART_ALERTS: usize = 60;
 
 /// How many parts of a batch are sent ahead of the replies to earlier ones:
 /// enough to keep Redis busy, few enough that formatting the rest of a large
 /// batch overlaps Redis's work on the first.
 const PARTS_IN_FLIGHT: usize = 64;
-
-/// What a batch does to one card's hash.
-enum Card<'a> {
-    /// Set its non-empty windows' fields, remove its empty ones'.
-    Set(u64, &'a CardStats),
-    /// Every window emptied: the hash goes. `true`: the card came and went within the batch.
-    Delete(u64, bool),
-}
 
 /// A card's record as Redis holds it: its non-empty windows, by length in
 /// ms, each `[count, sum, max, distinct merchants, distinct countries]`
@@ -544,7 +530,6 @@ fn write_card_value(stats: &CardStats, v: &mut Vec<u8>) {
 struct Redis {
     config: RedisSinkConfig,
     worker: usize,
-    script: redis::Script,
 }
 
 impl Store for Redis {
@@ -581,29 +566,9 @@ impl Store for Redis {
     }
 
     async fn commit(&mut self, conn: &mut MultiplexedConnection, b: &Batch) -> Result<(), String> {
-        let keys = Keys::new(&self.config.job);
-        let (upserts, deletes, alerts) = (&b.upserts, &b.deletes, &b.alerts);
-        // Per card (each is among the upserts or the deletes, not both): the
-        // fields to set (its non-empty windows) and to remove (its empty
-        // ones), or the hash to delete once all its windows emptied. A card
-        // that came and went within the batch is deleted only when Redis may
-        // hold fields this run did not write (the script knows).
-        let may_pass = b.start >= self.config.high_water;
-        let cards: Vec<Card<'_>> = upserts
-            .iter()
-            .map(|(card, stats, _)| Card::Set(*card, stats))
-            .chain(deletes.iter().map(|(card, _)| Card::Delete(*card, may_pass && b.passing(card))))
-            .collect();
-        // Parts of about PART_ARGS arguments (two per card): about a millisecond each.
-        type Part<'a, 'b> = (&'a [Card<'b>], &'a [(Alert, Time)]);
-        let mut parts: Vec<Part<'_, '_>> =
-            cards.chunks(PART_ARGS / 2).map(|c| (c, &[][..])).collect();
-        if parts.is_empty() {
-            parts.push((&[], &[]));
-        }
-        for chunk in alerts.chunks(PART_ARGS / 8) {
-            parts.push((&[], chunk));
-        }
+        // The cards to set, then those whose windows all emptied (to delete:
+        // a `DEL` of a key Redis does not hold costs it next to nothing).
+        let parts = Part::split(&b.upserts, &b.deletes, &b.alerts);
         let last = parts.len() - 1;
         // The source's decisions go with the first part (see `DecisionStore`).
         let decisions = match &self.config.decisions {
@@ -611,53 +576,165 @@ impl Store for Redis {
             None => SourceDecisions::default(),
         };
         let (floors, positions) = decision_fields(&self.config.topic, &decisions);
-        // A part's script invocation, built when it is about to go out.
-        let build = |n: usize, (cards, alerts): Part<'_, '_>| {
-            let (floors, positions): (&[_], &[_]) =
-                if n == 0 { (&floors, &positions) } else { (&[], &[]) };
-            let sets = cards.iter().filter(|c| matches!(c, Card::Set(..))).count();
-            let mut invocation = self.script.prepare_invoke();
-            invocation
-                .key(keys.frontiers())
-                .key(keys.alerts())
-                .key(keys.alert_markers())
-                .key(keys.last_alert_order())
-                .key(keys.last_alerts())
-                .key(keys.partial())
-                .key(keys.floors())
-                .key(keys.positions())
-                .arg(padded(b.frontier))
+        let writer = PartWriter {
+            keys: Keys::new(&self.config.job),
+            worker: self.worker,
+            frontier: b.frontier,
+            stream_max_len: self.config.stream_max_len,
+        };
+        let build = |n: usize, part: &Part<'_>| {
+            let none = Fields::new();
+            let decisions = if n == 0 { (&floors, &positions) } else { (&none, &none) };
+            writer.pipeline(part, decisions, n == last)
+        };
+        let result = async {
+            let (last_part, parts) = parts.split_last().expect("a batch has a last part");
+            // Every part but the last pipelined on the one connection, up to
+            // PARTS_IN_FLIGHT at a time, each built as an earlier one lands:
+            // Redis starts on a large batch while the rest is still being
+            // formatted, and serves readers between the parts. Each writes
+            // only what the replay writes again (so a part that fails, after
+            // some landed, leaves nothing the replay does not redo).
+            let applied: Vec<bool> = stream::iter(parts.iter().enumerate())
+                .map(|(n, part)| {
+                    let pipeline = build(n, part);
+                    let mut c = conn.clone();
+                    async move { apply(pipeline?, &mut c).await }
+                })
+                .buffered(PARTS_IN_FLIGHT)
+                .try_collect()
+                .await?;
+            // Covered by the stored frontier (then all of it is): nothing to store.
+            if applied.contains(&false) {
+                return Ok(());
+            }
+            // The frontier last, once every other part landed.
+            apply(build(last, last_part)?, conn).await.map(drop)
+        }
+        .await;
+        if let (Err(_), Some(d)) = (&result, &self.config.decisions) {
+            d.put_back(DecisionStore::Redis, decisions);
+        }
+        result
+    }
+}
+
+/// One part of a batch: some of its cards to set and to delete, and some of its alerts.
+#[derive(Default)]
+struct Part<'a> {
+    sets: &'a [(u64, CardStats, Time)],
+    deletes: &'a [(u64, Time)],
+    alerts: &'a [(Alert, Time)],
+}
+
+impl<'a> Part<'a> {
+    /// The batch's cards in parts of at most [`PART_CARDS`], its alerts in
+    /// parts of at most [`PART_ALERTS`] (the last parts carry both); at
+    /// least one part.
+    fn split(
+        sets: &'a [(u64, CardStats, Time)],
+        deletes: &'a [(u64, Time)],
+        alerts: &'a [(Alert, Time)],
+    ) -> Vec<Part<'a>> {
+        let mut parts: Vec<Part<'a>> =
+            sets.chunks(PART_CARDS).map(|sets| Part { sets, ..Part::default() }).collect();
+        parts.extend(deletes.chunks(PART_CARDS).map(|deletes| Part { deletes, ..Part::default() }));
+        let chunks: Vec<_> = alerts.chunks(PART_ALERTS).collect();
+        while parts.len() < chunks.len().max(1) {
+            parts.push(Part::default());
+        }
+        let from = parts.len() - chunks.len();
+        for (p, chunk) in parts[from..].iter_mut().zip(chunks) {
+            p.alerts = chunk;
+        }
+        parts
+    }
+}
+
+/// What every part of one batch of one worker shares.
+struct PartWriter {
+    keys: Keys,
+    worker: usize,
+    frontier: Time,
+    stream_max_len: usize,
+}
+
+impl PartWriter {
+    /// A part as one pipeline: `WATCH` this worker's fence, the guard (with
+    /// the source's `decisions`, on the first part), then `MULTI`, the cards
+    /// (`MSET`, `DEL`), the alerts and, on the `last` part, the frontier (a
+    /// script), and `EXEC`: the writes land only if the guard let them and
+    /// nothing stored this worker's frontier meanwhile. Plain `MSET`: the
+    /// same cards through a script cost Redis a third more time (each
+    /// argument copied into Lua and out again). (One way around the guard
+    /// remains: Redis answering the `WATCH`, the guard and the `MULTI` with
+    /// `BUSY`, while another client's script runs past
+    /// `busy-reply-threshold`, and running the `MSET` once it ends. It would
+    /// need that, a stale part, and the script ending within the part.)
+    fn pipeline(
+        &self,
+        part: &Part<'_>,
+        (floors, positions): (&Fields, &Fields),
+        last: bool,
+    ) -> Result<Prepared, String> {
+        let (keys, fence) = (&self.keys, self.keys.fence(self.worker));
+        let frontier = padded(self.frontier);
+        let mut p = redis::pipe();
+        p.cmd("WATCH").arg(&fence);
+        let guard = p
+            .cmd("EVAL")
+            .arg(GUARD)
+            .arg(4)
+            .arg(keys.frontiers())
+            .arg(&fence)
+            .arg(keys.floors())
+            .arg(keys.positions())
+            .arg(&frontier)
+            .arg(self.worker)
+            .arg(floors.len())
+            .arg(positions.len());
+        for (field, value) in floors.iter().chain(positions) {
+            guard.arg(field).arg(value);
+        }
+        p.cmd("MULTI");
+        // One key and one value buffer for the part: `arg` copies them.
+        let (mut key, mut value) = (Vec::new(), Vec::new());
+        if !part.sets.is_empty() {
+            let mset = p.cmd("MSET");
+            for (id, stats, _) in part.sets {
+                keys.write_card(*id, &mut key);
+                write_card_value(stats, &mut value);
+                mset.arg(&key[..]).arg(&value[..]);
+            }
+        }
+        if !part.deletes.is_empty() {
+            let del = p.cmd("DEL");
+            for (id, _) in part.deletes {
+                keys.write_card(*id, &mut key);
+                del.arg(&key[..]);
+            }
+        }
+        let scripted = last || !part.alerts.is_empty();
+        if scripted {
+            let script = p
+                .cmd("EVAL")
+                .arg(SCRIPT)
+                .arg(6)
+                .arg(keys.frontiers())
+                .arg(keys.alerts())
+                .arg(keys.alert_markers())
+                .arg(keys.last_alert_order())
+                .arg(keys.last_alerts())
+                .arg(&fence)
+                .arg(&frontier)
                 .arg(&keys.prefix)
-                .arg(u8::from(n == last))
-                .arg(self.config.stream_max_len)
-                .arg(sets)
-                .arg(alerts.len())
-                .arg(self.worker)
-                .arg(padded(b.start))
-                .arg(floors.len())
-                .arg(positions.len())
-                .arg(cards.len() - sets);
-            for (field, value) in floors.iter().chain(positions) {
-                invocation.arg(field).arg(value);
-            }
-            // One key and one value buffer for the part: `arg` copies them.
-            let (mut key, mut value) = (Vec::new(), Vec::new());
-            for card in cards {
-                if let Card::Set(id, stats) = card {
-                    keys.write_card(*id, &mut key);
-                    write_card_value(stats, &mut value);
-                    invocation.arg(&key[..]).arg(&value[..]);
-                }
-            }
-            for card in cards {
-                if let Card::Delete(id, passing) = card {
-                    keys.write_card(*id, &mut key);
-                    invocation.arg(&key[..]).arg(u8::from(*passing));
-                }
-            }
-            for (a, t) in alerts {
+                .arg(u8::from(last))
+                .arg(self.stream_max_len)
+                .arg(part.alerts.len())
+                .arg(self.worker);
+            for (a, t) in part.alerts {
                 let details = serde_json::to_string(&a.details).map_err(|e| e.to_string())?;
-                invocation
+                script
                     .arg(a.card_id)
                     .arg(a.id)
                     .arg(a.rule.name())
@@ -675,43 +752,47 @@ impl Store for Redis {
                         .to_string(),
                     );
             }
-            Ok::<_, String>(invocation)
-        };
-        let result = async {
-            let last_part = parts.pop().expect("a batch has a last part");
-            // Every part but the last pipelined on the one connection, up to
-            // PARTS_IN_FLIGHT at a time, each built as an earlier one lands:
-            // Redis starts on a large batch while the rest is still being
-            // formatted, and each part is about a millisecond of its time,
-            // so that readers get their turn between them. Each marks the
-            // batch as partly landed before its writes, and writes only what
-            // the replay writes again (so a part that fails to build, after
-            // some went out, leaves nothing the replay does not redo).
-            let applied: Vec<i64> = stream::iter(parts.into_iter().enumerate())
-                .map(|(n, part)| {
-                    let invocation = build(n, part);
-                    let mut c = conn.clone();
-                    async move {
-                        invocation?.invoke_async::<i64>(&mut c).await.map_err(|e| e.to_string())
-                    }
-                })
-                .buffered(PARTS_IN_FLIGHT)
-                .try_collect()
-                .await?;
-            // Covered by the stored frontier (then all of it is): nothing to store.
-            if applied.contains(&0) {
-                return Ok(());
+        }
+        p.cmd("EXEC");
+        Ok(Prepared { pipeline: p, scripted })
+    }
+}
+
+/// A part ready to send: its pipeline, and whether its transaction ends with the script.
+struct Prepared {
+    pipeline: redis::Pipeline,
+    scripted: bool,
+}
+
+/// Send one part ([`PartWriter::pipeline`]); `true` if it landed, `false` if
+/// the stored frontier covers its batch.
+async fn apply(part: Prepared, conn: &mut MultiplexedConnection) -> Result<bool, String> {
+    let p = &part.pipeline;
+    let replies = conn.send_packed_commands(p, 0, p.len()).await.map_err(|e| e.to_string())?;
+    let failed = |v: &redis::Value| match v {
+        redis::Value::ServerError(e) => Some(e.to_string()),
+        _ => None,
+    };
+    if let Some(e) = replies.iter().find_map(failed) {
+        return Err(e);
+    }
+    let guard = replies.get(1);
+    match replies.last() {
+        // Refused by the guard: covered.
+        Some(redis::Value::Nil) if guard == Some(&redis::Value::Int(0)) => Ok(false),
+        // Let through, then watched out: this worker's frontier was stored
+        // meanwhile (a rescale, or another run); the retry finds it.
+        Some(redis::Value::Nil) => {
+            Err("the worker's frontier changed under a part of its batch (another run?)".into())
+        }
+        Some(redis::Value::Array(results)) => {
+            if let Some(e) = results.iter().find_map(failed) {
+                return Err(e);
             }
-            // The frontier last, once every other part landed.
-            let _: i64 =
-                build(last, last_part)?.invoke_async(conn).await.map_err(|e| e.to_string())?;
-            Ok::<(), String>(())
+            // The script's reply, when the part has one: 0 if covered.
+            Ok(!(part.scripted && results.last() == Some(&redis::Value::Int(0))))
         }
-        .await;
-        if let (Err(_), Some(d)) = (&result, &self.config.decisions) {
-            d.put_back(DecisionStore::Redis, decisions);
-        }
-        result
+        other => Err(format!("unexpected reply to a part's EXEC: {other:?}")),
     }
 }
 
@@ -758,5 +839,94 @@ mod tests {
         let keys = Keys::new("job-1");
         assert_eq!(keys.card(0), "tripwire:job-1:card:0");
         assert_eq!(keys.card(u64::MAX), "tripwire:job-1:card:18446744073709551615");
+    }
+
+    /// A part refused by its guard, or whose worker's frontier is stored or
+    /// fitted between its guard and its writes (another run committing a
+    /// newer batch, or starting with another worker count), writes no card;
+    /// a part let through writes them all.
+    /// Against the stack's Redis, each case under a job of its own.
+    #[test]
+    fn a_part_lands_only_while_its_batch_is_beyond_the_stored_frontier() {
+        let url = crate::Endpoints::from_env().unwrap().redis_url();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let stats = CardStats::new([(60_000, WindowStats { count: 1, ..WindowStats::default() })]);
+        let cards: Vec<(u64, CardStats, Time)> = (0..10).map(|c| (c, stats, 5)).collect();
+        let part = Part { sets: &cards, ..Part::default() };
+        let none = Fields::new();
+        // Each case: the cards written, and what `apply` said of the part.
+        // `race`: after the guard, store a newer frontier (`Some(false)`) or
+        // fit the frontiers to two workers (`Some(true)`).
+        let case = |name: &str, stored: Option<Time>, race: Option<bool>| {
+            rt.block_on(async {
+                let job = format!(
+                    "fence_{name}_{}_{}",
+                    std::process::id(),
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .unwrap()
+                        .as_nanos()
+                );
+                let client = redis::Client::open(url.as_str()).unwrap();
+                let (mut a, mut b) = (
+                    client.get_multiplexed_async_connection().await.unwrap(),
+                    client.get_multiplexed_async_connection().await.unwrap(),
+                );
+                let at = |frontier| PartWriter {
+                    keys: Keys::new(&job),
+                    worker: 0,
+                    frontier,
+                    stream_max_len: 10,
+                };
+                if let Some(f) = stored {
+                    apply(at(f).pipeline(&Part::default(), (&none, &none), true).unwrap(), &mut b)
+                        .await
+                        .unwrap();
+                }
+                let prepared = at(100).pipeline(&part, (&none, &none), false).unwrap();
+                let outcome = if let Some(fit) = race {
+                    // The guard (WATCH, EVAL), then another writer stores a
+                    // newer frontier, then the writes (MULTI … EXEC).
+                    let (mut guard, mut writes) = (redis::pipe(), redis::pipe());
+                    for (n, cmd) in prepared.pipeline.cmd_iter().enumerate() {
+                        if n < 2 { &mut guard } else { &mut writes }.add_command(cmd.clone());
+                    }
+                    let guarded = a.send_packed_commands(&guard, 0, guard.len()).await.unwrap();
+                    assert_eq!(guarded[1], redis::Value::Int(1), "the guard let the part through");
+                    if fit {
+                        fit_frontiers(&url, &job, 2).await.unwrap();
+                    } else {
+                        let newer = at(200).pipeline(&Part::default(), (&none, &none), true);
+                        apply(newer.unwrap(), &mut b).await.unwrap();
+                    }
+                    let written = a.send_packed_commands(&writes, 0, writes.len()).await.unwrap();
+                    Ok(written.last() != Some(&redis::Value::Nil))
+                } else {
+                    apply(prepared, &mut a).await
+                };
+                let keys = Keys::new(&job);
+                let mut present = 0;
+                for (c, _, _) in &cards {
+                    let held: Option<String> =
+                        redis::cmd("GET").arg(keys.card(*c)).query_async(&mut a).await.unwrap();
+                    present += usize::from(held == Some(card_value(&stats)));
+                }
+                let mut doomed: Vec<String> = cards.iter().map(|(c, _, _)| keys.card(*c)).collect();
+                doomed.extend([
+                    keys.frontiers(),
+                    keys.fence(0),
+                    keys.fence(1),
+                    keys.alert_markers(),
+                ]);
+                let _: () = redis::cmd("DEL").arg(doomed).query_async(&mut a).await.unwrap();
+                (present, outcome)
+            })
+        };
+        assert_eq!(case("fresh", None, None), (10, Ok(true)), "a first batch lands");
+        assert_eq!(case("behind", Some(50), None), (10, Ok(true)), "a batch beyond the frontier");
+        assert_eq!(case("covered", Some(100), None), (0, Ok(false)), "a batch at the frontier");
+        assert_eq!(case("ahead", Some(150), None), (0, Ok(false)), "a batch below it");
+        assert_eq!(case("raced", Some(50), Some(false)), (0, Ok(false)), "stored meanwhile");
+        assert_eq!(case("refitted", Some(50), Some(true)), (0, Ok(false)), "fitted meanwhile");
     }
 }

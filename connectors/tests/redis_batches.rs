@@ -1,9 +1,9 @@
 //! A Redis batch lands whole or not at all as far as its frontier says: one
 //! that fails (a key of the wrong type) leaves the frontier where it was.
-//! A key every part checks before its first write (the partial-batch marks)
-//! fails the batch before anything is written; a key only the alerts' part
-//! checks fails a larger batch after its card parts landed, and those stand,
-//! rewritten when the batch is retried. Retried once the key is fixed, the
+//! A key every part's guard checks before its writes (the source's floors)
+//! fails the batch before anything is written; a key only the alerts' script
+//! checks (in the last part) fails a larger batch after its cards landed, and
+//! those stand, rewritten when the batch is retried. Retried once the key is fixed, the
 //! whole batch lands, frontier last, and the frontier is published.
 //!
 //! Needs the stack up (`./tripwire stack up`, or run through `./tripwire test`).
@@ -13,7 +13,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use tripwire_connectors::readback;
-use tripwire_connectors::redis_sink::{Keys, RedisSinkConfig, PART_ARGS};
+use tripwire_connectors::redis_sink::{Keys, RedisSinkConfig, PART_CARDS};
 use tripwire_connectors::Endpoints;
 use tripwire_dataflow::{alert_id, Alert, Details, Rule, StatKey, WindowStats};
 
@@ -29,13 +29,13 @@ fn failures() -> f64 {
 
 #[test]
 fn a_batch_failing_midway_leaves_nothing_and_lands_whole_once_retried() {
-    fails_then_lands(20, Keys::partial, false);
+    fails_then_lands(20, Keys::floors, false);
 }
 
 #[test]
-fn a_batch_of_several_scripts_stores_its_frontier_only_once_all_landed() {
+fn a_batch_of_several_parts_stores_its_frontier_only_once_all_landed() {
     let cards = 3_000;
-    assert!(cards as usize * 2 > PART_ARGS, "the cards take two scripts, the alert a third");
+    assert!(cards as usize > 2 * PART_CARDS, "the cards take several parts, the alert the last");
     fails_then_lands(cards, Keys::last_alert_order, true);
 }
 

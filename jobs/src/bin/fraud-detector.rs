@@ -27,7 +27,7 @@ use tripwire_connectors::postgres::{
     record_decisions, recorded_decisions, resume_point, PgSinkConfig, ResumePoint,
 };
 use tripwire_connectors::redis_sink::{
-    committed_frontier as redis_committed, fit_frontiers, high_water as redis_high_water,
+    committed_frontier as redis_committed, fit_frontiers,
     record_decisions as record_redis_decisions, recorded_decisions as redis_decisions,
     redis_committer, RedisSinkConfig,
 };
@@ -282,7 +282,7 @@ fn main() -> Result<()> {
     // committing to PostgreSQL through a Redis outage; a starting one cannot
     // know what Redis lacks until it can ask).
     let mut wait = Duration::from_millis(200);
-    let (pg_frontier, redis_frontier, mut resume, (pg_high_water, redis_high_water)) = loop {
+    let (pg_frontier, redis_frontier, mut resume, pg_high_water) = loop {
         match rt.block_on(read_checkpoints(
             &endpoints,
             &args.job,
@@ -372,7 +372,6 @@ fn main() -> Result<()> {
         commit_interval: Duration::from_millis(args.commit_interval_ms),
         catch_up_interval: Duration::from_millis(args.catch_up_commit_interval_ms),
         resume_from: redis_frontier.unwrap_or(0),
-        high_water: redis_high_water,
         topic: args.topic.clone(),
         ..RedisSinkConfig::new(endpoints.redis_url(), args.job.clone())
     };
@@ -507,7 +506,7 @@ async fn read_checkpoints(
     fraud: &FraudConfig,
     workers: usize,
     dedup_horizon: Time,
-) -> Result<(Option<Time>, Option<Time>, Option<ResumePoint>, (Time, Time))> {
+) -> Result<(Option<Time>, Option<Time>, Option<ResumePoint>, Time)> {
     let (mut client, conn) =
         tokio_postgres::connect(&endpoints.postgres_config(), tokio_postgres::NoTls)
             .await
@@ -532,10 +531,7 @@ async fn read_checkpoints(
     }
     fit_checkpoints(&mut client, job, workers).await.context("fitting PostgreSQL checkpoints")?;
     fit_frontiers(&endpoints.redis_url(), job, workers).await.context("fitting Redis frontiers")?;
-    let high_water = (
-        pg_high_water(&client, job).await.context("PostgreSQL high water")?,
-        redis_high_water(&endpoints.redis_url(), job).await.context("Redis high water")?,
-    );
+    let high_water = pg_high_water(&client, job).await.context("PostgreSQL high water")?;
     let pg = pg_committed(&client, job).await.context("PostgreSQL checkpoints")?;
     let redis = redis_committed(&endpoints.redis_url(), job).await.context("Redis frontiers")?;
     // A store that never committed (a new Redis, say) needs everything: then
