@@ -178,14 +178,26 @@ pub async fn record_decisions(
 /// Hash fields and their values.
 type Fields = Vec<(String, String)>;
 
-/// KEYS[1] a hash; ARGV: fields and values (20 digits): each field keeps the greater.
-/// (The batch script does the same with the decisions it carries.)
-const KEEP_GREATEST: &str = r#"
-for i = 1, #ARGV, 2 do
-  local was = redis.call('HGET', KEYS[1], ARGV[i])
-  if not was or ARGV[i + 1] > was then redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+/// A Lua function: the `n` fields and values (20 digits) in ARGV from `i` on
+/// go into the hash `key`, each field keeping the greater; returns the
+/// index past them. [`KEEP_GREATEST`] and the batch's [`GUARD`] use it.
+macro_rules! lua_keep_greatest {
+    () => {
+        r#"
+local function keep_greatest(key, i, n)
+  for _ = 1, n do
+    local was = redis.call('HGET', key, ARGV[i])
+    if not was or ARGV[i + 1] > was then redis.call('HSET', key, ARGV[i], ARGV[i + 1]) end
+    i = i + 2
+  end
+  return i
 end
-"#;
+"#
+    };
+}
+
+/// KEYS[1] a hash; ARGV: fields and values (20 digits): each field keeps the greater.
+const KEEP_GREATEST: &str = concat!(lua_keep_greatest!(), "keep_greatest(KEYS[1], 1, #ARGV / 2)\n");
 
 /// The `floors` and `positions` fields and 20-digit values of `decisions` about `topic`.
 fn decision_fields(topic: &str, d: &SourceDecisions) -> (Fields, Fields) {
@@ -291,18 +303,12 @@ end
 /// (the stored frontier covers the batch) or an error.
 const GUARD: &str = concat!(
     lua_expect!(),
+    lua_keep_greatest!(),
     r#"
 local function guard()
   local err = expect(KEYS[1], 'hash') or expect(KEYS[3], 'hash') or expect(KEYS[4], 'hash')
   if err then return err end
-  local i = 5
-  for k, n in ipairs({tonumber(ARGV[3]), tonumber(ARGV[4])}) do
-    for _ = 1, n do
-      local was = redis.call('HGET', KEYS[2 + k], ARGV[i])
-      if not was or ARGV[i + 1] > was then redis.call('HSET', KEYS[2 + k], ARGV[i], ARGV[i + 1]) end
-      i = i + 2
-    end
-  end
+  keep_greatest(KEYS[4], keep_greatest(KEYS[3], 5, tonumber(ARGV[3])), tonumber(ARGV[4]))
   local current = redis.call('HGET', KEYS[1], ARGV[2])
   if current and ARGV[1] <= current then return 0 end
   return 1
@@ -337,6 +343,8 @@ end
 if err then return err end
 local frontier = ARGV[1]
 local current = redis.call('HGET', KEYS[1], ARGV[6])
+-- The guard and the WATCH keep a covered batch's part from getting here;
+-- checked again all the same, as cheap as it is.
 if current and frontier <= current then return 0 end
 local i = 7
 for _ = 1, na do
