@@ -60,5 +60,5 @@ fn state_stays_within_the_longest_window_and_empties_at_the_end() {
     );
     assert_eq!(end.entries, 0, "nothing held once all windows emptied: {end:?}");
     assert_eq!(end.cards, 0, "no card state left: {end:?}");
-    assert_eq!(end.due_times, 0, "no departures left queued: {end:?}");
+    assert_eq!(end.due, 0, "no departures left queued: {end:?}");
 }

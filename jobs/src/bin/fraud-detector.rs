@@ -469,14 +469,14 @@ fn main() -> Result<()> {
             let gauge = |what: &str| {
                 tripwire_connectors::metrics::state_size().with_label_values(&[&index, what])
             };
-            let (cards, entries, due) = (gauge("cards"), gauge("entries"), gauge("due_times"));
+            let (cards, entries, due) = (gauge("cards"), gauge("entries"), gauge("due"));
             let coalesced =
                 tripwire_connectors::metrics::coalesced_changes().with_label_values(&[&index]);
             while worker.step_or_park(Some(Duration::from_millis(100))) {
                 let s = state.get();
                 cards.set(s.cards as i64);
                 entries.set(s.entries as i64);
-                due.set(s.due_times as i64);
+                due.set(s.due as i64);
                 coalesced.inc_by(coalesce.folded().saturating_sub(coalesced.get()));
             }
         },
