@@ -31,6 +31,7 @@
 //! that failed and was sent again leaves aborted copies behind.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -81,6 +82,10 @@ pub struct Confirm {
     pub taken: Progress,
     /// What the PostgreSQL sink may store.
     pub confirmed: Progress,
+    /// Set once the input has ended and every letter is committed and every
+    /// restart point confirmed: a bounded run's last PostgreSQL commit waits
+    /// for it, so that it stores them all.
+    pub settled: Arc<AtomicBool>,
 }
 
 /// The dead-letter topic could not be used.
@@ -344,6 +349,9 @@ fn too_large(e: &KafkaError) -> bool {
         )
     )
 }
+
+/// How often the operator looks whether the thread has ended, once its input has.
+const ENDING_POLL: Duration = Duration::from_millis(2);
 
 /// The longest a dead letter waits in an open transaction.
 const LINGER: Duration = Duration::from_millis(200);
@@ -717,6 +725,7 @@ pub fn dead_letter_sink(
     // rather than holding an unbounded backlog.
     let (orders, inbox) = std::sync::mpsc::sync_channel::<Order>(ORDERS);
     let confirmed = confirm.as_ref().map(|c| c.confirmed.clone());
+    let settled = confirm.as_ref().map(|c| c.settled.clone());
     //
     // The thread also starts the producer and reads what the topic holds,
     // while the dataflow runs (letters given meanwhile wait in the queue):
@@ -737,6 +746,9 @@ pub fn dead_letter_sink(
                 // Letters a replay gives again that are in the topic already.
                 let already = written(&bootstrap, &topic, &source_topic)?;
                 produce(producer, &topic, &inbox, confirmed.as_ref(), &already);
+                if let Some(settled) = settled {
+                    settled.store(true, Ordering::Release);
+                }
                 Ok(())
             }
         })
@@ -752,10 +764,32 @@ pub fn dead_letter_sink(
         panic!("cannot start the dead-letter sink of worker {worker}: {e}")
     };
     let mut builder = OperatorBuilder::new("DeadLetterSink".to_owned(), scope);
+    let activator = scope.activator_for(builder.operator_info().address);
     let mut input = builder.new_input(stream, Pipeline);
-    builder.build(move |_capabilities| {
+    // After the input's end: the thread, committing its last transaction.
+    let mut ending: Option<std::thread::JoinHandle<Result<(), KafkaError>>> = None;
+    builder.build_reschedule(move |_capabilities| {
         move |frontiers| {
-            let Some((orders, thread)) = &running else { return };
+            // The last commit is a round trip to the transaction coordinator
+            // and its markers (0.1-0.2 s). Joining the thread at once held up
+            // the worker, and so the epoch's close and the stores' last batch,
+            // for that long; the operator now stays (incomplete, so the
+            // dataflow does not end before the letters are committed) and
+            // looks again shortly. The last PostgreSQL commit waits for
+            // `settled` instead.
+            if let Some(thread) = ending.take() {
+                if !thread.is_finished() {
+                    ending = Some(thread);
+                    activator.activate_after(ENDING_POLL);
+                    return true;
+                }
+                match thread.join() {
+                    Err(panic) => std::panic::resume_unwind(panic),
+                    Ok(Err(e)) => start_failed(e),
+                    Ok(Ok(())) => return false,
+                }
+            }
+            let Some((orders, thread)) = &running else { return false };
             // Its end is noticed now, not at the next letter (restart points
             // would stop being confirmed without a word).
             if thread.is_finished() {
@@ -787,12 +821,11 @@ pub fn dead_letter_sink(
                 // All input seen: the thread commits what is open and ends.
                 let (orders, thread) = running.take().expect("running");
                 drop(orders);
-                match thread.join() {
-                    Err(panic) => std::panic::resume_unwind(panic),
-                    Ok(Err(e)) => start_failed(e),
-                    Ok(Ok(())) => {}
-                }
+                ending = Some(thread);
+                activator.activate_after(ENDING_POLL);
+                return true;
             }
+            false
         }
     });
     Ok(())

@@ -138,7 +138,11 @@ fn a_letter_is_committed_soon_without_a_restart_point() {
         worker.dataflow::<u64, _, _>(|scope| {
             // Restart points are taken every few thousand records of a
             // partition: none comes here, as on a slow topic.
-            let confirm = Confirm { taken: Progress::default(), confirmed: Progress::default() };
+            let confirm = Confirm {
+                taken: Progress::default(),
+                confirmed: Progress::default(),
+                settled: Default::default(),
+            };
             dead_letter_sink(input.to_stream(scope), &b, &d, &s, 1, Some(confirm), None).unwrap();
         });
         input.send(DeadLetter {
@@ -183,7 +187,8 @@ fn restart_points_queued_behind_a_commit_share_its_transaction() {
         let mut input = timely::dataflow::InputHandleVec::<u64, DeadLetter>::new();
         let taken = Progress::default();
         worker.dataflow::<u64, _, _>(|scope| {
-            let confirm = Confirm { taken: taken.clone(), confirmed: c.clone() };
+            let confirm =
+                Confirm { taken: taken.clone(), confirmed: c.clone(), settled: Default::default() };
             dead_letter_sink(input.to_stream(scope), &b, &d, &s, 1, Some(confirm), None).unwrap();
         });
         for offset in 0..POINTS {

@@ -119,6 +119,7 @@ fn sink_holds_exactly_the_reference_below_the_frontier_and_empties_with_the_wind
         commit_interval: Duration::from_millis(50),
         catch_up_interval: Duration::ZERO,
         progress: None,
+        progress_settled: None,
         late: None,
         resume_from: 0,
         report_to: None,

@@ -24,6 +24,7 @@ use crate::commit::{
     committer, frontier_sinks, Batch, CommitOptions, Committed, Committer, InputEnd, SinkInputs,
     Store,
 };
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::kafka_source::{
@@ -44,6 +45,9 @@ pub struct PgSinkConfig {
     pub catch_up_interval: Duration,
     /// The source's progress samples, stored with each commit, if any.
     pub progress: Option<Progress>,
+    /// Set once no more samples will come into `progress` (the dead-letter
+    /// sink's `Confirm::settled`): a bounded run's last commit waits for it.
+    pub progress_settled: Option<Arc<AtomicBool>>,
     /// The source's late records, stored in `late_events` with each commit, if any.
     pub late: Option<LateEvents>,
     /// The job's committed frontier when this run started (0 for a first run):
@@ -149,6 +153,7 @@ impl Store for Postgres {
     }
 
     async fn commit(&mut self, conn: &mut PgConn, batch: &Batch) -> Result<(), String> {
+        settle(&self.config, self.worker, batch).await;
         let (samples, late) = (take(&self.config.progress), take(&self.config.late));
         let decisions = match &self.config.decisions {
             Some(d) => d.take(DecisionStore::Postgres),
@@ -257,6 +262,29 @@ pub(super) fn decision_columns(
         ),
     )
 }
+
+/// Before a bounded run's last commit, wait until the restart points
+/// before the end are all confirmed (the dead-letter sink's last
+/// transaction is committed), at most [`SETTLE_WAIT`]: without them, the
+/// next run would restart from an earlier point and read more again.
+async fn settle(config: &PgSinkConfig, worker: usize, batch: &Batch) {
+    let last = config.end.as_ref().and_then(InputEnd::get).is_some_and(|e| batch.frontier >= e);
+    let Some(settled) = config.progress_settled.as_ref().filter(|_| last) else { return };
+    let started = std::time::Instant::now();
+    while !settled.load(Ordering::Acquire) {
+        if started.elapsed() >= SETTLE_WAIT {
+            tracing::warn!(
+                worker,
+                "the last restart points were not confirmed in time; committing without them"
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// The longest a bounded run's last commit waits for its restart points.
+const SETTLE_WAIT: Duration = Duration::from_secs(60);
 
 /// What a commit stores for the source: restart points and decisions.
 struct Source<'a> {
@@ -977,6 +1005,7 @@ mod tests {
                     commit_interval: Duration::ZERO,
                     catch_up_interval: Duration::ZERO,
                     progress: None,
+                    progress_settled: None,
                     late: None,
                     resume_from: 0,
                     report_to: None,
@@ -993,6 +1022,52 @@ mod tests {
             let conn = store.connect().await.unwrap();
             test(store, conn).await;
             admin_client.batch_execute(&format!("DROP SCHEMA {schema} CASCADE")).await.unwrap();
+        });
+    }
+
+    /// A bounded run's last commit (its batch reaches the input's end) waits
+    /// until the dead-letter sink has confirmed every restart point; any
+    /// other commit does not wait.
+    #[test]
+    fn a_bounded_runs_last_commit_waits_for_its_restart_points() {
+        let end = InputEnd::default();
+        end.set(100);
+        let settled = Arc::new(AtomicBool::new(false));
+        let config = PgSinkConfig {
+            conninfo: String::new(),
+            job: "unit".into(),
+            commit_interval: Duration::ZERO,
+            catch_up_interval: Duration::ZERO,
+            progress: None,
+            progress_settled: Some(settled.clone()),
+            late: None,
+            resume_from: 0,
+            report_to: None,
+            produce_times: None,
+            decisions: None,
+            topic: "unit".into(),
+            end: Some(end),
+            synchronous_commit: false,
+            high_water: 0,
+        };
+        let (before, last) = (
+            Batch { frontier: 50, ..Batch::default() },
+            Batch { frontier: 100, ..Batch::default() },
+        );
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let wait = Duration::from_secs(10);
+            tokio::time::timeout(wait, settle(&config, 0, &before))
+                .await
+                .expect("no wait before the end");
+            let mut settling = Box::pin(settle(&config, 0, &last));
+            let early = tokio::time::timeout(Duration::from_millis(100), &mut settling).await;
+            assert!(
+                early.is_err(),
+                "the last commit went on before its restart points were confirmed"
+            );
+            settled.store(true, Ordering::Release);
+            tokio::time::timeout(wait, settling).await.expect("it goes on once they are");
         });
     }
 

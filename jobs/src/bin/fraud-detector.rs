@@ -358,6 +358,7 @@ fn main() -> Result<()> {
         commit_interval: Duration::from_millis(args.commit_interval_ms),
         catch_up_interval: Duration::from_millis(args.catch_up_commit_interval_ms),
         progress: None,
+        progress_settled: None,
         late: None,
         resume_from: pg_frontier.unwrap_or(0),
         report_to: None,
@@ -413,8 +414,12 @@ fn main() -> Result<()> {
                 source_ready.store(true, std::sync::atomic::Ordering::Release);
                 // Restart points reach PostgreSQL once the dead letters before them are delivered.
                 let confirmed = tripwire_connectors::kafka_source::Progress::default();
-                let confirm =
-                    Confirm { taken: input.progress.clone(), confirmed: confirmed.clone() };
+                let confirm = Confirm {
+                    taken: input.progress.clone(),
+                    confirmed: confirmed.clone(),
+                    settled: Default::default(),
+                };
+                let settled = confirm.settled.clone();
                 if let Err(e) = dead_letter_sink(
                     input.dead_letters,
                     &bootstrap,
@@ -433,6 +438,7 @@ fn main() -> Result<()> {
                 // PostgreSQL commits, which also release its backpressure.
                 let sink = PgSinkConfig {
                     progress: Some(confirmed),
+                    progress_settled: Some(settled),
                     late: Some(input.late),
                     report_to: Some(input.feedback),
                     produce_times: Some(input.produce_times),
