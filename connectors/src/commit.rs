@@ -44,7 +44,7 @@ use tripwire_dataflow::{Alert, CardChange, CardStats, Coalesce, Diff, Time, Tran
 use crate::metrics;
 
 /// What one commit writes: every change below `frontier`, consolidated.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Batch {
     /// Everything at a time below this is in the batch (or was in an earlier one).
     pub frontier: Time,
@@ -136,8 +136,8 @@ impl Batch {
         })
     }
 
-    /// A copy of it, with its archived events or without.
-    fn copy(&self, archive: bool) -> Batch {
+    /// A copy of it without its archived events.
+    fn without_archive(&self) -> Batch {
         Batch {
             frontier: self.frontier,
             upserts: self.upserts.clone(),
@@ -145,7 +145,7 @@ impl Batch {
             start: self.start,
             absent_before: self.absent_before.clone(),
             alerts: self.alerts.clone(),
-            archive: if archive { self.archive.clone() } else { Vec::new() },
+            archive: Vec::new(),
         }
     }
 
@@ -527,27 +527,23 @@ pub fn frontier_sinks(inputs: SinkInputs<'_>, committers: Vec<Committer>) -> Vec
                 }
             }
             // One batch per distinct (start, end) among the stores due now,
-            // copied for each store beyond the first that takes it.
+            // shared by the stores that take it (a store that does not archive
+            // gets a copy without the archived events, if there are any).
             for i in 0..outlets.len() {
                 let Some(frontier) = due_at[i] else { continue };
                 let start = outlets[i].sent;
-                let mut takers: Vec<usize> = (i..outlets.len())
+                let takers: Vec<usize> = (i..outlets.len())
                     .filter(|&j| due_at[j] == Some(frontier) && outlets[j].sent == start)
                     .collect();
-                // The one that archives takes the batch itself, the others a copy without.
-                takers.sort_by_key(|&j| outlets[j].archive);
                 let archive = takers.iter().any(|&j| outlets[j].archive);
-                let mut batch = Some(pending.batch(start, frontier, archive));
-                for (n, &j) in takers.iter().enumerate() {
+                let batch = Arc::new(pending.batch(start, frontier, archive));
+                let mut without: Option<Arc<Batch>> = None;
+                for &j in &takers {
                     let o = &mut outlets[j];
-                    let mine = if n + 1 == takers.len() {
-                        let mut b = batch.take().expect("kept for the last taker");
-                        if !o.archive {
-                            b.archive = Vec::new();
-                        }
-                        b
+                    let mine = if o.archive || batch.archive.is_empty() {
+                        batch.clone()
                     } else {
-                        batch.as_ref().expect("kept for the last taker").copy(o.archive)
+                        without.get_or_insert_with(|| Arc::new(batch.without_archive())).clone()
                     };
                     o.sent = frontier;
                     o.last_sent = Instant::now();
@@ -758,15 +754,17 @@ struct Mailbox {
 
 #[derive(Default)]
 struct MailboxState {
-    waiting: Option<Batch>,
+    waiting: Option<Arc<Batch>>,
     closed: bool,
 }
 
 impl Mailbox {
-    fn post(&self, batch: Batch) {
+    /// Post `batch` (shared with the other stores' mailboxes: folding one
+    /// into a waiting batch copies whichever is still shared).
+    fn post(&self, batch: Arc<Batch>) {
         let mut s = self.state.lock().expect("mailbox");
         match s.waiting.as_mut() {
-            Some(w) => w.absorb(batch),
+            Some(w) => Arc::make_mut(w).absorb(Arc::unwrap_or_clone(batch)),
             None => s.waiting = Some(batch),
         }
         self.posted.notify_one();
@@ -779,7 +777,7 @@ impl Mailbox {
     }
 
     /// The next batch, waiting for one; `None` once closed and empty.
-    fn take(&self) -> Option<Batch> {
+    fn take(&self) -> Option<Arc<Batch>> {
         let mut s = self.state.lock().expect("mailbox");
         loop {
             if let Some(b) = s.waiting.take() {
