@@ -281,13 +281,13 @@ pub fn end_to_end_latency() -> &'static Histogram {
     })
 }
 
-/// `tripwire_state{worker,what}`: the fraud computation's state (cards, entries, due times).
+/// `tripwire_state{worker,what}`: the fraud computation's state (cards, entries, due).
 pub fn state_size() -> &'static IntGaugeVec {
     static G: OnceLock<IntGaugeVec> = OnceLock::new();
     G.get_or_init(|| {
         register_int_gauge_vec!(
             "tripwire_state",
-            "Size of a worker's window state: cards, entries (events held), due times.",
+            "Size of a worker's window state: cards, entries (events held), due (arrivals waiting, departure times).",
             &["worker", "what"]
         )
         .expect("metric registered once")
