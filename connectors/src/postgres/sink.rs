@@ -999,23 +999,7 @@ mod tests {
             admin_client.batch_execute(&format!("CREATE SCHEMA {schema}")).await.unwrap();
             let conninfo = format!("{admin} options='-c search_path={schema}'");
             let mut store = Postgres {
-                config: PgSinkConfig {
-                    conninfo: conninfo.clone(),
-                    job: "unit".into(),
-                    commit_interval: Duration::ZERO,
-                    catch_up_interval: Duration::ZERO,
-                    progress: None,
-                    progress_settled: None,
-                    late: None,
-                    resume_from: 0,
-                    report_to: None,
-                    produce_times: None,
-                    decisions: None,
-                    topic: "unit".into(),
-                    end: None,
-                    synchronous_commit: false,
-                    high_water: 0,
-                },
+                config: unit_config(conninfo.clone()),
                 worker: 0,
                 insert_new_cards: true,
             };
@@ -1023,6 +1007,27 @@ mod tests {
             test(store, conn).await;
             admin_client.batch_execute(&format!("DROP SCHEMA {schema} CASCADE")).await.unwrap();
         });
+    }
+
+    /// The unit tests' sink configuration: commits at once, nothing from a source.
+    fn unit_config(conninfo: String) -> PgSinkConfig {
+        PgSinkConfig {
+            conninfo,
+            job: "unit".into(),
+            commit_interval: Duration::ZERO,
+            catch_up_interval: Duration::ZERO,
+            progress: None,
+            progress_settled: None,
+            late: None,
+            resume_from: 0,
+            report_to: None,
+            produce_times: None,
+            decisions: None,
+            topic: "unit".into(),
+            end: None,
+            synchronous_commit: false,
+            high_water: 0,
+        }
     }
 
     /// A bounded run's last commit (its batch reaches the input's end) waits
@@ -1034,21 +1039,9 @@ mod tests {
         end.set(100);
         let settled = Arc::new(AtomicBool::new(false));
         let config = PgSinkConfig {
-            conninfo: String::new(),
-            job: "unit".into(),
-            commit_interval: Duration::ZERO,
-            catch_up_interval: Duration::ZERO,
-            progress: None,
             progress_settled: Some(settled.clone()),
-            late: None,
-            resume_from: 0,
-            report_to: None,
-            produce_times: None,
-            decisions: None,
-            topic: "unit".into(),
             end: Some(end),
-            synchronous_commit: false,
-            high_water: 0,
+            ..unit_config(String::new())
         };
         let (before, last) = (
             Batch { frontier: 50, ..Batch::default() },
