@@ -10,19 +10,20 @@ use rdkafka::error::KafkaError;
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 
 use crate::avro::{Limits, TransactionCodec};
+use crate::kafka_admin::ReadsToEnd;
 use crate::registry::EmbeddedRegistry;
 
 /// Read all of `topic` (every partition, one consumer), decoding and validating
 /// each record if `decode`: how many records, in how many seconds.
 pub fn read_topic(bootstrap: &str, topic: &str, decode: bool) -> (u64, f64) {
-    let consumer: BaseConsumer = ClientConfig::new()
+    let consumer: BaseConsumer<ReadsToEnd> = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("group.id", "tripwire-ceiling")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
         // See the source: a full prefetch queue must not stall reading for a second.
         .set("fetch.queue.backoff.ms", "10")
-        .create()
+        .create_with_context(ReadsToEnd)
         .expect("consumer");
     let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).expect("metadata");
     let parts = md.topics()[0].partitions().len();

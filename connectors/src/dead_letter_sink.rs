@@ -46,6 +46,7 @@ use timely::dataflow::StreamVec;
 use tripwire_dataflow::Time;
 
 use crate::dead_letter::DeadLetterReason;
+use crate::kafka_admin::ReadsToEnd;
 use crate::kafka_source::{DeadLetter, Progress, ProgressSample};
 use crate::metrics::dead_letters_total;
 
@@ -115,8 +116,9 @@ struct Seen {
     late: bool,
 }
 
-/// This source's committed letters at the end of each partition of `topic`,
-/// by dead-letter partition, read backwards until `enough(partition, letters)`.
+/// This source's committed letters at the end of each partition of `topic`
+/// (of those in `only`, if given), by dead-letter partition, read backwards
+/// until `enough(partition, letters)`.
 ///
 /// Reads with `read_committed`: the last record of a partition is usually a
 /// transaction marker, not a letter, and letters of aborted transactions are
@@ -127,19 +129,20 @@ fn read_back(
     bootstrap: &str,
     topic: &str,
     source_topic: &str,
+    only: Option<&[i32]>,
     enough: impl Fn(i32, &[Seen]) -> bool,
 ) -> Result<HashMap<i32, Vec<Seen>>, KafkaError> {
-    let consumer: BaseConsumer = ClientConfig::new()
+    let consumer: BaseConsumer<ReadsToEnd> = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("group.id", format!("tripwire-dlq-tail-{topic}"))
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
         .set("isolation.level", "read_committed")
-        .create()?;
+        .create_with_context(ReadsToEnd)?;
     let count = crate::kafka_admin::partition_count(bootstrap, topic)?.unwrap_or(0);
     // Per partition still unsettled: (its start, its end, how far back to read).
     let mut unsettled: HashMap<i32, (i64, i64, i64)> = HashMap::new();
-    for p in 0..count as i32 {
+    for p in (0..count as i32).filter(|p| only.is_none_or(|only| only.contains(p))) {
         let (low, high) = crate::kafka_admin::while_starting(|| {
             consumer.fetch_watermarks(topic, p, Duration::from_secs(10))
         })?;
@@ -196,13 +199,17 @@ fn read_back(
 }
 
 /// Per source partition, the highest source offset whose dead letter is
-/// committed in `topic` already: a replay skips letters up to there.
+/// committed in `topic` already: a replay skips letters up to there. A
+/// letter goes to the dead-letter partition of its source partition's
+/// number, so a worker reads `only` its own source partitions' (every
+/// partition with `None`).
 pub fn written(
     bootstrap: &str,
     topic: &str,
     source_topic: &str,
+    only: Option<&[i32]>,
 ) -> Result<HashMap<i32, i64>, KafkaError> {
-    let tails = read_back(bootstrap, topic, source_topic, |_, letters| !letters.is_empty())?;
+    let tails = read_back(bootstrap, topic, source_topic, only, |_, letters| !letters.is_empty())?;
     let mut found = HashMap::new();
     for s in tails.values().flatten() {
         let e = found.entry(s.partition).or_insert(s.offset);
@@ -227,7 +234,7 @@ pub fn committed_late(
     from: &HashMap<i32, i64>,
 ) -> Result<HashMap<i32, Vec<i64>>, KafkaError> {
     let start = |p: i32| from.get(&p).copied().unwrap_or(0);
-    let tails = read_back(bootstrap, topic, source_topic, |_, letters| {
+    let tails = read_back(bootstrap, topic, source_topic, None, |_, letters| {
         letters.iter().any(|s| s.offset < start(s.partition))
     })?;
     let mut late: HashMap<i32, Vec<i64>> = HashMap::new();
@@ -612,8 +619,75 @@ enum Order {
     Commit(Vec<ProgressSample>),
 }
 
-/// Orders the operator may queue before it waits for the producer thread.
+/// Orders the producer thread's queue holds.
 const ORDERS: usize = 64;
+
+/// Letters the operator holds beyond a full queue before it waits for the
+/// producer thread: a flood of dead letters slows the worker down rather
+/// than holding an unbounded backlog, but a thread that is still starting
+/// (its producer's `init_transactions` and its read of the topic's tail take
+/// 0.3-1.2 s) does not stop the worker, and with it the dataflow, as a queue
+/// of 64 orders did for 0.1-0.9 s at a bulk run's start.
+const BACKLOG_LETTERS: usize = 10_000;
+
+/// Orders the producer thread's queue did not take yet, in order, each
+/// merged into the one before it where that is of the same kind.
+#[derive(Default)]
+struct Backlog {
+    orders: std::collections::VecDeque<Order>,
+    letters: usize,
+}
+
+impl Backlog {
+    fn letters(&mut self, mut letters: Vec<DeadLetter>) {
+        self.letters += letters.len();
+        match self.orders.back_mut() {
+            Some(Order::Letters(held)) => held.append(&mut letters),
+            _ => self.orders.push_back(Order::Letters(letters)),
+        }
+    }
+
+    fn commit(&mut self, samples: Vec<ProgressSample>) {
+        match self.orders.back_mut() {
+            Some(Order::Commit(held)) => held.extend(samples),
+            _ => self.orders.push_back(Order::Commit(samples)),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.orders.is_empty()
+    }
+
+    /// Into `queue`, in order, as far as it has room; while more than
+    /// [`BACKLOG_LETTERS`] letters are held, waiting for room. `Err` if the
+    /// thread has ended (what it did not take stays here).
+    fn hand_over(&mut self, queue: &std::sync::mpsc::SyncSender<Order>) -> Result<(), ()> {
+        use std::sync::mpsc::TrySendError;
+        while let Some(order) = self.orders.pop_front() {
+            let n = match &order {
+                Order::Letters(l) => l.len(),
+                Order::Commit(_) => 0,
+            };
+            let handed = if self.letters > BACKLOG_LETTERS {
+                queue.send(order).map_err(|e| TrySendError::Disconnected(e.0))
+            } else {
+                queue.try_send(order)
+            };
+            match handed {
+                Ok(()) => self.letters -= n,
+                Err(TrySendError::Full(order)) => {
+                    self.orders.push_front(order);
+                    return Ok(());
+                }
+                Err(TrySendError::Disconnected(order)) => {
+                    self.orders.push_front(order);
+                    return Err(());
+                }
+            }
+        }
+        Ok(())
+    }
+}
 
 /// The producer thread: carry out `inbox`'s orders, and commit an open
 /// transaction within LINGER of its first letter (restart points come every
@@ -716,6 +790,7 @@ pub fn dead_letter_sink(
     }
     let scope = stream.scope();
     let worker = scope.index();
+    let mine = crate::kafka_source::partitions_of(source_partitions, worker, scope.peers());
     // The producer works on a thread of its own: a commit waits for the
     // broker (a round trip to the transaction coordinator and its markers, and
     // during an outage much longer), which on the worker's thread held up
@@ -744,7 +819,7 @@ pub fn dead_letter_sink(
                 let id = format!("tripwire-dlq-{topic}-{source_topic}-{worker}");
                 let producer = Transactional::new(&bootstrap, &topic, id)?;
                 // Letters a replay gives again that are in the topic already.
-                let already = written(&bootstrap, &topic, &source_topic)?;
+                let already = written(&bootstrap, &topic, &source_topic, Some(&mine))?;
                 produce(producer, &topic, &inbox, confirmed.as_ref(), &already);
                 if let Some(settled) = settled {
                     settled.store(true, Ordering::Release);
@@ -766,6 +841,7 @@ pub fn dead_letter_sink(
     let mut builder = OperatorBuilder::new("DeadLetterSink".to_owned(), scope);
     let activator = scope.activator_for(builder.operator_info().address);
     let mut input = builder.new_input(stream, Pipeline);
+    let mut backlog = Backlog::default();
     // After the input's end: the thread, committing its last transaction.
     let mut ending: Option<std::thread::JoinHandle<Result<(), KafkaError>>> = None;
     builder.build_reschedule(move |_capabilities| {
@@ -810,12 +886,18 @@ pub fn dead_letter_sink(
             input.for_each(|_cap, data| letters.append(data));
             let sent = !letters.is_empty();
             if sent {
-                orders.send(Order::Letters(letters)).expect("the dead-letter thread ended");
+                backlog.letters(letters);
             }
             // Committed before a restart point after them may be stored (and
             // within LINGER of the first in any case, by the thread).
             if !taken.is_empty() || (sent && confirm.is_none()) {
-                orders.send(Order::Commit(taken)).expect("the dead-letter thread ended");
+                backlog.commit(taken);
+            }
+            // What the queue has no room for yet is handed over shortly
+            // (and the thread's end, if it ended, noticed then).
+            if backlog.hand_over(orders).is_err() || !backlog.is_empty() {
+                activator.activate_after(ENDING_POLL);
+                return true;
             }
             if frontiers[0].is_empty() {
                 // All input seen: the thread commits what is open and ends.
@@ -846,6 +928,113 @@ mod tests {
             payload: vec![1; if omitted.is_some() { 0 } else { 10 }],
         };
         Letter { d, omitted, refused }
+    }
+
+    /// An order as what it carries, in order: letters by offset, and a
+    /// commit as `-1` followed by its restart points' offsets; a commit right
+    /// after another commit (the backlog merges them) counts once.
+    fn flatten(orders: &[Order]) -> Vec<(char, i64)> {
+        let mut out: Vec<(char, i64)> = Vec::new();
+        for order in orders {
+            match order {
+                Order::Letters(l) => out.extend(l.iter().map(|d| ('L', d.offset))),
+                Order::Commit(s) => {
+                    if out.last().is_none_or(|(kind, _)| *kind == 'L') {
+                        out.push(('C', -1));
+                    }
+                    out.extend(s.iter().map(|p| ('C', p.offset)));
+                }
+            }
+        }
+        out
+    }
+
+    fn dead(offset: i64) -> DeadLetter {
+        DeadLetter { offset, ..letter(0, false, None).d }
+    }
+
+    fn sample(offset: i64) -> ProgressSample {
+        ProgressSample {
+            topic: "t".into(),
+            partition: 0,
+            offset,
+            max_event_time: 0,
+            basis: 0,
+            top: 0,
+        }
+    }
+
+    /// Letters and restart points reach the thread in the order given, none
+    /// lost and none doubled, however little room its queue has; below
+    /// BACKLOG_LETTERS the operator never waits for room, above it it does;
+    /// a thread that ended leaves what it did not take in the backlog.
+    #[test]
+    fn a_backlog_hands_over_in_order_and_waits_only_when_full() {
+        let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for _ in 0..100 {
+            let (queue, inbox) = std::sync::mpsc::sync_channel::<Order>(1 + next(3) as usize);
+            let (mut backlog, mut given, mut taken) = (Backlog::default(), Vec::new(), Vec::new());
+            let mut offset = 0;
+            for _ in 0..200 {
+                let n = 1 + next(5) as usize;
+                let order = if next(3) == 0 {
+                    Order::Commit((0..next(3)).map(|_| sample(offset)).collect())
+                } else {
+                    Order::Letters((0..n).map(|k| dead(offset + k as i64)).collect())
+                };
+                offset += n as i64;
+                match order {
+                    Order::Letters(l) => {
+                        given.push(Order::Letters(l.clone()));
+                        backlog.letters(l);
+                    }
+                    Order::Commit(s) => {
+                        given.push(Order::Commit(s.clone()));
+                        backlog.commit(s);
+                    }
+                }
+                // Returns at once (a full queue would block this test).
+                backlog.hand_over(&queue).expect("the thread is there");
+                for _ in 0..next(3) {
+                    taken.extend(inbox.try_recv());
+                }
+            }
+            while !backlog.is_empty() {
+                backlog.hand_over(&queue).expect("the thread is there");
+                taken.extend(inbox.try_iter());
+            }
+            taken.extend(inbox.try_iter());
+            assert_eq!(flatten(&taken), flatten(&given));
+        }
+
+        // Past the bound, with a full queue: it waits until the thread takes them all.
+        let (queue, inbox) = std::sync::mpsc::sync_channel::<Order>(1);
+        queue.send(Order::Commit(Vec::new())).unwrap();
+        let mut backlog = Backlog::default();
+        backlog.letters((0..=BACKLOG_LETTERS as i64).map(dead).collect());
+        let thread = std::thread::spawn(move || inbox.iter().collect::<Vec<_>>());
+        backlog.hand_over(&queue).expect("the thread is there");
+        assert!(backlog.is_empty(), "past the bound the operator waited for room");
+        drop(queue);
+        let got = thread.join().unwrap();
+        assert_eq!(
+            flatten(&got[1..]),
+            flatten(&[Order::Letters((0..=BACKLOG_LETTERS as i64).map(dead).collect())])
+        );
+
+        // The thread has ended: nothing handed over is lost from the backlog.
+        let (queue, inbox) = std::sync::mpsc::sync_channel::<Order>(4);
+        drop(inbox);
+        let mut backlog = Backlog::default();
+        backlog.letters(vec![dead(1)]);
+        assert!(backlog.hand_over(&queue).is_err());
+        assert_eq!(flatten(backlog.orders.make_contiguous()), vec![('L', 1)]);
     }
 
     #[test]

@@ -9,11 +9,40 @@ use rdkafka::admin::{
     TopicResult,
 };
 use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::ToBytes;
 use rdkafka::producer::{BaseRecord, ProducerContext, ThreadedProducer};
-use rdkafka::ClientConfig;
+use rdkafka::{ClientConfig, ClientContext};
+
+/// Whether `error` is the end of a partition: a consumer with
+/// `enable.partition.eof` asked for it, and librdkafka reports it as a
+/// global error too.
+pub fn is_partition_eof(error: &KafkaError) -> bool {
+    matches!(
+        error,
+        KafkaError::PartitionEOF(_) | KafkaError::Global(RDKafkaErrorCode::PartitionEOF)
+    )
+}
+
+/// The context of a consumer that reads to the end of its partitions: the
+/// ends are expected, not errors (librdkafka's default context logged each
+/// at ERROR, in every bounded run and every job start that reads a
+/// dead-letter topic's tail).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ReadsToEnd;
+
+impl ClientContext for ReadsToEnd {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if is_partition_eof(&error) {
+            tracing::debug!(%reason, "end of partition");
+        } else {
+            tracing::error!(error = %error, %reason, "kafka client error");
+        }
+    }
+}
+
+impl ConsumerContext for ReadsToEnd {}
 
 /// An admin client, and a runtime to wait for its operations on.
 fn admin(

@@ -349,8 +349,7 @@ impl ClientContext for SourceContext {
 
     fn error(&self, error: KafkaError, reason: &str) {
         match error {
-            KafkaError::PartitionEOF(_)
-            | KafkaError::Global(rdkafka::types::RDKafkaErrorCode::PartitionEOF) => {
+            e if crate::kafka_admin::is_partition_eof(&e) => {
                 tracing::debug!(%reason, "end of partition")
             }
             KafkaError::Global(
@@ -469,6 +468,12 @@ fn unobserved(partitions: &mut [PartitionState], time: Duration) {
     }
 }
 
+/// The partitions of a topic with `count` that worker `index` of `peers` reads
+/// (the dead-letter sink writes their letters to the same partitions of its topic).
+pub fn partitions_of(count: usize, index: usize, peers: usize) -> Vec<i32> {
+    (0..count as i32).filter(|p| *p as usize % peers == index).collect()
+}
+
 /// Build the source operator for this worker.
 pub fn kafka_source<'s>(
     scope: Scope<'s, Time>,
@@ -511,7 +516,7 @@ pub fn kafka_source<'s>(
     let sight = client.context().sight.clone();
     let count = crate::kafka_admin::partition_count(&config.bootstrap, &config.topic)?
         .ok_or_else(|| SourceError::NoTopic(config.topic.clone()))?;
-    let mine: Vec<i32> = (0..count as i32).filter(|p| *p as usize % peers == index).collect();
+    let mine = partitions_of(count, index, peers);
     let mut assignment = TopicPartitionList::new();
     let mut partitions = Vec::new();
     for &p in &mine {

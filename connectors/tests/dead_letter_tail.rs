@@ -121,7 +121,7 @@ fn the_tail_is_the_last_committed_letter_of_the_source() {
     letter(&plain, &dlq, &source, 3, 22);
     plain.flush(Duration::from_secs(30)).unwrap();
 
-    let tail = written(&bootstrap, &dlq, &source).unwrap();
+    let tail = written(&bootstrap, &dlq, &source, None).unwrap();
     let want: HashMap<i32, i64> = [(0, 3), (2, 11), (3, 22)].into_iter().collect();
     assert_eq!(tail, want, "per partition the last committed letter of this source");
 }
@@ -160,7 +160,7 @@ fn a_letter_is_committed_soon_without_a_restart_point() {
         let started = Instant::now();
         loop {
             worker.step_or_park(Some(Duration::from_millis(20)));
-            if written(&bootstrap, &dlq, &source).unwrap().get(&0) == Some(&41) {
+            if written(&bootstrap, &dlq, &source, None).unwrap().get(&0) == Some(&41) {
                 break;
             }
             assert!(Instant::now() < deadline, "the letter was not committed within 30 s");
@@ -396,7 +396,7 @@ fn too_large_letters(name: &str, lowered: bool) {
             assert_eq!(omitted, &None, "letter {offset}");
         }
     }
-    assert_eq!(written(&bootstrap, &dlq, &source).unwrap().get(&0), Some(&14));
+    assert_eq!(written(&bootstrap, &dlq, &source, None).unwrap().get(&0), Some(&14));
 }
 
 #[test]

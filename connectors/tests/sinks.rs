@@ -129,6 +129,8 @@ fn sink_holds_exactly_the_reference_below_the_frontier_and_empties_with_the_wind
         end: None,
         high_water: 0,
         synchronous_commit: false,
+        // As the job runs: one large commit at a time per process.
+        bulk_writers: Some(std::sync::Arc::new(tokio::sync::Semaphore::new(1))),
     };
     let redis_config = RedisSinkConfig {
         commit_interval: Duration::from_millis(50),

@@ -74,6 +74,14 @@ pub struct PgSinkConfig {
     /// (before a rescale fitted them): until a batch starts there, rows this
     /// run did not write may be in the store.
     pub high_water: Time,
+    /// Shared by the sinks of a process's workers: a large batch (copied in,
+    /// [`COPY_FROM_CARDS`] cards or more) commits only with one of its
+    /// permits, so that at most that many bulk writes run at once (`None`:
+    /// no limit). A catch-up ends with every worker's large batch at once;
+    /// on a machine whose cores the stores share, two PostgreSQL backends
+    /// copying side by side took both cores from Redis, whose readers (the
+    /// authorisation service) then waited behind them.
+    pub bulk_writers: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 /// Commit this worker's statistics and alerts (and archived events, if given) to
@@ -163,6 +171,7 @@ impl Store for Postgres {
         let job = &self.config.job;
         let source = Source { topic: &self.config.topic, samples: &samples, decisions: &decisions };
         let at = (job.as_str(), self.worker, self.config.high_water);
+        let _turn = bulk_turn(&self.config, batch).await;
         let result = commit(client, st, at, batch, &source, &late, self.insert_new_cards).await;
         if let Err(e) = &result {
             if e.code() == Some(&SqlState::UNIQUE_VIOLATION) && self.insert_new_cards {
@@ -267,6 +276,20 @@ pub(super) fn decision_columns(
 /// before the end are all confirmed (the dead-letter sink's last
 /// transaction is committed), at most [`SETTLE_WAIT`]: without them, the
 /// next run would restart from an earlier point and read more again.
+/// A large batch's turn among the process's bulk writers (see
+/// [`PgSinkConfig::bulk_writers`]); a small batch needs none.
+async fn bulk_turn<'c>(
+    config: &'c PgSinkConfig,
+    batch: &Batch,
+) -> Option<tokio::sync::SemaphorePermit<'c>> {
+    let writers = config.bulk_writers.as_ref()?;
+    if batch.upserts.len() < COPY_FROM_CARDS {
+        return None;
+    }
+    // Never closed: an error is impossible, and then no turn is needed.
+    writers.acquire().await.ok()
+}
+
 async fn settle(config: &PgSinkConfig, worker: usize, batch: &Batch) {
     let last = config.end.as_ref().and_then(InputEnd::get).is_some_and(|e| batch.frontier >= e);
     let Some(settled) = config.progress_settled.as_ref().filter(|_| last) else { return };
@@ -1027,6 +1050,7 @@ mod tests {
             end: None,
             synchronous_commit: false,
             high_water: 0,
+            bulk_writers: None,
         }
     }
 
@@ -1062,6 +1086,39 @@ mod tests {
             settled.store(true, Ordering::Release);
             tokio::time::timeout(wait, settling).await.expect("it goes on once they are");
         });
+    }
+
+    /// While one worker's large batch commits, another worker's large batch
+    /// waits for its turn and a small one does not; without a limit nothing
+    /// waits.
+    #[test]
+    fn large_batches_take_turns_and_small_ones_never_wait() {
+        use futures_util::FutureExt;
+        let config = PgSinkConfig {
+            bulk_writers: Some(Arc::new(tokio::sync::Semaphore::new(1))),
+            ..unit_config(String::new())
+        };
+        let cards = |n: u64| Batch {
+            upserts: (0..n).map(|c| (c, stats(1), 1)).collect(),
+            ..Batch::default()
+        };
+        let (large, small) = (cards(COPY_FROM_CARDS as u64), cards(COPY_FROM_CARDS as u64 - 1));
+        let first = bulk_turn(&config, &large).now_or_never().expect("a free turn");
+        assert!(first.is_some(), "a large batch takes a turn");
+        assert!(
+            bulk_turn(&config, &large).now_or_never().is_none(),
+            "a second large batch went on while the first one committed"
+        );
+        let beside = bulk_turn(&config, &small).now_or_never().expect("a small batch never waits");
+        assert!(beside.is_none(), "a small batch needs no turn");
+        drop(first);
+        assert!(
+            bulk_turn(&config, &large).now_or_never().is_some(),
+            "its turn once the first ends"
+        );
+        let unlimited = unit_config(String::new());
+        let free = bulk_turn(&unlimited, &large).now_or_never().expect("no limit, no wait");
+        assert!(free.is_none());
     }
 
     async fn rows(c: &Client) -> Vec<(i64, i64)> {

@@ -100,6 +100,14 @@ struct Args {
     /// behind what was acknowledged) and replayed, so results stay exact.
     #[arg(long, env = "TRIPWIRE_SYNCHRONOUS_COMMIT", default_value_t = false, action = clap::ArgAction::Set)]
     synchronous_commit: bool,
+    /// Large PostgreSQL commits (a catch-up's batches, copied in) of this
+    /// process's workers that may run at once; 0 for no limit. One by
+    /// default: where the stores share the machine's cores, a catch-up's
+    /// last batches copied side by side left Redis's readers (the
+    /// authorisation service) waiting for a core, and one at a time took no
+    /// longer on two cores.
+    #[arg(long, env = "TRIPWIRE_PG_BULK_WRITERS", default_value_t = 1)]
+    pg_bulk_writers: usize,
     /// Records per partition between two progress samples (restart points).
     #[arg(long, default_value_t = 5_000)]
     sample_every: u64,
@@ -368,6 +376,8 @@ fn main() -> Result<()> {
         end: None,
         synchronous_commit: args.synchronous_commit,
         high_water: pg_high_water,
+        bulk_writers: (args.pg_bulk_writers > 0)
+            .then(|| Arc::new(tokio::sync::Semaphore::new(args.pg_bulk_writers))),
     };
     let read_model = RedisSinkConfig {
         commit_interval: Duration::from_millis(args.commit_interval_ms),
