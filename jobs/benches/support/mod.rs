@@ -241,6 +241,31 @@ pub fn quantile(xs: &[f64], q: f64) -> f64 {
     xs[rank - 1]
 }
 
+/// Have Redis rewrite its append-only file now and wait for it, so that the
+/// next run starts from a compact one: Redis rewrites it on its own once it
+/// passes `auto-aof-rewrite-min-size` (1 GB on the stack, a few bulk runs'
+/// writes), and a rewrite that fell inside a measured run took 2-6 s of
+/// Redis's CPU, on cores the run shares, from it.
+fn compact_redis_log(con: &mut redis::Connection) {
+    let info = |con: &mut redis::Connection| -> String {
+        redis::cmd("INFO").arg("persistence").query(con).unwrap_or_default()
+    };
+    if !info(con).contains("aof_enabled:1") {
+        return;
+    }
+    // Refused only while a rewrite runs already; then that one is waited for.
+    let _ = redis::cmd("BGREWRITEAOF").exec(con);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < deadline {
+        let now = info(con);
+        if !now.contains("aof_rewrite_in_progress:1") && !now.contains("aof_rewrite_scheduled:1") {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("Redis's append-only file rewrite did not end within 120 s; going on");
+}
+
 /// Remove what a benchmark's job left behind: its PostgreSQL schema, its
 /// Redis keys (they would live a day), and `topics` with their dead-letter
 /// topics. A later run never needs them; the results are in the JSON.
@@ -268,6 +293,7 @@ pub fn clean_up(job: &str, topics: &[&str]) {
         }
         cursor = next;
     }
+    compact_redis_log(&mut con);
     let dead: Vec<String> = topics.iter().map(|t| format!("{t}-dlq")).collect();
     let all: Vec<&str> = topics.iter().copied().chain(dead.iter().map(String::as_str)).collect();
     delete_topics(&endpoints().kafka_bootstrap, &all).unwrap();
