@@ -991,13 +991,7 @@ mod tests {
     fn compacting_changes_leaves_every_batch_that_can_still_be_cut_as_it_was() {
         // Seeded pseudo-random changes: 8 cards, times 0..100, each card's
         // `existed` true after its first change unless it emptied.
-        let mut x: u64 = 0x2545_F491_4F6C_DD1D;
-        let mut next = move |n: u64| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x % n
-        };
+        let mut next = tripwire_dataflow::seeded(0x2545_F491_4F6C_DD1D);
         for _ in 0..200 {
             let mut had = [false; 8];
             let mut updates = Vec::new();

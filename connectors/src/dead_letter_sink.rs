@@ -357,7 +357,8 @@ fn too_large(e: &KafkaError) -> bool {
     )
 }
 
-/// How often the operator looks whether the thread has ended, once its input has.
+/// How often the operator looks again: whether the thread has ended, once its
+/// input has, and whether the thread's queue has room for its backlog.
 const ENDING_POLL: Duration = Duration::from_millis(2);
 
 /// The longest a dead letter waits in an open transaction.
@@ -970,13 +971,7 @@ mod tests {
     /// a thread that ended leaves what it did not take in the backlog.
     #[test]
     fn a_backlog_hands_over_in_order_and_waits_only_when_full() {
-        let mut seed = 0x9E37_79B9_7F4A_7C15u64;
-        let mut next = move |n: u64| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % n
-        };
+        let mut next = tripwire_dataflow::seeded(0x9E37_79B9_7F4A_7C15);
         for _ in 0..100 {
             let (queue, inbox) = std::sync::mpsc::sync_channel::<Order>(1 + next(3) as usize);
             let (mut backlog, mut given, mut taken) = (Backlog::default(), Vec::new(), Vec::new());

@@ -1,6 +1,7 @@
 //! Kafka client helpers: creating topics on purpose (the broker's automatic
 //! creation is off, see the README), waiting out a broker that is starting,
-//! and producing through a full queue.
+//! producing through a full queue, and the context of consumers that read to
+//! a partition's end.
 
 use std::time::Duration;
 

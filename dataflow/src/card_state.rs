@@ -336,23 +336,17 @@ mod tests {
     /// and past them: always what a plain deque given the same holds.
     #[test]
     fn entries_hold_what_a_deque_holds_inline_and_spilled() {
-        let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut next = crate::seeded(0x9E37_79B9_7F4A_7C15);
         for _ in 0..200 {
             let (mut entries, mut model) = (Entries::default(), VecDeque::new());
             let mut tau = 0;
-            for _ in 0..(next() % 20) {
-                if next() % 3 == 0 {
+            for _ in 0..next(20) {
+                if next(3) == 0 {
                     entries.pop_front();
                     model.pop_front();
                 } else {
-                    tau += next() % 5;
-                    let e = Entry { tau, event_id: next(), ..Entry::default() };
+                    tau += next(5);
+                    let e = Entry { tau, event_id: next(u64::MAX), ..Entry::default() };
                     entries.push_back(e);
                     model.push_back(e);
                 }

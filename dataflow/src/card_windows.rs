@@ -752,13 +752,7 @@ mod tests {
     /// bucket already sorted and partly taken, at times far apart.
     #[test]
     fn waiting_arrivals_leave_in_time_order_each_once() {
-        let mut seed = 0x2545_F491_4F6C_DD1Du64;
-        let mut next = move |n: u64| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % n
-        };
+        let mut next = crate::seeded(0x2545_F491_4F6C_DD1D);
         for round in 0..50 {
             let mut waiting = Waiting::default();
             // What a brute-force model holds: every (time, id) not yet taken.

@@ -44,3 +44,15 @@ pub use output::{
     alert_id, Alert, CardChange, CardStats, Details, Metric, Rule, StatKey, WindowStats,
     MAX_STAT_WINDOWS,
 };
+
+/// A seeded xorshift for tests' random inputs (this crate's and the
+/// connectors'): each call gives the next value modulo `n`.
+#[doc(hidden)]
+pub fn seeded(mut x: u64) -> impl FnMut(u64) -> u64 {
+    move |n| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % n
+    }
+}

@@ -272,10 +272,6 @@ pub(super) fn decision_columns(
     )
 }
 
-/// Before a bounded run's last commit, wait until the restart points
-/// before the end are all confirmed (the dead-letter sink's last
-/// transaction is committed), at most [`SETTLE_WAIT`]: without them, the
-/// next run would restart from an earlier point and read more again.
 /// A large batch's turn among the process's bulk writers (see
 /// [`PgSinkConfig::bulk_writers`]); a small batch needs none.
 async fn bulk_turn<'c>(
@@ -290,6 +286,10 @@ async fn bulk_turn<'c>(
     writers.acquire().await.ok()
 }
 
+/// Before a bounded run's last commit, wait until the restart points
+/// before the end are all confirmed (the dead-letter sink's last
+/// transaction is committed), at most [`SETTLE_WAIT`]: without them, the
+/// next run would restart from an earlier point and read more again.
 async fn settle(config: &PgSinkConfig, worker: usize, batch: &Batch) {
     let last = config.end.as_ref().and_then(InputEnd::get).is_some_and(|e| batch.frontier >= e);
     let Some(settled) = config.progress_settled.as_ref().filter(|_| last) else { return };
