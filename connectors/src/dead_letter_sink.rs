@@ -138,6 +138,9 @@ fn read_back(
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
         .set("isolation.level", "read_committed")
+        // Each round (16 records back, then 32, ...) waits for its fetch to
+        // reach the end: at the default 500 ms a start spent seconds here.
+        .set("fetch.wait.max.ms", "10")
         .create_with_context(ReadsToEnd)?;
     let count = crate::kafka_admin::partition_count(bootstrap, topic)?.unwrap_or(0);
     // Per partition still unsettled: (its start, its end, how far back to read).
@@ -184,6 +187,11 @@ fn read_back(
                     }
                 }
                 Some(Err(KafkaError::PartitionEOF(_))) => at_end += 1,
+                // The broker away for a moment: the consumer reconnects on its
+                // own, within the deadline.
+                Some(Err(e)) if crate::kafka_admin::starting(&e) => {
+                    tracing::debug!(error = %e, topic, "reading the dead-letter tail: broker away");
+                }
                 Some(Err(e)) => return Err(e),
                 None => {}
             }
@@ -818,9 +826,16 @@ pub fn dead_letter_sink(
                 // dead-letter topic and source: jobs sharing a dead-letter
                 // topic must not fence each other.
                 let id = format!("tripwire-dlq-{topic}-{source_topic}-{worker}");
-                let producer = Transactional::new(&bootstrap, &topic, id)?;
-                // Letters a replay gives again that are in the topic already.
-                let already = written(&bootstrap, &topic, &source_topic, Some(&mine))?;
+                // The dataflow, and the stores' commits, run meanwhile: a
+                // broker restarting now is waited for, as the source waits
+                // for it, instead of ending the job (the chaos test restarts
+                // the broker under a group that may be starting).
+                let (producer, already) = crate::kafka_admin::while_starting(|| {
+                    let producer = Transactional::new(&bootstrap, &topic, id.clone())?;
+                    // Letters a replay gives again that are in the topic already.
+                    let already = written(&bootstrap, &topic, &source_topic, Some(&mine))?;
+                    Ok((producer, already))
+                })?;
                 produce(producer, &topic, &inbox, confirmed.as_ref(), &already);
                 if let Some(settled) = settled {
                     settled.store(true, Ordering::Release);

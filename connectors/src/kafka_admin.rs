@@ -176,7 +176,8 @@ pub fn while_starting<T>(mut f: impl FnMut() -> Result<T, KafkaError>) -> Result
     }
 }
 
-fn starting(e: &KafkaError) -> bool {
+/// Whether `e` is what a client sees while the broker starts or is away.
+pub fn starting(e: &KafkaError) -> bool {
     use RDKafkaErrorCode::*;
     let code = match e {
         KafkaError::AdminOp(code) => Some(*code),

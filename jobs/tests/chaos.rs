@@ -316,6 +316,30 @@ impl Stores {
     }
 }
 
+/// The last warnings and errors of each log, and its last lines, without the
+/// dead letters' (a clean clone's CI keeps only what the test prints).
+fn log_tails(logs: &[PathBuf]) -> String {
+    let mut out = String::new();
+    for log in logs {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().filter(|l| !l.contains("dead letter: ")).collect();
+        let alarms: Vec<&str> = lines
+            .iter()
+            .copied()
+            .filter(|l| l.contains("\"level\":\"ERROR\"") || l.contains("\"level\":\"WARN\""))
+            .collect();
+        out += &format!("--- {}: last warnings and errors\n", log.display());
+        for l in &alarms[alarms.len().saturating_sub(12)..] {
+            out += &format!("{l}\n");
+        }
+        out += "--- last lines\n";
+        for l in &lines[lines.len().saturating_sub(8)..] {
+            out += &format!("{l}\n");
+        }
+    }
+    out
+}
+
 /// Run `group` until `done`, restarting it (as the supervisor would) if a
 /// process ends on its own, unless `no_restart` names why that would be a failure.
 fn run_until(
@@ -331,13 +355,14 @@ fn run_until(
         if let Some(why) = group.ended() {
             if let Some(context) = no_restart {
                 panic!(
-                    "{why} {context}; log: {}",
+                    "{why} {context}; log: {}\n{}",
                     group
                         .logs
                         .iter()
                         .map(|l| l.display().to_string())
                         .collect::<Vec<_>>()
-                        .join(", ")
+                        .join(", "),
+                    log_tails(&group.logs)
                 );
             }
             println!("  {why}; restarting the group");
