@@ -149,6 +149,14 @@ impl Batch {
         }
     }
 
+    /// Whether it changes nothing in a store but its frontier.
+    pub fn is_empty(&self) -> bool {
+        self.upserts.is_empty()
+            && self.deletes.is_empty()
+            && self.alerts.is_empty()
+            && self.archive.is_empty()
+    }
+
     /// Whether the delete of `key` is of a card that came and went within
     /// the batch (no row at its start, none at its end).
     pub fn passing(&self, key: &u64) -> bool {
@@ -160,10 +168,25 @@ impl Batch {
 #[derive(Clone, Debug, Default)]
 pub struct Committed(Arc<Marks>);
 
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct Marks {
     committed: AtomicU64,
     input: AtomicU64,
+    /// Set by a source at its backpressure bound: what waits is committed
+    /// at the commit interval, not the catch-up interval (see [`Committed::press`]).
+    pressed: AtomicBool,
+    /// Wakes the commit operator that feeds this sink, once it runs.
+    wake: Mutex<Option<timely::scheduling::SyncActivator>>,
+}
+
+impl std::fmt::Debug for Marks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Marks")
+            .field("committed", &self.committed)
+            .field("input", &self.input)
+            .field("pressed", &self.pressed)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Committed {
@@ -183,6 +206,25 @@ impl Committed {
     /// Every output at a time below this has reached the sink (committed or not yet).
     pub fn input_frontier(&self) -> Time {
         self.0.input.load(Ordering::Acquire)
+    }
+
+    /// A source at its backpressure bound (`true`) or back under it: while
+    /// pressed, what waits goes to the stores at the commit interval even
+    /// when catching up, where it would wait for the catch-up interval, so
+    /// a paused source reads on after one commit, not after up to 20 s. A
+    /// Kafka Streams or Flink sink flushes a full buffer the same way.
+    pub fn press(&self, on: bool) {
+        if self.0.pressed.swap(on, Ordering::AcqRel) != on && on {
+            if let Some(wake) = self.0.wake.lock().expect("commit operator's activator").as_ref() {
+                // Fails only once the dataflow is gone, when nothing waits.
+                let _ = wake.activate();
+            }
+        }
+    }
+
+    /// Whether a source is at its backpressure bound.
+    pub fn pressed(&self) -> bool {
+        self.0.pressed.load(Ordering::Acquire)
     }
 }
 
@@ -399,6 +441,10 @@ pub fn frontier_sinks(inputs: SinkInputs<'_>, committers: Vec<Committer>) -> Vec
     let names: Vec<&str> = committers.iter().map(|c| c.name.as_str()).collect();
     let mut builder = OperatorBuilder::new(names.join("+"), scope);
     let activator = scope.activator_for(builder.operator_info().address);
+    for m in &marks {
+        let wake = scope.worker().sync_activator_for(builder.operator_info().address.to_vec());
+        *m.0.wake.lock().expect("commit operator's activator") = Some(wake);
+    }
     let mut stats_in = builder.new_input(inputs.stats.inner, Pipeline);
     let mut alerts_in = builder.new_input(inputs.alerts.inner, Pipeline);
     let mut archive_in = inputs.archive.map(|a| builder.new_input(a.inner, Pipeline));
@@ -468,6 +514,15 @@ pub fn frontier_sinks(inputs: SinkInputs<'_>, committers: Vec<Committer>) -> Vec
             // nobody waits for each half second: larger batches consolidate
             // more updates per key and cost the stores far fewer rows.
             let behind = wall_clock_ms().saturating_sub(frontier) > CATCH_UP_BEHIND_MS;
+            // ... unless a source waits for a commit to read on (backpressure).
+            let pressed = outlets.iter().any(|o| o.marks.pressed());
+            let due = |o: &Outlet| {
+                if behind && !pressed {
+                    o.interval.max(o.catch_up)
+                } else {
+                    o.interval
+                }
+            };
             // No batch (nor compaction) ends inside an epoch whose changes
             // were coalesced: it ends at the epoch's start instead.
             let frontier = match coalesce.as_ref() {
@@ -518,7 +573,7 @@ pub fn frontier_sinks(inputs: SinkInputs<'_>, committers: Vec<Committer>) -> Vec
                     _ => frontier,
                 };
                 o.marks.0.input.fetch_max(frontier, Ordering::AcqRel);
-                let due = if behind { o.interval.max(o.catch_up) } else { o.interval };
+                let due = due(o);
                 let now = frontier > o.sent && (done || o.last_sent.elapsed() >= due);
                 due_at.push(now.then_some(frontier));
                 if !now && !done && frontier > o.sent {
@@ -537,6 +592,11 @@ pub fn frontier_sinks(inputs: SinkInputs<'_>, committers: Vec<Committer>) -> Vec
                     .collect();
                 let archive = takers.iter().any(|&j| outlets[j].archive);
                 let batch = Arc::new(pending.batch(start, frontier, archive));
+                // A batch cut at the start of an open epoch, with nothing
+                // before it, does not restart the interval: the epoch's
+                // changes (all of them, at a catch-up's start) go as soon as
+                // it closes, not a whole interval later.
+                let held = batch.is_empty() && coalesce.as_ref().is_some_and(|c| c.is_open());
                 let mut without: Option<Arc<Batch>> = None;
                 for &j in &takers {
                     let o = &mut outlets[j];
@@ -546,7 +606,9 @@ pub fn frontier_sinks(inputs: SinkInputs<'_>, committers: Vec<Committer>) -> Vec
                         without.get_or_insert_with(|| Arc::new(batch.without_archive())).clone()
                     };
                     o.sent = frontier;
-                    o.last_sent = Instant::now();
+                    if !held {
+                        o.last_sent = Instant::now();
+                    }
                     due_at[j] = None;
                     // Taken at once by a free committer; folded into the waiting
                     // one while it is busy (what waits stays one batch).
@@ -570,7 +632,7 @@ pub fn frontier_sinks(inputs: SinkInputs<'_>, committers: Vec<Committer>) -> Vec
             if let Some(c) = coalesce.as_ref().filter(|c| !done && c.is_open()) {
                 let until_due = outlets
                     .iter()
-                    .map(|o| o.interval.max(o.catch_up).saturating_sub(o.last_sent.elapsed()))
+                    .map(|o| due(o).saturating_sub(o.last_sent.elapsed()))
                     .min()
                     .unwrap_or_default();
                 if until_due.is_zero() {
@@ -1120,6 +1182,166 @@ mod tests {
         assert_eq!(*frontier, END, "the last batch ends at the input's end");
         assert_eq!(cards.len(), COMPACT_FROM / 2 + 1, "every card that changed before the end");
         assert!(cards.contains(&(key(0), 10)), "card 0 as it was before the end");
+    }
+
+    /// A payment of `card` at `t` (ms since the epoch, long past: a catch-up).
+    fn payment(card: u64, t: Time) -> Transaction {
+        Transaction {
+            event_id: card * 1_000_000 + t,
+            card_id: card,
+            account_id: card,
+            merchant_id: 7,
+            mcc: 5411,
+            amount_minor: 1_000,
+            currency: *b"EUR",
+            country: *b"DE",
+            lat_e6: 0,
+            lon_e6: 0,
+            channel: tripwire_dataflow::Channel::Pos,
+            event_time_ms: t,
+            device_id: None,
+        }
+    }
+
+    /// Step `worker` until `until` holds, parking between steps; panics
+    /// after 30 s (a wake-up that never comes would park it for good).
+    fn step_until(worker: &mut timely::worker::Worker, what: &str, until: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !until() {
+            assert!(Instant::now() < deadline, "not within 30 s: {what}");
+            worker.step_or_park(Some(Duration::from_millis(100)));
+        }
+    }
+
+    /// While catching up, what waits goes at the catch-up interval; a source
+    /// at its backpressure bound presses the sink, and then it goes at once
+    /// (woken by the press: the operator's next wake-up is an hour away).
+    #[test]
+    fn a_pressed_sink_commits_what_waits_at_once_while_catching_up() {
+        use differential_dataflow::input::Input;
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let store = Recording(seen.clone());
+        let batches = seen.clone();
+        timely::execute_directly(move |worker| {
+            let options = CommitOptions {
+                interval: Duration::from_millis(1),
+                resume_from: 0,
+                report_to: None,
+                catch_up_interval: Duration::from_secs(3600),
+                end: None,
+            };
+            let (mut stats, mut alerts, marks) = worker.dataflow::<Time, _, _>(|scope| {
+                let (stats_in, stats) = scope.new_collection::<(u64, CardChange), Diff>();
+                let (alerts_in, alerts) = scope.new_collection::<Alert, Diff>();
+                let committer = committer("Recording", 0, store, options, false);
+                let marks = frontier_sinks(
+                    SinkInputs { stats, alerts, archive: None, coalesce: None },
+                    vec![committer],
+                );
+                (stats_in, alerts_in, marks)
+            });
+            let mark = marks[0].clone();
+            let reached = |to: Time| {
+                let mark = mark.clone();
+                move || mark.input_frontier() >= to
+            };
+            stats.update_at((key(1), change(1, false)), 10, 1);
+            for to in [20, 40] {
+                stats.advance_to(to);
+                alerts.advance_to(to);
+                stats.flush();
+                alerts.flush();
+                step_until(worker, "the operator sees the frontier", reached(to));
+                assert!(
+                    batches.lock().expect("recording").is_empty(),
+                    "catching up, at {to}: no batch before the catch-up interval"
+                );
+            }
+            marks[0].press(true);
+            step_until(worker, "a batch once pressed", || {
+                !batches.lock().expect("recording").is_empty()
+            });
+            assert_eq!(*batches.lock().expect("recording"), vec![(40, vec![(key(1), 10)])]);
+            // Released: the catch-up interval again.
+            marks[0].press(false);
+            stats.update_at((key(2), change(1, false)), 50, 1);
+            stats.advance_to(60);
+            alerts.advance_to(60);
+            stats.flush();
+            alerts.flush();
+            step_until(worker, "the operator sees the frontier", reached(60));
+            assert_eq!(batches.lock().expect("recording").len(), 1, "no batch once released");
+            stats.close();
+            alerts.close();
+        });
+        let batches = seen.lock().expect("recording");
+        assert_eq!(batches.last().map(|b| b.0), Some(Time::MAX), "the rest at the input's end");
+    }
+
+    /// At a catch-up's start the window operator opens an epoch and holds
+    /// its statistics at the epoch's start; the first batch due is cut
+    /// there, with nothing in it. It must not restart the catch-up
+    /// interval: the epoch closes at once and its changes follow in the
+    /// next batch (before, they waited a whole interval more: 20 s of the
+    /// benchmark's first 42).
+    #[test]
+    fn an_empty_batch_at_an_open_epochs_start_does_not_restart_the_interval() {
+        use differential_dataflow::input::Input;
+        use tripwire_dataflow::DetectFraud;
+        const CATCH_UP: Duration = Duration::from_secs(3);
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let store = Recording(seen.clone());
+        let batches = seen.clone();
+        let when = Arc::new(Mutex::new(Vec::new()));
+        let landed = when.clone();
+        timely::execute_directly(move |worker| {
+            let options = CommitOptions {
+                interval: Duration::from_millis(1),
+                resume_from: 0,
+                report_to: None,
+                catch_up_interval: CATCH_UP,
+                end: None,
+            };
+            let config = tripwire_dataflow::FraudConfig::default();
+            let (mut events, marks) = worker.dataflow::<Time, _, _>(|scope| {
+                let (events_in, events) = scope.new_collection::<Transaction, Diff>();
+                let out = events.detect_fraud(&config);
+                let committer = committer("Recording", 0, store, options, false);
+                let inputs = SinkInputs {
+                    stats: out.stats,
+                    alerts: out.alerts,
+                    archive: None,
+                    coalesce: Some(out.coalesce.clone()),
+                };
+                (events_in, frontier_sinks(inputs, vec![committer]))
+            });
+            // The commit operator sees the results behind (times in 1970).
+            events.advance_to(5);
+            events.flush();
+            step_until(worker, "the operator sees 5", || marks[0].input_frontier() >= 5);
+            events.update_at(payment(1, 10), 10, 1);
+            events.update_at(payment(1, 12), 12, 1);
+            events.advance_to(20);
+            events.flush();
+            let count = || batches.lock().expect("recording").len();
+            for n in 1..=2 {
+                step_until(worker, "a batch", || count() >= n);
+                landed.lock().expect("times").push(Instant::now());
+            }
+            events.close();
+        });
+        let batches = seen.lock().expect("recording");
+        let (first, second) = (&batches[0], &batches[1]);
+        assert_eq!(first.0, 10, "the first batch ends at the epoch's start");
+        assert!(first.1.is_empty(), "with nothing in it: {first:?}");
+        assert_eq!(second.0, 20, "the next ends at the frontier past the epoch");
+        assert_eq!(second.1, vec![(1, 12)], "with the epoch's change");
+        let when = when.lock().expect("times");
+        assert!(
+            when[1] - when[0] < CATCH_UP / 2,
+            "the epoch's batch followed the empty one after {:?}, not a catch-up interval ({CATCH_UP:?}) later",
+            when[1] - when[0]
+        );
     }
 
     #[test]
