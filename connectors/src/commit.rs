@@ -1115,13 +1115,35 @@ mod tests {
         }
     }
 
+    type StatsInput = differential_dataflow::input::InputSession<Time, (u64, CardChange), Diff>;
+    type AlertsInput = differential_dataflow::input::InputSession<Time, Alert, Diff>;
+
+    /// A dataflow of statistics and alerts fed by hand into one commit
+    /// operator with a single committer writing to `store`.
+    fn recording_sink(
+        worker: &mut timely::worker::Worker,
+        store: Recording,
+        options: CommitOptions,
+    ) -> (StatsInput, AlertsInput, Vec<Committed>) {
+        use differential_dataflow::input::Input;
+        worker.dataflow::<Time, _, _>(|scope| {
+            let (stats_in, stats) = scope.new_collection::<(u64, CardChange), Diff>();
+            let (alerts_in, alerts) = scope.new_collection::<Alert, Diff>();
+            let committer = committer("Recording", 0, store, options, false);
+            let marks = frontier_sinks(
+                SinkInputs { stats, alerts, archive: None, coalesce: None },
+                vec![committer],
+            );
+            (stats_in, alerts_in, marks)
+        })
+    }
+
     /// A bounded run's last batch ends at the input's end, while the frontier
     /// runs on through the windows that close after it. A compaction then
     /// must not fold a card's change before the end into its change after
     /// the end: the batch, cut at the end, would miss the card.
     #[test]
     fn a_compaction_past_a_bounded_runs_end_leaves_the_batch_at_the_end_every_card() {
-        use differential_dataflow::input::Input;
         const END: Time = 100;
         let seen = Arc::new(Mutex::new(Vec::new()));
         let store = Recording(seen.clone());
@@ -1136,19 +1158,8 @@ mod tests {
                 catch_up_interval: Duration::from_secs(3600),
                 end: Some(end),
             };
-            let (mut stats, mut alerts, marks) = worker.dataflow::<Time, _, _>(|scope| {
-                let (stats_in, stats) = scope.new_collection::<(u64, CardChange), Diff>();
-                let (alerts_in, alerts) = scope.new_collection::<Alert, Diff>();
-                let committer = committer("Recording", 0, store, options, false);
-                let marks = frontier_sinks(
-                    SinkInputs { stats, alerts, archive: None, coalesce: None },
-                    vec![committer],
-                );
-                (stats_in, alerts_in, marks)
-            });
-            use differential_dataflow::input::InputSession;
-            type Stats = InputSession<Time, (u64, CardChange), Diff>;
-            type Inputs<'a> = (&'a mut Stats, &'a mut InputSession<Time, Alert, Diff>);
+            let (mut stats, mut alerts, marks) = recording_sink(worker, store, options);
+            type Inputs<'a> = (&'a mut StatsInput, &'a mut AlertsInput);
             // Both inputs to `to`, and steps until the operator has seen it
             // (as far as the end: it reports no frontier beyond that).
             let advance =
@@ -1218,7 +1229,6 @@ mod tests {
     /// (woken by the press: the operator's next wake-up is an hour away).
     #[test]
     fn a_pressed_sink_commits_what_waits_at_once_while_catching_up() {
-        use differential_dataflow::input::Input;
         let seen = Arc::new(Mutex::new(Vec::new()));
         let store = Recording(seen.clone());
         let batches = seen.clone();
@@ -1230,16 +1240,7 @@ mod tests {
                 catch_up_interval: Duration::from_secs(3600),
                 end: None,
             };
-            let (mut stats, mut alerts, marks) = worker.dataflow::<Time, _, _>(|scope| {
-                let (stats_in, stats) = scope.new_collection::<(u64, CardChange), Diff>();
-                let (alerts_in, alerts) = scope.new_collection::<Alert, Diff>();
-                let committer = committer("Recording", 0, store, options, false);
-                let marks = frontier_sinks(
-                    SinkInputs { stats, alerts, archive: None, coalesce: None },
-                    vec![committer],
-                );
-                (stats_in, alerts_in, marks)
-            });
+            let (mut stats, mut alerts, marks) = recording_sink(worker, store, options);
             let mark = marks[0].clone();
             let reached = |to: Time| {
                 let mark = mark.clone();
