@@ -172,6 +172,17 @@ pub struct Committed(Arc<Marks>);
 struct Marks {
     committed: AtomicU64,
     input: AtomicU64,
+    /// Every input at a time below this has passed the dataflow to the
+    /// commit operator, though statistics may still wait in an open epoch
+    /// (folded per card): `input` holds at the epoch's start, this does not.
+    through: AtomicU64,
+    /// Alerts the commit operator holds for this sink, not yet posted...
+    alerts_pending: AtomicU64,
+    /// ... and those posted to its committer, not yet committed.
+    alerts_posted: AtomicU64,
+    /// Whether the sink archives the accepted events (and so holds each
+    /// until it is committed).
+    archives: AtomicBool,
     /// Set by a source at its backpressure bound: what waits is committed
     /// at the commit interval, not the catch-up interval (see [`Committed::press`]).
     pressed: AtomicBool,
@@ -184,6 +195,10 @@ impl std::fmt::Debug for Marks {
         f.debug_struct("Marks")
             .field("committed", &self.committed)
             .field("input", &self.input)
+            .field("through", &self.through)
+            .field("alerts_pending", &self.alerts_pending)
+            .field("alerts_posted", &self.alerts_posted)
+            .field("archives", &self.archives)
             .field("pressed", &self.pressed)
             .finish_non_exhaustive()
     }
@@ -195,6 +210,7 @@ impl Committed {
         let c = Committed::default();
         c.0.committed.store(t, Ordering::Release);
         c.0.input.store(t, Ordering::Release);
+        c.0.through.store(t, Ordering::Release);
         c
     }
 
@@ -206,6 +222,27 @@ impl Committed {
     /// Every output at a time below this has reached the sink (committed or not yet).
     pub fn input_frontier(&self) -> Time {
         self.0.input.load(Ordering::Acquire)
+    }
+
+    /// Every input at a time below this has passed the dataflow (the windows
+    /// and the rules) to the sink. What the sink holds of it until it is
+    /// committed grows with the input only in alerts
+    /// ([`Committed::alerts_held`]) and, where the sink archives
+    /// ([`Committed::archives`]), the events themselves: its statistics wait
+    /// folded per card, however many events changed them.
+    pub fn through(&self) -> Time {
+        self.0.through.load(Ordering::Acquire)
+    }
+
+    /// Alerts the sink holds and has not committed.
+    pub fn alerts_held(&self) -> u64 {
+        self.0.alerts_pending.load(Ordering::Acquire) + self.0.alerts_posted.load(Ordering::Acquire)
+    }
+
+    /// Whether the sink archives the accepted events: it then holds each
+    /// until it is committed, not only until it is [`through`](Committed::through).
+    pub fn archives(&self) -> bool {
+        self.0.archives.load(Ordering::Acquire)
     }
 
     /// A source at its backpressure bound (`true`) or back under it: while
@@ -408,6 +445,8 @@ pub fn committer<S: Store>(
     let committed = options.report_to.clone().unwrap_or_default();
     committed.0.committed.fetch_max(options.resume_from, Ordering::AcqRel);
     committed.0.input.fetch_max(options.resume_from, Ordering::AcqRel);
+    committed.0.through.fetch_max(options.resume_from, Ordering::AcqRel);
+    committed.0.archives.store(archive, Ordering::Release);
     let mailbox = Arc::new(Mailbox::default());
     let thread = spawn_committer(name, store, worker, mailbox.clone(), committed.clone());
     Committer { name: name.to_owned(), mailbox, thread, committed, options, archive }
@@ -504,11 +543,14 @@ pub fn frontier_sinks(inputs: SinkInputs<'_>, committers: Vec<Committer>) -> Vec
                 });
             }
             // Everything below the least input frontier is final; an empty frontier means all of it.
-            let frontier = frontiers
-                .iter()
-                .map(|f| f.frontier().iter().min().copied().unwrap_or(Time::MAX))
-                .min()
-                .unwrap_or(Time::MAX);
+            let least = |f: &timely::progress::frontier::MutableAntichain<Time>| {
+                f.frontier().iter().min().copied().unwrap_or(Time::MAX)
+            };
+            // Statistics come first; the other inputs (alerts, archived
+            // events) are not held back by an open epoch.
+            let others = frontiers[1..].iter().map(least).min().unwrap_or(Time::MAX);
+            let frontier = least(&frontiers[0]).min(others);
+            let through = if coalesce.is_some() { others } else { frontier };
             let done = frontier == Time::MAX;
             // Catching up (results more than a minute behind the wall clock),
             // nobody waits for each half second: larger batches consolidate
@@ -573,6 +615,7 @@ pub fn frontier_sinks(inputs: SinkInputs<'_>, committers: Vec<Committer>) -> Vec
                     _ => frontier,
                 };
                 o.marks.0.input.fetch_max(frontier, Ordering::AcqRel);
+                o.marks.0.through.fetch_max(through, Ordering::AcqRel);
                 let due = due(o);
                 let now = frontier > o.sent && (done || o.last_sent.elapsed() >= due);
                 due_at.push(now.then_some(frontier));
@@ -606,6 +649,9 @@ pub fn frontier_sinks(inputs: SinkInputs<'_>, committers: Vec<Committer>) -> Vec
                         without.get_or_insert_with(|| Arc::new(batch.without_archive())).clone()
                     };
                     o.sent = frontier;
+                    // Counted before it is posted: the committer uncounts
+                    // it once committed, and may do so at once.
+                    o.marks.0.alerts_posted.fetch_add(mine.alerts.len() as u64, Ordering::AcqRel);
                     if !held {
                         o.last_sent = Instant::now();
                     }
@@ -642,6 +688,7 @@ pub fn frontier_sinks(inputs: SinkInputs<'_>, committers: Vec<Committer>) -> Vec
                 }
             }
             for o in outlets.iter() {
+                o.marks.0.alerts_pending.store(pending.alerts.len() as u64, Ordering::Release);
                 if o.thread.as_ref().is_some_and(|t| t.is_finished()) {
                     panic!("the committer of {} on worker {worker} has stopped", o.name);
                 }
@@ -935,6 +982,7 @@ fn spawn_committer<S: Store>(
                                 let took = started.elapsed();
                                 acked = acked.max(batch.frontier);
                                 committed.0.committed.fetch_max(batch.frontier, Ordering::AcqRel);
+                                committed.0.alerts_posted.fetch_sub(batch.alerts.len() as u64, Ordering::AcqRel);
                                 seconds.observe(took.as_secs_f64());
                                 rows.inc_by(batch.rows() as u64);
                                 batch_rows.observe(batch.rows() as f64);
@@ -1346,6 +1394,156 @@ mod tests {
         let batches = seen.lock().expect("recording");
         let batch = batches.iter().find(|b| b.1.contains(&(1, 12))).expect("the change");
         assert_eq!(batch.0, 20, "its batch ends at the frontier past the epoch: {batches:?}");
+    }
+
+    /// A store whose commits wait until its gate opens: what a sink holds
+    /// while its store is away.
+    struct Gated(Arc<(Mutex<bool>, Condvar)>);
+
+    impl Store for Gated {
+        type Conn = ();
+        async fn connect(&mut self) -> Result<(), String> {
+            Ok(())
+        }
+        async fn stored_frontier(&mut self, _: &mut ()) -> Result<Option<Time>, String> {
+            Ok(None)
+        }
+        async fn commit(&mut self, _: &mut (), _: &Batch) -> Result<(), String> {
+            let (open, changed) = &*self.0;
+            let mut open = open.lock().expect("gate");
+            while !*open {
+                open = changed.wait(open).expect("gate");
+            }
+            Ok(())
+        }
+    }
+
+    /// An alert of velocity on `card`'s event `event` at `t`.
+    fn alert(card: u64, event: u64, t: Time) -> Alert {
+        use tripwire_dataflow::{Details, Rule};
+        Alert {
+            id: tripwire_dataflow::alert_id(Rule::Velocity, card, event, 0),
+            card_id: card,
+            rule: Rule::Velocity,
+            trigger_event: event,
+            event_time_ms: t,
+            details: Details::Velocity { window_ms: 60_000, count: 9, limit: 8 },
+        }
+    }
+
+    /// What a source's backpressure bound learns of a sink: the alerts it
+    /// holds until they are committed, and whether it archives (then it
+    /// holds every event until committed). Statistics it holds do not count,
+    /// however many changes wait: what waits is one row per card.
+    #[test]
+    fn a_sink_counts_the_alerts_it_holds_until_committed_and_says_whether_it_archives() {
+        use differential_dataflow::input::Input;
+        let gate = Arc::new((Mutex::new(false), Condvar::new()));
+        let opener = gate.clone();
+        timely::execute_directly(move |worker| {
+            let options = CommitOptions {
+                interval: Duration::from_millis(1),
+                resume_from: 0,
+                report_to: None,
+                catch_up_interval: Duration::from_millis(1),
+                end: None,
+            };
+            let (mut stats, mut alerts, mut archive, marks) =
+                worker.dataflow::<Time, _, _>(|scope| {
+                    let (stats_in, stats) = scope.new_collection::<(u64, CardChange), Diff>();
+                    let (alerts_in, alerts) = scope.new_collection::<Alert, Diff>();
+                    let (archive_in, archived) = scope.new_collection::<Transaction, Diff>();
+                    let committers = vec![
+                        committer("Archiving", 0, Gated(gate.clone()), options.clone(), true),
+                        committer("Plain", 0, Gated(gate.clone()), options, false),
+                    ];
+                    let inputs =
+                        SinkInputs { stats, alerts, archive: Some(archived), coalesce: None };
+                    (stats_in, alerts_in, archive_in, frontier_sinks(inputs, committers))
+                });
+            // A thousand statistics changes of a hundred cards, 50 archived
+            // events and 3 alerts; the stores take nothing yet.
+            for card in 0..100 {
+                for t in 1..=10 {
+                    stats.update_at((key(card), change(t as i64, t > 1)), t, 1);
+                }
+            }
+            for i in 0..50 {
+                archive.update_at(payment(i % 7, 5), 5, 1);
+            }
+            for i in 0..3 {
+                alerts.update_at(alert(i, i, 6), 6, 1);
+            }
+            stats.advance_to(20);
+            alerts.advance_to(20);
+            archive.advance_to(20);
+            stats.flush();
+            alerts.flush();
+            archive.flush();
+            step_until(worker, "both sinks see 20", || {
+                marks.iter().all(|m| m.input_frontier() >= 20)
+            });
+            assert!(marks.iter().all(|m| m.alerts_held() == 3), "the alerts, in both sinks");
+            assert_eq!(marks.iter().map(Committed::archives).collect::<Vec<_>>(), [true, false]);
+            assert!(marks.iter().all(|m| m.through() >= 20), "without coalescing, the frontier");
+            assert!(marks.iter().all(|m| m.frontier() == 0), "nothing committed yet");
+            // The stores take it: nothing is held any more.
+            *opener.0.lock().expect("gate") = true;
+            opener.1.notify_all();
+            step_until(worker, "both sinks commit 20", || marks.iter().all(|m| m.frontier() >= 20));
+            assert!(marks.iter().all(|m| m.alerts_held() == 0), "committed, no alert is held");
+            stats.close();
+            alerts.close();
+            archive.close();
+        });
+    }
+
+    /// While catching up, the window operator holds its statistics at the
+    /// open epoch's start: the sink's input frontier stays there, but what
+    /// has passed the dataflow (what a source's bound no longer counts as
+    /// unapplied) moves on with the alerts' frontier.
+    #[test]
+    fn an_open_epoch_holds_the_sinks_input_back_but_not_what_has_passed_the_dataflow() {
+        use differential_dataflow::input::Input;
+        use tripwire_dataflow::DetectFraud;
+        timely::execute_directly(move |worker| {
+            let options = CommitOptions {
+                interval: Duration::from_millis(1),
+                resume_from: 0,
+                report_to: None,
+                // The epoch stays open: no batch is due for an hour.
+                catch_up_interval: Duration::from_secs(3600),
+                end: None,
+            };
+            let config = tripwire_dataflow::FraudConfig::default();
+            let store = Recording(Arc::default());
+            let (mut events, marks) = worker.dataflow::<Time, _, _>(|scope| {
+                let (events_in, events) = scope.new_collection::<Transaction, Diff>();
+                let out = events.detect_fraud(&config);
+                let inputs = SinkInputs {
+                    stats: out.stats,
+                    alerts: out.alerts,
+                    archive: None,
+                    coalesce: Some(out.coalesce.clone()),
+                };
+                (
+                    events_in,
+                    frontier_sinks(inputs, vec![committer("Recording", 0, store, options, false)]),
+                )
+            });
+            // The commit operator sees the results behind (times in 1970).
+            events.advance_to(5);
+            events.flush();
+            step_until(worker, "the operator sees 5", || marks[0].input_frontier() >= 5);
+            events.update_at(payment(1, 10), 10, 1);
+            events.update_at(payment(2, 12), 12, 1);
+            events.advance_to(20);
+            events.flush();
+            step_until(worker, "the events pass the dataflow", || marks[0].through() >= 20);
+            let input = marks[0].input_frontier();
+            assert!(input <= 10, "the statistics wait in the epoch opened at 10: input at {input}");
+            events.close();
+        });
     }
 
     #[test]

@@ -33,17 +33,25 @@
 //!   the results as of `T`, windows as they stand. The same job run again on a
 //!   grown topic continues from there.
 //! - **Backpressure**: with [`SourceConfig::max_in_flight`] set, the source
-//!   counts the events it emitted at times the PostgreSQL sink has not yet
-//!   committed ([`Source::feedback`], handed to the sink as its `report_to`;
-//!   by 64 ms granules of event time, released once all of one is committed).
+//!   bounds what memory holds on its account, per the PostgreSQL sink
+//!   ([`Source::feedback`], handed to the sink as its `report_to`): the
+//!   events it emitted until they have passed the dataflow
+//!   ([`Committed::through`]), or, where the sink archives them, until they
+//!   are committed; counted by 64 ms granules of event time, each released
+//!   once all of it is. Plus the alerts the sink holds uncommitted.
+//!   Statistics do not count: what waits of them is folded per card, so a
+//!   catch-up without an archive reads on while its commits wait, and a
+//!   store outage holds one row per card however long it lasts.
 //!   Above the bound it pauses its partitions and presses the sink
 //!   ([`Committed::press`]): what waits is committed at once, where a
 //!   catch-up would wait for its catch-up interval. Should the sink have committed
 //!   everything up to the dataflow's frontier and the count still be above
 //!   the bound (many events ahead of the frontier), the partitions whose
 //!   watermark holds the frontier back read on, since only they can let
-//!   commits, and so the count, move again. Memory stays bounded while a
-//!   store is down, and a slow store slows the source instead of filling the heap.
+//!   commits, and so the count, move again (without an archive, the
+//!   partitions holding back what has passed the dataflow read on at once).
+//!   Memory stays bounded while a store is down, and a slow store (with an
+//!   archive to write) slows the source instead of filling the heap.
 //! - **Bad records** (undecodable, invalid, too far in the future or past, late)
 //!   leave on the dead-letter stream with their reason and coordinates.
 
@@ -96,8 +104,10 @@ pub struct SourceConfig {
     pub resume: Option<Resume>,
     /// Records between two progress samples of a partition: fewer re-read after a crash, more rows.
     pub sample_every: u64,
-    /// Most events this worker may have emitted that the sink reporting to
-    /// [`Source::feedback`] has not committed; `None` reads freely.
+    /// Most of what memory may hold on this worker's account: events it
+    /// emitted that have not passed the dataflow (or, archived, are not
+    /// committed), plus alerts the sink reporting to [`Source::feedback`]
+    /// holds uncommitted (see the module's backpressure); `None` reads freely.
     pub max_in_flight: Option<u64>,
     /// How far back in event time a copy of an accepted event id makes a duplicate, ms.
     pub dedup_horizon_ms: Time,
@@ -384,10 +394,11 @@ impl SourceContext {
     }
 }
 
-/// Events a worker emitted and the sink has not committed, for backpressure:
+/// Events a worker emitted that memory still holds, for backpressure:
 /// counted by granule of [`IN_FLIGHT_GRANULE`] ms of event time and released
-/// once the committed frontier has passed the whole granule. An event so
-/// counts at most a granule longer than its own time would, never shorter.
+/// once the sink's [`Committed::through`] (or, where it archives, its
+/// committed frontier) has passed the whole granule. An event so counts at
+/// most a granule longer than its own time would, never shorter.
 /// Counted per event time, a catch-up's map held one key per millisecond
 /// (a million per worker in a 2M-event bulk run), and its lookup per record
 /// was a fiftieth of the workers' time.
@@ -419,13 +430,13 @@ impl InFlight {
         }
     }
 
-    /// Forget every granule that lies wholly below `committed`.
-    fn release_below(&mut self, committed: Time) {
+    /// Forget every granule that lies wholly below `through`.
+    fn release_below(&mut self, through: Time) {
         if let Some((e, n)) = self.latest.take() {
             *self.by_end.entry(e).or_default() += n;
         }
         while let Some(entry) = self.by_end.first_entry() {
-            if *entry.key() >= committed {
+            if *entry.key() >= through {
                 break;
             }
             self.total -= entry.remove();
@@ -806,8 +817,11 @@ pub fn kafka_source<'s>(
             let mut over = false;
             if let Some(max) = config.max_in_flight {
                 let committed = released.frontier();
-                in_flight.release_below(committed);
-                over = in_flight.total > max;
+                let archives = released.archives();
+                let through = released.through();
+                in_flight.release_below(if archives { committed } else { through });
+                let alerts = released.alerts_held();
+                over = in_flight.total + alerts > max;
                 // Over the bound, what waits is committed at once, not at the
                 // catch-up interval: the paused partitions read on after one
                 // commit. Every worker's sink is pressed (the news below):
@@ -818,10 +832,17 @@ pub fn kafka_source<'s>(
                 // the commits, each of nearly every card, 70 s against 48 s
                 // for the 10M-event benchmark topic, and 3.6 GB against 2.7.)
                 released.press(over || heard.borrow().pressed_elsewhere(index));
-                let frontier = released.input_frontier();
-                // Once the sink has committed all it has, only more input can
-                // move the frontier: then the partitions holding it back read on.
-                let caught_up = committed >= frontier;
+                // Archived events wait for commits: once the sink has
+                // committed all it has, only more input can move the
+                // frontier, and then the partitions holding it back read on.
+                // Other events wait for the dataflow alone: the partitions
+                // holding back what has passed it read on at once.
+                let (frontier, caught_up) = if archives {
+                    let input = released.input_frontier();
+                    (input, committed >= input)
+                } else {
+                    (through, true)
+                };
                 let (mut pause, mut resume) =
                     (TopicPartitionList::new(), TopicPartitionList::new());
                 for p in partitions.iter_mut() {
@@ -843,7 +864,8 @@ pub fn kafka_source<'s>(
                     paused_gauge.set(paused as i64);
                     tracing::info!(
                         worker = index,
-                        uncommitted = in_flight.total,
+                        events = in_flight.total,
+                        alerts,
                         committed,
                         frontier,
                         paused,
@@ -1025,25 +1047,25 @@ mod tests {
     use super::*;
 
     /// Against every event's own time: after each release, exactly the
-    /// events whose granule reaches `committed` still count, so none at or
-    /// after `committed` was let go and none counts past its granule.
+    /// events whose granule reaches `through` still count, so none at or
+    /// after `through` was let go and none counts past its granule.
     #[test]
-    fn in_flight_events_are_released_by_whole_granules_once_committed() {
+    fn in_flight_events_are_released_by_whole_granules_once_through() {
         let mut next = tripwire_dataflow::seeded(11);
         for _ in 0..200 {
             let mut counted = InFlight::default();
             let mut events: Vec<Time> = Vec::new();
-            let mut committed: Time = 0;
+            let mut through: Time = 0;
             let mut around: Time = 1_000;
             for _ in 0..300 {
                 if next(5) == 0 {
-                    committed += next(300);
-                    counted.release_below(committed);
-                    events.retain(|&t| t | (IN_FLIGHT_GRANULE - 1) >= committed);
-                    assert!(events.iter().all(|&t| t + IN_FLIGHT_GRANULE > committed));
+                    through += next(300);
+                    counted.release_below(through);
+                    events.retain(|&t| t | (IN_FLIGHT_GRANULE - 1) >= through);
+                    assert!(events.iter().all(|&t| t + IN_FLIGHT_GRANULE > through));
                     assert_eq!(counted.total, events.len() as u64);
                 } else {
-                    // Runs of nearby times, out of order, some already committed.
+                    // Runs of nearby times, out of order, some already through.
                     around += next(40);
                     let t = around.saturating_sub(next(200));
                     counted.add(t);

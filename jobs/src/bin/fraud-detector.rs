@@ -114,8 +114,12 @@ struct Args {
     /// Archive every accepted event in PostgreSQL's `raw_transactions`.
     #[arg(long, env = "TRIPWIRE_ARCHIVE", default_value_t = true, action = clap::ArgAction::Set)]
     archive: bool,
-    /// Backpressure: most events a worker may have read that PostgreSQL has not
-    /// committed before its source pauses; 0 = no bound.
+    /// Backpressure: most of what memory may hold on a worker's account
+    /// before its source pauses: events it read that have not yet passed the
+    /// windows and rules (archived: that PostgreSQL has not committed), plus
+    /// alerts PostgreSQL has not committed. Statistics waiting for a commit
+    /// do not count (one row per card, however many events changed them).
+    /// 0 = no bound.
     #[arg(long, default_value_t = 2_000_000)]
     max_uncommitted: u64,
     /// Timely: worker threads per process.
