@@ -234,8 +234,19 @@ fn stores_rolled_back_under_a_running_job_are_noticed_and_repaired() {
         let (rt, c) = stores.pg().unwrap();
         rt.block_on(postgres::recorded_decisions(&c, &id, &id)).unwrap().floors
     };
-    let judged = model.judge_recorded(&plan, &floors);
+    // The late letters the job committed record its decisions too: a
+    // process that released a quiet partition may commit the letters of the
+    // records that made late and die (a store found behind) before a store
+    // records the floor; the next run repeats the decision from the letters.
+    let lettered: BTreeSet<(i32, i64)> = common::dead_letters(&format!("{id}-dlq"))
+        .into_iter()
+        .filter(|l| l.2 == DeadLetterReason::Late.to_string())
+        .map(|l| (l.0, l.1))
+        .collect();
+    let judged = model.judge_recorded(&plan, &floors, &lettered);
+    let by_floors = model.judge_recorded(&plan, &floors, &BTreeSet::new());
     assert_eq!(model.end(&judged), end);
+    one_floor_explains_the_letters_alone(&model, &plan, &floors, &judged, &by_floors);
     stop.store(true, Ordering::SeqCst);
     supervisor.join().unwrap();
     let text = std::fs::read_to_string(&log).unwrap();
@@ -289,6 +300,50 @@ fn stores_rolled_back_under_a_running_job_are_noticed_and_repaired() {
     assert_eq!(alerts, want_alerts, "PostgreSQL alerts");
     assert_eq!(redis_alerts, want_ids, "the Redis stream holds each alert once");
     assert_eq!(archive, want_archive, "the archive");
+}
+
+/// The records late by their letters alone (no recorded floor makes them
+/// late) must be what one floor decision, unrecorded, made late: per
+/// partition, every record accepted from the first of them up to the next
+/// recorded floor is newer than all of them. Lateness from nowhere fails.
+fn one_floor_explains_the_letters_alone(
+    model: &SourceModel,
+    plan: &[tripwire_jobs::generator::Planned],
+    floors: &BTreeMap<(i32, i64), Time>,
+    judged: &common::Judged,
+    by_floors: &common::Judged,
+) {
+    let mut next: BTreeMap<i32, i64> = BTreeMap::new();
+    let at: Vec<(i32, i64)> = plan
+        .iter()
+        .map(|p| {
+            let o = next.entry(p.partition).or_default();
+            *o += 1;
+            (p.partition, *o - 1)
+        })
+        .collect();
+    let times = common::event_times(plan);
+    let time = |i: usize| times[i].expect("an accepted or late record decodes");
+    let before: BTreeSet<usize> = by_floors.late.iter().copied().collect();
+    let alone: Vec<usize> = judged.late.iter().copied().filter(|i| !before.contains(i)).collect();
+    let dead: BTreeSet<usize> = judged.dead.iter().chain(&judged.duplicates).copied().collect();
+    let partitions: BTreeSet<i32> = alone.iter().map(|&i| at[i].0).collect();
+    for p in partitions {
+        let mine: Vec<usize> = alone.iter().copied().filter(|&i| at[i].0 == p).collect();
+        let first = mine.iter().map(|&i| at[i].1).min().unwrap();
+        let newest = mine.iter().map(|&i| model.tick(time(i))).max().unwrap();
+        let until = floors.range((p, first + 1)..(p + 1, 0)).next().map_or(i64::MAX, |(k, _)| k.1);
+        let older: Vec<(i32, i64)> = (0..plan.len())
+            .filter(|&i| at[i].0 == p && (first..until).contains(&at[i].1) && !dead.contains(&i))
+            .filter(|&i| model.tick(time(i)) <= newest)
+            .map(|i| at[i])
+            .collect();
+        assert!(
+            older.is_empty(),
+            "partition {p}: {} records late by their letters alone from offset {first} on, but {older:?} among them, no newer, were accepted",
+            mine.len()
+        );
+    }
 }
 
 /// The stores' copies, removed however the test ends (a data directory is gigabytes).

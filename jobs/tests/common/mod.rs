@@ -126,6 +126,13 @@ pub fn dead_letters(dlq: &str) -> Vec<(i32, i64, String)> {
     out
 }
 
+/// Each record's event time (`None` for one that does not decode).
+pub fn event_times(plan: &[Planned]) -> Vec<Option<Time>> {
+    let mut codec =
+        TransactionCodec::new(Arc::new(EmbeddedRegistry::new().unwrap()), Limits::default());
+    plan.iter().map(|p| codec.decode(&p.payload, None).ok().map(|x| x.event_time_ms)).collect()
+}
+
 /// Where `plan`'s rejected records lie once produced to a fresh topic: (partition, offset), sorted.
 pub fn rejected(plan: &[Planned]) -> Vec<(i32, i64)> {
     let mut next: HashMap<i32, i64> = Default::default();
@@ -210,14 +217,22 @@ impl SourceModel {
     }
 
     /// Judge `plan`, the only input of its topic (a record's offset is its
-    /// place among the plan's records of its partition), with the floors a
-    /// job recorded: `(partition, offset) → floor`, from that offset on.
+    /// place among the plan's records of its partition), with the decisions a
+    /// job recorded: the floors in its stores, `(partition, offset) → floor`
+    /// from that offset on, and the records whose late letters it committed
+    /// (`lettered`: a decision whose letters were committed but whose floor
+    /// no store recorded, the process gone between the two, is repeated
+    /// from its letters).
     pub fn judge_recorded(
         &self,
         plan: &[Planned],
         floors: &std::collections::BTreeMap<(i32, i64), Time>,
+        lettered: &std::collections::BTreeSet<(i32, i64)>,
     ) -> Judged {
         self.judge_by(Arc::new(EmbeddedRegistry::new().unwrap()), plan, |_, partition, offset| {
+            if lettered.contains(&(partition, offset)) {
+                return Time::MAX;
+            }
             let here = floors.range((partition, 0)..=(partition, offset));
             here.map(|(_, f)| *f).max().unwrap_or(0)
         })
