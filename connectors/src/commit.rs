@@ -1142,8 +1142,12 @@ mod tests {
     }
 
     /// A store that keeps what it is given: per batch, its frontier and the
-    /// cards it upserts with their times.
-    struct Recording(Arc<Mutex<Vec<Recorded>>>);
+    /// cards it upserts with their times. With a gate, each commit first
+    /// waits until the gate opens (a store that is away).
+    struct Recording(Arc<Mutex<Vec<Recorded>>>, Option<Gate>);
+
+    /// Open (`true`) or shut, and who waits for it to open.
+    type Gate = Arc<(Mutex<bool>, Condvar)>;
 
     /// A batch as [`Recording`] keeps it.
     type Recorded = (Time, Vec<(u64, Time)>);
@@ -1157,6 +1161,12 @@ mod tests {
             Ok(None)
         }
         async fn commit(&mut self, _: &mut (), batch: &Batch) -> Result<(), String> {
+            if let Some((open, changed)) = self.1.as_deref() {
+                let mut open = open.lock().expect("gate");
+                while !*open {
+                    open = changed.wait(open).expect("gate");
+                }
+            }
             let cards = batch.upserts.iter().map(|(c, _, t)| (*c, *t)).collect();
             self.0.lock().expect("recording").push((batch.frontier, cards));
             Ok(())
@@ -1194,7 +1204,7 @@ mod tests {
     fn a_compaction_past_a_bounded_runs_end_leaves_the_batch_at_the_end_every_card() {
         const END: Time = 100;
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let store = Recording(seen.clone());
+        let store = Recording(seen.clone(), None);
         timely::execute_directly(move |worker| {
             let end = InputEnd::default();
             end.set(END);
@@ -1272,13 +1282,43 @@ mod tests {
         }
     }
 
+    type EventsInput = differential_dataflow::input::InputSession<Time, Transaction, Diff>;
+
+    /// Events fed by hand through the fraud dataflow (default config) into
+    /// one commit operator with `committers`, coalescing; the input is then
+    /// advanced to 5, so that the operator has seen the results behind the
+    /// wall clock (times in 1970): a catch-up.
+    fn catching_up_sink(
+        worker: &mut timely::worker::Worker,
+        committers: Vec<Committer>,
+    ) -> (EventsInput, Vec<Committed>) {
+        use differential_dataflow::input::Input;
+        use tripwire_dataflow::DetectFraud;
+        let config = tripwire_dataflow::FraudConfig::default();
+        let (mut events, marks) = worker.dataflow::<Time, _, _>(|scope| {
+            let (events_in, events) = scope.new_collection::<Transaction, Diff>();
+            let out = events.detect_fraud(&config);
+            let inputs = SinkInputs {
+                stats: out.stats,
+                alerts: out.alerts,
+                archive: None,
+                coalesce: Some(out.coalesce.clone()),
+            };
+            (events_in, frontier_sinks(inputs, committers))
+        });
+        events.advance_to(5);
+        events.flush();
+        step_until(worker, "the operator sees 5", || marks[0].input_frontier() >= 5);
+        (events, marks)
+    }
+
     /// While catching up, what waits goes at the catch-up interval; a source
     /// at its backpressure bound presses the sink, and then it goes at once
     /// (woken by the press: the operator's next wake-up is an hour away).
     #[test]
     fn a_pressed_sink_commits_what_waits_at_once_while_catching_up() {
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let store = Recording(seen.clone());
+        let store = Recording(seen.clone(), None);
         let batches = seen.clone();
         timely::execute_directly(move |worker| {
             let options = CommitOptions {
@@ -1337,11 +1377,9 @@ mod tests {
     /// what is checked is when the epoch's change lands.
     #[test]
     fn an_empty_batch_at_an_open_epochs_start_does_not_restart_the_interval() {
-        use differential_dataflow::input::Input;
-        use tripwire_dataflow::DetectFraud;
         const CATCH_UP: Duration = Duration::from_secs(3);
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let store = Recording(seen.clone());
+        let store = Recording(seen.clone(), None);
         let batches = seen.clone();
         let started = Instant::now();
         timely::execute_directly(move |worker| {
@@ -1357,26 +1395,13 @@ mod tests {
             // epoch's own time limit (which raced it), closes it.
             let slow =
                 CommitOptions { catch_up_interval: Duration::from_secs(3600), ..options.clone() };
-            let config = tripwire_dataflow::FraudConfig::default();
-            let (mut events, marks) = worker.dataflow::<Time, _, _>(|scope| {
-                let (events_in, events) = scope.new_collection::<Transaction, Diff>();
-                let out = events.detect_fraud(&config);
-                let committers = vec![
+            let (mut events, _marks) = catching_up_sink(
+                worker,
+                vec![
                     committer("Recording", 0, store, options, false),
-                    committer("Slow", 0, Recording(Arc::default()), slow, false),
-                ];
-                let inputs = SinkInputs {
-                    stats: out.stats,
-                    alerts: out.alerts,
-                    archive: None,
-                    coalesce: Some(out.coalesce.clone()),
-                };
-                (events_in, frontier_sinks(inputs, committers))
-            });
-            // The commit operator sees the results behind (times in 1970).
-            events.advance_to(5);
-            events.flush();
-            step_until(worker, "the operator sees 5", || marks[0].input_frontier() >= 5);
+                    committer("Slow", 0, Recording(Arc::default(), None), slow, false),
+                ],
+            );
             events.update_at(payment(1, 10), 10, 1);
             events.update_at(payment(1, 12), 12, 1);
             events.advance_to(20);
@@ -1396,26 +1421,9 @@ mod tests {
         assert_eq!(batch.0, 20, "its batch ends at the frontier past the epoch: {batches:?}");
     }
 
-    /// A store whose commits wait until its gate opens: what a sink holds
-    /// while its store is away.
-    struct Gated(Arc<(Mutex<bool>, Condvar)>);
-
-    impl Store for Gated {
-        type Conn = ();
-        async fn connect(&mut self) -> Result<(), String> {
-            Ok(())
-        }
-        async fn stored_frontier(&mut self, _: &mut ()) -> Result<Option<Time>, String> {
-            Ok(None)
-        }
-        async fn commit(&mut self, _: &mut (), _: &Batch) -> Result<(), String> {
-            let (open, changed) = &*self.0;
-            let mut open = open.lock().expect("gate");
-            while !*open {
-                open = changed.wait(open).expect("gate");
-            }
-            Ok(())
-        }
+    /// A [`Recording`] behind `gate`.
+    fn gated(gate: &Gate) -> Recording {
+        Recording(Arc::default(), Some(gate.clone()))
     }
 
     /// An alert of velocity on `card`'s event `event` at `t`.
@@ -1438,7 +1446,7 @@ mod tests {
     #[test]
     fn a_sink_counts_the_alerts_it_holds_until_committed_and_says_whether_it_archives() {
         use differential_dataflow::input::Input;
-        let gate = Arc::new((Mutex::new(false), Condvar::new()));
+        let gate: Gate = Arc::new((Mutex::new(false), Condvar::new()));
         let opener = gate.clone();
         timely::execute_directly(move |worker| {
             let options = CommitOptions {
@@ -1454,8 +1462,8 @@ mod tests {
                     let (alerts_in, alerts) = scope.new_collection::<Alert, Diff>();
                     let (archive_in, archived) = scope.new_collection::<Transaction, Diff>();
                     let committers = vec![
-                        committer("Archiving", 0, Gated(gate.clone()), options.clone(), true),
-                        committer("Plain", 0, Gated(gate.clone()), options, false),
+                        committer("Archiving", 0, gated(&gate), options.clone(), true),
+                        committer("Plain", 0, gated(&gate), options, false),
                     ];
                     let inputs =
                         SinkInputs { stats, alerts, archive: Some(archived), coalesce: None };
@@ -1504,8 +1512,6 @@ mod tests {
     /// unapplied) moves on with the alerts' frontier.
     #[test]
     fn an_open_epoch_holds_the_sinks_input_back_but_not_what_has_passed_the_dataflow() {
-        use differential_dataflow::input::Input;
-        use tripwire_dataflow::DetectFraud;
         timely::execute_directly(move |worker| {
             let options = CommitOptions {
                 interval: Duration::from_millis(1),
@@ -1515,26 +1521,9 @@ mod tests {
                 catch_up_interval: Duration::from_secs(3600),
                 end: None,
             };
-            let config = tripwire_dataflow::FraudConfig::default();
-            let store = Recording(Arc::default());
-            let (mut events, marks) = worker.dataflow::<Time, _, _>(|scope| {
-                let (events_in, events) = scope.new_collection::<Transaction, Diff>();
-                let out = events.detect_fraud(&config);
-                let inputs = SinkInputs {
-                    stats: out.stats,
-                    alerts: out.alerts,
-                    archive: None,
-                    coalesce: Some(out.coalesce.clone()),
-                };
-                (
-                    events_in,
-                    frontier_sinks(inputs, vec![committer("Recording", 0, store, options, false)]),
-                )
-            });
-            // The commit operator sees the results behind (times in 1970).
-            events.advance_to(5);
-            events.flush();
-            step_until(worker, "the operator sees 5", || marks[0].input_frontier() >= 5);
+            let store = Recording(Arc::default(), None);
+            let (mut events, marks) =
+                catching_up_sink(worker, vec![committer("Recording", 0, store, options, false)]);
             events.update_at(payment(1, 10), 10, 1);
             events.update_at(payment(2, 12), 12, 1);
             events.advance_to(20);

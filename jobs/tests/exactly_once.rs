@@ -10,7 +10,7 @@
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
@@ -25,7 +25,7 @@ use tripwire_dataflow::reference::Reference;
 use tripwire_dataflow::{FraudConfig, StatKey, Time, Transaction};
 use tripwire_jobs::generator::{Expect, Generator, Planned};
 
-use common::{dead_letters, now_ms, produce, Judged, SourceModel};
+use common::{coordinates, dead_letters, now_ms, produce, Judged, SourceModel};
 
 /// A job of the fraud detector under test, in a PostgreSQL schema of its own.
 struct Job {
@@ -157,18 +157,6 @@ struct Results {
     late: BTreeSet<(i32, i64)>,
     redis_stats: BTreeMap<StatKey, i64>,
     redis_alerts: Vec<i64>,
-}
-
-/// Plan index → (partition, offset), for a plan produced in order to an empty topic.
-fn coordinates(plan: &[Planned]) -> Vec<(i32, i64)> {
-    let mut next: HashMap<i32, i64> = HashMap::new();
-    plan.iter()
-        .map(|p| {
-            let o = next.entry(p.partition).or_default();
-            *o += 1;
-            (p.partition, *o - 1)
-        })
-        .collect()
 }
 
 /// Check `got` against the reference model over `accepted` at closed time `at`.
@@ -515,35 +503,59 @@ fn decode_time(payload: &[u8]) -> Option<Time> {
     decode(payload).map(|x| x.event_time_ms)
 }
 
+/// A fresh topic of `partitions` loaded with `events` of traffic (seed
+/// `seed`, ending about an hour ago), and the model's judgement of it.
+struct Loaded {
+    topic: String,
+    fraud: FraudConfig,
+    judged: Judged,
+    end: Time,
+    at: Vec<(i32, i64)>,
+}
+
+impl Loaded {
+    fn new(name: &str, partitions: i32, seed: u64, events: u64) -> Loaded {
+        let bootstrap = Endpoints::from_env().unwrap().kafka_bootstrap;
+        let topic = unique(name);
+        ensure_topic(&bootstrap, &topic, partitions).expect("topic; is the stack up?");
+        let fraud = FraudConfig::seconds();
+        let plan = traffic(seed, partitions, now_ms() - 3_600_000).generate_more(events);
+        produce(&bootstrap, &topic, &plan);
+        let m = model(&fraud);
+        let judged = m.judge(&plan, &[]);
+        let end = m.end(&judged);
+        Loaded { topic, fraud, judged, end, at: coordinates(&plan) }
+    }
+
+    /// `job`'s stores hold the reference's result over the whole topic
+    /// (its archive too, if `archived`).
+    fn assert_exact(&self, job: &Job, archived: bool) {
+        assert_exact_archived(
+            &self.fraud,
+            &self.judged.accepted,
+            late_set(&self.judged, &self.at),
+            self.end - 1,
+            &job.results(),
+            &job.name,
+            archived,
+        );
+    }
+}
+
 /// Two jobs share a database, each in its schema; a second job in a schema
 /// that holds another job's results is refused with a message saying so.
 #[test]
 fn two_jobs_share_a_database_in_schemas_of_their_own() {
-    let bootstrap = Endpoints::from_env().unwrap().kafka_bootstrap;
-    let topic = unique("pair");
-    ensure_topic(&bootstrap, &topic, 2).expect("topic; is the stack up?");
-    let fraud = FraudConfig::seconds();
-    let m = model(&fraud);
-    let plan = traffic(21, 2, now_ms() - 3_600_000).generate_more(3_000);
-    produce(&bootstrap, &topic, &plan);
-    let judged = m.judge(&plan, &[]);
-    let end = m.end(&judged);
-    let at = coordinates(&plan);
-    let a = Job::new(&format!("{topic}_a"), &topic, &fraud);
-    let mut b = Job::new(&format!("{topic}_b"), &topic, &fraud);
+    let loaded = Loaded::new("pair", 2, 21, 3_000);
+    let (topic, fraud) = (&loaded.topic, &loaded.fraud);
+    let a = Job::new(&format!("{topic}_a"), topic, fraud);
+    let mut b = Job::new(&format!("{topic}_b"), topic, fraud);
     b.extra = vec!["--dlq-topic".into(), format!("{topic}-dlq-b")];
     assert!(a.bounded().success() && b.bounded().success());
     for job in [&a, &b] {
-        assert_exact(
-            &fraud,
-            &judged.accepted,
-            late_set(&judged, &at),
-            end - 1,
-            &job.results(),
-            &job.name,
-        );
+        loaded.assert_exact(job, true);
     }
-    let mut intruder = Job::new(&format!("{topic}_c"), &topic, &fraud);
+    let mut intruder = Job::new(&format!("{topic}_c"), topic, fraud);
     intruder.schema = a.schema.clone();
     let out = intruder.command(true).stderr(Stdio::piped()).output().unwrap();
     assert!(!out.status.success(), "a second job in a's schema is refused");
@@ -560,18 +572,10 @@ fn two_jobs_share_a_database_in_schemas_of_their_own() {
 /// bound, which their inputs never reach.)
 #[test]
 fn sources_paused_by_a_small_backpressure_bound_leave_the_results_exact() {
-    let bootstrap = Endpoints::from_env().unwrap().kafka_bootstrap;
-    let topic = unique("bound");
-    ensure_topic(&bootstrap, &topic, 4).expect("topic; is the stack up?");
-    let fraud = FraudConfig::seconds();
-    let m = model(&fraud);
-    let plan = traffic(31, 4, now_ms() - 3_600_000).generate_more(8_000);
-    produce(&bootstrap, &topic, &plan);
-    let judged = m.judge(&plan, &[]);
-    let end = m.end(&judged);
-    let at = coordinates(&plan);
+    let loaded = Loaded::new("bound", 4, 31, 8_000);
+    let topic = &loaded.topic;
     for (suffix, archived, bound) in [("a", true, "300"), ("p", false, "100")] {
-        let mut job = Job::new(&format!("{topic}_{suffix}"), &topic, &fraud);
+        let mut job = Job::new(&format!("{topic}_{suffix}"), topic, &loaded.fraud);
         job.extra = vec!["--dlq-topic".into(), format!("{topic}-dlq-{suffix}")];
         job.extra.extend(["--max-uncommitted".into(), bound.into()]);
         job.extra.extend(["--archive".into(), archived.to_string(), "--log-json".into()]);
@@ -588,15 +592,7 @@ fn sources_paused_by_a_small_backpressure_bound_leave_the_results_exact() {
             .filter(|l| l.contains("backpressure") && !l.contains("\"paused\":0"))
             .count();
         assert!(pauses >= 2, "{}: the sources paused ({pauses} times) at {bound}", job.name);
-        assert_exact_archived(
-            &fraud,
-            &judged.accepted,
-            late_set(&judged, &at),
-            end - 1,
-            &job.results(),
-            &job.name,
-            archived,
-        );
+        loaded.assert_exact(&job, archived);
     }
 }
 

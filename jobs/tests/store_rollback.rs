@@ -313,15 +313,7 @@ fn one_floor_explains_the_letters_alone(
     judged: &common::Judged,
     by_floors: &common::Judged,
 ) {
-    let mut next: BTreeMap<i32, i64> = BTreeMap::new();
-    let at: Vec<(i32, i64)> = plan
-        .iter()
-        .map(|p| {
-            let o = next.entry(p.partition).or_default();
-            *o += 1;
-            (p.partition, *o - 1)
-        })
-        .collect();
+    let at = common::coordinates(plan);
     let times = common::event_times(plan);
     let time = |i: usize| times[i].expect("an accepted or late record decodes");
     let before: BTreeSet<usize> = by_floors.late.iter().copied().collect();

@@ -126,6 +126,18 @@ pub fn dead_letters(dlq: &str) -> Vec<(i32, i64, String)> {
     out
 }
 
+/// Plan index → (partition, offset), for a plan produced in order to an empty topic.
+pub fn coordinates(plan: &[Planned]) -> Vec<(i32, i64)> {
+    let mut next: HashMap<i32, i64> = HashMap::new();
+    plan.iter()
+        .map(|p| {
+            let o = next.entry(p.partition).or_default();
+            *o += 1;
+            (p.partition, *o - 1)
+        })
+        .collect()
+}
+
 /// Each record's event time (`None` for one that does not decode).
 pub fn event_times(plan: &[Planned]) -> Vec<Option<Time>> {
     let mut codec =
