@@ -549,7 +549,8 @@ pub fn frontier_sinks(inputs: SinkInputs<'_>, committers: Vec<Committer>) -> Vec
             // Statistics come first; the other inputs (alerts, archived
             // events) are not held back by an open epoch.
             let others = frontiers[1..].iter().map(least).min().unwrap_or(Time::MAX);
-            let frontier = least(&frontiers[0]).min(others);
+            let statistics = least(&frontiers[0]);
+            let frontier = statistics.min(others);
             let through = if coalesce.is_some() { others } else { frontier };
             let done = frontier == Time::MAX;
             // Catching up (results more than a minute behind the wall clock),
@@ -673,8 +674,9 @@ pub fn frontier_sinks(inputs: SinkInputs<'_>, committers: Vec<Committer>) -> Vec
                 }
             }
             // An open epoch holds the statistics back: it closes when the
-            // first store's batch is due (the window operator then emits
-            // what it held, and the frontier moves on).
+            // first store's batch is due and the epoch is what holds the
+            // frontier (the window operator then emits what it held, and the
+            // frontier moves on); see `Coalesce::request`.
             if let Some(c) = coalesce.as_ref().filter(|c| !done && c.is_open()) {
                 let until_due = outlets
                     .iter()
@@ -682,7 +684,7 @@ pub fn frontier_sinks(inputs: SinkInputs<'_>, committers: Vec<Committer>) -> Vec
                     .min()
                     .unwrap_or_default();
                 if until_due.is_zero() {
-                    c.request();
+                    c.request(statistics);
                 } else {
                     wake = Some(wake.map_or(until_due, |w| w.min(until_due)));
                 }
@@ -1287,19 +1289,27 @@ mod tests {
     /// Events fed by hand through the fraud dataflow (default config) into
     /// one commit operator with `committers`, coalescing; the input is then
     /// advanced to 5, so that the operator has seen the results behind the
-    /// wall clock (times in 1970): a catch-up.
+    /// wall clock (times in 1970): a catch-up. With `end`, a bounded run's;
+    /// `changes` counts the statistics changes that reach the operator.
     fn catching_up_sink(
         worker: &mut timely::worker::Worker,
         committers: Vec<Committer>,
+        end: Option<InputEnd>,
+        changes: Arc<AtomicUsize>,
     ) -> (EventsInput, Vec<Committed>) {
         use differential_dataflow::input::Input;
         use tripwire_dataflow::DetectFraud;
         let config = tripwire_dataflow::FraudConfig::default();
         let (mut events, marks) = worker.dataflow::<Time, _, _>(|scope| {
             let (events_in, events) = scope.new_collection::<Transaction, Diff>();
-            let out = events.detect_fraud(&config);
+            let out = match end {
+                Some(end) => events.detect_fraud_to(&config, end),
+                None => events.detect_fraud(&config),
+            };
             let inputs = SinkInputs {
-                stats: out.stats,
+                stats: out.stats.inspect(move |_| {
+                    changes.fetch_add(1, Ordering::Relaxed);
+                }),
                 alerts: out.alerts,
                 archive: None,
                 coalesce: Some(out.coalesce.clone()),
@@ -1401,6 +1411,8 @@ mod tests {
                     committer("Recording", 0, store, options, false),
                     committer("Slow", 0, Recording(Arc::default(), None), slow, false),
                 ],
+                None,
+                Arc::default(),
             );
             events.update_at(payment(1, 10), 10, 1);
             events.update_at(payment(1, 12), 12, 1);
@@ -1419,6 +1431,58 @@ mod tests {
         let batches = seen.lock().expect("recording");
         let batch = batches.iter().find(|b| b.1.contains(&(1, 12))).expect("the change");
         assert_eq!(batch.0, 20, "its batch ends at the frontier past the epoch: {batches:?}");
+    }
+
+    /// A bulk load's sources read to the end of their input well before the
+    /// windows catch up with it. The epoch open then must not close at each
+    /// of the window operator's activations from the input's end on (each
+    /// does a bounded amount of work): it closes once, when everything due
+    /// before the end is done, so each card's change reaches the sink once.
+    #[test]
+    fn an_epoch_stays_open_until_the_windows_catch_up_with_an_ended_input() {
+        // More arrivals than one activation of the window operator takes.
+        const CARDS: u64 = 3_000;
+        const EACH: u64 = 20;
+        let end = InputEnd::default();
+        let changes = Arc::new(AtomicUsize::new(0));
+        let counted = changes.clone();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let batches = seen.clone();
+        timely::execute_directly(move |worker| {
+            let options = CommitOptions {
+                interval: Duration::from_millis(1),
+                resume_from: 0,
+                report_to: None,
+                // No batch is due before the end: only the end closes the epoch.
+                catch_up_interval: Duration::from_secs(3600),
+                end: Some(end.clone()),
+            };
+            let store = Recording(seen, None);
+            let (mut events, _marks) = catching_up_sink(
+                worker,
+                vec![committer("Recording", 0, store, options, false)],
+                Some(end.clone()),
+                counted,
+            );
+            for i in 0..EACH {
+                for card in 0..CARDS {
+                    let t = 10 + i * 1_000 + card % 100;
+                    events.update_at(payment(card, t), t, 1);
+                }
+            }
+            end.set(EACH * 1_000 + 10);
+            events.close();
+        });
+        let changes = changes.load(Ordering::Relaxed);
+        assert_eq!(changes, CARDS as usize, "one change per card reached the sink");
+        let batches = batches.lock().expect("recording");
+        let stored: usize = batches.iter().map(|b| b.1.len()).sum();
+        assert_eq!(
+            stored,
+            CARDS as usize,
+            "and one row per card was stored, in {} batches",
+            batches.len()
+        );
     }
 
     /// A [`Recording`] behind `gate`.
@@ -1522,8 +1586,12 @@ mod tests {
                 end: None,
             };
             let store = Recording(Arc::default(), None);
-            let (mut events, marks) =
-                catching_up_sink(worker, vec![committer("Recording", 0, store, options, false)]);
+            let (mut events, marks) = catching_up_sink(
+                worker,
+                vec![committer("Recording", 0, store, options, false)],
+                None,
+                Arc::default(),
+            );
             events.update_at(payment(1, 10), 10, 1);
             events.update_at(payment(2, 12), 12, 1);
             events.advance_to(20);

@@ -697,8 +697,15 @@ pub fn card_windows<'s>(
                 }
             }
             // The epoch closes when a batch is due, when results are no longer
-            // behind, and when the input has ended (nothing more will close it).
-            if epoch.held.is_some() && (epochs.should_close() || frontier.is_empty() || ended) {
+            // behind, and once the input has ended and everything due before
+            // its end is done (nothing more will close it). Not as soon as
+            // the input ends: a bulk load's sources finish reading well before
+            // the windows have caught up, and closing at every activation
+            // from then on cut its last seconds into epochs of a few hundred
+            // cards each.
+            let drained =
+                (frontier.is_empty() || ended) && next_due(&pending, &departures).is_none();
+            if epoch.held.is_some() && (epochs.should_close() || drained) {
                 epoch.close(&mut cards, &mut rescan, &epochs, |change, t| {
                     stats_session.give((change, t, 1))
                 });
