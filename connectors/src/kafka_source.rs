@@ -21,6 +21,11 @@
 //!   (workers tell each other, over a broadcast stream, just past the last
 //!   record they read), so that when the whole input is quiet the frontier
 //!   moves to just past the latest record.
+//!   A quiet partition that reads a record again *wakes* the input: for
+//!   [`WAKE_GRACE`] after that, on every worker, quiet partitions hold the
+//!   capability where it is, so that a producer's burst after a quiet spell,
+//!   which reaches the partitions one after another, does not release the
+//!   ones it reaches last (whose records would then all be late).
 //!   Whenever the capability passes a partition that does not hold it, that
 //!   partition's floor rises to the capability at its current offset, and the
 //!   decision is recorded with the PostgreSQL commit that covers it (Materialize
@@ -518,6 +523,15 @@ impl PartitionState {
     }
 }
 
+/// How long, after a quiet partition reads a record again (on any worker),
+/// the quiet partitions still hold the capability: what one producer sends
+/// together reaches the partitions within its linger and a fetch or two of
+/// each other, far less than this. Before, the first partition a burst
+/// reached moved the frontier past the others, still idle, and their share
+/// of the burst (about a thousand records a partition, in the store-rollback
+/// test) was late.
+pub const WAKE_GRACE: Duration = Duration::from_secs(1);
+
 /// A partition is idle after `idle_timeout` in which the source *saw* no
 /// record of it: time in which it could not look (blocked, or not scheduled)
 /// moves every partition's last record forward, so that records waiting in
@@ -661,6 +675,11 @@ pub fn kafka_source<'s>(
     // What every worker has read, gathered by every worker (see `gossip`).
     let heard = gossip(ends, peers, activator.clone());
     let mut told: Option<News> = None;
+    // Quiet partitions this worker saw read a record again, and until when
+    // quiet partitions hold the capability after the last wake-up anywhere.
+    let mut wakes: u64 = 0;
+    let mut heard_wakes: u64 = 0;
+    let mut grace_until: Option<Instant> = None;
     let mut last_activation = Instant::now();
     let mut told_at = Instant::now();
 
@@ -726,6 +745,11 @@ pub fn kafka_source<'s>(
                 unobserved(&mut partitions, now - clock);
                 clock = now;
                 let part = &mut partitions[i];
+                if part.idle(config.idle_timeout) {
+                    // The input wakes: quiet partitions hold for a while.
+                    wakes += 1;
+                    grace_until = Some(now + WAKE_GRACE);
+                }
                 part.last_record = now;
                 let verdict = match decoded {
                     Ok(x) => {
@@ -902,6 +926,7 @@ pub fn kafka_source<'s>(
                 past_last: past_last.unwrap_or(0).max(*held[0].time()),
                 done: all_done,
                 pressed: over,
+                wakes,
             };
             if told != Some(news) && (all_done || told_at.elapsed() >= Duration::from_millis(50)) {
                 ends_out.activate().session(&held[2]).give(news);
@@ -909,6 +934,13 @@ pub fn kafka_source<'s>(
                 told_at = Instant::now();
             }
             let everyone = heard.borrow().latest();
+            // Read in the same message as what woke it: before the target.
+            let woken = heard.borrow().wakes();
+            if woken > heard_wakes {
+                heard_wakes = woken;
+                grace_until = Some(Instant::now() + WAKE_GRACE);
+            }
+            let in_grace = grace_until.is_some_and(|g| Instant::now() < g);
             let target = if all_done {
                 // Bounded: wait until every worker has read everything, and
                 // end just past the latest record any of them read.
@@ -916,7 +948,7 @@ pub fn kafka_source<'s>(
             } else {
                 let holding: Vec<Option<Time>> = partitions
                     .iter()
-                    .filter(|p| !p.done && !p.idle(config.idle_timeout))
+                    .filter(|p| !p.done && (in_grace || !p.idle(config.idle_timeout)))
                     .map(|p| p.decide.watermark(&rules, |t| fraud.time_of(t)))
                     .collect();
                 if holding.is_empty() {
@@ -936,6 +968,16 @@ pub fn kafka_source<'s>(
                 for p in partitions.iter_mut() {
                     if p.decide.watermark(&rules, |t| fraud.time_of(t)).is_none_or(|w| w < t) {
                         if let Some(floor) = p.decide.release_to(t) {
+                            tracing::debug!(
+                                worker = index,
+                                partition = p.decide.partition,
+                                offset = floor.0,
+                                floor = floor.1,
+                                quiet_ms = p.last_record.elapsed().as_millis() as u64,
+                                still_quiet = p.decide.still_quiet(),
+                                done = p.done,
+                                "the frontier passes a partition that does not hold it"
+                            );
                             decided.floor(p.decide.partition, floor.0, floor.1);
                         }
                     }
@@ -989,6 +1031,8 @@ struct News {
     past_last: Time,
     done: bool,
     pressed: bool,
+    /// Quiet partitions of this worker that read a record again, so far.
+    wakes: u64,
 }
 
 /// The latest news of every worker.
@@ -1005,6 +1049,11 @@ impl Heard {
     /// Just past the last record any worker has read.
     fn latest(&self) -> Time {
         self.latest.iter().flatten().map(|n| n.past_last).max().unwrap_or(0)
+    }
+
+    /// Wake-ups of the input seen by any worker, so far.
+    fn wakes(&self) -> u64 {
+        self.latest.iter().flatten().map(|n| n.wakes).sum()
     }
 
     /// Whether every worker has read all its input.
@@ -1031,11 +1080,16 @@ fn gossip(
         // Messages of one sender may overtake each other: keep the furthest.
         let newer = slot.is_none_or(|s| (n.done, n.past_last) >= (s.done, s.past_last));
         let pressing = slot.is_some_and(|s| s.pressed) != n.pressed;
+        let woke = slot.is_none_or(|s| n.wakes > s.wakes);
+        let wakes = slot.map_or(n.wakes, |s| s.wakes.max(n.wakes));
         if newer {
             *slot = Some(*n);
         }
-        // The end, and a press, are acted on at once (see `Committed::press`).
-        if newer && (n.done || pressing) {
+        if let Some(s) = slot.as_mut() {
+            s.wakes = wakes;
+        }
+        // The end, a press and a wake-up are acted on at once (see `Committed::press`).
+        if (newer && (n.done || pressing)) || (woke && n.wakes > 0) {
             wake.activate();
         }
     });

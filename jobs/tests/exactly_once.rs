@@ -490,6 +490,62 @@ fn a_quiet_partition_is_released_and_a_replay_repeats_the_decision() {
     );
 }
 
+/// After the whole input has been quiet for the (default) idle timeout, a
+/// producer's burst reaches the partitions one after another (here the
+/// second partition's share 300 ms before the first's, each on a worker of
+/// its own). The partition read first must not move the frontier past the
+/// other, still quiet: nothing of the burst is late, and the results are
+/// exact. (Before, the other worker followed what the first had read at
+/// once, and every record of the share that came second was late.)
+#[test]
+fn a_burst_after_a_quiet_spell_leaves_none_of_its_records_late() {
+    let bootstrap = Endpoints::from_env().unwrap().kafka_bootstrap;
+    let topic = unique("wake");
+    ensure_topic(&bootstrap, &topic, 2).expect("topic; is the stack up?");
+    let fraud = FraudConfig::seconds();
+    let mut job = Job::new(&topic, &topic, &fraud);
+    job.extra = vec!["-w".into(), "2".into()];
+    let t0 = now_ms();
+    let mut id = 1_000u64;
+    let mut share = |partition: i32, from: i64| -> Vec<Planned> {
+        (0..10i64)
+            .map(|i| {
+                id += 1;
+                let card = 100 + (i % 3) as u64 + 10 * partition as u64;
+                planned(partition, card, record(id, card, from + i * 200))
+            })
+            .collect()
+    };
+    let mut plan: Vec<Planned> = [share(0, t0 - 10_000), share(1, t0 - 10_000)].concat();
+    produce(&bootstrap, &topic, &plan);
+    let mut live = job.live();
+    // Both partitions quiet for the idle timeout: the frontier moves just
+    // past the latest record, and both partitions are released.
+    let first = plan.iter().filter_map(|p| decode_time(&p.payload)).max().unwrap();
+    job.wait_for(fraud.time_of(first) + 1, Duration::from_secs(120), &mut live);
+
+    // The burst: partition 1's share, then partition 0's, over the same times.
+    let now = now_ms();
+    let (second, last) = (share(1, now - 2_000), share(0, now - 2_000));
+    produce(&bootstrap, &topic, &second);
+    std::thread::sleep(Duration::from_millis(300));
+    produce(&bootstrap, &topic, &last);
+    plan.extend(second);
+    plan.extend(last);
+    let end = plan.iter().filter_map(|p| decode_time(&p.payload)).max().unwrap();
+    job.wait_for(fraud.time_of(end) + 1, Duration::from_secs(120), &mut live);
+    live.kill().unwrap();
+    live.wait().unwrap();
+
+    let got = job.results();
+    let at = coordinates(&plan);
+    let late: Vec<(i32, i64)> = got.late.iter().copied().collect();
+    assert!(late.is_empty(), "records of the burst late: {late:?} (plan {at:?})");
+    assert_eq!(dead_letters(&format!("{topic}-dlq")), vec![], "no dead letters");
+    let accepted: Vec<Transaction> = plan.iter().filter_map(|p| decode(&p.payload)).collect();
+    assert_exact(&fraud, &accepted, BTreeSet::new(), fraud.time_of(end), &got, "after the burst");
+}
+
 fn decode(payload: &[u8]) -> Option<Transaction> {
     let registry = std::sync::Arc::new(EmbeddedRegistry::new().unwrap());
     let mut codec = tripwire_connectors::avro::TransactionCodec::new(

@@ -130,7 +130,12 @@ fn stores_rolled_back_under_a_running_job_are_noticed_and_repaired() {
                     .arg("--config")
                     .arg(&config_file)
                     .env("TRIPWIRE_PG_SCHEMA", &id)
-                    .env("RUST_LOG", "error")
+                    // The job's log level; raise it to see its decisions
+                    // (`info,tripwire_connectors::kafka_source=debug`).
+                    .env(
+                        "RUST_LOG",
+                        std::env::var("TRIPWIRE_TEST_JOB_LOG").unwrap_or("error".into()),
+                    )
                     .stdout(out.try_clone().unwrap())
                     .stderr(out)
                     .spawn()
