@@ -20,7 +20,8 @@
 //!   clock, commits wait at least [`CommitOptions::catch_up_interval`].
 //!   Statistics from this worker's window operator ([`SinkInputs::coalesce`])
 //!   then come coalesced per epoch: the operator asks for the open epoch to
-//!   close when a batch is due, and cuts no batch inside a closed one
+//!   close when a batch is due and that epoch holds the frontier, and cuts
+//!   no batch inside a closed one
 //!   (see `tripwire_dataflow::coalesce`).
 //! - **Failures** are retried with exponential backoff behind a circuit
 //!   breaker ([`Breaker`]): after a few failures in a row it opens, commits

@@ -23,11 +23,12 @@
 //!   stores' resume points): a change coalesced across a store's resume point
 //!   would misstate whether the card had statistics there.
 //!
-//! An epoch closes when the commit operator has a batch due ([`Coalesce::request`]),
-//! when results are no longer behind, when the window operator's input ends,
-//! and in any case once it has been open for the longest commit interval (so
-//! that nothing the commit operator misses can hold results back). In real
-//! time no epoch opens and nothing changes.
+//! An epoch closes when the commit operator has a batch due and the epoch is
+//! what holds its frontier ([`Coalesce::request`]), when results are no
+//! longer behind, once the window operator's input has ended and everything
+//! due before its end is done, and in any case once it has been open for the
+//! longest commit interval (so that nothing the commit operator misses can
+//! hold results back). In real time no epoch opens and nothing changes.
 //!
 //! Both operators run on the same worker thread; each worker has its own.
 
