@@ -1256,6 +1256,18 @@ mod tests {
         assert!(cards.contains(&(key(0), 10)), "card 0 as it was before the end");
     }
 
+    /// Options of a store committing every millisecond in real time and
+    /// every `catch_up` while catching up, up to `end` if given.
+    fn every_ms(catch_up: Duration, end: Option<InputEnd>) -> CommitOptions {
+        CommitOptions {
+            interval: Duration::from_millis(1),
+            resume_from: 0,
+            report_to: None,
+            catch_up_interval: catch_up,
+            end,
+        }
+    }
+
     /// A payment of `card` at `t` (ms since the epoch, long past: a catch-up).
     fn payment(card: u64, t: Time) -> Transaction {
         Transaction {
@@ -1332,13 +1344,7 @@ mod tests {
         let store = Recording(seen.clone(), None);
         let batches = seen.clone();
         timely::execute_directly(move |worker| {
-            let options = CommitOptions {
-                interval: Duration::from_millis(1),
-                resume_from: 0,
-                report_to: None,
-                catch_up_interval: Duration::from_secs(3600),
-                end: None,
-            };
+            let options = every_ms(Duration::from_secs(3600), None);
             let (mut stats, mut alerts, marks) = recording_sink(worker, store, options);
             let mark = marks[0].clone();
             let reached = |to: Time| {
@@ -1394,13 +1400,7 @@ mod tests {
         let batches = seen.clone();
         let started = Instant::now();
         timely::execute_directly(move |worker| {
-            let options = CommitOptions {
-                interval: Duration::from_millis(1),
-                resume_from: 0,
-                report_to: None,
-                catch_up_interval: CATCH_UP,
-                end: None,
-            };
+            let options = every_ms(CATCH_UP, None);
             // A second store with a longer catch-up interval: an epoch stays
             // open at most the longest, so the first store's batch, not the
             // epoch's own time limit (which raced it), closes it.
@@ -1450,14 +1450,8 @@ mod tests {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let batches = seen.clone();
         timely::execute_directly(move |worker| {
-            let options = CommitOptions {
-                interval: Duration::from_millis(1),
-                resume_from: 0,
-                report_to: None,
-                // No batch is due before the end: only the end closes the epoch.
-                catch_up_interval: Duration::from_secs(3600),
-                end: Some(end.clone()),
-            };
+            // No batch is due before the end: only the end closes the epoch.
+            let options = every_ms(Duration::from_secs(3600), Some(end.clone()));
             let store = Recording(seen, None);
             let (mut events, _marks) = catching_up_sink(
                 worker,
@@ -1514,13 +1508,7 @@ mod tests {
         let gate: Gate = Arc::new((Mutex::new(false), Condvar::new()));
         let opener = gate.clone();
         timely::execute_directly(move |worker| {
-            let options = CommitOptions {
-                interval: Duration::from_millis(1),
-                resume_from: 0,
-                report_to: None,
-                catch_up_interval: Duration::from_millis(1),
-                end: None,
-            };
+            let options = every_ms(Duration::from_millis(1), None);
             let (mut stats, mut alerts, mut archive, marks) =
                 worker.dataflow::<Time, _, _>(|scope| {
                     let (stats_in, stats) = scope.new_collection::<(u64, CardChange), Diff>();
@@ -1578,14 +1566,8 @@ mod tests {
     #[test]
     fn an_open_epoch_holds_the_sinks_input_back_but_not_what_has_passed_the_dataflow() {
         timely::execute_directly(move |worker| {
-            let options = CommitOptions {
-                interval: Duration::from_millis(1),
-                resume_from: 0,
-                report_to: None,
-                // The epoch stays open: no batch is due for an hour.
-                catch_up_interval: Duration::from_secs(3600),
-                end: None,
-            };
+            // The epoch stays open: no batch is due for an hour.
+            let options = every_ms(Duration::from_secs(3600), None);
             let store = Recording(Arc::default(), None);
             let (mut events, marks) = catching_up_sink(
                 worker,

@@ -516,8 +516,14 @@ impl PartitionState {
     /// neither paused, nor replaying recorded decisions, nor with a broker
     /// out of reach or saying there is more to read.
     fn idle(&self, timeout: Option<Duration>) -> bool {
-        timeout.is_some_and(|d| self.last_record.elapsed() >= d || self.decide.still_quiet())
-            && !self.paused
+        self.idle_at(timeout, Instant::now())
+    }
+
+    /// [`PartitionState::idle`] as of `now` (a clock already read).
+    fn idle_at(&self, timeout: Option<Duration>, now: Instant) -> bool {
+        timeout.is_some_and(|d| {
+            now.saturating_duration_since(self.last_record) >= d || self.decide.still_quiet()
+        }) && !self.paused
             && !self.unsure
             && !self.decide.replaying()
     }
@@ -745,7 +751,7 @@ pub fn kafka_source<'s>(
                 unobserved(&mut partitions, now - clock);
                 clock = now;
                 let part = &mut partitions[i];
-                if part.idle(config.idle_timeout) {
+                if part.idle_at(config.idle_timeout, now) {
                     // The input wakes: quiet partitions hold for a while.
                     wakes += 1;
                     grace_until = Some(now + WAKE_GRACE);
