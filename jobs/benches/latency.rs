@@ -26,9 +26,12 @@
 //! settings are its defaults.
 //!
 //! Settings that bound the latency, all flags of the job and of txgen:
-//! lateness bound L (`TRIPWIRE_BENCH_LATENESS_MS`, default 10 ms: an event's
-//! time is complete once every partition has seen an event L later), commit
-//! interval (`TRIPWIRE_BENCH_COMMIT_MS`, default 10 ms), producer linger
+//! lateness bound L (`TRIPWIRE_BENCH_LATENESS_MS`, default 3 ms: an event's
+//! time is complete once every partition has seen an event L later; txgen's
+//! out-of-order records come up to L/2 behind), commit interval
+//! (`TRIPWIRE_BENCH_COMMIT_MS`, default 0: each worker commits whenever its
+//! frontier has moved and its last commit is done, so commits pace
+//! themselves by how long they take), producer linger
 //! (`TRIPWIRE_BENCH_LINGER_MS`, default 5 ms: the default of librdkafka and,
 //! since Kafka 4.0, of the Java producer; at 1 ms nearly every record is a
 //! produce request of its own, and at 10K/s the broker took a tenth to a
@@ -346,8 +349,8 @@ fn measure(bin: &Path, rate: u64, settings: Settings) -> Measured {
 fn main() {
     let rates = support::env_list("TRIPWIRE_BENCH_RATES", "10000,50000,100000");
     let seconds = env_or("TRIPWIRE_BENCH_SECONDS", 60);
-    let lateness_ms = env_or("TRIPWIRE_BENCH_LATENESS_MS", 10);
-    let commit_ms = env_or("TRIPWIRE_BENCH_COMMIT_MS", 10);
+    let lateness_ms = env_or("TRIPWIRE_BENCH_LATENESS_MS", 3);
+    let commit_ms = env_or("TRIPWIRE_BENCH_COMMIT_MS", 0);
     let linger_ms = env_or("TRIPWIRE_BENCH_LINGER_MS", 5);
     let settings = Settings { seconds, lateness_ms, commit_ms, linger_ms };
     let bin = binary("fraud-detector");
