@@ -245,6 +245,29 @@ SELECT c.card_id, c.windows[i][1] AS window_ms, c.windows[i][2] AS count,
 FROM card_stats c, generate_subscripts(c.windows, 1) AS i;
 "#,
     ),
+    (
+        9,
+        "advance_checkpoint: move a worker's checkpoint on from where it is expected, or fail",
+        // A commit that knows where its worker's last commit left the
+        // checkpoint sends this first, in the same round trip as its writes
+        // and its `COMMIT`, instead of reading the checkpoint (under lock)
+        // in a round trip of its own: if the checkpoint is elsewhere (a store
+        // that lost commits, another run of the job), the error aborts the
+        // transaction, the `COMMIT` behind it rolls back, and the sink
+        // commits again the way that reads the checkpoint first.
+        r#"
+CREATE FUNCTION advance_checkpoint(p_job text, p_worker int, p_from bigint, p_to bigint)
+RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE checkpoints SET frontier = p_to, updated_at = now()
+    WHERE job = p_job AND worker = p_worker AND frontier = p_from;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'the checkpoint of job % worker % is not at %', p_job, p_worker, p_from
+            USING ERRCODE = 'TW001';
+    END IF;
+END $$;
+"#,
+    ),
 ];
 
 /// Apply every migration `client`'s database lacks; returns the versions applied now.
