@@ -219,7 +219,7 @@ fn one_array_of_windows_keeps_what_six_arrays_held() {
             rows.iter().map(|r| (0..8).map(|i| r.get::<_, i64>(i)).collect()).collect()
         };
         let before = rows(c.query(read, &[]).await.unwrap());
-        assert_eq!(migrate(&mut c).await.unwrap(), vec![8], "only migration 8 was left");
+        assert_eq!(migrate_up_to(&mut c, 8).await.unwrap(), vec![8], "only migration 8 was left");
         let after = rows(c.query(read, &[]).await.unwrap());
         let one: Vec<Vec<i64>> = c
             .query_one(

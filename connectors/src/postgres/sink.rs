@@ -468,8 +468,8 @@ impl Statements {
 /// locks the checkpoint and fails unless it is still there), its writes and
 /// `COMMIT` at once, as a store that holds exactly what this run's commits
 /// left. Should the checkpoint have moved, the transaction rolls back and
-/// the caller commits again without `expected`. (At 10K/s this took about
-/// a millisecond off PostgreSQL's p99 of produce -> visible:
+/// the caller commits again without `expected`. (At 10K/s this took 1-7 ms
+/// off PostgreSQL's p99 of produce -> visible, in three rounds:
 /// `bench/README.md`.) Returns where the checkpoint is left, if this commit
 /// moved it, and whether it went in one round trip.
 #[allow(clippy::too_many_arguments)]
