@@ -1026,13 +1026,15 @@ pub fn kafka_source<'s>(
                 end_for_sinks.set(*held[0].time());
                 caps = None;
             } else if read > 0 {
-                last_read = Some(Instant::now());
                 activator.activate();
             } else {
                 activator.activate_after(next_poll(&config, last_read.map(|t| t.elapsed())));
             }
             business.flush();
             last_activation = Instant::now();
+            if read > 0 {
+                last_read = Some(last_activation);
+            }
             if last_commit.elapsed() >= Duration::from_secs(5) || caps.is_none() {
                 last_commit = Instant::now();
                 // For lag tools only; a failure here loses nothing.

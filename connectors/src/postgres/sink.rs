@@ -95,13 +95,7 @@ pub fn pg_sink(inputs: SinkInputs<'_>, config: &PgSinkConfig) -> Committed {
 /// Worker `worker`'s PostgreSQL committer, for [`frontier_sinks`] (with the
 /// archived events in its batches if `archive`).
 pub fn pg_committer(worker: usize, config: &PgSinkConfig, archive: bool) -> Committer {
-    let store = Postgres {
-        config: config.clone(),
-        worker,
-        insert_new_cards: true,
-        left_at: None,
-        one_trips: 0,
-    };
+    let store = Postgres::new(config.clone(), worker);
     let options = CommitOptions {
         interval: config.commit_interval,
         resume_from: config.resume_from,
@@ -123,6 +117,13 @@ struct Postgres {
     left_at: Option<Time>,
     /// Commits that went in one round trip (for tests).
     one_trips: u64,
+}
+
+impl Postgres {
+    /// A sink that knows nothing yet of its worker's checkpoint.
+    fn new(config: PgSinkConfig, worker: usize) -> Self {
+        Postgres { config, worker, insert_new_cards: true, left_at: None, one_trips: 0 }
+    }
 }
 
 /// The SQLSTATE `advance_checkpoint` fails with: the checkpoint was not
@@ -1137,13 +1138,7 @@ mod tests {
             let admin_client = connect_plain(&admin).await;
             admin_client.batch_execute(&format!("CREATE SCHEMA {schema}")).await.unwrap();
             let conninfo = format!("{admin} options='-c search_path={schema}'");
-            let mut store = Postgres {
-                config: unit_config(conninfo.clone()),
-                worker: 0,
-                insert_new_cards: true,
-                left_at: None,
-                one_trips: 0,
-            };
+            let mut store = Postgres::new(unit_config(conninfo.clone()), 0);
             let conn = store.connect().await.unwrap();
             test(store, conn).await;
             admin_client.batch_execute(&format!("DROP SCHEMA {schema} CASCADE")).await.unwrap();
