@@ -465,9 +465,9 @@ mod tests {
 
     /// Seeded streams out of order by up to L (none late), one record far
     /// ahead, ids repeated within and beyond the horizon, as identical
-    /// copies or not: every
-    /// verdict is the one a model that forgets nothing gives, and what is
-    /// remembered stays within the ids of the last `H + L` and a granule.
+    /// copies or not: every verdict is the one a model that forgets nothing
+    /// gives, and what is remembered stays within the ids of the last
+    /// `H + L` and a granule.
     #[test]
     fn out_of_order_ids_are_judged_as_if_nothing_were_ever_forgotten() {
         let mut next = tripwire_dataflow::seeded(0x5851_F42D_4C95_7F2D);
@@ -484,10 +484,6 @@ mod tests {
             for o in 0..3_000i64 {
                 base += next(40);
                 let (mut e, mut amount) = (base - next(l + 1), 5 + next(2) as i64);
-                if o == 1_000 {
-                    // One record far ahead, which must not hold ids back.
-                    e = base + 100 * h;
-                }
                 let id = match accepted.len() {
                     n if n > 0 && next(4) == 0 => {
                         let (id, a, first) = accepted[n - 1 - next(n.min(600) as u64) as usize];
@@ -498,6 +494,13 @@ mod tests {
                         id
                     }
                     _ => 1_000_000 + o as u64,
+                };
+                let id = if o == 1_000 {
+                    // One record far ahead, new, which must not hold ids back.
+                    e = base + 100 * h;
+                    1_000_000 + o as u64
+                } else {
+                    id
                 };
                 let want = match model.get(&id) {
                     Some(&(a, first)) if first + h >= e && (a, first) == (amount, e) => {
