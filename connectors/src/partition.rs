@@ -272,8 +272,11 @@ impl Partition {
                 break;
             }
             for (id, e) in first.remove() {
-                if self.seen.get(&id).is_some_and(|s| s.1 == e) {
-                    self.seen.remove(&id);
+                // Unless a later copy, accepted past the horizon, replaced it.
+                if let Entry::Occupied(o) = self.seen.entry(id) {
+                    if o.get().1 == e {
+                        o.remove();
+                    }
                 }
             }
         }
