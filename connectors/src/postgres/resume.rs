@@ -44,6 +44,14 @@ pub async fn high_water(client: &Client, job: &str) -> Result<Time, tokio_postgr
     Ok(row.get::<_, Option<i64>>(0).unwrap_or(0).max(0) as Time)
 }
 
+/// The advisory lock of `$1`'s sink sessions: each holds it shared while it
+/// lives, and a rescale takes it exclusively (see [`fit_checkpoints`]).
+pub(crate) const SINKS_LOCK: &str = "hashtextextended('tripwire sinks of ' || $1, 0)";
+
+/// How long a rescale waits for an earlier run's sessions to end: longer
+/// means another run of the job is still running.
+const SINKS_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Make `job`'s checkpoints fit a run of `workers` sink workers, before it starts.
 ///
 /// A worker's checkpoint speaks only for the keys that worker owned, and which
@@ -60,12 +68,23 @@ pub async fn fit_checkpoints(
 ) -> Result<(), tokio_postgres::Error> {
     let tx = client.transaction().await?;
     tx.execute("SELECT pg_advisory_xact_lock(7342002)", &[]).await?;
-    let rows = tx.query("SELECT worker, frontier FROM checkpoints WHERE job = $1", &[&job]).await?;
+    let read = "SELECT worker, frontier FROM checkpoints WHERE job = $1";
+    let rows = tx.query(read, &[&job]).await?;
     let mut present: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
     present.sort_unstable();
     if present.iter().copied().eq(0..workers as i32) {
         return tx.commit().await;
     }
+    // A rescale. A killed process's last commit may still be running in its
+    // session (PostgreSQL carries out what was sent before the client died):
+    // wait until every session of an earlier run has ended, then read the
+    // checkpoints again. Otherwise such a commit lands after this read, with
+    // rows beyond every frontier (and the high water) fitted here, which the
+    // new workers take for rows of their own. No session of this run has
+    // connected yet: every process fits before the dataflow starts.
+    tx.batch_execute(&format!("SET LOCAL lock_timeout = '{}s'", SINKS_LOCK_WAIT.as_secs())).await?;
+    tx.execute(&format!("SELECT pg_advisory_xact_lock({SINKS_LOCK})"), &[&job]).await?;
+    let rows = tx.query(read, &[&job]).await?;
     let least: i64 = rows.iter().map(|r| r.get::<_, i64>(1)).min().unwrap_or(0);
     let greatest: i64 = rows.iter().map(|r| r.get::<_, i64>(1)).max().unwrap_or(0);
     tx.execute(

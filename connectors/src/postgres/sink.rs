@@ -149,6 +149,16 @@ impl Store for Postgres {
 
     async fn connect(&mut self) -> Result<PgConn, String> {
         let client = connect(&self.config.conninfo).await.map_err(|e| describe(&e))?;
+        // Held while this connection lives: a rescale waits for every
+        // session of an earlier run to end, commits in flight included.
+        let job = [&self.config.job as &(dyn ToSql + Sync)];
+        client
+            .execute(
+                &format!("SELECT pg_advisory_lock_shared({})", super::resume::SINKS_LOCK),
+                &job,
+            )
+            .await
+            .map_err(|e| describe(&e))?;
         if !self.config.synchronous_commit {
             client.batch_execute("SET synchronous_commit = off").await.map_err(|e| describe(&e))?;
         }
@@ -1142,6 +1152,56 @@ mod tests {
             let conn = store.connect().await.unwrap();
             test(store, conn).await;
             admin_client.batch_execute(&format!("DROP SCHEMA {schema} CASCADE")).await.unwrap();
+        });
+    }
+
+    /// A rescale waits until every session of the job's earlier run has
+    /// ended, and fits the checkpoints to what the last commit of such a
+    /// session left: PostgreSQL carries out a commit that a killed process
+    /// sent before it died. Fitted to what was there before that commit
+    /// landed, the new workers took its rows for their own, and left some of
+    /// them stale for good (the kill-and-rescale test found this).
+    #[test]
+    fn a_rescale_waits_for_a_commit_an_earlier_run_left_in_flight() {
+        in_fresh_schema("fence", |store, conn| async move {
+            let mut fitter = connect_plain(&store.config.conninfo).await;
+            let job = store.config.job.clone();
+            // The earlier run: one worker, at 100.
+            let c = &conn.client;
+            let first = "INSERT INTO checkpoints (job, worker, frontier) VALUES ($1, 0, 100)";
+            c.execute(first, &[&job]).await.unwrap();
+            // Its last commit, under way in its sink's session: on to 500.
+            c.batch_execute("BEGIN").await.unwrap();
+            c.execute("SELECT advance_checkpoint($1, 0, 100, 500)", &[&job]).await.unwrap();
+            let rescale = {
+                let job = job.clone();
+                tokio::spawn(async move {
+                    crate::postgres::fit_checkpoints(&mut fitter, &job, 2).await.map(|()| fitter)
+                })
+            };
+            tokio::pin!(rescale);
+            let early = tokio::time::timeout(Duration::from_millis(300), &mut rescale).await;
+            assert!(early.is_err(), "the rescale went on while the earlier run's commit ran");
+            c.batch_execute("COMMIT").await.unwrap();
+            drop(conn);
+            let fitter = rescale.await.unwrap().expect("the rescale, once the session ended");
+            let rows: Vec<(i32, i64)> = fitter
+                .query(
+                    "SELECT worker, frontier FROM checkpoints WHERE job = $1 ORDER BY 1",
+                    &[&job],
+                )
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect();
+            assert_eq!(
+                rows,
+                vec![(0, 500), (1, 500)],
+                "both workers start where the commit left it"
+            );
+            let high = crate::postgres::high_water(&fitter, &job).await.unwrap();
+            assert_eq!(high, 500, "rows up to the commit's frontier may be another run's");
         });
     }
 

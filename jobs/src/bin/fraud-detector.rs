@@ -549,7 +549,9 @@ async fn read_checkpoints(
         );
         std::process::exit(2);
     }
-    fit_checkpoints(&mut client, job, workers).await.context("fitting PostgreSQL checkpoints")?;
+    fit_checkpoints(&mut client, job, workers)
+        .await
+        .context("fitting PostgreSQL checkpoints (a rescale waits for the sessions of the job's earlier run to end)")?;
     fit_frontiers(&endpoints.redis_url(), job, workers).await.context("fitting Redis frontiers")?;
     let high_water = pg_high_water(&client, job).await.context("PostgreSQL high water")?;
     let pg = pg_committed(&client, job).await.context("PostgreSQL checkpoints")?;
