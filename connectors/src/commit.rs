@@ -465,6 +465,8 @@ struct Outlet {
     /// Everything below this was posted (or is below where this store resumes).
     sent: Time,
     last_sent: Instant,
+    /// A bounded run's last batch, at its input's end, was posted.
+    ended: bool,
 }
 
 /// Run one frontier-driven commit operator for this worker that feeds every
@@ -511,6 +513,7 @@ pub fn frontier_sinks(inputs: SinkInputs<'_>, committers: Vec<Committer>) -> Vec
             catch_up: c.options.catch_up_interval,
             sent: c.options.resume_from,
             last_sent: Instant::now() - c.options.interval,
+            ended: false,
             archive: c.archive,
             name: c.name,
             mailbox: c.mailbox,
@@ -611,7 +614,8 @@ pub fn frontier_sinks(inputs: SinkInputs<'_>, committers: Vec<Committer>) -> Vec
                 // of time: it is held at the end all along (each worker's source
                 // sets the end before it lets its capability go, so a sink that
                 // sees the frontier beyond the end knows it).
-                let frontier = match (done, end.as_ref().and_then(InputEnd::get)) {
+                let known_end = end.as_ref().and_then(InputEnd::get);
+                let frontier = match (done, known_end) {
                     (true, Some(end)) => end.max(o.sent),
                     (false, Some(end)) => frontier.min(end),
                     _ => frontier,
@@ -619,7 +623,15 @@ pub fn frontier_sinks(inputs: SinkInputs<'_>, committers: Vec<Committer>) -> Vec
                 o.marks.0.input.fetch_max(frontier, Ordering::AcqRel);
                 o.marks.0.through.fetch_max(through, Ordering::AcqRel);
                 let due = due(o);
-                let now = frontier > o.sent && (done || o.last_sent.elapsed() >= due);
+                // The frontier can reach the end before the sources tell
+                // the end (the last worker to finish reading lets go of its
+                // capability after): a store's batch to the end was then not
+                // its last. It gets one more, empty if nothing is left, so
+                // that what a last commit carries (a bounded run's restart
+                // points, which it waits for) is stored.
+                let last = done && known_end.is_some() && !o.ended;
+                o.ended |= last;
+                let now = (frontier > o.sent && (done || o.last_sent.elapsed() >= due)) || last;
                 due_at.push(now.then_some(frontier));
                 if !now && !done && frontier > o.sent {
                     let w = due.saturating_sub(o.last_sent.elapsed());
@@ -1254,6 +1266,41 @@ mod tests {
         assert_eq!(*frontier, END, "the last batch ends at the input's end");
         assert_eq!(cards.len(), COMPACT_FROM / 2 + 1, "every card that changed before the end");
         assert!(cards.contains(&(key(0), 10)), "card 0 as it was before the end");
+    }
+
+    /// The frontier can reach a bounded run's end before the sources tell
+    /// the end (the last worker to finish reading lets go of its capability
+    /// after): the batch to the end then went out as any other, and the
+    /// store never had a last commit (the PostgreSQL sink's waits for the
+    /// run's last restart points, which were then never stored; the
+    /// kill-and-rescale test found a run that stored none). Once the end is
+    /// known, each store gets one more batch, at the end, empty here.
+    #[test]
+    fn a_store_gets_a_last_batch_at_the_end_once_the_end_is_known() {
+        const END: Time = 100;
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let store = Recording(seen.clone(), None);
+        timely::execute_directly(move |worker| {
+            let end = InputEnd::default();
+            let options = every_ms(Duration::from_millis(1), Some(end.clone()));
+            let (mut stats, mut alerts, marks) = recording_sink(worker, store, options);
+            stats.update_at((key(1), change(1, false)), 10, 1);
+            stats.advance_to(END);
+            alerts.advance_to(END);
+            stats.flush();
+            alerts.flush();
+            // The batch to the end, committed while the end is not known.
+            worker.step_while(|| marks[0].frontier() < END);
+            end.set(END);
+            stats.close();
+            alerts.close();
+        });
+        let batches = seen.lock().expect("recording");
+        let at_end: Vec<&Recorded> = batches.iter().filter(|(f, _)| *f == END).collect();
+        assert_eq!(at_end.len(), 2, "the batch to the end and the last one: {batches:?}");
+        assert_eq!(at_end[0].1, vec![(key(1), 10)], "the batch to the end has the change");
+        assert!(at_end[1].1.is_empty(), "the last batch has nothing left to write");
+        assert_eq!(batches.last(), Some(at_end[1]), "it comes last");
     }
 
     /// Options of a store committing every millisecond in real time and
