@@ -1,17 +1,28 @@
 //! Exactly once under SIGKILL and rescaling: the fraud-detector binary is
 //! killed several times while it reads a topic, restarted each time with
-//! another number of workers (2, 3, 1 threads in one process), and finally
+//! another number of workers (2, 1, 3 threads in one process), and finally
 //! runs to the topic's end as 2 processes × 2 workers, all with the shipped
-//! defaults (idle timeout included). PostgreSQL and Redis must then hold
+//! defaults (idle timeout, restart point interval, dedup horizon) but the
+//! commit intervals (20 ms, also while catching up: kills come at commits,
+//! and a bounded run at the shipped 20 s catch-up interval would commit this
+//! input once, at its end). PostgreSQL and Redis must then hold
 //! exactly the reference model's result over the accepted input as of the end
 //! of input (a bounded run ends just past its last event, windows as they
 //! stand): every statistic, every alert once, every worker's frontier there.
+//! The first two restarts read from the beginning; the last kill waits until
+//! a restart must seek every partition to a recorded restart point, and the
+//! last run must say that it did. (A run's restart points reach PostgreSQL
+//! only once its dead-letter producer has started and committed, a second or
+//! so: the last kill then mostly comes after that run's last commit, and the
+//! last run seeks, replays an hour and more, and must write nothing wrong.)
 //!
 //! Needs the stack up (`./tripwire stack up`, or run through `./tripwire test`).
 
 mod common;
 
 use std::collections::BTreeSet;
+use std::fs::File;
+use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
@@ -34,8 +45,14 @@ struct Run {
 }
 
 impl Run {
-    /// Start the job as `processes` processes of `workers` workers each.
-    fn start(&self, processes: usize, workers: usize) -> Vec<Child> {
+    /// Start the job as `processes` processes of `workers` workers each, each
+    /// process logging (its info about resuming, as JSON) to `log(p)`.
+    fn start(
+        &self,
+        processes: usize,
+        workers: usize,
+        log: impl Fn(usize) -> PathBuf,
+    ) -> Vec<Child> {
         let hosts = std::env::temp_dir().join(format!("{}-hosts.txt", self.job));
         let ports: Vec<std::net::TcpListener> =
             (0..processes).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
@@ -54,16 +71,11 @@ impl Run {
                     .args(["-h", &hosts.display().to_string()])
                     .args(["--commit-interval-ms", "20"])
                     .args(["--catch-up-commit-interval-ms", "0"])
-                    .args([
-                        "--sample-every",
-                        "300",
-                        "--config",
-                        &self.config_file,
-                        "--metrics-port",
-                        "0",
-                    ])
+                    .args(["--config", &self.config_file, "--metrics-port", "0"])
+                    .arg("--log-json")
                     .env("TRIPWIRE_PG_SCHEMA", &self.schema)
-                    .env("RUST_LOG", "error")
+                    .env("RUST_LOG", "error,fraud_detector=info")
+                    .stdout(File::create(log(p)).unwrap())
                     .spawn()
                     .expect("fraud-detector starts")
             })
@@ -92,6 +104,9 @@ fn committed(rt: &tokio::runtime::Runtime, c: &tokio_postgres::Client, job: &str
     })
 }
 
+/// The job's default `--dedup-horizon-ms`, which this test does not change.
+const DEDUP_HORIZON_MS: i64 = 3_600_000;
+
 #[test]
 fn killed_and_restarted_job_leaves_exactly_the_reference_result() {
     let endpoints = Endpoints::from_env().unwrap();
@@ -112,11 +127,12 @@ fn killed_and_restarted_job_leaves_exactly_the_reference_result() {
     ensure_topic(&endpoints.kafka_bootstrap, &run.topic, 6).expect("topic; is the stack up?");
 
     let now = now_ms();
+    let start = now - 3 * 3_600_000;
     let plan = Generator::new(GenConfig {
         seed: 11,
         cards: 500,
         partitions: 6,
-        start_ms: now - 3 * 3_600_000,
+        start_ms: start,
         spacing_ms: 40,
         fraud_per_10k: 40,
         bad_per_10k: 10,
@@ -132,20 +148,54 @@ fn killed_and_restarted_job_leaves_exactly_the_reference_result() {
         now_ms: now,
         schema_ids: SchemaIds::EMBEDDED,
     })
-    .generate(30_000);
+    // 100 minutes of event time: longer than the dedup horizon, so that a
+    // late enough restart seeks to recorded offsets instead of the beginning.
+    .generate(150_000);
     produce(&endpoints.kafka_bootstrap, &run.topic, &plan);
 
-    // Kill it three times, each time after it has committed more than before,
-    // each time with another number of workers.
+    // A restart re-reads from the latest restart point (the shipped sample
+    // interval: every 5,000 records of a partition, about 20 minutes of event
+    // time here) lying the longest window, a tick and the shipped dedup
+    // horizon (an hour) below the frontier both stores committed.
+    let window = FraudConfig::seconds().max_window() as i64;
+    // Kill it three times, each time after both stores have committed more
+    // than before, each time with another number of workers: twice at the
+    // first such commit, early in the input, so that those restarts read from
+    // the beginning, and once only when every partition has a stored restart
+    // point a restart would start at, so that the last run must seek.
     let (rt, client) = pg(&run.schema);
+    let mut redis = redis::Client::open(endpoints.redis_url()).unwrap().get_connection().unwrap();
+    let logs = |name: &str| {
+        let job = run.job.clone();
+        let name = name.to_string();
+        move |p: usize| std::env::temp_dir().join(format!("{job}-{name}-p{p}.log"))
+    };
+    // Partitions with a restart point a restart from `frontier` would start at.
+    let seekable = |frontier: i64| -> i64 {
+        let below = frontier - window - 1 - DEDUP_HORIZON_MS;
+        rt.block_on(client.query_one(
+            "SELECT count(DISTINCT partition) FROM source_progress
+             WHERE job = $1 AND max_event_time < $2",
+            &[&run.job, &below],
+        ))
+        .unwrap()
+        .get(0)
+    };
     let mut kills = Vec::new();
-    for workers in [2, 3, 1] {
-        let before = committed(&rt, &client, &run.job).unwrap_or(0);
-        let mut child = run.start(1, workers).pop().unwrap();
+    // Down to one worker, then up to three. (In the order 2, 3, 1, a
+    // one-worker run after a killed three-worker one twice waited a minute
+    // for its last restart points, which the third kill waits for; why is
+    // not yet understood.)
+    for (workers, must_seek) in [(2, false), (1, false), (3, true)] {
+        let before = kills.last().copied().unwrap_or(0);
+        let mut child = run.start(1, workers, logs(&format!("w{workers}"))).pop().unwrap();
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
-            let now = committed(&rt, &client, &run.job).unwrap_or(0);
-            if now > before && now < i64::MAX {
+            let pg = committed(&rt, &client, &run.job).unwrap_or(0);
+            let redis = readback::redis_frontiers(&mut redis, &run.job, workers).unwrap();
+            let redis = redis.iter().map(|f| f.unwrap_or(0) as i64).min().unwrap();
+            let now = pg.min(redis);
+            if now > before && (!must_seek || seekable(now) == 6) {
                 child.kill().expect("SIGKILL");
                 child.wait().unwrap();
                 kills.push(now);
@@ -158,7 +208,8 @@ fn killed_and_restarted_job_leaves_exactly_the_reference_result() {
             std::thread::sleep(Duration::from_millis(5));
         }
     }
-    for mut child in run.start(2, 2) {
+    let last = logs("last");
+    for mut child in run.start(2, 2, &last) {
         let status = child.wait().unwrap();
         assert!(status.success(), "the last run finishes: {status}");
     }
@@ -227,27 +278,27 @@ fn killed_and_restarted_job_leaves_exactly_the_reference_result() {
         (r.get(0), r.get(1))
     });
     assert!(samples > 0 && resumed == 6, "restart points recorded for every partition: {samples}");
-    // The restarts did resume from recorded offsets: some sample lies below the
-    // last kill's frontier minus the longest window.
-    let below: i64 = rt.block_on(async {
-        let skip = kills.iter().max().unwrap() - fraud.max_window() as i64 - 1;
-        client
-            .query_one(
-                "SELECT count(*) FROM source_progress WHERE job = $1 AND max_event_time < $2",
-                &[&run.job, &skip],
-            )
-            .await
-            .unwrap()
-            .get(0)
-    });
-    assert!(below > 0, "a restart point below the resume frontier existed");
+    // The last run did resume from recorded offsets: each of its processes
+    // says so, for every partition.
+    for p in 0..2 {
+        let log = std::fs::read_to_string(last(p)).unwrap();
+        let resumed = log
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|l| l["fields"]["message"] == "resuming from checkpoints")
+            .unwrap_or_else(|| panic!("process {p} of the last run resumes: {log}"));
+        assert_eq!(
+            resumed["fields"]["partitions_resumed"], 6,
+            "process {p} of the last run starts every partition at a restart point: {resumed}"
+        );
+    }
 
     // Redis: every alert in the stream exactly once.
-    let mut con = redis::Client::open(endpoints.redis_url()).unwrap().get_connection().unwrap();
-    let ids = readback::redis_alert_ids(&mut con, &run.job).unwrap();
+    let con = &mut redis;
+    let ids = readback::redis_alert_ids(con, &run.job).unwrap();
     let unique: BTreeSet<i64> = ids.iter().copied().collect();
     assert_eq!(ids.len(), unique.len(), "no alert twice in the Redis stream");
     assert_eq!(unique, want, "the Redis stream holds exactly the reference's alerts");
-    let redis_stats = readback::redis_stats(&mut con, &run.job).unwrap();
+    let redis_stats = readback::redis_stats(con, &run.job).unwrap();
     assert_eq!(differ(&redis_stats), None, "Redis statistics equal the reference's as of the end");
 }
