@@ -173,7 +173,7 @@ impl Kafka {
         // Without them the heap starts at a 64th of the machine's memory and
         // grows: in the first minutes at 10K records/s the broker paused every
         // 1.8 s (13 ms on average). Once warm the two pause alike (11-18 young
-        // pauses of 13-20 ms on average in two minutes of 10K and 50K/s).
+        // pauses of 15-20 ms on average in two minutes of 10K and 50K/s).
         // As there, KAFKA_HEAP_OPTS and KAFKA_JVM_PERFORMANCE_OPTS replace them.
         let opts = |var: &str, default: &str| {
             let set = std::env::var(var).ok().filter(|v| !v.trim().is_empty());
