@@ -120,11 +120,17 @@ impl Service for Kafka {
         let config = self.dir().join("server.properties");
         fs::write(&config, self.properties()?)?;
         if !self.dir().join("data/meta.properties").exists() {
-            let uuid = run_checked(self.java(&["kafka.tools.StorageTool", "random-uuid"]))?;
+            let uuid =
+                run_checked(self.java(TOOL_HEAP, &["kafka.tools.StorageTool", "random-uuid"]))?;
             let uuid = uuid.lines().last().unwrap_or_default().trim().to_string();
             let cfg = config.display().to_string();
-            run_checked(self.java(&["kafka.tools.StorageTool", "format", "-t", &uuid, "-c", &cfg]))
-                .context("formatting Kafka storage")?;
+            run_checked(
+                self.java(
+                    TOOL_HEAP,
+                    &["kafka.tools.StorageTool", "format", "-t", &uuid, "-c", &cfg],
+                ),
+            )
+            .context("formatting Kafka storage")?;
         }
         Ok(())
     }
@@ -135,7 +141,7 @@ impl Service for Kafka {
         // are part of every latency figure measured beside it.
         let gc = self.dir().join("kafka-gc.log").display().to_string();
         let gc = format!("-Xlog:gc*:file={gc}:time,tags:filecount=10,filesize=100M");
-        Ok(self.java(&[&gc, "kafka.Kafka", &config]))
+        Ok(self.java(BROKER_HEAP, &[&gc, "kafka.Kafka", &config]))
     }
 
     fn probe(&self) -> Result<()> {
@@ -162,8 +168,14 @@ const JVM_PERFORMANCE_OPTS: &str = "-server -XX:+UseG1GC -XX:MaxGCPauseMillis=20
     -XX:InitiatingHeapOccupancyPercent=35 -XX:+ExplicitGCInvokesConcurrent -XX:MaxInlineLevel=15 \
     -Djava.awt.headless=true";
 
+/// `kafka-server-start.sh`'s heap for the broker.
+const BROKER_HEAP: &str = "-Xmx1G -Xms1G";
+
+/// `kafka-run-class.sh`'s heap for its other tools (formatting the storage).
+const TOOL_HEAP: &str = "-Xmx256M";
+
 impl Kafka {
-    fn java(&self, args: &[&str]) -> Command {
+    fn java(&self, heap: &str, args: &[&str]) -> Command {
         let mut cmd = Command::new("java");
         // The JVM options Kafka's own launcher gives the broker
         // (`kafka-server-start.sh`'s heap, `kafka-run-class.sh`'s
@@ -180,7 +192,7 @@ impl Kafka {
             let opts = set.unwrap_or_else(|| default.to_string());
             opts.split_whitespace().map(str::to_string).collect::<Vec<_>>()
         };
-        cmd.args(opts("KAFKA_HEAP_OPTS", "-Xmx1G -Xms1G"))
+        cmd.args(opts("KAFKA_HEAP_OPTS", heap))
             .args(opts("KAFKA_JVM_PERFORMANCE_OPTS", JVM_PERFORMANCE_OPTS))
             .arg(format!(
                 "-Dlog4j2.configurationFile={}",
