@@ -527,6 +527,8 @@ pub fn frontier_sinks(inputs: SinkInputs<'_>, committers: Vec<Committer>) -> Vec
         let mut forgotten: Time = resume_from;
         // How many statistics changes were left after the last compaction.
         let mut compacted: usize = 0;
+        // This worker's part in the job's CPU priority.
+        let mut priority = crate::priority::Behind::default();
         move |frontiers| {
             // The replayed past (below `resume_from`) is dropped as it arrives.
             let keep = |t: &Time| *t >= resume_from;
@@ -561,6 +563,9 @@ pub fn frontier_sinks(inputs: SinkInputs<'_>, committers: Vec<Committer>) -> Vec
             // nobody waits for each half second: larger batches consolidate
             // more updates per key and cost the stores far fewer rows.
             let behind = wall_clock_ms().saturating_sub(frontier) > CATCH_UP_BEHIND_MS;
+            if let Some(settle) = priority.update(behind && !done, Instant::now()) {
+                activator.activate_after(settle);
+            }
             // ... unless a source waits for a commit to read on (backpressure).
             let pressed = outlets.iter().any(|o| o.marks.pressed());
             let due = |o: &Outlet| {

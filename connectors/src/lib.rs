@@ -38,6 +38,7 @@ pub mod kafka_source;
 pub mod metrics;
 pub mod partition;
 pub mod postgres;
+pub mod priority;
 pub mod readback;
 pub mod redis_sink;
 pub mod registry;

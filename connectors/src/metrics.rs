@@ -309,6 +309,18 @@ pub fn coalesced_changes() -> &'static IntCounterVec {
     })
 }
 
+/// `tripwire_nice`: the nice of the job's threads now (higher while catching up).
+pub fn nice() -> &'static IntGauge {
+    static G: OnceLock<IntGauge> = OnceLock::new();
+    G.get_or_init(|| {
+        register_int_gauge!(
+            "tripwire_nice",
+            "CPU priority (Linux nice) of the job's threads now: higher while catching up."
+        )
+        .expect("metric registered once")
+    })
+}
+
 /// `tripwire_group_restarts`: restarts of this process's group so far (from the supervisor).
 pub fn group_restarts() -> &'static IntGauge {
     static G: OnceLock<IntGauge> = OnceLock::new();

@@ -144,22 +144,17 @@ struct Args {
     /// Log as JSON lines.
     #[arg(long, env = "TRIPWIRE_LOG_JSON")]
     log_json: bool,
-    /// CPU priority of the job's threads (Linux nice, 0-19; never below what
-    /// the job was started with). On a machine shared with PostgreSQL and
-    /// Redis, their readers (an authorisation service) are served before a
-    /// catch-up; with spare cores it changes nothing. 0 = the usual priority.
+    /// CPU priority of the job's threads while it catches up (results more
+    /// than a minute behind the wall clock): Linux nice, 0-19, never below
+    /// what the job was started with. On a machine shared with PostgreSQL and
+    /// Redis, their readers (an authorisation service) are then served before
+    /// a catch-up's batches; in real time the job runs at the priority it was
+    /// started with. Going back needs CAP_SYS_NICE or RLIMIT_NICE (systemd:
+    /// `AmbientCapabilities=CAP_SYS_NICE` or `LimitNICE=`); without either the
+    /// job keeps this priority after its first catch-up. 0 = never lowered.
     #[arg(long, env = "TRIPWIRE_NICE", default_value_t = 10,
           value_parser = clap::value_parser!(i32).range(0..=19))]
     nice: i32,
-}
-
-/// Lower this thread's CPU priority to `nice` (threads started after take it
-/// from their creator), unless it is lower already.
-fn lower_priority(nice: i32) -> std::io::Result<()> {
-    if nice > rustix::process::getpriority_process(None)? {
-        rustix::process::setpriority_process(None, nice)?;
-    }
-    Ok(())
 }
 
 #[derive(Deserialize, Default)]
@@ -213,8 +208,9 @@ fn main() -> Result<()> {
         print!("{}", toml::to_string(&Effective { job: &args, fraud: &fraud })?);
         return Ok(());
     }
-    // Before any thread starts.
-    let niced = lower_priority(args.nice);
+    // Before any thread starts: a thread probes whether the job may raise
+    // its priority again after a catch-up.
+    let priority = tripwire_connectors::priority::configure(args.nice);
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     if args.log_json {
@@ -224,8 +220,16 @@ fn main() -> Result<()> {
     }
     // Every line of this process carries its index; worker threads add theirs.
     let _process = tracing::info_span!("job", process = args.process).entered();
-    if let Err(e) = niced {
-        tracing::warn!(error = %e, nice = args.nice, "the job's CPU priority was left as it was");
+    match priority {
+        Ok(plan) if plan.catching_up > plan.usual && !plan.can_raise => tracing::warn!(
+            nice = plan.catching_up,
+            "this process may not raise its CPU priority again (that needs CAP_SYS_NICE or RLIMIT_NICE >= {}): \
+             after its first catch-up it keeps nice {}",
+            20 - plan.usual,
+            plan.catching_up
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "the job's CPU priority is left as it is"),
     }
     let endpoints = Endpoints::from_env()?;
     // SIGTERM / SIGINT: finish the commits under way, start no new one, exit.
