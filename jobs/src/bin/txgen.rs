@@ -16,7 +16,7 @@ use clap::Parser;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::ClientConfig;
 use tripwire_connectors::confluent_registry::ConfluentRegistry;
-use tripwire_connectors::kafka_admin::{ensure_topic, send_waiting};
+use tripwire_connectors::kafka_admin::{ensure_topic, partition_count, send_waiting};
 use tripwire_connectors::registry::{EmbeddedRegistry, SchemaRegistry};
 use tripwire_connectors::Endpoints;
 use tripwire_jobs::generator::{Expect, GenConfig, Generator, Planned, SchemaIds};
@@ -28,7 +28,8 @@ struct Args {
     /// Topic to write; created with `--partitions` if it does not exist.
     #[arg(long, default_value = "transactions")]
     topic: String,
-    /// Partitions of the topic when txgen creates it.
+    /// Partitions of the topic when txgen creates it (a topic that exists
+    /// keeps its own, and txgen writes to all of them).
     #[arg(long, default_value_t = 12)]
     partitions: i32,
     /// Bulk mode: this many benign events, as fast as the broker takes them.
@@ -105,6 +106,18 @@ fn main() -> Result<()> {
         SchemaIds::EMBEDDED
     };
     ensure_topic(&bootstrap, &args.topic, args.partitions)?;
+    // A topic that exists keeps its own partitions: write to all of them, and
+    // to none it lacks.
+    let partitions = match partition_count(&bootstrap, &args.topic)? {
+        Some(n) if n as i32 != args.partitions => {
+            eprintln!(
+                "txgen: {} has {n} partitions, not {}: writing to its {n}",
+                args.topic, args.partitions
+            );
+            n as i32
+        }
+        _ => args.partitions,
+    };
 
     let mut cfg = ClientConfig::new();
     cfg.set("bootstrap.servers", &bootstrap)
@@ -127,7 +140,7 @@ fn main() -> Result<()> {
     let config = GenConfig {
         seed: args.seed,
         cards: args.cards,
-        partitions: args.partitions,
+        partitions,
         // Bulk: event times 1 ms apart, ending an hour before the present so that
         // every scenario (the longest spans 30 min) completes in the past.
         start_ms: now - args.events as i64 - 3_600_000,
