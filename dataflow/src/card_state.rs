@@ -106,6 +106,15 @@ impl Entries {
         }
     }
 
+    /// Prefetch the first `max_lines` cache lines of the transactions held
+    /// out of line (inline ones come with the card's state).
+    #[inline]
+    pub fn prefetch(&self, max_lines: usize) {
+        if let Entries::Spilled(d) = self {
+            crate::prefetch::prefetch(d.as_slices().0, max_lines);
+        }
+    }
+
     /// Add `e`, at or after every one held.
     pub fn push_back(&mut self, e: Entry) {
         match self {

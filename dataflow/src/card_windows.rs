@@ -163,7 +163,16 @@ struct Departures {
     /// `(time, how many of the next slots leave then)`, ascending time.
     times: VecDeque<(Time, u32)>,
     slots: VecDeque<u32>,
+    /// How many of the first `slots` had their state prefetched, and how
+    /// many their transactions.
+    ahead: usize,
+    deep: usize,
 }
+
+/// How many departures ahead a card's state is prefetched, and its
+/// transactions (read from the state, so once that is in cache).
+const PREFETCH_STATES: usize = 8;
+const PREFETCH_ENTRIES: usize = 4;
 
 impl Departures {
     fn first(&self) -> Option<Time> {
@@ -188,6 +197,25 @@ impl Departures {
         if self.first() == Some(t) {
             let (_, n) = self.times.pop_front().expect("first");
             wake.extend(self.slots.drain(..n as usize).map(|slot| (slot, depth)));
+            self.ahead = self.ahead.saturating_sub(n as usize);
+            self.deep = self.deep.saturating_sub(n as usize);
+        }
+    }
+
+    /// Prefetch the states of the next cards to leave, and their transactions.
+    fn prefetch(&mut self, states: &[(u64, CardState)]) {
+        let len = self.slots.len();
+        while self.deep < PREFETCH_ENTRIES.min(len) {
+            if let Some((_, state)) = states.get(self.slots[self.deep] as usize) {
+                state.entries.prefetch(4);
+            }
+            self.deep += 1;
+        }
+        while self.ahead < PREFETCH_STATES.min(len) {
+            if let Some(state) = states.get(self.slots[self.ahead] as usize) {
+                crate::prefetch::prefetch(state, 8);
+            }
+            self.ahead += 1;
         }
     }
 }
@@ -595,6 +623,7 @@ pub fn card_windows<'s>(
                 wake.clear();
                 for (d, &(_, depth)) in departures.iter_mut().zip(&wakes) {
                     d.pop_at(t, depth, &mut wake);
+                    d.prefetch(&cards.states);
                 }
 
                 // Arrivals first, grouped by card; then one pass per changed card.

@@ -33,6 +33,7 @@ pub mod event;
 pub mod fraud;
 pub mod fxhash;
 pub mod output;
+pub mod prefetch;
 pub mod reference;
 pub mod rules;
 

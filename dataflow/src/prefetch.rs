@@ -1,0 +1,41 @@
+//! Software prefetch: a hint that asks the CPU to start bringing memory into
+//! its caches before the program reads it.
+//!
+//! A catch-up visits cards in an order the window operator knows ahead (the
+//! departure queues list the cards that leave each window at the next
+//! times), but the hardware cannot guess: with a million cards the states are
+//! a gigabyte, and each visit waited for main memory, about 40 % of a
+//! worker's time (`bench/README.md`). Asked a few cards ahead, those waits
+//! overlap.
+//!
+//! The one place the workspace allows `unsafe`: `_mm_prefetch` is an
+//! intrinsic of the `sse` target feature, so Rust makes every call unsafe,
+//! although a prefetch never faults and changes nothing the program can
+//! read. The address comes from a reference, so it is a valid one anyway.
+#![allow(unsafe_code)]
+
+/// Bytes in a cache line.
+const LINE: usize = 64;
+
+/// Prefetch the cache lines of `value`, at most `max_lines` of them.
+#[inline(always)]
+pub fn prefetch<T: ?Sized>(value: &T, max_lines: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let start = (value as *const T).cast::<i8>();
+        let size = std::mem::size_of_val(value).min(max_lines * LINE);
+        let mut offset = 0;
+        while offset < size {
+            // SAFETY: a prefetch is a hint: it never faults and changes no
+            // value the program reads; `start + offset` lies inside `value`.
+            unsafe {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                    start.wrapping_add(offset),
+                )
+            };
+            offset += LINE;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (value, max_lines);
+}
