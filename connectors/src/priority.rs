@@ -95,18 +95,8 @@ fn report(behind: bool) {
     if plan.catching_up == plan.usual {
         return;
     }
-    if s.behind > 0 && !s.lowered {
-        match set_threads(plan.catching_up) {
-            Ok(()) => {
-                s.lowered = true;
-                crate::metrics::nice().set(i64::from(plan.catching_up));
-                tracing::info!(
-                    nice = plan.catching_up,
-                    "catching up: the job's threads yield to the stores' readers"
-                );
-            }
-            Err(e) => tracing::warn!(error = %e, "the job's priority was left as it was"),
-        }
+    let lower = if s.behind > 0 && !s.lowered {
+        true
     } else if s.behind == 0 && s.lowered {
         if !plan.can_raise {
             if !std::mem::replace(&mut s.warned, true) {
@@ -120,16 +110,23 @@ fn report(behind: bool) {
             }
             return;
         }
-        match set_threads(plan.usual) {
-            Ok(()) => {
-                s.lowered = false;
-                crate::metrics::nice().set(i64::from(plan.usual));
-                tracing::info!(
-                    nice = plan.usual,
-                    "caught up: the job's threads at their usual priority"
-                );
+        false
+    } else {
+        return;
+    };
+    let nice = if lower { plan.catching_up } else { plan.usual };
+    match set_threads(nice) {
+        Ok(()) => {
+            s.lowered = lower;
+            crate::metrics::nice().set(i64::from(nice));
+            if lower {
+                tracing::info!(nice, "catching up: the job's threads yield to the stores' readers");
+            } else {
+                tracing::info!(nice, "caught up: the job's threads at their usual priority");
             }
-            Err(e) => tracing::warn!(error = %e, "the job's priority could not be raised again"),
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, nice, "the job's threads' priority was left as it was")
         }
     }
 }

@@ -11,26 +11,14 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use tokio_postgres::NoTls;
 use tripwire_connectors::endpoints::Endpoints;
 use tripwire_connectors::kafka_admin::ensure_topic;
 
-use common::now_ms;
-
-/// Children killed when the test ends, however it ends.
-struct Processes(Vec<Child>);
-
-impl Drop for Processes {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
+use common::{now_ms, wait_until, Processes};
 
 /// The nice of every thread of process `pid`, from `/proc`.
 fn thread_nices(pid: u32) -> Vec<i32> {
@@ -49,14 +37,6 @@ fn thread_nices(pid: u32) -> Vec<i32> {
 fn all_at(pid: u32, nice: i32) -> bool {
     let nices = thread_nices(pid);
     nices.len() >= 8 && nices.iter().all(|n| *n == nice)
-}
-
-fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 /// Whether this test's own threads may raise their priority again, tried on

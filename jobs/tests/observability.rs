@@ -11,25 +11,13 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tripwire_cluster::stack::{is_local, Stack};
 use tripwire_connectors::kafka_admin::ensure_topic;
 
-use common::now_ms;
-
-/// Children killed when the test ends, however it ends.
-struct Processes(Vec<Child>);
-
-impl Drop for Processes {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
+use common::{now_ms, wait_until, Processes};
 
 /// Brings PostgreSQL back if the test stops in the middle of its outage.
 struct Restore<'a>(&'a Stack);
@@ -104,14 +92,6 @@ fn ready(port: u16) -> Option<bool> {
         .into();
     let r = agent.get(&format!("http://127.0.0.1:{port}/ready")).call().ok()?;
     Some(r.status().as_u16() == 200)
-}
-
-fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 #[test]
