@@ -39,27 +39,23 @@ fn all_at(pid: u32, nice: i32) -> bool {
     nices.len() >= 8 && nices.iter().all(|n| *n == nice)
 }
 
-/// Whether this test's own threads may raise their priority again, tried on
-/// a thread of its own (which the job, started by this test, inherits).
+/// Whether a process started by this test may go back to nice 0 after a
+/// higher nice: it inherits `CAP_SYS_NICE` (bit 23 of the effective set) or
+/// an `RLIMIT_NICE` of 20 or more (nice 0 is `20 - limit`), from `/proc`.
 fn may_raise_priority() -> bool {
-    std::thread::spawn(|| {
-        // `/proc/thread-self` links to `<pid>/task/<tid>`.
-        let tid = std::fs::read_link("/proc/thread-self").ok().and_then(|p| {
-            p.file_name().and_then(|n| n.to_str()).and_then(|n| n.parse::<u32>().ok())
-        });
-        let Some(tid) = tid else { return false };
-        let renice = |n: &str| {
-            Command::new("renice")
-                .args(["-n", n, "-p", &tid.to_string()])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-        };
-        renice("1") && renice("0")
-    })
-    .join()
-    .unwrap_or(false)
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let effective = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .expect("CapEff in /proc/self/status");
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap();
+    let nice_limit: u64 = limits
+        .lines()
+        .find_map(|l| l.strip_prefix("Max nice priority"))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .expect("Max nice priority in /proc/self/limits");
+    effective & (1 << 23) != 0 || nice_limit >= 20
 }
 
 /// The job's least committed frontier in PostgreSQL, if it committed yet.
