@@ -14,11 +14,10 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use tokio_postgres::NoTls;
 use tripwire_connectors::endpoints::Endpoints;
 use tripwire_connectors::kafka_admin::ensure_topic;
 
-use common::{now_ms, wait_until, Processes};
+use common::{committed, now_ms, pg, wait_until, Processes};
 
 /// The nice of every thread of process `pid`, from `/proc`.
 fn thread_nices(pid: u32) -> Vec<i32> {
@@ -56,20 +55,6 @@ fn may_raise_priority() -> bool {
         .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
         .expect("Max nice priority in /proc/self/limits");
     effective & (1 << 23) != 0 || nice_limit >= 20
-}
-
-/// The job's least committed frontier in PostgreSQL, if it committed yet.
-fn committed(endpoints: &Endpoints, schema: &str, job: &str) -> Option<i64> {
-    let mut endpoints = endpoints.clone();
-    endpoints.pg_schema = Some(schema.to_string());
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    rt.block_on(async {
-        let (c, conn) = tokio_postgres::connect(&endpoints.postgres_config(), NoTls).await.ok()?;
-        tokio::spawn(conn);
-        let rows =
-            c.query("SELECT min(frontier) FROM checkpoints WHERE job = $1", &[&job]).await.ok()?;
-        rows[0].get(0)
-    })
 }
 
 struct Run {
@@ -126,7 +111,6 @@ fn real_time(processes: &mut Processes, run: &Run) {
 
 #[test]
 fn the_job_yields_while_catching_up_and_keeps_its_priority_in_real_time() {
-    let endpoints = Endpoints::from_env().unwrap();
     let mut processes = Processes(Vec::new());
     let privileged = may_raise_priority();
     // The twin: no capability, and a nice limit that allows no raise.
@@ -154,8 +138,9 @@ fn the_job_yields_while_catching_up_and_keeps_its_priority_in_real_time() {
 
     // Following real time: results within a minute of the wall clock.
     for run in [&plain, &twin] {
+        let (rt, client) = pg(&run.job);
         wait_until(&format!("{} follows real time", run.job), Duration::from_secs(180), || {
-            committed(&endpoints, &run.job, &run.job).is_some_and(|f| f > now_ms() - 60_000)
+            committed(&rt, &client, &run.job).is_some_and(|f| f > now_ms() - 60_000)
         });
     }
     if privileged {

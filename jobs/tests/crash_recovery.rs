@@ -26,7 +26,6 @@ use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use tokio_postgres::NoTls;
 use tripwire_connectors::dead_letter::DeadLetterReason;
 use tripwire_connectors::kafka_admin::ensure_topic;
 use tripwire_connectors::readback;
@@ -35,7 +34,7 @@ use tripwire_dataflow::reference::Reference;
 use tripwire_dataflow::FraudConfig;
 use tripwire_jobs::generator::{Expect, GenConfig, Generator, SchemaIds};
 
-use common::{accepted, now_ms, produce};
+use common::{accepted, committed, now_ms, pg, produce};
 
 struct Run {
     topic: String,
@@ -81,27 +80,6 @@ impl Run {
             })
             .collect()
     }
-}
-
-fn pg(schema: &str) -> (tokio::runtime::Runtime, tokio_postgres::Client) {
-    let mut endpoints = Endpoints::from_env().unwrap();
-    endpoints.pg_schema = Some(schema.to_string());
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let client = rt.block_on(async {
-        let (c, conn) = tokio_postgres::connect(&endpoints.postgres_config(), NoTls).await.unwrap();
-        tokio::spawn(conn);
-        c
-    });
-    (rt, client)
-}
-
-/// The least checkpoint of the job (a starting run gives every one of its workers a row).
-fn committed(rt: &tokio::runtime::Runtime, c: &tokio_postgres::Client, job: &str) -> Option<i64> {
-    rt.block_on(async {
-        let rows =
-            c.query("SELECT min(frontier) FROM checkpoints WHERE job = $1", &[&job]).await.ok()?;
-        rows[0].get(0)
-    })
 }
 
 /// The job's default `--dedup-horizon-ms`, which this test does not change.

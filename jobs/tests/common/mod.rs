@@ -387,3 +387,32 @@ pub fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool)
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// A PostgreSQL client on `schema`, with the runtime that drives it.
+pub fn pg(schema: &str) -> (tokio::runtime::Runtime, tokio_postgres::Client) {
+    let mut endpoints = tripwire_connectors::Endpoints::from_env().unwrap();
+    endpoints.pg_schema = Some(schema.to_string());
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let client = rt.block_on(async {
+        let (c, conn) =
+            tokio_postgres::connect(&endpoints.postgres_config(), tokio_postgres::NoTls)
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        c
+    });
+    (rt, client)
+}
+
+/// The least checkpoint of the job (a starting run gives every one of its workers a row).
+pub fn committed(
+    rt: &tokio::runtime::Runtime,
+    c: &tokio_postgres::Client,
+    job: &str,
+) -> Option<i64> {
+    rt.block_on(async {
+        let rows =
+            c.query("SELECT min(frontier) FROM checkpoints WHERE job = $1", &[&job]).await.ok()?;
+        rows[0].get(0)
+    })
+}
