@@ -14,6 +14,22 @@ use crate::redis_sink::Keys;
 /// An alert as stored: id, rule, trigger event, details as canonical JSON.
 pub type AlertRow = (i64, String, i64, String);
 
+/// A PostgreSQL client at `endpoints` and the runtime that drives it, for
+/// tests and benchmarks that read results from outside the job. Panics if
+/// PostgreSQL cannot be reached.
+pub fn pg_client(endpoints: &crate::Endpoints) -> (tokio::runtime::Runtime, Client) {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let client = rt.block_on(async {
+        let (c, conn) =
+            tokio_postgres::connect(&endpoints.postgres_config(), tokio_postgres::NoTls)
+                .await
+                .expect("PostgreSQL; is the stack up?");
+        tokio::spawn(conn);
+        c
+    });
+    (rt, client)
+}
+
 /// JSON with sorted keys, so that jsonb's and serde's spellings compare.
 pub fn canonical(json: &str) -> String {
     serde_json::from_str::<serde_json::Value>(json).map(|v| v.to_string()).unwrap_or_default()

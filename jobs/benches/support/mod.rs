@@ -211,16 +211,7 @@ pub fn postgres(schema: &str) -> (tokio::runtime::Runtime, tokio_postgres::Clien
 
 /// A PostgreSQL client at `endpoints`, and the runtime driving it.
 pub fn postgres_at(endpoints: &Endpoints) -> (tokio::runtime::Runtime, tokio_postgres::Client) {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let client = rt.block_on(async {
-        let (c, conn) =
-            tokio_postgres::connect(&endpoints.postgres_config(), tokio_postgres::NoTls)
-                .await
-                .unwrap();
-        tokio::spawn(conn);
-        c
-    });
-    (rt, client)
+    tripwire_connectors::readback::pg_client(endpoints)
 }
 
 /// Write `bench/results/{name}.json`.

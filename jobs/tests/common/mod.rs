@@ -392,16 +392,7 @@ pub fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool)
 pub fn pg(schema: &str) -> (tokio::runtime::Runtime, tokio_postgres::Client) {
     let mut endpoints = tripwire_connectors::Endpoints::from_env().unwrap();
     endpoints.pg_schema = Some(schema.to_string());
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let client = rt.block_on(async {
-        let (c, conn) =
-            tokio_postgres::connect(&endpoints.postgres_config(), tokio_postgres::NoTls)
-                .await
-                .unwrap();
-        tokio::spawn(conn);
-        c
-    });
-    (rt, client)
+    tripwire_connectors::readback::pg_client(&endpoints)
 }
 
 /// The least checkpoint of the job (a starting run gives every one of its workers a row).
