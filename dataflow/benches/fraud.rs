@@ -6,15 +6,20 @@
 //! Runs 1 and 2 workers at the default tick (1 ms) and at a 100 ms tick, each
 //! in a child process of its own so that its peak memory (VmHWM) is its own,
 //! prints a table, and ends with `events_per_sec=<n>` for 2 workers at the
-//! default tick.
+//! default tick. One more row runs 2 workers as a job's bounded catch-up
+//! does: coalescing the statistics in epochs (closed every 20 s, the job's
+//! default catch-up interval, and at the end) and stopping at the end of the
+//! input instead of closing every window.
 
 use std::process::Command;
 use std::time::Instant;
 
 use differential_dataflow::input::Input;
+use timely::dataflow::channels::pact::Pipeline;
+use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
 use timely::dataflow::operators::probe::Probe;
 use timely::dataflow::ProbeHandle;
-use tripwire_dataflow::{Channel, DetectFraud, Diff, FraudConfig, Time, Transaction};
+use tripwire_dataflow::{Channel, DetectFraud, Diff, FraudConfig, InputEnd, Time, Transaction};
 
 /// Event-time rate of the generated stream (`TRIPWIRE_BENCH_EVENT_RATE`,
 /// default 10,000: a mid-size issuer's peak). The bulk topic of the job's
@@ -24,6 +29,8 @@ static EVENTS_PER_EVENT_SECOND: std::sync::LazyLock<u64> = std::sync::LazyLock::
 });
 /// Input time advances (and the worker catches up) every this many events.
 const BATCH: u64 = 2_000;
+/// The longest a catch-up's epoch stays open: the job's default catch-up interval.
+const CATCH_UP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(20);
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
@@ -32,7 +39,8 @@ fn main() {
         let events: u64 = args[2].parse().unwrap();
         let cards: u64 = args[3].parse().unwrap();
         let tick: u64 = args[4].parse().unwrap();
-        child(workers, events, cards, tick);
+        let catch_up = args.get(5).is_some_and(|a| a == "catch-up");
+        child(workers, events, cards, tick, catch_up);
         return;
     }
     let events: u64 = args.first().and_then(|a| a.parse().ok()).unwrap_or(2_000_000);
@@ -43,13 +51,16 @@ fn main() {
         *EVENTS_PER_EVENT_SECOND
     );
     println!("windows 1m/5m/1h/24h, 5 aggregates, 5 rules\n");
-    println!("| tick ms | workers | seconds | events/s | peak RSS MiB |");
-    println!("|---|---|---|---|---|");
+    println!("| tick ms | workers | as | seconds | events/s | peak RSS MiB |");
+    println!("|---|---|---|---|---|---|");
     let mut default_two = 0.0;
-    for (tick, workers) in [(1u64, 1usize), (1, 2), (100, 1), (100, 2)] {
+    let runs =
+        [(1u64, 1usize, false), (1, 2, false), (1, 2, true), (100, 1, false), (100, 2, false)];
+    for (tick, workers, catch_up) in runs {
         let exe = std::env::current_exe().unwrap();
+        let mode = if catch_up { "catch-up" } else { "real time" };
         let args = [workers.to_string(), events.to_string(), cards.to_string(), tick.to_string()];
-        let out = Command::new(exe).arg("child").args(args).output().expect("run child");
+        let out = Command::new(exe).arg("child").args(args).arg(mode).output().expect("run child");
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success(), "child failed: {}", String::from_utf8_lossy(&out.stderr));
         let field = |name: &str| -> f64 {
@@ -61,28 +72,52 @@ fn main() {
         let secs = field("seconds");
         let eps = events as f64 / secs;
         let mib = field("peak_kib") / 1024.0;
-        println!("| {tick} | {workers} | {secs:.2} | {eps:.0} | {mib:.0} |");
-        if (tick, workers) == (1, 2) {
+        println!("| {tick} | {workers} | {mode} | {secs:.2} | {eps:.0} | {mib:.0} |");
+        if (tick, workers, catch_up) == (1, 2, false) {
             default_two = eps;
         }
     }
     println!("\nevents_per_sec={default_two:.0}");
 }
 
-fn child(workers: usize, events: u64, cards: u64, tick: u64) {
+/// One run. As a `catch_up`, the statistics are coalesced as the job's
+/// commit operator has them while results are behind (epochs of at most
+/// [`CATCH_UP_INTERVAL`]), and a stand-in for that operator drops them; the
+/// input's end is known, so no window is closed after it.
+fn child(workers: usize, events: u64, cards: u64, tick: u64, catch_up: bool) {
     let start = Instant::now();
     timely::execute(timely::Config::process(workers), move |worker| {
         let (index, peers) = (worker.index() as u64, worker.peers() as u64);
         let config = FraudConfig { tick_ms: tick, ..FraudConfig::default() };
-        let probe = ProbeHandle::new();
+        let base: Time = 1_700_000_000_000;
+        let end = InputEnd::default();
+        if catch_up {
+            end.set(config.time_of(base + events * 1000 / *EVENTS_PER_EVENT_SECOND) + 1);
+        }
+        // `paced` paces the input: while an epoch is open, the statistics'
+        // frontier stays at its start, so only the alerts' show progress.
+        let (probe, paced) = (ProbeHandle::new(), ProbeHandle::new());
         let mut input = worker.dataflow::<Time, _, _>(|scope| {
             let (input, events) = scope.new_collection::<Transaction, Diff>();
-            let out = events.detect_fraud(&config);
+            let out = if catch_up {
+                events.detect_fraud_to(&config, end.clone())
+            } else {
+                events.detect_fraud(&config)
+            };
+            if catch_up {
+                let stats = out.stats.inner.clone();
+                let mut builder = OperatorBuilder::new("Committer".to_owned(), stats.scope());
+                let activator = stats.scope().activator_for(builder.operator_info().address);
+                let mut changes = builder.new_input(stats, Pipeline);
+                builder.build(|_| move |_| changes.for_each(|_, data| data.clear()));
+                out.coalesce.enable(0, activator, CATCH_UP_INTERVAL);
+                out.coalesce.catching_up(true);
+            }
             out.stats.inner.probe_with(&probe);
-            out.alerts.inner.probe_with(&probe);
+            out.alerts.inner.clone().probe_with(&probe);
+            out.alerts.inner.probe_with(&paced);
             input
         });
-        let base: Time = 1_700_000_000_000;
         let mut n = index;
         while n < events {
             let end = (n + BATCH * peers).min(events);
@@ -97,7 +132,7 @@ fn child(workers: usize, events: u64, cards: u64, tick: u64) {
             // Stay within a few batches of the input, as a source under backpressure would.
             let behind =
                 base + n.saturating_sub(4 * BATCH * peers) * 1000 / *EVENTS_PER_EVENT_SECOND;
-            worker.step_while(|| probe.less_than(&behind));
+            worker.step_while(|| paced.less_than(&behind));
         }
         input.close();
         worker.step_while(|| !probe.done());

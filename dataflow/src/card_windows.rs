@@ -32,8 +32,8 @@ use crate::card_state::{Agg, CardState, Entry, Scratch};
 use crate::coalesce::Coalesce;
 use crate::config::FraudConfig;
 use crate::event::{Diff, InputEnd, Time, Transaction};
-use crate::fxhash::FxHashMap;
 use crate::output::{CardChange, CardStats, WindowStats};
+use crate::slot_map::SlotMap;
 
 /// How many distinct window lengths the rules may read.
 pub const MAX_RULE_WINDOWS: usize = 4;
@@ -173,6 +173,8 @@ struct Departures {
 /// transactions (read from the state, so once that is in cache).
 const PREFETCH_STATES: usize = 8;
 const PREFETCH_ENTRIES: usize = 4;
+/// How many departures ahead a mark is prefetched, within an epoch.
+const PREFETCH_MARKS: usize = 16;
 
 impl Departures {
     fn first(&self) -> Option<Time> {
@@ -202,9 +204,21 @@ impl Departures {
         }
     }
 
-    /// Prefetch the states of the next cards to leave, and their transactions.
-    fn prefetch(&mut self, states: &[(u64, CardState)]) {
+    /// Prefetch what the next departures read: with `marks` (an open
+    /// epoch, where a departure from this window only marks its card) their
+    /// marks; otherwise the cards' states, and their transactions.
+    fn prefetch(&mut self, states: &[(u64, CardState)], marks: Option<&[u64]>) {
         let len = self.slots.len();
+        if let Some(marks) = marks {
+            while self.ahead < PREFETCH_MARKS.min(len) {
+                if let Some(mark) = marks.get(self.slots[self.ahead] as usize) {
+                    crate::prefetch::prefetch(mark, 1);
+                }
+                self.ahead += 1;
+            }
+            self.deep = self.ahead;
+            return;
+        }
         while self.deep < PREFETCH_ENTRIES.min(len) {
             if let Some((_, state)) = states.get(self.slots[self.deep] as usize) {
                 state.entries.prefetch(4);
@@ -297,6 +311,57 @@ impl Waiting {
         self.buckets.clear();
         self.len = 0;
     }
+
+    /// The earliest bucket's key and, once it is sorted, its arrivals (the
+    /// next one last); none while it is not.
+    fn upcoming(&self) -> Option<(Time, &[(Time, Transaction)])> {
+        let (&key, b) = self.buckets.first_key_value()?;
+        Some((key, if b.sorted { &b.items[..] } else { &[] }))
+    }
+}
+
+/// Prefetching for the arrivals waiting next, in two steps: the map's place
+/// of a card [`PREFETCH_MAP`] arrivals ahead, and, once that is in cache,
+/// the state and mark of the card [`PREFETCH_CARDS`] ahead. Only within the
+/// earliest bucket, which is sorted when its first time is taken.
+#[derive(Default)]
+struct ArrivalsAhead {
+    /// The bucket these counts are of.
+    bucket: Option<Time>,
+    /// How many of its next arrivals had their map place prefetched, and
+    /// how many their card.
+    map: usize,
+    cards: usize,
+}
+
+const PREFETCH_MAP: usize = 16;
+const PREFETCH_CARDS: usize = 8;
+
+impl ArrivalsAhead {
+    /// `taken` arrivals have just left `pending`; prefetch for the next ones.
+    fn prefetch(&mut self, pending: &Waiting, taken: usize, cards: &Cards, marks: &[u64]) {
+        let Some((key, items)) = pending.upcoming() else { return };
+        if self.bucket == Some(key) {
+            self.map = self.map.saturating_sub(taken);
+            self.cards = self.cards.saturating_sub(taken);
+        } else {
+            *self = ArrivalsAhead { bucket: Some(key), map: 0, cards: 0 };
+        }
+        let next = |k: usize| &items[items.len() - 1 - k].1;
+        while self.cards < PREFETCH_CARDS.min(items.len()) {
+            if let Some(slot) = cards.slot_of.get(next(self.cards).card_id) {
+                crate::prefetch::prefetch(&cards.states[slot as usize], 8);
+                if let Some(mark) = marks.get(slot as usize) {
+                    crate::prefetch::prefetch(mark, 1);
+                }
+            }
+            self.cards += 1;
+        }
+        while self.map < PREFETCH_MAP.min(items.len()) {
+            cards.slot_of.prefetch(next(self.map).card_id);
+            self.map += 1;
+        }
+    }
 }
 
 /// The earliest time with arrivals or departures.
@@ -317,7 +382,7 @@ fn route(card_id: u64) -> u64 {
 /// window, which is also the time of the card's last scheduled wake-up, so no
 /// pending wake-up ever names a reused slot.
 struct Cards {
-    slot_of: FxHashMap<u64, u32>,
+    slot_of: SlotMap,
     states: Vec<(u64, CardState)>,
     free: Vec<u32>,
     /// A new card's emitted record: every statistics window, all empty.
@@ -326,11 +391,11 @@ struct Cards {
 
 impl Cards {
     fn new(empty: CardStats) -> Self {
-        Cards { slot_of: FxHashMap::default(), states: Vec::new(), free: Vec::new(), empty }
+        Cards { slot_of: SlotMap::new(), states: Vec::new(), free: Vec::new(), empty }
     }
 
     fn slot(&mut self, card_id: u64) -> u32 {
-        if let Some(&slot) = self.slot_of.get(&card_id) {
+        if let Some(slot) = self.slot_of.get(card_id) {
             return slot;
         }
         let state = (card_id, CardState { emitted: self.empty, ..CardState::new() });
@@ -350,7 +415,7 @@ impl Cards {
 
     fn release(&mut self, slot: u32) {
         let (card_id, state) = &mut self.states[slot as usize];
-        self.slot_of.remove(card_id);
+        self.slot_of.remove(*card_id);
         *state = CardState::default();
         self.free.push(slot);
     }
@@ -527,6 +592,7 @@ pub fn card_windows<'s>(
         let mut entries: usize = 0;
         let mut arrived: Vec<u32> = Vec::new();
         let mut pending = Waiting::default();
+        let mut ahead = ArrivalsAhead::default();
         let mut arrivals: Vec<Transaction> = Vec::new();
         // Per entry of `wakes`, its departures.
         let mut departures: Vec<Departures> = wakes.iter().map(|_| Departures::default()).collect();
@@ -620,10 +686,12 @@ pub fn card_windows<'s>(
                 if pending.first() == Some(t) {
                     pending.take(t, &mut arrivals);
                 }
+                ahead.prefetch(&pending, arrivals.len(), &cards, &epoch.marks);
                 wake.clear();
                 for (d, &(_, depth)) in departures.iter_mut().zip(&wakes) {
                     d.pop_at(t, depth, &mut wake);
-                    d.prefetch(&cards.states);
+                    let marks = (coalescing && depth < ARRIVAL).then_some(&epoch.marks[..]);
+                    d.prefetch(&cards.states, marks);
                 }
 
                 // Arrivals first, grouped by card; then one pass per changed card.

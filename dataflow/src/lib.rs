@@ -36,6 +36,7 @@ pub mod output;
 pub mod prefetch;
 pub mod reference;
 pub mod rules;
+pub mod slot_map;
 
 pub use coalesce::Coalesce;
 pub use config::FraudConfig;
