@@ -338,8 +338,10 @@ const PREFETCH_MAP: usize = 16;
 const PREFETCH_CARDS: usize = 8;
 
 impl ArrivalsAhead {
-    /// `taken` arrivals have just left `pending`; prefetch for the next ones.
-    fn prefetch(&mut self, pending: &Waiting, taken: usize, cards: &Cards, marks: &[u64]) {
+    /// `taken` arrivals have just left `pending`; prefetch for the next
+    /// ones, and with `marks` (an open epoch, which marks a changed card)
+    /// their marks.
+    fn prefetch(&mut self, pending: &Waiting, taken: usize, cards: &Cards, marks: Option<&[u64]>) {
         let Some((key, items)) = pending.upcoming() else { return };
         if self.bucket == Some(key) {
             self.map = self.map.saturating_sub(taken);
@@ -351,7 +353,7 @@ impl ArrivalsAhead {
         while self.cards < PREFETCH_CARDS.min(items.len()) {
             if let Some(slot) = cards.slot_of.get(next(self.cards).card_id) {
                 crate::prefetch::prefetch(&cards.states[slot as usize], 8);
-                if let Some(mark) = marks.get(slot as usize) {
+                if let Some(mark) = marks.and_then(|m| m.get(slot as usize)) {
                     crate::prefetch::prefetch(mark, 1);
                 }
             }
@@ -438,8 +440,9 @@ const EXISTED: u64 = 1 << 63;
 ///
 /// A card changed within it is marked, not emitted: the time of its last
 /// change and whether it had statistics before its first, in a dense array
-/// by slot (a few megabytes that mostly stay in cache, where the cards'
-/// states are hundreds). A card's departure from a window shorter than the
+/// by slot (a few megabytes, where the cards' states are hundreds; still
+/// more than the caches hold, so the departure queues and the arrivals
+/// prefetch the marks they will set). A card's departure from a window shorter than the
 /// longest is then only a mark: it does not visit the card's state at all
 /// (a departure always changes the window it leaves, and a card that had a
 /// transaction in a statistics window had statistics). Each marked card is
@@ -686,7 +689,8 @@ pub fn card_windows<'s>(
                 if pending.first() == Some(t) {
                     pending.take(t, &mut arrivals);
                 }
-                ahead.prefetch(&pending, arrivals.len(), &cards, &epoch.marks);
+                let marks = coalescing.then_some(&epoch.marks[..]);
+                ahead.prefetch(&pending, arrivals.len(), &cards, marks);
                 wake.clear();
                 for (d, &(_, depth)) in departures.iter_mut().zip(&wakes) {
                     d.pop_at(t, depth, &mut wake);
