@@ -158,10 +158,10 @@ mod tests {
     use super::*;
     use std::collections::HashMap;
 
-    /// Seeded random inserts, overwrites, removals and lookups, over keys
-    /// that collide (a few hundred of them, and multiples of a power of two
-    /// that share their probe's start), through several growths: always what
-    /// the standard map given the same holds.
+    /// Seeded random inserts, overwrites, removals and lookups over 50 to
+    /// 5,050 keys (sequential ids, and ids spread over the high bits), up
+    /// to half full and through several growths, so that removals shift
+    /// probe runs back: always what the standard map given the same holds.
     #[test]
     fn holds_what_a_hash_map_holds() {
         let mut next = crate::seeded(0xD1B5_4A32_D192_ED03);
@@ -186,6 +186,42 @@ mod tests {
             }
             for n in 0..keys {
                 assert_eq!(map.get(key(n)), model.get(&key(n)).copied());
+            }
+        }
+    }
+
+    /// Keys whose probes start at the same place, and at the table's last
+    /// place (their run wraps around to the first): removing any one of
+    /// them, in every order, leaves every other one found.
+    #[test]
+    fn removals_keep_colliding_and_wrapping_runs_whole() {
+        let table = SlotMap { entries: vec![VACANT; FIRST], len: 0 };
+        let with_home = |home: usize, n: usize| -> Vec<u64> {
+            (0u64..).filter(|k| table.home(*k) == home).take(n).collect()
+        };
+        for homes in [[5, 6], [FIRST - 1, 0]] {
+            let mut keys = with_home(homes[0], 4);
+            keys.extend(with_home(homes[1], 2));
+            // Every order of removal of the six, as a permutation index.
+            for order in 0..720usize {
+                let mut map = SlotMap::new();
+                for (i, k) in keys.iter().enumerate() {
+                    map.insert(*k, i as u32);
+                }
+                assert_eq!(map.entries.len(), FIRST, "no growth: the runs stay as built");
+                let (mut left, mut code) = (keys.clone(), order);
+                while !left.is_empty() {
+                    let k = left.remove(code % left.len());
+                    code /= left.len() + 1;
+                    let i = keys.iter().position(|x| *x == k).unwrap();
+                    assert_eq!(map.remove(k), Some(i as u32));
+                    assert_eq!(map.get(k), None);
+                    for other in &left {
+                        let j = keys.iter().position(|x| x == other).unwrap();
+                        assert_eq!(map.get(*other), Some(j as u32), "{other} after removing {k}");
+                    }
+                }
+                assert!(map.is_empty());
             }
         }
     }
