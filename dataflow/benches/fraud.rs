@@ -29,7 +29,8 @@ static EVENTS_PER_EVENT_SECOND: std::sync::LazyLock<u64> = std::sync::LazyLock::
 });
 /// Input time advances (and the worker catches up) every this many events.
 const BATCH: u64 = 2_000;
-/// The longest a catch-up's epoch stays open: the job's default catch-up interval.
+/// The longest a catch-up's epoch stays open: the default of the job's
+/// `--catch-up-commit-interval-ms` (which this crate cannot read).
 const CATCH_UP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(20);
 
 fn main() {
@@ -94,8 +95,9 @@ fn child(workers: usize, events: u64, cards: u64, tick: u64, catch_up: bool) {
         if catch_up {
             end.set(config.time_of(base + events * 1000 / *EVENTS_PER_EVENT_SECOND) + 1);
         }
-        // `paced` paces the input: while an epoch is open, the statistics'
-        // frontier stays at its start, so only the alerts' show progress.
+        // `paced` paces the input: both outputs, but in a catch-up only the
+        // alerts (while an epoch is open, the statistics' frontier stays at
+        // its start).
         let (probe, paced) = (ProbeHandle::new(), ProbeHandle::new());
         let mut input = worker.dataflow::<Time, _, _>(|scope| {
             let (input, events) = scope.new_collection::<Transaction, Diff>();
@@ -112,6 +114,9 @@ fn child(workers: usize, events: u64, cards: u64, tick: u64, catch_up: bool) {
                 builder.build(|_| move |_| changes.for_each(|_, data| data.clear()));
                 out.coalesce.enable(0, activator, CATCH_UP_INTERVAL);
                 out.coalesce.catching_up(true);
+            }
+            if !catch_up {
+                out.stats.inner.clone().probe_with(&paced);
             }
             out.stats.inner.probe_with(&probe);
             out.alerts.inner.clone().probe_with(&probe);

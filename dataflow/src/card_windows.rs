@@ -173,6 +173,8 @@ struct Departures {
 /// transactions (read from the state, so once that is in cache).
 const PREFETCH_STATES: usize = 8;
 const PREFETCH_ENTRIES: usize = 4;
+/// Cache lines of a card's state prefetched (all of it: about 300 bytes).
+const STATE_LINES: usize = 8;
 /// How many departures ahead a mark is prefetched, within an epoch.
 const PREFETCH_MARKS: usize = 16;
 
@@ -227,7 +229,7 @@ impl Departures {
         }
         while self.ahead < PREFETCH_STATES.min(len) {
             if let Some(state) = states.get(self.slots[self.ahead] as usize) {
-                crate::prefetch::prefetch(state, 8);
+                crate::prefetch::prefetch(state, STATE_LINES);
             }
             self.ahead += 1;
         }
@@ -352,7 +354,7 @@ impl ArrivalsAhead {
         let next = |k: usize| &items[items.len() - 1 - k].1;
         while self.cards < PREFETCH_CARDS.min(items.len()) {
             if let Some(slot) = cards.slot_of.get(next(self.cards).card_id) {
-                crate::prefetch::prefetch(&cards.states[slot as usize], 8);
+                crate::prefetch::prefetch(&cards.states[slot as usize], STATE_LINES);
                 if let Some(mark) = marks.and_then(|m| m.get(slot as usize)) {
                     crate::prefetch::prefetch(mark, 1);
                 }

@@ -62,24 +62,31 @@ impl SlotMap {
         }
     }
 
+    /// Where `key` is (`Ok`), or the empty place that ends its probe
+    /// (`Err`); the table must not be empty.
+    #[inline]
+    fn find(&self, key: u64) -> Result<usize, usize> {
+        let mask = self.entries.len() - 1;
+        let mut i = self.home(key);
+        loop {
+            let e = &self.entries[i];
+            if e.slot == EMPTY {
+                return Err(i);
+            }
+            if e.key == key {
+                return Ok(i);
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
     /// The slot of `key`.
     #[inline]
     pub fn get(&self, key: u64) -> Option<u32> {
         if self.entries.is_empty() {
             return None;
         }
-        let mask = self.entries.len() - 1;
-        let mut i = self.home(key);
-        loop {
-            let e = self.entries[i];
-            if e.slot == EMPTY {
-                return None;
-            }
-            if e.key == key {
-                return Some(e.slot);
-            }
-            i = (i + 1) & mask;
-        }
+        self.find(key).ok().map(|i| self.entries[i].slot)
     }
 
     /// Map `key` to `slot` (`slot` below `u32::MAX`); the slot it had, if any.
@@ -88,19 +95,13 @@ impl SlotMap {
         if (self.len + 1) * 2 > self.entries.len() {
             self.grow();
         }
-        let mask = self.entries.len() - 1;
-        let mut i = self.home(key);
-        loop {
-            let e = &mut self.entries[i];
-            if e.slot == EMPTY {
-                *e = Entry { key, slot };
+        match self.find(key) {
+            Ok(i) => Some(std::mem::replace(&mut self.entries[i].slot, slot)),
+            Err(i) => {
+                self.entries[i] = Entry { key, slot };
                 self.len += 1;
-                return None;
+                None
             }
-            if e.key == key {
-                return Some(std::mem::replace(&mut e.slot, slot));
-            }
-            i = (i + 1) & mask;
         }
     }
 
@@ -109,20 +110,11 @@ impl SlotMap {
         if self.entries.is_empty() {
             return None;
         }
-        let mask = self.entries.len() - 1;
-        let mut i = self.home(key);
-        let slot = loop {
-            let e = self.entries[i];
-            if e.slot == EMPTY {
-                return None;
-            }
-            if e.key == key {
-                break e.slot;
-            }
-            i = (i + 1) & mask;
-        };
+        let i = self.find(key).ok()?;
+        let slot = self.entries[i].slot;
         // Backward shift: each later key of the run whose probe starts at or
         // before the hole moves into it, so no lookup meets a hole before its key.
+        let mask = self.entries.len() - 1;
         let mut hole = i;
         let mut j = i;
         loop {

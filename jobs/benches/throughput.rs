@@ -116,7 +116,7 @@ fn kafka_streams(bootstrap: &str, topic: &str) -> Option<(f64, f64, usize)> {
 /// (d): what a team writes by hand: per event, update the card's windows in a
 /// HashMap and upsert them with one SQL statement.
 fn naive(bootstrap: &str, topic: &str, limit: u64) -> (u64, f64) {
-    let (rt, client) = support::postgres_at(&support::endpoints());
+    let (rt, client) = tripwire_connectors::readback::pg_client(&support::endpoints());
     rt.block_on(async {
         client
             .batch_execute(

@@ -206,12 +206,7 @@ impl JobRun<'_> {
 pub fn postgres(schema: &str) -> (tokio::runtime::Runtime, tokio_postgres::Client) {
     let mut endpoints = endpoints();
     endpoints.pg_schema = Some(schema.to_string());
-    postgres_at(&endpoints)
-}
-
-/// A PostgreSQL client at `endpoints`, and the runtime driving it.
-pub fn postgres_at(endpoints: &Endpoints) -> (tokio::runtime::Runtime, tokio_postgres::Client) {
-    tripwire_connectors::readback::pg_client(endpoints)
+    tripwire_connectors::readback::pg_client(&endpoints)
 }
 
 /// Write `bench/results/{name}.json`.
