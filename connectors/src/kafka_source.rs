@@ -427,6 +427,11 @@ struct InFlight {
 /// The granule of [`InFlight`], ms (a power of two).
 const IN_FLIGHT_GRANULE: Time = 64;
 
+/// Records polled and decoded before the first of them is judged: enough
+/// that duplicate detection's prefetched places arrive before they are
+/// read, few enough that they are still in cache then.
+const CHUNK: usize = 16;
+
 impl InFlight {
     fn add(&mut self, t: Time) {
         let end = t | (IN_FLIGHT_GRANULE - 1);
@@ -679,10 +684,18 @@ pub fn kafka_source<'s>(
     let fraud = fraud.clone();
     let rules =
         Rules { lateness_ms: config.lateness_ms, dedup_horizon_ms: config.dedup_horizon_ms };
-    let mut index_of: HashMap<i32, usize> = HashMap::new();
+    // Partition number → its index in `partitions` (numbers are small and
+    // dense: a look-up in a list, where a hashed map cost a SipHash per record).
+    let mut place: Vec<Option<usize>> = Vec::new();
     for (i, p) in partitions.iter().enumerate() {
-        index_of.insert(p.decide.partition, i);
+        let n = usize::try_from(p.decide.partition).expect("partition numbers are not negative");
+        if place.len() <= n {
+            place.resize(n + 1, None);
+        }
+        place[n] = Some(i);
     }
+    let index_of =
+        move |p: i32| usize::try_from(p).ok().and_then(|n| place.get(n).copied().flatten());
     let mut last_commit = Instant::now();
     let progress: Progress = Arc::default();
     let samples = progress.clone();
@@ -743,127 +756,146 @@ pub fn kafka_source<'s>(
                 }
             }
             let mut read = 0;
-            // One clock read per record: the time since the previous one is
-            // polling (no wait) and decoding, so a registry that keeps a
-            // decode waiting shows in it as in the decode's own time.
+            // One clock read per chunk: the time since the previous one is
+            // polling (no wait), decoding and judging, so a registry that
+            // keeps a decode waiting shows in it as in the decode's own time.
             let mut clock = Instant::now();
-            while read < config.batch {
-                let Some(result) = client.poll(Duration::ZERO) else { break };
-                read += 1;
-                let msg = match result {
-                    Ok(m) => m,
-                    Err(KafkaError::PartitionEOF(p)) => {
-                        if let Some(&i) = index_of.get(&p) {
-                            partitions[i].done = config.bounded;
+            // Records are polled and decoded a chunk at a time, and the place
+            // duplicate detection looks each one up in is asked for as it is
+            // decoded: by the time the chunk is judged it is in cache.
+            let mut chunk = Vec::with_capacity(CHUNK);
+            let mut polled_all = false;
+            while read < config.batch && !polled_all {
+                while chunk.len() < CHUNK && read < config.batch {
+                    let Some(result) = client.poll(Duration::ZERO) else {
+                        polled_all = true;
+                        break;
+                    };
+                    read += 1;
+                    let msg = match result {
+                        Ok(m) => m,
+                        Err(KafkaError::PartitionEOF(p)) => {
+                            if let Some(i) = index_of(p) {
+                                partitions[i].done = config.bounded;
+                            }
+                            continue;
                         }
+                        // Broker and network errors are retried by librdkafka; they are not records.
+                        Err(e) => {
+                            tracing::warn!(error = %e, "kafka source poll error");
+                            continue;
+                        }
+                    };
+                    let Some(i) = index_of(msg.partition()) else { continue };
+                    if partitions[i].end.is_some_and(|end| msg.offset() >= end) {
+                        partitions[i].done = true;
                         continue;
                     }
-                    // Broker and network errors are retried by librdkafka; they are not records.
-                    Err(e) => {
-                        tracing::warn!(error = %e, "kafka source poll error");
-                        continue;
+                    let decoded = codec
+                        .decode(msg.payload().unwrap_or_default(), msg.timestamp().to_millis());
+                    if let Ok(x) = &decoded {
+                        partitions[i].decide.prefetch(x.event_id);
                     }
-                };
-                let Some(&i) = index_of.get(&msg.partition()) else { continue };
-                if partitions[i].end.is_some_and(|end| msg.offset() >= end) {
-                    partitions[i].done = true;
-                    continue;
+                    chunk.push((msg, i, decoded));
                 }
-                let payload = msg.payload().unwrap_or_default();
-                let log_time = msg.timestamp().to_millis();
-                let decoded = codec.decode(payload, log_time);
                 let now = Instant::now();
                 // Waiting for an unreachable schema registry is not quiet time.
                 unobserved(&mut partitions, now - clock);
                 clock = now;
-                let part = &mut partitions[i];
-                if part.idle_at(config.idle_timeout, now) {
-                    // The input wakes: quiet partitions hold for a while.
-                    wakes += 1;
-                    grace_until = Some(now + WAKE_GRACE);
-                }
-                part.last_record = now;
-                let verdict = match decoded {
-                    Ok(x) => {
-                        let t = fraud.time_of(x.event_time_ms);
-                        part.decide.judge(&rules, msg.offset(), log_time, &x, t).map(|v| (x, t, v))
+                for (msg, i, decoded) in chunk.drain(..) {
+                    let payload = msg.payload().unwrap_or_default();
+                    let log_time = msg.timestamp().to_millis();
+                    let part = &mut partitions[i];
+                    if part.idle_at(config.idle_timeout, now) {
+                        // The input wakes: quiet partitions hold for a while.
+                        wakes += 1;
+                        grace_until = Some(now + WAKE_GRACE);
                     }
-                    Err(rejected) => {
-                        part.decide.skipped(msg.offset());
-                        Err(rejected)
-                    }
-                };
-                match verdict {
-                    Ok((x, _, Verdict::Duplicate)) => {
-                        duplicates.inc();
-                        tracing::debug!(
-                            event_id = x.event_id,
-                            partition = msg.partition(),
-                            offset = msg.offset(),
-                            "identical duplicate counted once"
-                        );
-                    }
-                    // Replayed below what any uncommitted output needs: the
-                    // partition's state moved, nothing else to do.
-                    Ok((x, _, Verdict::Accept)) if x.event_time_ms < skip_below => {}
-                    Ok((x, t, Verdict::Accept)) => {
-                        part.events.inc();
-                        business.count(&x);
-                        emitted += 1;
-                        // One record in 64 is followed to its commit.
-                        if emitted.is_multiple_of(64) {
-                            if let Some(ts) = log_time {
-                                produced.lock().expect("produce times").push((t, ts));
+                    part.last_record = now;
+                    let verdict = match decoded {
+                        Ok(x) => {
+                            let t = fraud.time_of(x.event_time_ms);
+                            part.decide
+                                .judge(&rules, msg.offset(), log_time, &x, t)
+                                .map(|v| (x, t, v))
+                        }
+                        Err(rejected) => {
+                            part.decide.skipped(msg.offset());
+                            Err(rejected)
+                        }
+                    };
+                    match verdict {
+                        Ok((x, _, Verdict::Duplicate)) => {
+                            duplicates.inc();
+                            tracing::debug!(
+                                event_id = x.event_id,
+                                partition = msg.partition(),
+                                offset = msg.offset(),
+                                "identical duplicate counted once"
+                            );
+                        }
+                        // Replayed below what any uncommitted output needs: the
+                        // partition's state moved, nothing else to do.
+                        Ok((x, _, Verdict::Accept)) if x.event_time_ms < skip_below => {}
+                        Ok((x, t, Verdict::Accept)) => {
+                            part.events.inc();
+                            business.count(&x);
+                            emitted += 1;
+                            // One record in 64 is followed to its commit.
+                            if emitted.is_multiple_of(64) {
+                                if let Some(ts) = log_time {
+                                    produced.lock().expect("produce times").push((t, ts));
+                                }
                             }
+                            if config.max_in_flight.is_some() {
+                                in_flight.add(t);
+                            }
+                            events_session.give((x, t, 1 as Diff))
                         }
-                        if config.max_in_flight.is_some() {
-                            in_flight.add(t);
+                        Err(rejected) => {
+                            tracing::warn!(
+                                reason = rejected.reason.as_str(),
+                                event_id = rejected.event_id,
+                                worker = index,
+                                partition = msg.partition(),
+                                offset = msg.offset(),
+                                "dead letter: {}",
+                                rejected.detail
+                            );
+                            let letter = DeadLetter {
+                                reason: rejected.reason,
+                                detail: rejected.detail,
+                                topic: msg.topic().to_string(),
+                                partition: msg.partition(),
+                                offset: msg.offset(),
+                                key: msg.key().map(<[u8]>::to_vec),
+                                payload: payload.to_vec(),
+                            };
+                            if letter.reason == DeadLetterReason::Late {
+                                late_out.lock().expect("late events").push(letter.clone());
+                            }
+                            dead_session.give(letter);
                         }
-                        events_session.give((x, t, 1 as Diff))
                     }
-                    Err(rejected) => {
-                        tracing::warn!(
-                            reason = rejected.reason.as_str(),
-                            event_id = rejected.event_id,
-                            worker = index,
-                            partition = msg.partition(),
-                            offset = msg.offset(),
-                            "dead letter: {}",
-                            rejected.detail
-                        );
-                        let letter = DeadLetter {
-                            reason: rejected.reason,
-                            detail: rejected.detail,
-                            topic: msg.topic().to_string(),
-                            partition: msg.partition(),
-                            offset: msg.offset(),
-                            key: msg.key().map(<[u8]>::to_vec),
-                            payload: payload.to_vec(),
-                        };
-                        if letter.reason == DeadLetterReason::Late {
-                            late_out.lock().expect("late events").push(letter.clone());
+                    // After the record's dead letter, if any: a restart point is
+                    // stored only once the dead letters before it are delivered.
+                    let part = &mut partitions[i];
+                    part.since_sample += 1;
+                    if part.since_sample >= config.sample_every {
+                        part.since_sample = 0;
+                        if let (Some(max_event_time), Some(top)) =
+                            (part.decide.max_event, part.decide.top)
+                        {
+                            let basis = part.decide.basis.unwrap_or(0);
+                            samples.lock().expect("progress samples").push(ProgressSample {
+                                topic: config.topic.clone(),
+                                partition: part.decide.partition,
+                                offset: msg.offset() + 1,
+                                max_event_time,
+                                basis,
+                                top,
+                            });
                         }
-                        dead_session.give(letter);
-                    }
-                }
-                // After the record's dead letter, if any: a restart point is
-                // stored only once the dead letters before it are delivered.
-                let part = &mut partitions[i];
-                part.since_sample += 1;
-                if part.since_sample >= config.sample_every {
-                    part.since_sample = 0;
-                    if let (Some(max_event_time), Some(top)) =
-                        (part.decide.max_event, part.decide.top)
-                    {
-                        let basis = part.decide.basis.unwrap_or(0);
-                        samples.lock().expect("progress samples").push(ProgressSample {
-                            topic: config.topic.clone(),
-                            partition: part.decide.partition,
-                            offset: msg.offset() + 1,
-                            max_event_time,
-                            basis,
-                            top,
-                        });
                     }
                 }
             }

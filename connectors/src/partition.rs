@@ -23,11 +23,10 @@
 //!   once and is dropped (counted in `tripwire_duplicates_total`); different,
 //!   it is a dead letter `duplicate_id`. First in log order wins.
 
-use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, VecDeque};
 use std::hash::{Hash, Hasher};
 
-use tripwire_dataflow::fxhash::FxHashMap;
+use tripwire_dataflow::open_map::{OpenMap, Value};
 use tripwire_dataflow::{Time, Transaction};
 
 use crate::dead_letter::{DeadLetterReason, Rejected};
@@ -76,21 +75,51 @@ pub struct Partition {
     /// quiet at its end and is taken as still quiet until it reads past it.
     quiet_at: Option<i64>,
     /// Accepted ids within the horizon: their fingerprint and event time.
-    /// Fx-hashed (ids are integers a producer assigns) and probed once per
-    /// record: with the default horizon (an hour) a catch-up holds millions
-    /// here, and SipHash plus a lookup and an insert were a tenth of a
-    /// worker's time.
-    seen: FxHashMap<u64, (u64, Time)>,
+    /// Probed once per record: with the default horizon (an hour) a
+    /// catch-up holds millions here, each probe a miss of the caches, so
+    /// the source asks for a record's place ([`Partition::prefetch`]) while
+    /// it still decodes the records before it (SipHash, then a SwissTable
+    /// without prefetching, were a tenth of a worker's time).
+    seen: OpenMap<Seen>,
     /// Accepted ids with their event times, by granule of event time
     /// ([`GRANULE_MS`]), forgotten a granule at a time: never before their
     /// own time leaves the horizon, at most a granule after. Appending to
     /// the latest granule's list, where a heap by event time cost a
     /// logarithmic, cache-missing pop per record.
     expiry: BTreeMap<Time, Vec<(u64, Time)>>,
+    /// A forgotten granule's list, emptied, for the next granule: a list
+    /// grown anew for each granule was an allocation every few records.
+    spare: Vec<(u64, Time)>,
 }
+
+/// How many ids ahead a forgotten granule's places are prefetched.
+const EXPIRY_AHEAD: usize = 8;
 
 /// The span of event time whose accepted ids are forgotten together, ms.
 const GRANULE_MS: Time = 1_024;
+
+/// The first accepted copy of an id: its fingerprint and event time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Seen {
+    fingerprint: u64,
+    time: Time,
+}
+
+/// A place of `seen` that holds no id: no accepted event's time (see [`kept_time`]).
+impl Value for Seen {
+    const VACANT: Self = Seen { fingerprint: 0, time: Time::MAX };
+    #[inline]
+    fn is_vacant(&self) -> bool {
+        self.time == Time::MAX
+    }
+}
+
+/// An event time as duplicate detection keeps it: `Time::MAX` marks a
+/// vacant place (event times come from Avro `long`s, so none is that late;
+/// one would be kept a millisecond earlier).
+fn kept_time(e: Time) -> Time {
+    e.min(Time::MAX - 1)
+}
 
 /// A 64-bit fingerprint of every field of an event (identical resends match).
 fn fingerprint(x: &Transaction) -> u64 {
@@ -123,8 +152,9 @@ impl Partition {
                 late.into()
             },
             quiet_at,
-            seen: FxHashMap::default(),
+            seen: OpenMap::new(),
             expiry: BTreeMap::new(),
+            spare: Vec::new(),
         };
         p.apply_recorded(next_offset);
         p
@@ -189,11 +219,9 @@ impl Partition {
             .of_event(x.event_id as i64));
         }
         let fp = fingerprint(x);
-        let seen = self.seen.entry(x.event_id);
-        if let Entry::Occupied(o) = &seen {
-            let (first, first_time) = *o.get();
-            if first_time.saturating_add(rules.dedup_horizon_ms) >= e {
-                if first == fp {
+        if let Some(first) = self.seen.get(x.event_id) {
+            if first.time.saturating_add(rules.dedup_horizon_ms) >= e {
+                if first.fingerprint == fp {
                     return Ok(Verdict::Duplicate);
                 }
                 return Err(Rejected::new(
@@ -241,16 +269,16 @@ impl Partition {
             None => self.top = Some(clamped),
         }
         self.max_event = Some(self.max_event.map_or(e, |m| m.max(e)));
-        match seen {
-            Entry::Occupied(mut o) => *o.get_mut() = (fp, e),
-            Entry::Vacant(v) => {
-                v.insert((fp, e));
-            }
-        }
+        let kept = kept_time(e);
+        self.seen.insert(x.event_id, Seen { fingerprint: fp, time: kept });
         let granule = e / GRANULE_MS;
         match self.expiry.last_entry() {
-            Some(mut last) if *last.key() == granule => last.get_mut().push((x.event_id, e)),
-            _ => self.expiry.entry(granule).or_default().push((x.event_id, e)),
+            Some(mut last) if *last.key() == granule => last.get_mut().push((x.event_id, kept)),
+            _ => {
+                let spare = &mut self.spare;
+                let ids = self.expiry.entry(granule).or_insert_with(|| std::mem::take(spare));
+                ids.push((x.event_id, kept));
+            }
         }
         self.expire(rules);
         Ok(Verdict::Accept)
@@ -271,15 +299,31 @@ impl Partition {
             if first.key().saturating_add(1).saturating_mul(GRANULE_MS) > forget_below {
                 break;
             }
-            for (id, e) in first.remove() {
+            let mut ids = first.remove();
+            for &(id, _) in ids.iter().take(EXPIRY_AHEAD) {
+                self.seen.prefetch(id);
+            }
+            for (n, &(id, e)) in ids.iter().enumerate() {
+                if let Some(&(ahead, _)) = ids.get(n + EXPIRY_AHEAD) {
+                    self.seen.prefetch(ahead);
+                }
                 // Unless a later copy, accepted past the horizon, replaced it.
-                if let Entry::Occupied(o) = self.seen.entry(id) {
-                    if o.get().1 == e {
-                        o.remove();
-                    }
+                if self.seen.get(id).is_some_and(|s| s.time == e) {
+                    self.seen.remove(id);
                 }
             }
+            ids.clear();
+            if ids.capacity() > self.spare.capacity() {
+                self.spare = ids;
+            }
         }
+    }
+
+    /// Ask for the place duplicate detection will look `event_id` up in
+    /// (the source calls this for a polled chunk's records before judging them).
+    #[inline]
+    pub fn prefetch(&self, event_id: u64) {
+        self.seen.prefetch(event_id);
     }
 
     /// Ids remembered for duplicate detection.
@@ -464,6 +508,18 @@ mod tests {
         }
         // Basis 98 s, L 1 s, horizon 10 s: ids of events before 87 s are gone.
         assert_eq!(p.remembered(), 13);
+    }
+
+    /// The latest possible event time is remembered like any other (the
+    /// map of ids reserves a time no accepted event can have for its empty
+    /// places), so a copy of it is a duplicate.
+    #[test]
+    fn an_event_at_the_end_of_time_is_remembered() {
+        let mut p = Partition::new(0, 0, Restored::default());
+        let x = tx(7, Time::MAX, 5);
+        assert_eq!(p.judge(&RULES, 0, None, &x, Time::MAX).ok(), Some(Verdict::Accept));
+        assert_eq!(p.judge(&RULES, 1, None, &x, Time::MAX).ok(), Some(Verdict::Duplicate));
+        assert_eq!(p.remembered(), 1);
     }
 
     /// Seeded streams out of order by up to L (none late), one record far

@@ -32,8 +32,8 @@ use crate::card_state::{Agg, CardState, Entry, Scratch};
 use crate::coalesce::Coalesce;
 use crate::config::FraudConfig;
 use crate::event::{Diff, InputEnd, Time, Transaction};
+use crate::open_map::SlotMap;
 use crate::output::{CardChange, CardStats, WindowStats};
-use crate::slot_map::SlotMap;
 
 /// How many distinct window lengths the rules may read.
 pub const MAX_RULE_WINDOWS: usize = 4;

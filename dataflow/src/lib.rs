@@ -32,11 +32,11 @@ pub mod config;
 pub mod event;
 pub mod fraud;
 pub mod fxhash;
+pub mod open_map;
 pub mod output;
 pub mod prefetch;
 pub mod reference;
 pub mod rules;
-pub mod slot_map;
 
 pub use coalesce::Coalesce;
 pub use config::FraudConfig;

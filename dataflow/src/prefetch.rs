@@ -39,3 +39,21 @@ pub fn prefetch<T: ?Sized>(value: &T, max_lines: usize) {
     #[cfg(not(target_arch = "x86_64"))]
     let _ = (value, max_lines);
 }
+
+/// Prefetch the cache line of `value`'s first byte and of its last (one
+/// line, or two where `value` straddles a line's end).
+#[inline(always)]
+pub fn prefetch_span<T>(value: &T) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let start = (value as *const T).cast::<i8>();
+        let last = start.wrapping_add(std::mem::size_of::<T>().saturating_sub(1));
+        for p in [start, last] {
+            // SAFETY: as in `prefetch`: a hint that never faults, at an
+            // address inside `value`.
+            unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = value;
+}

@@ -1,35 +1,64 @@
-//! The window operator's map from card id to the card's slot: open
-//! addressing with linear probing, keys and values side by side.
+//! Maps from a `u64` key to a small value: open addressing with linear
+//! probing, keys and values side by side.
 //!
-//! A worker holds half a million cards or more, so nearly every lookup of a
-//! card that pays misses the caches. The standard map (a SwissTable) keeps
+//! The workers' large maps miss the caches on nearly every lookup: the
+//! window operator's card id → slot (half a million cards or more a
+//! worker), and duplicate detection's event id → first copy (every id of
+//! the last hour, per partition). The standard map (a SwissTable) keeps
 //! its control bytes apart from its entries, two misses per lookup, and
 //! gives no way to ask for a key's place before the lookup. Here a key's
-//! place is one 16-byte entry in one cache line, which [`SlotMap::prefetch`]
-//! asks for while the operator is still busy with earlier arrivals.
+//! place is one entry of a few words, which [`OpenMap::prefetch`] asks for
+//! while the worker is still busy with earlier records.
 
-/// Card id → slot.
-#[derive(Clone, Debug, Default)]
-pub struct SlotMap {
-    /// Power-of-two length (or empty); at most half full.
-    entries: Vec<Entry>,
+/// A value an [`OpenMap`] holds, with one value of its type reserved to
+/// mark a place that holds no key.
+pub trait Value: Copy {
+    /// The reserved value; never inserted.
+    const VACANT: Self;
+    /// Whether this is [`Value::VACANT`].
+    fn is_vacant(&self) -> bool;
+}
+
+/// A slot of the window operator's card states; `u32::MAX` is reserved.
+impl Value for u32 {
+    const VACANT: Self = u32::MAX;
+    #[inline]
+    fn is_vacant(&self) -> bool {
+        *self == u32::MAX
+    }
+}
+
+/// `u64` key → `V`; at most half full.
+#[derive(Clone, Debug)]
+pub struct OpenMap<V> {
+    /// Power-of-two length (or empty).
+    entries: Vec<Entry<V>>,
     len: usize,
 }
 
-/// One place: `slot` is [`EMPTY`] when the place holds no key.
+/// Card id → slot: 16-byte entries (the heap aligns to 16 bytes), so one
+/// never straddles two cache lines.
+pub type SlotMap = OpenMap<u32>;
+
+/// One place: `value` is vacant when the place holds no key.
 #[derive(Clone, Copy, Debug)]
-#[repr(C, align(16))]
-struct Entry {
+struct Entry<V> {
     key: u64,
-    slot: u32,
+    value: V,
 }
 
-const EMPTY: u32 = u32::MAX;
-const VACANT: Entry = Entry { key: 0, slot: EMPTY };
 /// The length of the first table.
 const FIRST: usize = 1024;
 
-impl SlotMap {
+impl<V> Default for OpenMap<V> {
+    fn default() -> Self {
+        OpenMap { entries: Vec::new(), len: 0 }
+    }
+}
+
+impl<V: Value> OpenMap<V> {
+    const VACANT: Entry<V> = Entry { key: 0, value: V::VACANT };
+
     /// An empty map.
     pub fn new() -> Self {
         Self::default()
@@ -54,11 +83,12 @@ impl SlotMap {
         (key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - bits)) as usize
     }
 
-    /// Ask for the cache line where a lookup of `key` starts.
+    /// Ask for the cache lines where a lookup of `key` starts (two where
+    /// its first entry straddles a line's end).
     #[inline]
     pub fn prefetch(&self, key: u64) {
         if !self.entries.is_empty() {
-            crate::prefetch::prefetch(&self.entries[self.home(key)], 1);
+            crate::prefetch::prefetch_span(&self.entries[self.home(key)]);
         }
     }
 
@@ -70,7 +100,7 @@ impl SlotMap {
         let mut i = self.home(key);
         loop {
             let e = &self.entries[i];
-            if e.slot == EMPTY {
+            if e.value.is_vacant() {
                 return Err(i);
             }
             if e.key == key {
@@ -80,38 +110,38 @@ impl SlotMap {
         }
     }
 
-    /// The slot of `key`.
+    /// The value of `key`.
     #[inline]
-    pub fn get(&self, key: u64) -> Option<u32> {
+    pub fn get(&self, key: u64) -> Option<V> {
         if self.entries.is_empty() {
             return None;
         }
-        self.find(key).ok().map(|i| self.entries[i].slot)
+        self.find(key).ok().map(|i| self.entries[i].value)
     }
 
-    /// Map `key` to `slot` (`slot` below `u32::MAX`); the slot it had, if any.
-    pub fn insert(&mut self, key: u64, slot: u32) -> Option<u32> {
-        assert!(slot != EMPTY, "slot {slot} is reserved");
+    /// Map `key` to `value` (not [`Value::VACANT`]); the value it had, if any.
+    pub fn insert(&mut self, key: u64, value: V) -> Option<V> {
+        assert!(!value.is_vacant(), "the vacant value is reserved");
         if (self.len + 1) * 2 > self.entries.len() {
             self.grow();
         }
         match self.find(key) {
-            Ok(i) => Some(std::mem::replace(&mut self.entries[i].slot, slot)),
+            Ok(i) => Some(std::mem::replace(&mut self.entries[i].value, value)),
             Err(i) => {
-                self.entries[i] = Entry { key, slot };
+                self.entries[i] = Entry { key, value };
                 self.len += 1;
                 None
             }
         }
     }
 
-    /// Remove `key`; the slot it had, if any.
-    pub fn remove(&mut self, key: u64) -> Option<u32> {
+    /// Remove `key`; the value it had, if any.
+    pub fn remove(&mut self, key: u64) -> Option<V> {
         if self.entries.is_empty() {
             return None;
         }
         let i = self.find(key).ok()?;
-        let slot = self.entries[i].slot;
+        let value = self.entries[i].value;
         // Backward shift: each later key of the run whose probe starts at or
         // before the hole moves into it, so no lookup meets a hole before its key.
         let mask = self.entries.len() - 1;
@@ -120,7 +150,7 @@ impl SlotMap {
         loop {
             j = (j + 1) & mask;
             let e = self.entries[j];
-            if e.slot == EMPTY {
+            if e.value.is_vacant() {
                 break;
             }
             let home = self.home(e.key);
@@ -130,17 +160,17 @@ impl SlotMap {
                 hole = j;
             }
         }
-        self.entries[hole] = VACANT;
+        self.entries[hole] = Self::VACANT;
         self.len -= 1;
-        Some(slot)
+        Some(value)
     }
 
     fn grow(&mut self) {
         let len = (self.entries.len() * 2).max(FIRST);
-        let old = std::mem::replace(&mut self.entries, vec![VACANT; len]);
+        let old = std::mem::replace(&mut self.entries, vec![Self::VACANT; len]);
         self.len = 0;
-        for e in old.into_iter().filter(|e| e.slot != EMPTY) {
-            self.insert(e.key, e.slot);
+        for e in old.into_iter().filter(|e| !e.value.is_vacant()) {
+            self.insert(e.key, e.value);
         }
     }
 }
@@ -187,7 +217,7 @@ mod tests {
     /// them, in every order, leaves every other one found.
     #[test]
     fn removals_keep_colliding_and_wrapping_runs_whole() {
-        let table = SlotMap { entries: vec![VACANT; FIRST], len: 0 };
+        let table = SlotMap { entries: vec![SlotMap::VACANT; FIRST], len: 0 };
         let with_home = |home: usize, n: usize| -> Vec<u64> {
             (0u64..).filter(|k| table.home(*k) == home).take(n).collect()
         };
