@@ -308,9 +308,7 @@ impl Partition {
                     self.seen.prefetch(ahead);
                 }
                 // Unless a later copy, accepted past the horizon, replaced it.
-                if self.seen.get(id).is_some_and(|s| s.time == e) {
-                    self.seen.remove(id);
-                }
+                self.seen.remove_if(id, |s| s.time == e);
             }
             ids.clear();
             if ids.capacity() > self.spare.capacity() {

@@ -137,11 +137,19 @@ impl<V: Value> OpenMap<V> {
 
     /// Remove `key`; the value it had, if any.
     pub fn remove(&mut self, key: u64) -> Option<V> {
+        self.remove_if(key, |_| true)
+    }
+
+    /// Remove `key` if `remove` says so of its value; the value removed, if any.
+    pub fn remove_if(&mut self, key: u64, remove: impl FnOnce(&V) -> bool) -> Option<V> {
         if self.entries.is_empty() {
             return None;
         }
         let i = self.find(key).ok()?;
         let value = self.entries[i].value;
+        if !remove(&value) {
+            return None;
+        }
         // Backward shift: each later key of the run whose probe starts at or
         // before the hole moves into it, so no lookup meets a hole before its key.
         let mask = self.entries.len() - 1;
@@ -246,6 +254,18 @@ mod tests {
                 assert!(map.is_empty());
             }
         }
+    }
+
+    /// A conditional removal removes only what its condition accepts.
+    #[test]
+    fn remove_if_removes_only_what_it_is_told_to() {
+        let mut map = SlotMap::new();
+        map.insert(9, 4);
+        assert_eq!(map.remove_if(9, |v| *v == 5), None);
+        assert_eq!(map.get(9), Some(4));
+        assert_eq!(map.remove_if(9, |v| *v == 4), Some(4));
+        assert_eq!(map.get(9), None);
+        assert_eq!(map.remove_if(9, |_| true), None);
     }
 
     /// The extremes of the key range are keys like any other.

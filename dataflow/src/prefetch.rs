@@ -26,13 +26,8 @@ pub fn prefetch<T: ?Sized>(value: &T, max_lines: usize) {
         let size = std::mem::size_of_val(value).min(max_lines * LINE);
         let mut offset = 0;
         while offset < size {
-            // SAFETY: a prefetch is a hint: it never faults and changes no
-            // value the program reads; `start + offset` lies inside `value`.
-            unsafe {
-                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                    start.wrapping_add(offset),
-                )
-            };
+            // `start + offset` lies inside `value`.
+            hint(start.wrapping_add(offset));
             offset += LINE;
         }
     }
@@ -48,12 +43,19 @@ pub fn prefetch_span<T>(value: &T) {
     {
         let start = (value as *const T).cast::<i8>();
         let last = start.wrapping_add(std::mem::size_of::<T>().saturating_sub(1));
-        for p in [start, last] {
-            // SAFETY: as in `prefetch`: a hint that never faults, at an
-            // address inside `value`.
-            unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p) };
-        }
+        hint(start);
+        hint(last);
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = value;
+}
+
+/// Ask for the cache line of `address`, an address inside a value the
+/// caller holds a reference to.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn hint(address: *const i8) {
+    // SAFETY: a prefetch is a hint: it never faults and changes no value
+    // the program reads.
+    unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(address) };
 }
