@@ -1,15 +1,17 @@
 //! The physical limit: a topic read from offset 0 to its end as fast as one
-//! rdkafka consumer can, with or without decoding. The benchmarks compare
-//! Tripwire's throughput against it.
+//! rdkafka consumer can, with or without decoding: a batch at a time, as the
+//! source reads ([`FetchQueue`]). The benchmarks compare Tripwire's
+//! throughput against it.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 use crate::avro::{Limits, TransactionCodec};
+use crate::fetch_queue::{FetchQueue, MOST};
 use crate::kafka_admin::ReadsToEnd;
 use crate::registry::EmbeddedRegistry;
 
@@ -32,27 +34,34 @@ pub fn read_topic(bootstrap: &str, topic: &str, decode: bool) -> (u64, f64) {
     for p in 0..parts as i32 {
         tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
     }
-    consumer.assign(&tpl).unwrap();
+    let all: Vec<i32> = (0..parts as i32).collect();
+    let reader = FetchQueue::new(consumer, topic, &all).expect("fetch queue");
+    reader.consumer().assign(&tpl).unwrap();
     let registry = Arc::new(EmbeddedRegistry::new().unwrap());
     let mut codec = TransactionCodec::new(registry, Limits::default());
     let start = Instant::now();
     let (mut n, mut eof, mut checksum) = (0u64, 0usize, 0u64);
+    let mut fetched = Vec::with_capacity(MOST);
     while eof < parts {
-        match consumer.poll(Duration::from_millis(100)) {
-            Some(Ok(m)) => {
-                n += 1;
-                let payload = m.payload().unwrap_or_default();
-                if decode {
-                    if let Ok(x) = codec.decode(payload, m.timestamp().to_millis()) {
-                        checksum = checksum.wrapping_add(x.event_id);
+        // The consumer's own events, then the records.
+        fetched.extend(reader.poll());
+        reader.read(MOST, Duration::from_millis(100), &mut fetched);
+        for result in fetched.drain(..) {
+            match result {
+                Ok(m) => {
+                    n += 1;
+                    let payload = m.payload().unwrap_or_default();
+                    if decode {
+                        if let Ok(x) = codec.decode(payload, m.timestamp_ms()) {
+                            checksum = checksum.wrapping_add(x.event_id);
+                        }
+                    } else {
+                        checksum = checksum.wrapping_add(payload.len() as u64);
                     }
-                } else {
-                    checksum = checksum.wrapping_add(payload.len() as u64);
                 }
+                Err(KafkaError::PartitionEOF(_)) => eof += 1,
+                Err(e) => panic!("consume: {e}"),
             }
-            Some(Err(KafkaError::PartitionEOF(_))) => eof += 1,
-            Some(Err(e)) => panic!("consume: {e}"),
-            None => {}
         }
     }
     std::hint::black_box(checksum);

@@ -773,14 +773,20 @@ impl Pending {
         // is the card, the time and an index, not the changes themselves
         // (hundreds of bytes each: moving them was the workers' largest cost).
         let updates = &self.stats;
-        let mut order: Vec<(u64, Time, u32)> = updates
-            .iter()
-            .enumerate()
-            .filter(|(_, (_, t, _))| start <= *t && *t < frontier)
-            .map(|(i, ((k, _), t, _))| (*k, *t, i as u32))
-            .collect();
+        let mut order: Vec<(u64, Time, u32)> = Vec::with_capacity(updates.len());
+        order.extend(
+            updates
+                .iter()
+                .enumerate()
+                .filter(|(_, (_, t, _))| start <= *t && *t < frontier)
+                .map(|(i, ((k, _), t, _))| (*k, *t, i as u32)),
+        );
         order.sort_unstable();
+        // At most one row per change: sized once, not grown (a bulk load's
+        // last batch is hundreds of megabytes, each growth a copy of it).
+        let cards = order.chunk_by(|x, y| x.0 == y.0).count();
         let mut b = Batch { frontier, start, ..Batch::default() };
+        b.upserts.reserve_exact(cards);
         // A card that ends without a row is a delete even when the card came
         // and went within the batch (it is then also listed in
         // `absent_before`): the store may hold a row this run did not write,

@@ -65,11 +65,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::fetch_queue::FetchQueue;
 use differential_dataflow::{AsCollection, VecCollection};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::ClientContext;
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
 use timely::dataflow::operators::generic::OutputBuilder;
 use timely::dataflow::{Scope, StreamVec};
@@ -626,10 +627,14 @@ pub fn kafka_source<'s>(
     }
     let client: BaseConsumer<SourceContext> =
         client_config.create_with_context(SourceContext::default())?;
-    let sight = client.context().sight.clone();
     let count = crate::kafka_admin::partition_count(&config.bootstrap, &config.topic)?
         .ok_or_else(|| SourceError::NoTopic(config.topic.clone()))?;
     let mine = partitions_of(count, index, peers);
+    // Records are read a batch at a time from a queue of the source's own,
+    // set up before the partitions are assigned (see `fetch_queue`).
+    let reader = FetchQueue::new(client, &config.topic, &mine)?;
+    let client = reader.consumer();
+    let sight = client.context().sight.clone();
     let mut assignment = TopicPartitionList::new();
     let mut partitions = Vec::new();
     for &p in &mine {
@@ -764,14 +769,25 @@ pub fn kafka_source<'s>(
             // duplicate detection looks each one up in is asked for as it is
             // decoded: by the time the chunk is judged it is in cache.
             let mut chunk = Vec::with_capacity(CHUNK);
+            let mut fetched = Vec::with_capacity(CHUNK);
+            // The consumer's own queue first: its events (statistics,
+            // errors) are served by polling it; a record found there (none
+            // is expected: see `fetch_queue`) is read like any other.
+            while fetched.len() < CHUNK {
+                match reader.poll() {
+                    None => break,
+                    Some(polled) => fetched.push(polled),
+                }
+            }
             let mut polled_all = false;
             while read < config.batch && !polled_all {
-                while chunk.len() < CHUNK && read < config.batch {
-                    let Some(result) = client.poll(Duration::ZERO) else {
-                        polled_all = true;
-                        break;
-                    };
-                    read += 1;
+                let want = CHUNK.min(config.batch - read);
+                if fetched.len() < want {
+                    reader.read(want - fetched.len(), Duration::ZERO, &mut fetched);
+                    polled_all = fetched.len() < want;
+                }
+                read += fetched.len();
+                for result in fetched.drain(..) {
                     let msg = match result {
                         Ok(m) => m,
                         Err(KafkaError::PartitionEOF(p)) => {
@@ -791,8 +807,8 @@ pub fn kafka_source<'s>(
                         partitions[i].done = true;
                         continue;
                     }
-                    let decoded = codec
-                        .decode(msg.payload().unwrap_or_default(), msg.timestamp().to_millis());
+                    let decoded =
+                        codec.decode(msg.payload().unwrap_or_default(), msg.timestamp_ms());
                     if let Ok(x) = &decoded {
                         partitions[i].decide.prefetch(x.event_id);
                     }
@@ -804,7 +820,7 @@ pub fn kafka_source<'s>(
                 clock = now;
                 for (msg, i, decoded) in chunk.drain(..) {
                     let payload = msg.payload().unwrap_or_default();
-                    let log_time = msg.timestamp().to_millis();
+                    let log_time = msg.timestamp_ms();
                     let part = &mut partitions[i];
                     if part.idle_at(config.idle_timeout, now) {
                         // The input wakes: quiet partitions hold for a while.
@@ -865,7 +881,7 @@ pub fn kafka_source<'s>(
                             let letter = DeadLetter {
                                 reason: rejected.reason,
                                 detail: rejected.detail,
-                                topic: msg.topic().to_string(),
+                                topic: config.topic.clone(),
                                 partition: msg.partition(),
                                 offset: msg.offset(),
                                 key: msg.key().map(<[u8]>::to_vec),
@@ -964,9 +980,9 @@ pub fn kafka_source<'s>(
                     for (list, what) in [(&pause, "pause"), (&resume, "resume")] {
                         if list.count() > 0 {
                             let r = if what == "pause" {
-                                client.pause(list)
+                                reader.consumer().pause(list)
                             } else {
-                                client.resume(list)
+                                reader.consumer().resume(list)
                             };
                             if let Err(e) = r {
                                 tracing::warn!(error = %e, "could not {what} partitions");
@@ -1070,7 +1086,7 @@ pub fn kafka_source<'s>(
             if last_commit.elapsed() >= Duration::from_secs(5) || caps.is_none() {
                 last_commit = Instant::now();
                 // For lag tools only; a failure here loses nothing.
-                if let Err(e) = client.commit_consumer_state(CommitMode::Async) {
+                if let Err(e) = reader.consumer().commit_consumer_state(CommitMode::Async) {
                     tracing::debug!(error = %e, "offset commit for lag monitoring failed");
                 }
             }

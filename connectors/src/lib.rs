@@ -33,6 +33,7 @@ pub mod confluent_registry;
 pub mod dead_letter;
 pub mod dead_letter_sink;
 pub mod endpoints;
+pub mod fetch_queue;
 pub mod kafka_admin;
 pub mod kafka_source;
 pub mod metrics;
