@@ -970,7 +970,20 @@ fn spawn_committer<S: Store>(
             let batch_rows = metrics::commit_batch_rows().with_label_values(&[&name]);
             breaker_gauge.set(BreakerState::Closed as i64);
             rt.block_on(async move {
-                let mut conn: Option<S::Conn> = None;
+                // Connected before the first batch, not by it: a bulk run's
+                // first batch is its last, and connecting then (statements
+                // prepared, the frontier read) lay on its way to the end.
+                // Should the store not answer now, the first batch connects.
+                let mut conn: Option<S::Conn> = match store.connect().await {
+                    Ok(mut c) => match store.stored_frontier(&mut c).await {
+                        Ok(held) => {
+                            verify_store(&name, worker, held, committed.frontier());
+                            Some(c)
+                        }
+                        Err(_) => None,
+                    },
+                    Err(_) => None,
+                };
                 // What this committer's store has acknowledged, at least.
                 let mut acked: Time = 0;
                 let mut breaker = Breaker::new(3, Duration::from_secs(5));

@@ -62,6 +62,9 @@ pub mod headers {
     pub const PARTITION: &str = "source.partition";
     /// Offset, decimal.
     pub const OFFSET: &str = "source.offset";
+    /// The job that wrote the letter: jobs may share a dead-letter topic
+    /// (and read the same source), and each reads back only its own letters.
+    pub const JOB: &str = "tripwire.job";
     /// On a letter sent without its key and payload, because the topic would
     /// not take it whole: the payload's size in bytes, decimal.
     pub const PAYLOAD_OMITTED: &str = "tripwire.payload-omitted";
@@ -129,6 +132,7 @@ fn read_back(
     bootstrap: &str,
     topic: &str,
     source_topic: &str,
+    job: &str,
     only: Option<&[i32]>,
     enough: impl Fn(i32, &[Seen]) -> bool,
 ) -> Result<HashMap<i32, Vec<Seen>>, KafkaError> {
@@ -174,6 +178,12 @@ fn read_back(
                     if header(headers::TOPIC).as_deref() != Some(source_topic) {
                         continue;
                     }
+                    // Another job's letter. (One without the header was
+                    // written before letters named their job, when each
+                    // job counted every letter of its source as its own.)
+                    if header(headers::JOB).is_some_and(|j| j != job) {
+                        continue;
+                    }
                     let partition = header(headers::PARTITION).and_then(|p| p.parse::<i32>().ok());
                     let offset = header(headers::OFFSET).and_then(|o| o.parse::<i64>().ok());
                     if let (Some(partition), Some(offset)) = (partition, offset) {
@@ -206,7 +216,7 @@ fn read_back(
     Ok(found)
 }
 
-/// Per source partition, the highest source offset whose dead letter is
+/// Per source partition, the highest source offset whose dead letter `job`
 /// committed in `topic` already: a replay skips letters up to there. A
 /// letter goes to the dead-letter partition of its source partition's
 /// number, so a worker reads `only` its own source partitions' (every
@@ -215,9 +225,11 @@ pub fn written(
     bootstrap: &str,
     topic: &str,
     source_topic: &str,
+    job: &str,
     only: Option<&[i32]>,
 ) -> Result<HashMap<i32, i64>, KafkaError> {
-    let tails = read_back(bootstrap, topic, source_topic, only, |_, letters| !letters.is_empty())?;
+    let tails =
+        read_back(bootstrap, topic, source_topic, job, only, |_, letters| !letters.is_empty())?;
     let mut found = HashMap::new();
     for s in tails.values().flatten() {
         let e = found.entry(s.partition).or_insert(s.offset);
@@ -227,7 +239,7 @@ pub fn written(
 }
 
 /// Per source partition, the source offsets at or after `from[partition]`
-/// whose letters with reason `late` are committed in `topic`.
+/// whose letters with reason `late` `job` committed in `topic`.
 ///
 /// A replay must find those records late again. Lateness against a floor
 /// (a quiet partition passed by the frontier) depends on timing, and the
@@ -239,10 +251,11 @@ pub fn committed_late(
     bootstrap: &str,
     topic: &str,
     source_topic: &str,
+    job: &str,
     from: &HashMap<i32, i64>,
 ) -> Result<HashMap<i32, Vec<i64>>, KafkaError> {
     let start = |p: i32| from.get(&p).copied().unwrap_or(0);
-    let tails = read_back(bootstrap, topic, source_topic, None, |_, letters| {
+    let tails = read_back(bootstrap, topic, source_topic, job, None, |_, letters| {
         letters.iter().any(|s| s.offset < start(s.partition))
     })?;
     let mut late: HashMap<i32, Vec<i64>> = HashMap::new();
@@ -270,6 +283,8 @@ pub fn committed_late(
 struct Transactional {
     bootstrap: String,
     id: String,
+    /// The job whose letters these are ([`headers::JOB`]).
+    job: String,
     producer: ThreadedProducer<Delivery>,
     /// The delivery reports of `producer`'s letters.
     reports: Arc<Reports>,
@@ -373,11 +388,12 @@ const ENDING_POLL: Duration = Duration::from_millis(2);
 const LINGER: Duration = Duration::from_millis(200);
 
 impl Transactional {
-    fn new(bootstrap: &str, topic: &str, id: String) -> Result<Self, KafkaError> {
+    fn new(bootstrap: &str, topic: &str, id: String, job: &str) -> Result<Self, KafkaError> {
         let (producer, reports) = Self::producer(bootstrap, topic, &id)?;
         Ok(Transactional {
             bootstrap: bootstrap.to_string(),
             id,
+            job: job.to_string(),
             producer,
             reports,
             in_transaction: false,
@@ -434,7 +450,8 @@ impl Transactional {
             .insert(Header { key: headers::ERROR, value: Some(d.detail.as_str()) })
             .insert(Header { key: headers::TOPIC, value: Some(d.topic.as_str()) })
             .insert(Header { key: headers::PARTITION, value: Some(partition.as_str()) })
-            .insert(Header { key: headers::OFFSET, value: Some(offset.as_str()) });
+            .insert(Header { key: headers::OFFSET, value: Some(offset.as_str()) })
+            .insert(Header { key: headers::JOB, value: Some(self.job.as_str()) });
         let omitted = letter.omitted.map(|n| n.to_string());
         if let Some(n) = &omitted {
             headers = headers.insert(Header { key: headers::PAYLOAD_OMITTED, value: Some(n) });
@@ -775,7 +792,7 @@ fn lost_loudly(e: &KafkaError, d: &DeadLetter) {
 /// return, the worker panics with it.
 pub type OnStartError = Box<dyn FnOnce(&DeadLetterError)>;
 
-/// Write the dead letters of `stream` (read from `source_topic`, which has
+/// Write `job`'s dead letters of `stream` (read from `source_topic`, which has
 /// `source_partitions` partitions) to `topic` at `bootstrap`, exactly once;
 /// with `confirm`, pass restart points on once their dead letters are delivered.
 /// What can be checked before the dataflow runs is returned; a failure of
@@ -785,6 +802,7 @@ pub fn dead_letter_sink(
     bootstrap: &str,
     topic: &str,
     source_topic: &str,
+    job: &str,
     source_partitions: usize,
     confirm: Option<Confirm>,
     mut on_start_error: Option<OnStartError>,
@@ -819,21 +837,21 @@ pub fn dead_letter_sink(
         .name(format!("DeadLetters-{worker}"))
         .spawn({
             let (bootstrap, topic) = (bootstrap.to_string(), topic.to_string());
-            let source_topic = source_topic.to_string();
+            let (source_topic, job) = (source_topic.to_string(), job.to_string());
             move || -> Result<(), KafkaError> {
                 // Before reading the tail: a restarted worker's producer aborts
                 // what its previous incarnation left open. One id per worker,
-                // dead-letter topic and source: jobs sharing a dead-letter
-                // topic must not fence each other.
-                let id = format!("tripwire-dlq-{topic}-{source_topic}-{worker}");
+                // job, dead-letter topic and source: jobs sharing a
+                // dead-letter topic must not fence each other.
+                let id = format!("tripwire-dlq-{job}-{topic}-{source_topic}-{worker}");
                 // The dataflow, and the stores' commits, run meanwhile: a
                 // broker restarting now is waited for, as the source waits
                 // for it, instead of ending the job (the chaos test restarts
                 // the broker under a group that may be starting).
                 let (producer, already) = crate::kafka_admin::while_starting(|| {
-                    let producer = Transactional::new(&bootstrap, &topic, id.clone())?;
+                    let producer = Transactional::new(&bootstrap, &topic, id.clone(), &job)?;
                     // Letters a replay gives again that are in the topic already.
-                    let already = written(&bootstrap, &topic, &source_topic, Some(&mine))?;
+                    let already = written(&bootstrap, &topic, &source_topic, &job, Some(&mine))?;
                     Ok((producer, already))
                 })?;
                 produce(producer, &topic, &inbox, confirmed.as_ref(), &already);

@@ -21,6 +21,9 @@ use tripwire_connectors::kafka_admin::ensure_topic;
 use tripwire_connectors::kafka_source::{DeadLetter, Progress};
 use tripwire_connectors::Endpoints;
 
+/// The job the sinks under test write for.
+const JOB: &str = "tail_job";
+
 fn producer(
     bootstrap: &str,
     transactional_id: Option<&str>,
@@ -58,12 +61,29 @@ fn letter_for(
     offset: i64,
     reason: &str,
 ) {
+    letter_of(p, dlq, source, partition, offset, reason, None);
+}
+
+/// [`letter_for`] naming the job that wrote it (none: as builds before
+/// letters named their job wrote them).
+fn letter_of(
+    p: &ThreadedProducer<DefaultProducerContext>,
+    dlq: &str,
+    source: &str,
+    partition: i32,
+    offset: i64,
+    reason: &str,
+    job: Option<&str>,
+) {
     let (part, off) = (partition.to_string(), offset.to_string());
-    let hs = OwnedHeaders::new()
+    let mut hs = OwnedHeaders::new()
         .insert(Header { key: headers::REASON, value: Some(reason) })
         .insert(Header { key: headers::TOPIC, value: Some(source) })
         .insert(Header { key: headers::PARTITION, value: Some(part.as_str()) })
         .insert(Header { key: headers::OFFSET, value: Some(off.as_str()) });
+    if let Some(job) = job {
+        hs = hs.insert(Header { key: headers::JOB, value: Some(job) });
+    }
     let record =
         BaseRecord::<[u8], [u8]>::to(dlq).partition(partition).payload(&b"x"[..]).headers(hs);
     p.send(record).map_err(|(e, _)| e).unwrap();
@@ -121,7 +141,7 @@ fn the_tail_is_the_last_committed_letter_of_the_source() {
     letter(&plain, &dlq, &source, 3, 22);
     plain.flush(Duration::from_secs(30)).unwrap();
 
-    let tail = written(&bootstrap, &dlq, &source, None).unwrap();
+    let tail = written(&bootstrap, &dlq, &source, JOB, None).unwrap();
     let want: HashMap<i32, i64> = [(0, 3), (2, 11), (3, 22)].into_iter().collect();
     assert_eq!(tail, want, "per partition the last committed letter of this source");
 }
@@ -143,7 +163,8 @@ fn a_letter_is_committed_soon_without_a_restart_point() {
                 confirmed: Progress::default(),
                 settled: Default::default(),
             };
-            dead_letter_sink(input.to_stream(scope), &b, &d, &s, 1, Some(confirm), None).unwrap();
+            dead_letter_sink(input.to_stream(scope), &b, &d, &s, JOB, 1, Some(confirm), None)
+                .unwrap();
         });
         input.send(DeadLetter {
             reason: DeadLetterReason::Late,
@@ -160,7 +181,7 @@ fn a_letter_is_committed_soon_without_a_restart_point() {
         let started = Instant::now();
         loop {
             worker.step_or_park(Some(Duration::from_millis(20)));
-            if written(&bootstrap, &dlq, &source, None).unwrap().get(&0) == Some(&41) {
+            if written(&bootstrap, &dlq, &source, JOB, None).unwrap().get(&0) == Some(&41) {
                 break;
             }
             assert!(Instant::now() < deadline, "the letter was not committed within 30 s");
@@ -189,7 +210,8 @@ fn restart_points_queued_behind_a_commit_share_its_transaction() {
         worker.dataflow::<u64, _, _>(|scope| {
             let confirm =
                 Confirm { taken: taken.clone(), confirmed: c.clone(), settled: Default::default() };
-            dead_letter_sink(input.to_stream(scope), &b, &d, &s, 1, Some(confirm), None).unwrap();
+            dead_letter_sink(input.to_stream(scope), &b, &d, &s, JOB, 1, Some(confirm), None)
+                .unwrap();
         });
         for offset in 0..POINTS {
             input.send(DeadLetter {
@@ -257,14 +279,47 @@ fn committed_late_letters_past_the_restart_points_are_found() {
     txn.abort_transaction(Duration::from_secs(30)).unwrap();
 
     let from: HashMap<i32, i64> = [(0, 3), (1, 0)].into_iter().collect();
-    let late = committed_late(&bootstrap, &dlq, &source, &from).unwrap();
+    let late = committed_late(&bootstrap, &dlq, &source, JOB, &from).unwrap();
     let want: HashMap<i32, Vec<i64>> = [(0, vec![10, 41]), (1, vec![5])].into_iter().collect();
     assert_eq!(late, want, "committed late letters at or after each restart offset");
-    let none = committed_late(&bootstrap, &format!("{dlq}-missing"), &source, &from).unwrap();
+    let none = committed_late(&bootstrap, &format!("{dlq}-missing"), &source, JOB, &from).unwrap();
     assert!(none.is_empty(), "no dead-letter topic yet: nothing");
 }
 
-/// Every committed letter of `dlq` partition 0, in order:
+#[test]
+fn jobs_sharing_a_dead_letter_topic_read_back_only_their_own_letters() {
+    // Two jobs read the same source and write to the same dead-letter topic:
+    // with other lateness bounds, other records are late for each.
+    let (bootstrap, source, dlq, txn) = fixture("shared_dlq", 2);
+    txn.begin_transaction().unwrap();
+    // Partition 0: this job's letters, then more of the other job's than
+    // the reader's first look back (16 records).
+    for o in 1..=3 {
+        letter_of(&txn, &dlq, &source, 0, o, "late", Some(JOB));
+    }
+    for o in 10..=40 {
+        letter_of(&txn, &dlq, &source, 0, o, "late", Some("another_job"));
+    }
+    // Partition 1: the other job's, then one written before letters named
+    // their job, which every job counts as its own, as it did then.
+    letter_of(&txn, &dlq, &source, 1, 7, "late", Some("another_job"));
+    letter_of(&txn, &dlq, &source, 1, 8, "late", None);
+    txn.commit_transaction(Duration::from_secs(30)).unwrap();
+
+    let mine = written(&bootstrap, &dlq, &source, JOB, None).unwrap();
+    let want: HashMap<i32, i64> = [(0, 3), (1, 8)].into_iter().collect();
+    assert_eq!(mine, want, "this job's last letters, not the other's");
+    let theirs = written(&bootstrap, &dlq, &source, "another_job", None).unwrap();
+    let want: HashMap<i32, i64> = [(0, 40), (1, 8)].into_iter().collect();
+    assert_eq!(theirs, want, "the other job's last letters");
+    let from: HashMap<i32, i64> = [(0, 0), (1, 0)].into_iter().collect();
+    let late = committed_late(&bootstrap, &dlq, &source, JOB, &from).unwrap();
+    let want: HashMap<i32, Vec<i64>> = [(0, vec![1, 2, 3]), (1, vec![8])].into_iter().collect();
+    assert_eq!(late, want, "late again for this job: only its own letters");
+}
+
+/// Every committed letter of `dlq` partition 0 (each written by the sink
+/// for [`JOB`]), in order:
 /// `(source offset, payload, payload-omitted header)`.
 fn read_letters(bootstrap: &str, dlq: &str) -> Vec<(i64, Vec<u8>, Option<String>)> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -285,7 +340,10 @@ fn read_letters(bootstrap: &str, dlq: &str) -> Vec<(i64, Vec<u8>, Option<String>
         assert!(Instant::now() < deadline, "the dead-letter topic's end was not reached");
         match consumer.poll(Duration::from_millis(200)) {
             Some(Ok(m)) => letters.push((
-                header(&m, headers::OFFSET).unwrap().parse().unwrap(),
+                {
+                    assert_eq!(header(&m, headers::JOB).as_deref(), Some(JOB), "the writer named");
+                    header(&m, headers::OFFSET).unwrap().parse().unwrap()
+                },
                 m.payload().unwrap_or_default().to_vec(),
                 header(&m, headers::PAYLOAD_OMITTED),
             )),
@@ -349,7 +407,7 @@ fn too_large_letters(name: &str, lowered: bool) {
         let ran = timely::execute(timely::Config::thread(), move |worker| {
             let mut input = timely::dataflow::InputHandleVec::<u64, DeadLetter>::new();
             worker.dataflow::<u64, _, _>(|scope| {
-                dead_letter_sink(input.to_stream(scope), &b, &d, &s, 1, None, None).unwrap();
+                dead_letter_sink(input.to_stream(scope), &b, &d, &s, JOB, 1, None, None).unwrap();
             });
             if lowered {
                 alter_topic(&b, &d, &small).unwrap();
@@ -396,7 +454,7 @@ fn too_large_letters(name: &str, lowered: bool) {
             assert_eq!(omitted, &None, "letter {offset}");
         }
     }
-    assert_eq!(written(&bootstrap, &dlq, &source, None).unwrap().get(&0), Some(&14));
+    assert_eq!(written(&bootstrap, &dlq, &source, JOB, None).unwrap().get(&0), Some(&14));
 }
 
 #[test]

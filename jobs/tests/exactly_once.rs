@@ -563,6 +563,7 @@ fn decode_time(payload: &[u8]) -> Option<Time> {
 /// `seed`, ending about an hour ago), and the model's judgement of it.
 struct Loaded {
     topic: String,
+    plan: Vec<Planned>,
     fraud: FraudConfig,
     judged: Judged,
     end: Time,
@@ -580,7 +581,7 @@ impl Loaded {
         let m = model(&fraud);
         let judged = m.judge(&plan, &[]);
         let end = m.end(&judged);
-        Loaded { topic, fraud, judged, end, at: coordinates(&plan) }
+        Loaded { topic, fraud, judged, end, at: coordinates(&plan), plan }
     }
 
     /// `job`'s stores hold the reference's result over the whole topic
@@ -617,6 +618,40 @@ fn two_jobs_share_a_database_in_schemas_of_their_own() {
     assert!(!out.status.success(), "a second job in a's schema is refused");
     let text = String::from_utf8_lossy(&out.stderr);
     assert!(text.contains(&a.name), "the refusal names the job already there: {text}");
+}
+
+/// Two jobs read one topic with other lateness bounds and write their dead
+/// letters to one topic (as two jobs left at the default name do): each
+/// reads back only its own letters, so each finds late exactly what its own
+/// bound makes late, not what the other's made late (a job starting read
+/// every late letter of its source as its own decision), and neither fences
+/// the other's dead-letter transactions.
+#[test]
+fn two_jobs_with_other_lateness_bounds_share_a_dead_letter_topic() {
+    let loaded = Loaded::new("shared_dlq", 2, 23, 3_000);
+    let (topic, fraud) = (&loaded.topic, &loaded.fraud);
+    // Both with `{topic}-dlq`, the dead-letter topic `Job::command` names.
+    let a = Job::new(&format!("{topic}_a"), topic, fraud);
+    let mut b = Job::new(&format!("{topic}_b"), topic, fraud);
+    b.extra = vec!["--lateness-ms".into(), "600000".into()];
+    assert!(a.bounded().success() && b.bounded().success());
+    loaded.assert_exact(&a, true);
+    let loose = SourceModel { lateness_ms: 600_000, ..model(fraud) };
+    let plan_b = loose.judge(&loaded.plan, &[]);
+    assert_ne!(
+        late_set(&plan_b, &loaded.at),
+        late_set(&loaded.judged, &loaded.at),
+        "the two bounds decide differently on this input"
+    );
+    assert_exact_archived(
+        fraud,
+        &plan_b.accepted,
+        late_set(&plan_b, &loaded.at),
+        loose.end(&plan_b) - 1,
+        &b.results(),
+        &b.name,
+        true,
+    );
 }
 
 /// A small backpressure bound pauses the sources again and again: with the

@@ -143,6 +143,7 @@ fn source_accepts_every_good_record_once_and_dead_letters_every_bad_one_with_its
                 &bs,
                 &dlq_topic,
                 &source_topic,
+                "e2e",
                 PARTITIONS as usize,
                 None,
                 None,

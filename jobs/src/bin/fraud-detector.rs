@@ -328,6 +328,7 @@ fn main() -> Result<()> {
                 &endpoints.kafka_bootstrap,
                 &args.dlq_topic,
                 &args.topic,
+                &args.job,
                 &r.start_offsets,
             )
         })
@@ -405,6 +406,7 @@ fn main() -> Result<()> {
         .with_context(|| format!("reading topic {}", args.topic))?
         .unwrap_or(1);
     let topic = args.topic.clone();
+    let job = args.job.clone();
     ensure_topic(&bootstrap, &dlq, partitions as i32)
         .with_context(|| format!("creating topic {dlq}"))?;
     let registry: Arc<dyn SchemaRegistry> = if args.schema_registry {
@@ -443,6 +445,7 @@ fn main() -> Result<()> {
                     &bootstrap,
                     &dlq,
                     &topic,
+                    &job,
                     partitions,
                     Some(confirm),
                     Some(Box::new(|e| cannot_start_dead_letters(e))),
