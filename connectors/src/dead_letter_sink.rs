@@ -797,6 +797,8 @@ pub type OnStartError = Box<dyn FnOnce(&DeadLetterError)>;
 /// with `confirm`, pass restart points on once their dead letters are delivered.
 /// What can be checked before the dataflow runs is returned; a failure of
 /// the rest of the start goes to `on_start_error`.
+// The dead letters' coordinates (topic, source, job) and the start's hooks, each its own.
+#[allow(clippy::too_many_arguments)]
 pub fn dead_letter_sink(
     stream: StreamVec<'_, Time, DeadLetter>,
     bootstrap: &str,
