@@ -6,8 +6,9 @@
 //!   `p % peers`, across all processes; no consumer-group rebalancing. Offsets
 //!   are still committed to the group, only so that lag tools work; resuming is
 //!   driven by checkpoints.
-//! - **Never blocks**: polls with a zero timeout, at most [`SourceConfig::batch`]
-//!   messages per activation, then asks to be scheduled again (at once when it
+//! - **Never blocks**: reads with a zero timeout, a batch of records at a
+//!   time from a queue of its own ([`crate::fetch_queue`]), at most
+//!   [`SourceConfig::batch`] per activation, then asks to be scheduled again (at once when it
 //!   found data; when it did not, after `busy_poll` while records are
 //!   flowing and after `idle_poll` once they have stopped: see [`next_poll`]).
 //! - **Decisions** (lateness, duplicates, floors) are made per partition by
@@ -65,7 +66,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::fetch_queue::FetchQueue;
 use differential_dataflow::{AsCollection, VecCollection};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
@@ -79,6 +79,7 @@ use tripwire_dataflow::{Diff, FraudConfig, Time, Transaction};
 use crate::avro::{Limits, TransactionCodec};
 use crate::commit::{Committed, InputEnd};
 use crate::dead_letter::DeadLetterReason;
+use crate::fetch_queue::FetchQueue;
 use crate::partition::{Partition, Restored, Rules, Verdict};
 use crate::registry::SchemaRegistry;
 

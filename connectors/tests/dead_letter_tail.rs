@@ -49,23 +49,11 @@ fn letter(
     partition: i32,
     offset: i64,
 ) {
-    letter_for(p, dlq, source, partition, offset, "late");
+    letter_of(p, dlq, source, partition, offset, "late", None);
 }
 
-/// [`letter`] with another reason.
-fn letter_for(
-    p: &ThreadedProducer<DefaultProducerContext>,
-    dlq: &str,
-    source: &str,
-    partition: i32,
-    offset: i64,
-    reason: &str,
-) {
-    letter_of(p, dlq, source, partition, offset, reason, None);
-}
-
-/// [`letter_for`] naming the job that wrote it (none: as builds before
-/// letters named their job wrote them).
+/// [`letter`] with another reason, naming the job that wrote it (none: as
+/// builds before letters named their job wrote them).
 fn letter_of(
     p: &ThreadedProducer<DefaultProducerContext>,
     dlq: &str,
@@ -263,10 +251,10 @@ fn committed_late_letters_past_the_restart_points_are_found() {
     txn.begin_transaction().unwrap();
     // Partition 0 restarts at offset 3: the late letter at 2 lies before it.
     letter(&txn, &dlq, &source, 0, 2);
-    letter_for(&txn, &dlq, &source, 0, 3, "truncated");
+    letter_of(&txn, &dlq, &source, 0, 3, "truncated", None);
     letter(&txn, &dlq, &source, 0, 10);
     for o in 11..40 {
-        letter_for(&txn, &dlq, &source, 0, o, "wrong_magic");
+        letter_of(&txn, &dlq, &source, 0, o, "wrong_magic", None);
     }
     letter(&txn, &dlq, &source, 0, 41);
     // Partition 1 restarts at its beginning.

@@ -460,8 +460,9 @@ struct Epoch {
     held: Option<Capability<Time>>,
     /// Per slot, [`UNMARKED`] or the card's last change, with [`EXISTED`].
     marks: Vec<u64>,
-    /// The marked slots, in marking order. A slot may be listed twice (its
-    /// card went and another took the slot): its mark is taken once.
+    /// The marked slots, in marking order (in slot order once the epoch
+    /// closes). A slot may be listed twice (its card went and another took
+    /// the slot): its mark is taken once.
     dirty: Vec<u32>,
     /// The last time processed within the epoch.
     processed: Time,
