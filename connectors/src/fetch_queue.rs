@@ -140,6 +140,19 @@ impl Record<'_> {
         // SAFETY: librdkafka's bytes, valid as long as the message.
         (!ptr.is_null()).then(|| unsafe { std::slice::from_raw_parts(ptr.cast::<u8>(), len) })
     }
+
+    /// The error it reports instead of a record: an end of partition, or
+    /// a consumer error.
+    fn error(&self) -> Option<KafkaError> {
+        let m = self.message();
+        match m.err {
+            rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR => None,
+            rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR__PARTITION_EOF => {
+                Some(KafkaError::PartitionEOF(m.partition))
+            }
+            e => Some(KafkaError::MessageConsumption(e.into())),
+        }
+    }
 }
 
 impl Drop for Record<'_> {
@@ -155,21 +168,6 @@ pub enum Fetched<'c> {
     Queued(Record<'c>),
     /// From the consumer's queue.
     Polled(BorrowedMessage<'c>),
-}
-
-impl Record<'_> {
-    /// The error it reports instead of a record: an end of partition, or
-    /// a consumer error.
-    fn error(&self) -> Option<KafkaError> {
-        let m = self.message();
-        match m.err {
-            rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR => None,
-            rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR__PARTITION_EOF => {
-                Some(KafkaError::PartitionEOF(m.partition))
-            }
-            e => Some(KafkaError::MessageConsumption(e.into())),
-        }
-    }
 }
 
 impl Fetched<'_> {

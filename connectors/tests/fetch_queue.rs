@@ -28,20 +28,10 @@ struct Produced {
     timestamp: i64,
 }
 
-/// A small seeded generator (xorshift), so that a failure can be replayed.
-fn seeded(mut s: u64) -> impl FnMut(u64) -> u64 {
-    move |n| {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        s % n.max(1)
-    }
-}
-
 /// Produce to `partitions` of `topic` a seeded number of records each (one
 /// partition none), some without a key, some without a value; what each got.
 fn produce(bootstrap: &str, topic: &str, partitions: i32, seed: u64) -> Vec<Vec<Produced>> {
-    let mut next = seeded(seed);
+    let mut next = tripwire_dataflow::seeded(seed);
     let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("enable.idempotence", "true")
@@ -92,18 +82,21 @@ fn reader(bootstrap: &str, topic: &str, partitions: i32) -> FetchQueue<ReadsToEn
     reader
 }
 
+/// What [`read_all`] read: the records per partition, how many came from
+/// the consumer's own queue, and how many of partition 1's had been read
+/// when it was paused.
+struct ReadAll {
+    read: HashMap<i32, Vec<(i64, Produced)>>,
+    polled: usize,
+    paused_after: Option<usize>,
+}
+
 /// Read until every partition has ended, pausing partition 1 for a while
-/// after its first records if `pause`: the records read per partition, and
-/// how many came from the consumer's own queue.
-fn read_all(
-    reader: &FetchQueue<ReadsToEnd>,
-    topic: &str,
-    partitions: i32,
-    pause: bool,
-) -> (HashMap<i32, Vec<(i64, Produced)>>, usize) {
+/// after its first records if `pause`.
+fn read_all(reader: &FetchQueue<ReadsToEnd>, topic: &str, partitions: i32, pause: bool) -> ReadAll {
     let mut read: HashMap<i32, Vec<(i64, Produced)>> = HashMap::new();
     let mut ended = vec![false; partitions as usize];
-    let (mut polled, mut paused_at) = (0, None::<Instant>);
+    let (mut polled, mut paused_at, mut paused_after) = (0, None::<Instant>, None);
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut fetched = Vec::new();
     while ended.iter().any(|e| !e) {
@@ -133,12 +126,13 @@ fn read_all(
         if pause && p1 > 0 && paused_at.is_none() {
             reader.consumer().pause(&tpl).unwrap();
             paused_at = Some(Instant::now());
+            paused_after = Some(p1);
         } else if paused_at.is_some_and(|t| t.elapsed() > Duration::from_millis(300)) {
             reader.consumer().resume(&tpl).unwrap();
             paused_at = Some(Instant::now() + Duration::from_secs(3600));
         }
     }
-    (read, polled)
+    ReadAll { read, polled, paused_after }
 }
 
 fn check(read: &HashMap<i32, Vec<(i64, Produced)>>, sent: &[Vec<Produced>]) {
@@ -160,9 +154,9 @@ fn every_record_is_read_once_in_order_as_produced_and_each_partition_ends() {
         ensure_topic(&bootstrap, &topic, 4).unwrap();
         let sent = produce(&bootstrap, &topic, 4, seed);
         let reader = reader(&bootstrap, &topic, 4);
-        let (read, polled) = read_all(&reader, &topic, 4, false);
-        check(&read, &sent);
-        assert_eq!(polled, 0, "no record reached the consumer's own queue");
+        let all = read_all(&reader, &topic, 4, false);
+        check(&all.read, &sent);
+        assert_eq!(all.polled, 0, "no record reached the consumer's own queue");
     }
 }
 
@@ -173,6 +167,8 @@ fn a_partition_paused_and_resumed_midway_is_still_read_once_in_order() {
     ensure_topic(&bootstrap, &topic, 3).unwrap();
     let sent = produce(&bootstrap, &topic, 3, 7);
     let reader = reader(&bootstrap, &topic, 3);
-    let (read, _) = read_all(&reader, &topic, 3, true);
-    check(&read, &sent);
+    let all = read_all(&reader, &topic, 3, true);
+    let paused_after = all.paused_after.expect("partition 1 was paused");
+    assert!(paused_after < sent[1].len(), "paused with records still to read: {paused_after}");
+    check(&all.read, &sent);
 }
