@@ -115,6 +115,21 @@ impl Entries {
         }
     }
 
+    /// Prefetch what an arrival reads and writes of the transactions held
+    /// out of line: the newest, up to `max_lines` cache lines (a scan reads
+    /// them newest first), and the slot [`Entries::push_back`] fills next.
+    #[inline]
+    pub fn prefetch_newest(&self, max_lines: usize) {
+        if let Entries::Spilled(d) = self {
+            let (older, newer) = d.as_slices();
+            let newest = if newer.is_empty() { older } else { newer };
+            crate::prefetch::prefetch_after(newest);
+            crate::prefetch::prefetch_tail(newer, max_lines);
+            let left = max_lines.saturating_sub(std::mem::size_of_val(newer).div_ceil(64));
+            crate::prefetch::prefetch_tail(older, left);
+        }
+    }
+
     /// Add `e`, at or after every one held.
     pub fn push_back(&mut self, e: Entry) {
         match self {

@@ -338,10 +338,16 @@ struct ArrivalsAhead {
     /// how many their card.
     map: usize,
     cards: usize,
+    /// How many had their card's newest transactions prefetched.
+    entries: usize,
 }
 
 const PREFETCH_MAP: usize = 16;
 const PREFETCH_CARDS: usize = 8;
+/// How many arrivals ahead a card's newest transactions are prefetched (read
+/// from its state, so once that is in cache), and how many cache lines.
+const PREFETCH_NEWEST: usize = 4;
+const NEWEST_LINES: usize = 10;
 
 impl ArrivalsAhead {
     /// `taken` arrivals have just left `pending`; prefetch for the next
@@ -352,10 +358,17 @@ impl ArrivalsAhead {
         if self.bucket == Some(key) {
             self.map = self.map.saturating_sub(taken);
             self.cards = self.cards.saturating_sub(taken);
+            self.entries = self.entries.saturating_sub(taken);
         } else {
-            *self = ArrivalsAhead { bucket: Some(key), map: 0, cards: 0 };
+            *self = ArrivalsAhead { bucket: Some(key), ..ArrivalsAhead::default() };
         }
         let next = |k: usize| &items[items.len() - 1 - k].1;
+        while self.entries < PREFETCH_NEWEST.min(items.len()) {
+            if let Some(slot) = cards.slot_of.get(next(self.entries).card_id) {
+                cards.states[slot as usize].1.entries.prefetch_newest(NEWEST_LINES);
+            }
+            self.entries += 1;
+        }
         while self.cards < PREFETCH_CARDS.min(items.len()) {
             if let Some(slot) = cards.slot_of.get(next(self.cards).card_id) {
                 crate::prefetch::prefetch(&cards.states[slot as usize], STATE_LINES);

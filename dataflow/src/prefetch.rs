@@ -8,10 +8,11 @@
 //! worker's time (`bench/README.md`). Asked a few cards ahead, those waits
 //! overlap.
 //!
-//! The one place the workspace allows `unsafe`: `_mm_prefetch` is an
+//! The dataflow crate's one place for `unsafe`: `_mm_prefetch` is an
 //! intrinsic of the `sse` target feature, so Rust makes every call unsafe,
 //! although a prefetch never faults and changes nothing the program can
-//! read. The address comes from a reference, so it is a valid one anyway.
+//! read. The address comes from a reference (or is one past a slice's end),
+//! so it is a valid pointer anyway.
 #![allow(unsafe_code)]
 
 /// Bytes in a cache line.
@@ -33,6 +34,30 @@ pub fn prefetch<T: ?Sized>(value: &T, max_lines: usize) {
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = (value, max_lines);
+}
+
+/// Prefetch the last `max_lines` cache lines of `items` (all of it when shorter).
+#[inline(always)]
+pub fn prefetch_tail<T>(items: &[T], max_lines: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let size = std::mem::size_of_val(items);
+        let skip = size.saturating_sub(max_lines * LINE);
+        // Only the lines that hold `items[skip..]` are hinted.
+        prefetch(&items[skip / std::mem::size_of::<T>().max(1)..], max_lines + 1);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (items, max_lines);
+}
+
+/// Prefetch the cache line just past `items`' end: where a queue with room
+/// writes its next element (a hint only; nothing there is read through it).
+#[inline(always)]
+pub fn prefetch_after<T>(items: &[T]) {
+    #[cfg(target_arch = "x86_64")]
+    hint(items.as_ptr_range().end.cast::<i8>());
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = items;
 }
 
 /// Prefetch the cache line of `value`'s first byte and of its last (one
