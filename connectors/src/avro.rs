@@ -8,13 +8,13 @@
 //! struct (v1 data has no `device_id` and gets `None`), which is sound because
 //! the registry's versions are checked compatible both ways.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use apache_avro::reader::datum::GenericDatumReader;
 use apache_avro::writer::datum::GenericDatumWriter;
 use apache_avro::Schema;
 use serde::{Deserialize, Serialize};
+use tripwire_dataflow::fxhash::FxHashMap;
 use tripwire_dataflow::{Channel, Transaction};
 
 use crate::codes;
@@ -123,8 +123,12 @@ pub struct TransactionCodec {
     /// Readers for the writer schemas seen so far (checked to be transaction
     /// schemas), built once: building one resolves the schema, which cost more
     /// than decoding a record.
-    known: HashMap<u32, Result<Reader, Rejected>>,
+    known: FxHashMap<u32, Result<Reader, Rejected>>,
     limits: Limits,
+    /// The record the plan reads into, its strings' buffers kept from one
+    /// record to the next (two allocations and two frees per record were a
+    /// twentieth of the source's time).
+    scratch: AvroTransaction,
 }
 
 /// How the records of one writer schema are read: by apache-avro's reader,
@@ -142,7 +146,12 @@ impl TransactionCodec {
         // hundreds of MiB; nothing in a message can be longer than the message.
         // (A process-wide setting: the first codec's limit holds.)
         apache_avro::util::max_allocation_bytes(limits.max_message_bytes);
-        TransactionCodec { registry, known: HashMap::new(), limits }
+        TransactionCodec {
+            registry,
+            known: FxHashMap::default(),
+            limits,
+            scratch: AvroTransaction::default(),
+        }
     }
 
     /// Decode and validate one message; `log_time_ms` is the Kafka record's
@@ -175,16 +184,18 @@ impl TransactionCodec {
             ));
         };
         let id = u32::from_be_bytes(*id);
-        let reader = self.reader(id)?;
+        let reader = Self::reader(&mut self.known, &*self.registry, id)?;
         // The plan reads what it can read exactly as apache-avro would; on
         // anything else (a truncated or malformed record among them) apache-avro
         // reads it again and says what is wrong.
-        let record = match reader.plan.as_ref().and_then(|p| p.read(datum)) {
-            Some(record) => record,
-            None => {
+        let planned = reader.plan.as_ref().is_some_and(|p| p.read(datum, &mut self.scratch));
+        let generic;
+        let record = match planned {
+            true => &self.scratch,
+            false => {
                 let total = datum.len();
-                let record: AvroTransaction =
-                    reader.generic.read_deser(&mut datum).map_err(classify)?;
+                generic =
+                    reader.generic.read_deser::<AvroTransaction>(&mut datum).map_err(classify)?;
                 if !datum.is_empty() {
                     return Err(Rejected::new(
                         Reason::WrongSchema,
@@ -194,21 +205,42 @@ impl TransactionCodec {
                         ),
                     ));
                 }
-                record
+                &generic
             }
         };
-        let event_id = record.event_id;
-        validate(record, &self.limits, log_time_ms).map_err(|r| r.of_event(event_id))
+        validate(record, &self.limits, log_time_ms).map_err(|r| r.of_event(record.event_id))
     }
 
-    fn reader(&mut self, id: u32) -> Result<Reader, Rejected> {
-        if let Some(known) = self.known.get(&id) {
-            return known.clone();
+    /// The reader of writer schema `id`, built and kept in `known` the
+    /// first time (borrowed, not cloned: the clone's two reference counts
+    /// were two atomic increments and decrements per record).
+    fn reader<'a>(
+        known: &'a mut FxHashMap<u32, Result<Reader, Rejected>>,
+        registry: &dyn SchemaRegistry,
+        id: u32,
+    ) -> Result<&'a Reader, Rejected> {
+        let kept = match known.entry(id) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(Self::build_reader(registry, id)?)
+            }
+        };
+        match kept {
+            Ok(reader) => Ok(reader),
+            Err(e) => Err(e.clone()),
         }
-        // Not found is not remembered here: an id registered later (or a
-        // registry that was briefly unreachable) must read its records then.
-        // The registry client keeps its own short negative cache.
-        let schema = self.registry.schema(id).ok_or_else(|| {
+    }
+
+    /// What to keep for writer schema `id`: its reader, or why its records
+    /// are not transactions. Not found is an error not kept: an id
+    /// registered later (or a registry that was briefly unreachable) must
+    /// read its records then. The registry client keeps its own short
+    /// negative cache.
+    fn build_reader(
+        registry: &dyn SchemaRegistry,
+        id: u32,
+    ) -> Result<Result<Reader, Rejected>, Rejected> {
+        let schema = registry.schema(id).ok_or_else(|| {
             Rejected::new(Reason::UnknownSchemaId, format!("schema id {id} is not registered"))
         })?;
         let reader = if !is_transaction(&schema) {
@@ -229,8 +261,7 @@ impl TransactionCodec {
                 })
                 .map_err(|e| Rejected::new(Reason::WrongSchema, e.to_string()))
         };
-        self.known.insert(id, reader.clone());
-        reader
+        Ok(reader)
     }
 }
 
@@ -309,12 +340,18 @@ impl Plan {
         (required == 12).then_some(Plan { steps })
     }
 
-    /// The record in `datum`, all of it; `None` where the plan cannot tell
-    /// (apache-avro then reads it and names what is wrong).
-    fn read(&self, datum: &[u8]) -> Option<AvroTransaction> {
+    /// Read the record in `datum`, all of it, into `r`; `false` where the
+    /// plan cannot tell (apache-avro then reads it and names what is wrong),
+    /// and `r` is then left half-written.
+    fn read(&self, datum: &[u8], r: &mut AvroTransaction) -> bool {
+        self.read_into(datum, r).is_some()
+    }
+
+    fn read_into(&self, datum: &[u8], r: &mut AvroTransaction) -> Option<()> {
         let mut b = datum;
-        // Every field is set below: the plan has a step for each required one.
-        let mut r = AvroTransaction::default();
+        // Every field is set below (the plan has a step for each required
+        // one) but the device id, which older writers lack.
+        r.device_id = None;
         for step in &self.steps {
             match *step {
                 Step::EventId => r.event_id = read_long(&mut b)?,
@@ -323,8 +360,8 @@ impl Plan {
                 Step::MerchantId => r.merchant_id = read_long(&mut b)?,
                 Step::Mcc => r.mcc = i32::try_from(read_long(&mut b)?).ok()?,
                 Step::AmountMinor => r.amount_minor = read_long(&mut b)?,
-                Step::Currency => r.currency = read_string(&mut b)?,
-                Step::Country => r.country = read_string(&mut b)?,
+                Step::Currency => read_string(&mut b, &mut r.currency)?,
+                Step::Country => read_string(&mut b, &mut r.country)?,
                 Step::Lat => r.lat = read_double(&mut b)?,
                 Step::Lon => r.lon = read_double(&mut b)?,
                 Step::Channel(by_index, n) => {
@@ -344,7 +381,7 @@ impl Plan {
                 }
             }
         }
-        b.is_empty().then_some(r)
+        b.is_empty().then_some(())
     }
 }
 
@@ -365,12 +402,14 @@ fn read_long(b: &mut &[u8]) -> Option<i64> {
     None
 }
 
-/// Avro's `string`: its length as a `long`, then as many bytes of UTF-8.
-fn read_string(b: &mut &[u8]) -> Option<String> {
+/// Avro's `string`: its length as a `long`, then as many bytes of UTF-8,
+/// into `into` (its buffer reused).
+fn read_string(b: &mut &[u8], into: &mut String) -> Option<()> {
     let n = usize::try_from(read_long(b)?).ok().filter(|n| *n <= b.len())?;
-    let s = std::str::from_utf8(&b[..n]).ok()?.to_owned();
+    into.clear();
+    into.push_str(std::str::from_utf8(&b[..n]).ok()?);
     *b = &b[n..];
-    Some(s)
+    Some(())
 }
 
 /// Avro's `double`: eight bytes, little-endian.
@@ -409,7 +448,7 @@ fn classify(e: apache_avro::Error) -> Rejected {
 
 /// Check every field's domain and build the dataflow's event.
 pub fn validate(
-    r: AvroTransaction,
+    r: &AvroTransaction,
     limits: &Limits,
     log_time_ms: Option<i64>,
 ) -> Result<Transaction, Rejected> {
@@ -882,9 +921,15 @@ mod tests {
         let extremes = [0, 1, -1, 63, 64, -64, -65, i64::MAX, i64::MIN, 1 << 35];
         let strings = ["", "USD", "DE", "Ωμ", "a\u{1F600}b"];
         let (mut planned, mut compared) = (0, 0);
-        for schema in planned_schemas() {
-            let plan = Plan::of(&schema).expect("a plan for this schema");
-            let v1 = !matches!(&schema, Schema::Record(r) if r.lookup.contains_key("device_id"));
+        // One record read into throughout, across schemas with and without
+        // the device id: nothing of a record may stay for the next.
+        let mut scratch = AvroTransaction::default();
+        let schemas = planned_schemas();
+        // Each schema twice, in both orders: a record without the device id
+        // comes right after ones with it.
+        for schema in schemas.iter().chain(schemas.iter().rev()) {
+            let plan = Plan::of(schema).expect("a plan for this schema");
+            let v1 = !matches!(schema, Schema::Record(r) if r.lookup.contains_key("device_id"));
             for n in 0..3_000 {
                 let pick = |k: usize| next() as usize % k;
                 let long = |v: u64, k: usize| {
@@ -909,12 +954,13 @@ mod tests {
                     event_time: long(next() >> 23, pick(9)),
                     device_id: if v1 || pick(2) == 0 { None } else { Some(long(next(), pick(9))) },
                 };
-                let bytes = encode(&r, 9, &schema).unwrap();
+                let bytes = encode(&r, 9, schema).unwrap();
                 let datum = &bytes[5..];
-                // Whole records: the plan reads each, as apache-avro does.
-                let got = plan.read(datum);
+                // Whole records: the plan reads each, as apache-avro does,
+                // into the record it read the one before into (as the codec does).
+                let got = plan.read(datum, &mut scratch).then(|| scratch.clone());
                 assert_eq!(got.as_ref(), Some(&r), "record {n}");
-                assert_eq!(generic(&schema, datum), got, "record {n}");
+                assert_eq!(generic(schema, datum), got, "record {n}");
                 planned += 1;
                 // Cut short, or a byte changed: whatever the plan reads,
                 // apache-avro reads the same (the rest it refuses, or reads
@@ -926,14 +972,14 @@ mod tests {
                     let at = pick(bad.len());
                     bad[at] = next() as u8;
                 }
-                if let Some(read) = plan.read(&bad) {
-                    let read = exact(Some(read));
-                    assert_eq!(exact(generic(&schema, &bad)), read, "changed record {n}");
+                if plan.read(&bad, &mut scratch) {
+                    let read = exact(Some(scratch.clone()));
+                    assert_eq!(exact(generic(schema, &bad)), read, "changed record {n}");
                     compared += 1;
                 }
             }
         }
-        assert_eq!(planned, 9_000);
+        assert_eq!(planned, 18_000);
         assert!(compared > 1_000, "changed records the plan read: {compared}");
     }
 
