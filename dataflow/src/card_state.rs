@@ -125,7 +125,8 @@ impl Entries {
             let newest = if newer.is_empty() { older } else { newer };
             crate::prefetch::prefetch_after(newest);
             crate::prefetch::prefetch_tail(newer, max_lines);
-            let left = max_lines.saturating_sub(std::mem::size_of_val(newer).div_ceil(64));
+            let left = max_lines
+                .saturating_sub(std::mem::size_of_val(newer).div_ceil(crate::prefetch::LINE));
             crate::prefetch::prefetch_tail(older, left);
         }
     }

@@ -16,7 +16,7 @@
 #![allow(unsafe_code)]
 
 /// Bytes in a cache line.
-const LINE: usize = 64;
+pub(crate) const LINE: usize = 64;
 
 /// Prefetch the cache lines of `value`, at most `max_lines` of them.
 #[inline(always)]
