@@ -18,11 +18,15 @@
 //! - **Idle partitions**: a partition with nothing new for `idle_timeout`
 //!   (default 30 s; not while paused by backpressure, nor while it replays
 //!   what an earlier run recorded) stops holding the capability back, so a
-//!   quiet partition does not stall results; when every partition of a
-//!   worker is quiet, its capability follows what the other workers have read
-//!   (workers tell each other, over a broadcast stream, just past the last
-//!   record they read), so that when the whole input is quiet the frontier
-//!   moves to just past the latest record.
+//!   quiet partition does not stall results: the worker's capability follows
+//!   its partitions that are not quiet. When every partition of a worker is
+//!   quiet, its capability follows what the other workers have read (workers
+//!   tell each other, over a broadcast stream, just past the last record they
+//!   read and whether they are quiet): while some read on, the latest of
+//!   their records less the lateness bound, so that a quiet partition's
+//!   record within the bound of the others' latest is on time, however long
+//!   after theirs it arrives; when the whole input is quiet, just past the
+//!   latest record.
 //!   A quiet partition that reads a record again *wakes* the input: for
 //!   [`WAKE_GRACE`] after that, on every worker, quiet partitions hold the
 //!   capability where it is, so that a producer's burst after a quiet spell,
@@ -999,49 +1003,59 @@ pub fn kafka_source<'s>(
             let past_last =
                 partitions.iter().filter_map(|p| p.decide.top).max().map(|b| fraud.time_of(b) + 1);
             let all_done = partitions.iter().all(|p| p.done);
-            // Tell the other workers how far this one has read (and whether it
-            // has read everything): when news changed, at most every 50 ms, and
-            // at once when it is done.
-            let news = News {
-                worker: index,
-                past_last: past_last.unwrap_or(0).max(*held[0].time()),
-                done: all_done,
-                pressed: over,
-                wakes,
-            };
-            if told != Some(news) && (all_done || told_at.elapsed() >= Duration::from_millis(50)) {
-                ends_out.activate().session(&held[2]).give(news);
-                told = Some(news);
-                told_at = Instant::now();
-            }
-            let everyone = heard.borrow().latest();
-            // Read in the same message as what woke it: before the target.
+            // A wake-up anywhere, read in the same message as what woke it:
+            // before this worker says whether it is quiet.
             let woken = heard.borrow().wakes();
             if woken > heard_wakes {
                 heard_wakes = woken;
                 grace_until = Some(Instant::now() + WAKE_GRACE);
             }
             let in_grace = grace_until.is_some_and(|g| Instant::now() < g);
+            let holding: Vec<Option<Time>> = partitions
+                .iter()
+                .filter(|p| !p.done && (in_grace || !p.idle(config.idle_timeout)))
+                .map(|p| p.decide.watermark(&rules, |t| fraud.time_of(t)))
+                .collect();
+            // Tell the other workers how far this one has read, whether all
+            // its partitions are quiet, and whether it has read everything:
+            // when news changed, at most every 50 ms, and at once when it is done.
+            let news = News {
+                worker: index,
+                seq: told.map_or(0, |t| t.seq),
+                past_last: past_last.unwrap_or(0).max(*held[0].time()),
+                quiet: !all_done && holding.is_empty(),
+                done: all_done,
+                pressed: over,
+                wakes,
+            };
+            if told != Some(news) && (all_done || told_at.elapsed() >= Duration::from_millis(50)) {
+                let news = News { seq: news.seq + 1, ..news };
+                ends_out.activate().session(&held[2]).give(news);
+                told = Some(news);
+                told_at = Instant::now();
+            }
             let target = if all_done {
                 // Bounded: wait until every worker has read everything, and
                 // end just past the latest record any of them read.
-                heard.borrow().all_done().then(|| everyone.max(*held[0].time()))
-            } else {
-                let holding: Vec<Option<Time>> = partitions
-                    .iter()
-                    .filter(|p| !p.done && (in_grace || !p.idle(config.idle_timeout)))
-                    .map(|p| p.decide.watermark(&rules, |t| fraud.time_of(t)))
-                    .collect();
-                if holding.is_empty() {
-                    // All quiet here: this worker holds nothing back; follow
-                    // what the others have read (the job's frontier is then
-                    // theirs, or, when all are quiet, just past the latest record).
-                    past_last.into_iter().chain([everyone]).max()
-                } else if holding.iter().any(Option::is_none) {
-                    None
-                } else {
-                    holding.iter().flatten().min().copied()
+                let heard = heard.borrow();
+                heard.all_done().then(|| heard.latest().max(*held[0].time()))
+            } else if holding.is_empty() {
+                // All quiet here: this worker holds nothing back.
+                match heard.borrow().busy_latest(index) {
+                    // Others read on: follow the latest of their records less
+                    // the lateness bound, as a quiet partition beside a busy
+                    // one on the same worker follows that one's watermark. A
+                    // record of these partitions within the bound of the
+                    // others' latest is on time, however long after theirs
+                    // it arrives.
+                    Some(latest) => Some(fraud.time_of(latest.saturating_sub(rules.lateness_ms))),
+                    // The whole input is quiet: just past the latest record.
+                    None => past_last.into_iter().chain([heard.borrow().latest()]).max(),
                 }
+            } else if holding.iter().any(Option::is_none) {
+                None
+            } else {
+                holding.iter().flatten().min().copied()
             };
             if let Some(t) = target.filter(|t| *t > *held[0].time()) {
                 // Record the floor of every partition the capability passes
@@ -1112,7 +1126,12 @@ pub fn kafka_source<'s>(
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 struct News {
     worker: usize,
+    /// The sender's count of its news: messages of one sender may overtake
+    /// each other, and the latest is the one with the largest count.
+    seq: u64,
     past_last: Time,
+    /// Whether all the sender's partitions are quiet (it holds nothing back).
+    quiet: bool,
     done: bool,
     pressed: bool,
     /// Quiet partitions of this worker that read a record again, so far.
@@ -1133,6 +1152,18 @@ impl Heard {
     /// Just past the last record any worker has read.
     fn latest(&self) -> Time {
         self.latest.iter().flatten().map(|n| n.past_last).max().unwrap_or(0)
+    }
+
+    /// Just past the latest record read by a worker other than `me` that is
+    /// not quiet, if any is: what a worker whose partitions are all quiet
+    /// follows (less the lateness bound) while others read on.
+    fn busy_latest(&self, me: usize) -> Option<Time> {
+        self.latest
+            .iter()
+            .flatten()
+            .filter(|n| n.worker != me && !n.quiet && !n.done)
+            .map(|n| n.past_last)
+            .max()
     }
 
     /// Wake-ups of the input seen by any worker, so far.
@@ -1162,7 +1193,7 @@ fn gossip(
         let mut h = heard.borrow_mut();
         let slot = &mut h.latest[n.worker];
         // Messages of one sender may overtake each other: keep the furthest.
-        let newer = slot.is_none_or(|s| (n.done, n.past_last) >= (s.done, s.past_last));
+        let newer = slot.is_none_or(|s| n.seq > s.seq);
         let pressing = slot.is_some_and(|s| s.pressed) != n.pressed;
         let woke = slot.is_none_or(|s| n.wakes > s.wakes);
         let wakes = slot.map_or(n.wakes, |s| s.wakes.max(n.wakes));
