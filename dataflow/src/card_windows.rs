@@ -28,7 +28,7 @@ use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
 use timely::dataflow::operators::generic::OutputBuilder;
 use timely::dataflow::operators::Capability;
 
-use crate::card_state::{Agg, CardState, Entry, Scratch};
+use crate::card_state::{Agg, At, CardState, Entry, Scratch};
 use crate::coalesce::Coalesce;
 use crate::config::FraudConfig;
 use crate::event::{Diff, InputEnd, Time, Transaction};
@@ -601,6 +601,7 @@ pub fn card_windows<'s>(
     let small_window = config.card_testing.window_ms;
     let lookback = config.travel.lookback_ms;
     let longest = lengths.iter().copied().chain([small_window, lookback]).max().unwrap_or(0);
+    let tick = config.tick_ms;
     // A card wakes when a transaction leaves one of its statistics windows, and
     // when it leaves the longest window (to forget it).
     // With each wake-up goes how many windows (shortest first) it can change,
@@ -653,7 +654,7 @@ pub fn card_windows<'s>(
         let stat_lengths: Vec<Time> = stat_index.iter().map(|&i| lengths[i]).collect();
         let (mut rescan_scratch, mut rescan_aggs) = (Scratch::default(), Vec::new());
         let mut rescan = move |state: &mut CardState, t: Time| {
-            state.scan(t, &stat_lengths, 0, 0, &mut rescan_scratch, &mut rescan_aggs);
+            state.scan(At { t, tick }, &stat_lengths, 0, 0, &mut rescan_scratch, &mut rescan_aggs);
             for (k, a) in rescan_aggs.iter().enumerate() {
                 state.emitted.set(k, a.stats().as_ref());
             }
@@ -749,7 +750,7 @@ pub fn card_windows<'s>(
                 for (n, x) in arrivals.iter().enumerate() {
                     let slot = cards.slot(x.card_id);
                     let state = &mut cards.states[slot as usize].1;
-                    state.entries.push_back(Entry::of(x, t));
+                    state.entries.push_back(Entry::of(x));
                     entries += 1;
                     // Arrivals are sorted by card: each card's are one range.
                     state.arrivals.end = n + 1;
@@ -780,13 +781,14 @@ pub fn card_windows<'s>(
                     let depth = depth.min(lengths.len());
                     let (card_id, state) = &mut cards.states[slot as usize];
                     let card_id = *card_id;
-                    entries -= state.trim(t, longest);
+                    let at = At { t, tick };
+                    entries -= state.trim(at, longest);
                     let mine =
                         if state.touched_at == Some(t) { state.arrivals.clone() } else { 0..0 };
                     // Only arrivals are judged, and only they need the card-testing window.
                     let small = if mine.is_empty() { 0 } else { small_window };
                     let small_merchants = state.scan(
-                        t,
+                        at,
                         &lengths[..depth],
                         small_amount,
                         small,
@@ -820,7 +822,7 @@ pub fn card_windows<'s>(
                     }
                     for x in &arrivals[mine] {
                         let previous = state
-                            .previous(t, x.event_time_ms, x.event_id, lookback)
+                            .previous(at, x.event_time_ms, x.event_id, lookback)
                             .map(|e| Previous {
                                 event_id: e.event_id,
                                 event_time_ms: e.event_time_ms,
