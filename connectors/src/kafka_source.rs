@@ -1192,7 +1192,7 @@ fn gossip(
     news.broadcast().inspect(move |n| {
         let mut h = heard.borrow_mut();
         let slot = &mut h.latest[n.worker];
-        // Messages of one sender may overtake each other: keep the furthest.
+        // Messages of one sender may overtake each other: keep its latest.
         let newer = slot.is_none_or(|s| n.seq > s.seq);
         let pressing = slot.is_some_and(|s| s.pressed) != n.pressed;
         let woke = slot.is_none_or(|s| n.wakes > s.wakes);

@@ -18,12 +18,12 @@ pub use crate::output::MAX_STAT_WINDOWS;
 use crate::output::{CardStats, WindowStats};
 
 /// What the card keeps of one transaction.
-#[derive(Clone, Copy, Debug, Default)]
 ///
 /// Its timely time (the event time rounded up to the tick) is not kept: a
-/// window's test on it is a test on the event time (see [`earliest_in`]),
+/// window's test on it is a test on the event time (see [`At::earliest_in`]),
 /// and without it an entry is 48 bytes instead of 56, fewer cache lines for
 /// every scan of a card.
+#[derive(Clone, Copy, Debug, Default)]
 pub struct Entry {
     /// Event time, ms.
     pub event_time_ms: Time,
@@ -76,8 +76,8 @@ impl At {
         match self.t.checked_sub(w) {
             None => 0,
             // The usual tick, 1 ms, without a division (a scan asks once per window).
-            Some(c) if self.tick <= 1 => c + 1,
-            Some(c) => c / self.tick * self.tick + 1,
+            Some(c) if self.tick <= 1 => c.saturating_add(1),
+            Some(c) => (c / self.tick * self.tick).saturating_add(1),
         }
     }
 
