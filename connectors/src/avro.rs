@@ -188,7 +188,8 @@ impl TransactionCodec {
         // The plan reads what it can read exactly as apache-avro would; on
         // anything else (a truncated or malformed record among them) apache-avro
         // reads it again and says what is wrong.
-        let planned = reader.plan.as_ref().is_some_and(|p| p.read(datum, &mut self.scratch));
+        let planned =
+            reader.plan.as_ref().is_some_and(|p| p.read(datum, &mut self.scratch).is_some());
         let generic;
         let record = match planned {
             true => &self.scratch,
@@ -340,14 +341,10 @@ impl Plan {
         (required == 12).then_some(Plan { steps })
     }
 
-    /// Read the record in `datum`, all of it, into `r`; `false` where the
+    /// Read the record in `datum`, all of it, into `r`; `None` where the
     /// plan cannot tell (apache-avro then reads it and names what is wrong),
     /// and `r` is then left half-written.
-    fn read(&self, datum: &[u8], r: &mut AvroTransaction) -> bool {
-        self.read_into(datum, r).is_some()
-    }
-
-    fn read_into(&self, datum: &[u8], r: &mut AvroTransaction) -> Option<()> {
+    fn read(&self, datum: &[u8], r: &mut AvroTransaction) -> Option<()> {
         let mut b = datum;
         // Every field is set below (the plan has a step for each required
         // one) but the device id, which older writers lack.
@@ -958,7 +955,7 @@ mod tests {
                 let datum = &bytes[5..];
                 // Whole records: the plan reads each, as apache-avro does,
                 // into the record it read the one before into (as the codec does).
-                let got = plan.read(datum, &mut scratch).then(|| scratch.clone());
+                let got = plan.read(datum, &mut scratch).map(|()| scratch.clone());
                 assert_eq!(got.as_ref(), Some(&r), "record {n}");
                 assert_eq!(generic(schema, datum), got, "record {n}");
                 planned += 1;
@@ -972,7 +969,7 @@ mod tests {
                     let at = pick(bad.len());
                     bad[at] = next() as u8;
                 }
-                if plan.read(&bad, &mut scratch) {
+                if plan.read(&bad, &mut scratch).is_some() {
                     let read = exact(Some(scratch.clone()));
                     assert_eq!(exact(generic(schema, &bad)), read, "changed record {n}");
                     compared += 1;

@@ -81,14 +81,10 @@ impl At {
         }
     }
 
-    /// The timely time of an event time, in ticks.
+    /// The timely time `tau` of an event time.
     #[inline]
-    fn ticks(self, event_time_ms: Time) -> Time {
-        if self.tick <= 1 {
-            event_time_ms
-        } else {
-            event_time_ms.div_ceil(self.tick)
-        }
+    fn tau(self, event_time_ms: Time) -> Time {
+        crate::config::round_up_to_tick(event_time_ms, self.tick)
     }
 }
 
@@ -385,7 +381,7 @@ impl CardState {
             }
             // Entries of an earlier tau than the best so far have smaller event
             // times (tau is monotone in event time): none of them can beat it.
-            if best.is_some_and(|b| at.ticks(e.event_time_ms) < at.ticks(b.event_time_ms)) {
+            if best.is_some_and(|b| at.tau(e.event_time_ms) < at.tau(b.event_time_ms)) {
                 break;
             }
             let key = (e.event_time_ms, e.event_id);

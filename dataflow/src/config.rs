@@ -108,6 +108,17 @@ impl Default for FraudConfig {
     }
 }
 
+/// `event_time_ms` rounded up to a multiple of `tick` (0 counts as 1): an
+/// event's timely time. The usual tick, 1 ms, without a division.
+#[inline]
+pub(crate) fn round_up_to_tick(event_time_ms: Time, tick: Time) -> Time {
+    if tick <= 1 {
+        event_time_ms
+    } else {
+        event_time_ms.div_ceil(tick) * tick
+    }
+}
+
 impl FraudConfig {
     /// Windows of seconds instead of hours (1 s, 5 s, 20 s, 60 s), thresholds to
     /// match: for tests and demos whose input spans minutes, so that windows
@@ -134,7 +145,7 @@ impl FraudConfig {
 
     /// The timely time of an event time: rounded up to the tick.
     pub fn time_of(&self, event_time_ms: Time) -> Time {
-        event_time_ms.div_ceil(self.tick_ms.max(1)) * self.tick_ms.max(1)
+        round_up_to_tick(event_time_ms, self.tick_ms)
     }
 
     /// Check what the computation relies on: at least one statistics window,
