@@ -35,8 +35,11 @@
 //! out-of-order records come up to L/2 behind), commit interval
 //! (`TRIPWIRE_BENCH_COMMIT_MS`, default 0: each worker commits whenever its
 //! frontier has moved and its last commit is done, so commits pace
-//! themselves by how long they take), producer linger
-//! (`TRIPWIRE_BENCH_LINGER_MS`, default 5 ms: the default of librdkafka and,
+//! themselves by how long they take), txgen's producer
+//! (`TRIPWIRE_BENCH_PRODUCER`, default txgen's own, `batched`: one request
+//! per broker and linger, as the Java producer sends them; or `librdkafka`:
+//! one request per partition, which at 10K/s doubled the broker's CPU),
+//! producer linger (`TRIPWIRE_BENCH_LINGER_MS`, default 5 ms: the default of librdkafka and,
 //! since Kafka 4.0, of the Java producer; at 1 ms nearly every record is a
 //! produce request of its own, and at 10K/s the broker took a tenth to a
 //! fifth more CPU).
@@ -52,7 +55,9 @@
 //! To measure a change as a ratio in one run: build the job before it, copy
 //! `target/release/fraud-detector` aside, build it after, and run with
 //! `TRIPWIRE_BENCH_BASELINE=/path/to/the/copy`: each rate with each build in
-//! turn, `TRIPWIRE_BENCH_ROUNDS` (default 2) times; nothing is written.
+//! turn, `TRIPWIRE_BENCH_ROUNDS` (default 2) times; nothing is written. With
+//! `TRIPWIRE_BENCH_BASELINE_PRODUCER=librdkafka` the baseline's runs use that
+//! producer (give the same build as the baseline to compare producers).
 
 mod support;
 
@@ -274,10 +279,21 @@ struct Settings {
     lateness_ms: u64,
     commit_ms: u64,
     linger_ms: u64,
+    /// txgen's `--producer`, if not its default.
+    producer: Option<&'static str>,
+}
+
+/// A txgen producer named by the environment variable `name`, if set.
+fn producer_from(name: &str) -> Option<&'static str> {
+    match std::env::var(name).ok()?.as_str() {
+        "batched" => Some("batched"),
+        "librdkafka" => Some("librdkafka"),
+        other => panic!("{name}={other}: batched or librdkafka"),
+    }
 }
 
 fn measure(bin: &Path, rate: u64, settings: Settings) -> Measured {
-    let Settings { seconds, lateness_ms, commit_ms, linger_ms } = settings;
+    let Settings { seconds, lateness_ms, commit_ms, linger_ms, producer } = settings;
     let bootstrap = support::endpoints().kafka_bootstrap;
     let name = unique(&format!("bench_latency_{rate}"));
     ensure_topic(&bootstrap, &name, 12).unwrap();
@@ -308,6 +324,7 @@ fn measure(bin: &Path, rate: u64, settings: Settings) -> Measured {
         .args(["--lateness-ms", &lateness_ms.to_string()])
         .args(["--late-per-10k", "0", "--bad-per-10k", "0"])
         .args(["--cards", &support::BULK_CARDS.to_string()])
+        .args(producer.map(|p| ["--producer", p]).into_iter().flatten())
         .status()
         .unwrap();
     assert!(txgen.success(), "txgen failed");
@@ -371,7 +388,8 @@ fn main() {
     let lateness_ms = env_or("TRIPWIRE_BENCH_LATENESS_MS", 3);
     let commit_ms = env_or("TRIPWIRE_BENCH_COMMIT_MS", 0);
     let linger_ms = env_or("TRIPWIRE_BENCH_LINGER_MS", 5);
-    let settings = Settings { seconds, lateness_ms, commit_ms, linger_ms };
+    let producer = producer_from("TRIPWIRE_BENCH_PRODUCER");
+    let settings = Settings { seconds, lateness_ms, commit_ms, linger_ms, producer };
     let bin = binary("fraud-detector");
     // At least 10 s: the first 5 s and the tail of a run are not counted.
     let warm_up = match env_or("TRIPWIRE_BENCH_WARMUP_SECONDS", 20) {
@@ -387,11 +405,16 @@ fn main() {
     }
     if let Ok(baseline) = std::env::var("TRIPWIRE_BENCH_BASELINE") {
         let rounds = env_or("TRIPWIRE_BENCH_ROUNDS", 2);
+        let baseline_producer = producer_from("TRIPWIRE_BENCH_BASELINE_PRODUCER");
         println!("| rate | round | build | produced | both p50 ms | both p99 ms | both p99.9 ms | PostgreSQL p99 ms | Redis p99 ms | PostgreSQL's own p50 / p99 ms |");
         println!("|---|---|---|---|---|---|---|---|---|---|");
         for &rate in &rates {
             for round in 1..=rounds {
                 for (name, b) in [("baseline", Path::new(&baseline)), ("this", bin.as_path())] {
+                    let settings = match (name, baseline_producer) {
+                        ("baseline", Some(p)) => Settings { producer: Some(p), ..settings },
+                        _ => settings,
+                    };
                     let m = measure(b, rate, settings);
                     println!(
                         "| {rate} | {round} | {name} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} / {:.1} |",

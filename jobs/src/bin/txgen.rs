@@ -20,6 +20,14 @@ use tripwire_connectors::kafka_admin::{ensure_topic, partition_count, send_waiti
 use tripwire_connectors::registry::{EmbeddedRegistry, SchemaRegistry};
 use tripwire_connectors::Endpoints;
 use tripwire_jobs::generator::{Expect, GenConfig, Generator, Planned, SchemaIds};
+use tripwire_jobs::wire_producer::WireProducer;
+
+/// Which producer writes the records.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum ProducerKind {
+    Batched,
+    Librdkafka,
+}
 
 /// Produce generated card transactions (Avro, Confluent wire format) to Kafka.
 #[derive(Parser, Debug)]
@@ -73,9 +81,16 @@ struct Args {
     /// Write `event_id,scenario` of every labelled fraud event here.
     #[arg(long)]
     labels: Option<String>,
-    /// Producer: compression codec.
-    #[arg(long, default_value = "snappy")]
-    compression: String,
+    /// Producer: compression codec (librdkafka's producer: default snappy;
+    /// the batched producer writes uncompressed batches only).
+    #[arg(long)]
+    compression: Option<String>,
+    /// Producer: `batched` (every partition's records for a broker in one
+    /// request, as the Java producer sends them) or `librdkafka` (one request
+    /// per partition). Default: batched at a fixed rate, librdkafka in bulk
+    /// and in transactions.
+    #[arg(long, value_enum)]
+    producer: Option<ProducerKind>,
     /// Producer: batch size in bytes.
     #[arg(long, default_value_t = 32 * 1024)]
     batch_bytes: u32,
@@ -119,22 +134,51 @@ fn main() -> Result<()> {
         _ => args.partitions,
     };
 
-    let mut cfg = ClientConfig::new();
-    cfg.set("bootstrap.servers", &bootstrap)
-        // Retries must not duplicate or reorder records within a partition.
-        .set("enable.idempotence", "true")
-        .set("compression.type", &args.compression)
-        .set("batch.size", args.batch_bytes.to_string())
-        .set("linger.ms", args.linger_ms.to_string())
-        // Bulk loads queue far more than the default 100K messages in flight.
-        .set("queue.buffering.max.messages", "1000000");
-    if args.transaction_records.is_some() {
-        cfg.set("transactional.id", format!("txgen-{}-{}", args.topic, args.seed));
-    }
-    let producer: ThreadedProducer<DefaultProducerContext> = cfg.create()?;
-    if args.transaction_records.is_some() {
-        producer.init_transactions(Duration::from_secs(30))?;
-    }
+    let kind =
+        args.producer.unwrap_or(if args.rate.is_some() && args.transaction_records.is_none() {
+            ProducerKind::Batched
+        } else {
+            ProducerKind::Librdkafka
+        });
+    let producer = match kind {
+        ProducerKind::Batched => {
+            if args.transaction_records.is_some() {
+                bail!("--transaction-records needs --producer librdkafka");
+            }
+            if args.compression.as_deref().is_some_and(|c| c != "none") {
+                bail!("the batched producer writes uncompressed batches: --compression needs --producer librdkafka");
+            }
+            let linger = Duration::from_millis(args.linger_ms.into());
+            let wire = WireProducer::new(&bootstrap, &args.topic, linger)?;
+            if wire.partitions() != partitions as usize {
+                bail!(
+                    "{} has {} partitions by the brokers' metadata, not {partitions}",
+                    args.topic,
+                    wire.partitions()
+                );
+            }
+            Producing::Batched(wire)
+        }
+        ProducerKind::Librdkafka => {
+            let mut cfg = ClientConfig::new();
+            cfg.set("bootstrap.servers", &bootstrap)
+                // Retries must not duplicate or reorder records within a partition.
+                .set("enable.idempotence", "true")
+                .set("compression.type", args.compression.as_deref().unwrap_or("snappy"))
+                .set("batch.size", args.batch_bytes.to_string())
+                .set("linger.ms", args.linger_ms.to_string())
+                // Bulk loads queue far more than the default 100K messages in flight.
+                .set("queue.buffering.max.messages", "1000000");
+            if args.transaction_records.is_some() {
+                cfg.set("transactional.id", format!("txgen-{}-{}", args.topic, args.seed));
+            }
+            let producer: ThreadedProducer<DefaultProducerContext> = cfg.create()?;
+            if args.transaction_records.is_some() {
+                producer.init_transactions(Duration::from_secs(30))?;
+            }
+            Producing::Librdkafka(producer)
+        }
+    };
 
     let now = now_ms();
     let config = GenConfig {
@@ -157,7 +201,7 @@ fn main() -> Result<()> {
         ..GenConfig::default()
     };
     let mut out = Output {
-        producer,
+        producer: Some(producer),
         topic: args.topic.clone(),
         labels: match &args.labels {
             Some(path) => {
@@ -197,8 +241,14 @@ fn main() -> Result<()> {
 }
 
 /// Where records go: the producer, the open transaction, the labels file.
+/// The producer txgen writes with (see `--producer`).
+enum Producing {
+    Batched(WireProducer),
+    Librdkafka(ThreadedProducer<DefaultProducerContext>),
+}
+
 struct Output {
-    producer: ThreadedProducer<DefaultProducerContext>,
+    producer: Option<Producing>,
     topic: String,
     labels: Option<BufWriter<File>>,
     transaction_records: Option<usize>,
@@ -208,19 +258,26 @@ struct Output {
 
 impl Output {
     fn send(&mut self, p: &Planned) -> Result<()> {
-        if let Some(size) = self.transaction_records {
-            if self.in_txn == 0 {
-                self.producer.begin_transaction()?;
-            }
-            self.in_txn += 1;
-            if self.in_txn == size {
-                self.producer.commit_transaction(Duration::from_secs(30))?;
-                self.in_txn = 0;
+        match self.producer.as_ref().context("the producer was flushed")? {
+            Producing::Batched(wire) => wire.send(p.partition, p.key.as_bytes(), &p.payload)?,
+            Producing::Librdkafka(producer) => {
+                if let Some(size) = self.transaction_records {
+                    if self.in_txn == 0 {
+                        producer.begin_transaction()?;
+                    }
+                    self.in_txn += 1;
+                    if self.in_txn == size {
+                        producer.commit_transaction(Duration::from_secs(30))?;
+                        self.in_txn = 0;
+                    }
+                }
+                let record = BaseRecord::to(&self.topic)
+                    .partition(p.partition)
+                    .key(&p.key)
+                    .payload(&p.payload);
+                send_waiting(producer, record).context("producing")?;
             }
         }
-        let record =
-            BaseRecord::to(&self.topic).partition(p.partition).key(&p.key).payload(&p.payload);
-        send_waiting(&self.producer, record).context("producing")?;
         if let (Some(w), Some(s), Expect::Accept(id)) = (self.labels.as_mut(), p.label, &p.expect) {
             writeln!(w, "{id},{}", s.rule_name())?;
         }
@@ -229,10 +286,15 @@ impl Output {
     }
 
     fn finish(&mut self) -> Result<()> {
-        if self.in_txn > 0 {
-            self.producer.commit_transaction(Duration::from_secs(30))?;
+        match self.producer.take().context("the producer was flushed")? {
+            Producing::Batched(wire) => wire.flush()?,
+            Producing::Librdkafka(producer) => {
+                if self.in_txn > 0 {
+                    producer.commit_transaction(Duration::from_secs(30))?;
+                }
+                producer.flush(Duration::from_secs(120))?;
+            }
         }
-        self.producer.flush(Duration::from_secs(120))?;
         if let Some(w) = self.labels.as_mut() {
             w.flush()?;
         }
