@@ -378,6 +378,8 @@ struct Statements {
     positions: Statement,
     upsert: Statement,
     upsert_rows: Statement,
+    /// `upsert_rows` without the conflict check, for cards new to the store.
+    insert_rows: Statement,
     delete: Statement,
     alerts: Statement,
     archive: Statement,
@@ -390,13 +392,11 @@ impl Statements {
             format!("INSERT INTO card_stats SELECT * FROM card_stats_in {UPSERT_GUARD}");
         // A small batch's rows as parameters: the windows of all cards in
         // one array of window rows, each card's from row `o`, `n` long.
-        let upsert_rows = format!(
-            "INSERT INTO card_stats
+        let insert_rows = "INSERT INTO card_stats
              SELECT c.card_id, ($2::bigint[])[c.o + 1 : c.o + c.n][1:6], c.as_of
              FROM UNNEST($1::bigint[], $3::int[], $4::int[], $5::bigint[])
-                  AS c(card_id, o, n, as_of)
-             {UPSERT_GUARD}"
-        );
+                  AS c(card_id, o, n, as_of)";
+        let upsert_rows = format!("{insert_rows} {UPSERT_GUARD}");
         let (late, samples, upsert, delete, alerts, archive, checkpoint) = tokio::try_join!(
             // Keyed by their source coordinates: a replay re-reads them, and finds them there.
             c.prepare(
@@ -439,12 +439,13 @@ impl Statements {
                          updated_at = now()"
             ),
         )?;
-        let (lock, advance, floors, positions, upsert_rows) = tokio::try_join!(
+        let (lock, advance, floors, positions, upsert_rows, insert_rows) = tokio::try_join!(
             c.prepare("SELECT frontier FROM checkpoints WHERE job = $1 AND worker = $2 FOR UPDATE"),
             c.prepare("SELECT advance_checkpoint($1, $2, $3, $4)"),
             c.prepare(STORE_FLOORS),
             c.prepare(STORE_POSITIONS),
             c.prepare(&upsert_rows),
+            c.prepare(insert_rows),
         )?;
         Ok(Statements {
             lock,
@@ -455,6 +456,7 @@ impl Statements {
             positions,
             upsert,
             upsert_rows,
+            insert_rows,
             delete,
             alerts,
             archive,
@@ -583,18 +585,27 @@ async fn commit(
     };
 
     let copy = upserts.len() >= COPY_FROM_CARDS;
-    let card_cols = if copy { CardColumns::default() } else { CardColumns::of(upserts) };
-    // Which of a large batch's cards are new to the store: none of its rows
-    // at `start` (so the store holds none, when it holds exactly what this
-    // run left). They are copied straight into `card_stats`, without the
-    // staging table, the upsert's conflict check and its speculative
-    // insertion (half of PostgreSQL's work when a bulk load ends). Should
-    // one have a row after all, the key's uniqueness fails the commit, and
-    // its retry upserts them all (the caller turns this off).
-    let new: Vec<bool> = if copy && exact && insert_new_cards {
+    // Which of the batch's cards are new to the store: none of its rows at
+    // `start` (so the store holds none, when it holds exactly what this run
+    // left). They go straight into `card_stats`, without the upsert's
+    // conflict check and its speculative insertion: half of PostgreSQL's
+    // work when a bulk load ends, and in real time, where a card's first
+    // transaction of the day is new, 0.6 x the time of the upsert for them
+    // (`bench/README.md`). Should one have a row after all, the key's
+    // uniqueness fails the commit, and its retry upserts them all (the
+    // caller turns this off).
+    let new: Vec<bool> = if exact && insert_new_cards {
         flags(upserts.iter().map(|u| u.0), &b.absent_before)
     } else {
         Vec::new()
+    };
+    let split =
+        |is_new: bool| upserts.iter().zip(&new).filter(move |(_, n)| **n == is_new).map(|(u, _)| u);
+    // A small batch's cards as parameters: the new ones, and the others.
+    let card_cols = match (copy, new.is_empty()) {
+        (true, _) => Default::default(),
+        (false, true) => (CardColumns::default(), CardColumns::of(upserts.iter())),
+        (false, false) => (CardColumns::of(split(true)), CardColumns::of(split(false))),
     };
     let upsert_fut = async {
         if upserts.is_empty() {
@@ -605,9 +616,6 @@ async fn commit(
                 copy_cards(tx, "card_stats_in", upserts.iter()).await?;
                 return tx.execute(&st.upsert, &[]).await;
             }
-            let split = |is_new: bool| {
-                upserts.iter().zip(&new).filter(move |(_, n)| **n == is_new).map(|(u, _)| u)
-            };
             let inserted = copy_cards(tx, "card_stats", split(true)).await?;
             if new.iter().all(|n| *n) {
                 return Ok(inserted);
@@ -615,10 +623,11 @@ async fn commit(
             copy_cards(tx, "card_stats_in", split(false)).await?;
             return Ok(inserted + tx.execute(&st.upsert, &[]).await?);
         }
-        let c = &card_cols;
-        let windows = WindowRows(&c.windows);
-        let params: [&(dyn ToSql + Sync); 5] = [&c.card, &windows, &c.offset, &c.len, &c.as_of];
-        tx.execute(&st.upsert_rows, &params).await
+        let (inserted, upserted) = tokio::try_join!(
+            card_rows(tx, &st.insert_rows, &card_cols.0),
+            card_rows(tx, &st.upsert_rows, &card_cols.1)
+        )?;
+        Ok(inserted + upserted)
     };
 
     let delete_cols = (
@@ -694,6 +703,21 @@ async fn commit(
     Ok((left, one_trip))
 }
 
+/// Write a small batch's cards `c` with `statement` (`insert_rows` or
+/// `upsert_rows`); nothing to send if there are none.
+async fn card_rows(
+    tx: &Client,
+    statement: &Statement,
+    c: &CardColumns,
+) -> Result<u64, tokio_postgres::Error> {
+    if c.card.is_empty() {
+        return Ok(0);
+    }
+    let windows = WindowRows(&c.windows);
+    let params: [&(dyn ToSql + Sync); 5] = [&c.card, &windows, &c.offset, &c.len, &c.as_of];
+    tx.execute(statement, &params).await
+}
+
 /// A small batch's cards as the columns `upsert_rows` takes: each card's
 /// non-empty windows, rows of one array, from row `offset`, `len` long.
 #[derive(Default)]
@@ -706,7 +730,7 @@ struct CardColumns {
 }
 
 impl CardColumns {
-    fn of(upserts: &[(u64, CardStats, Time)]) -> Self {
+    fn of<'a>(upserts: impl Iterator<Item = &'a (u64, CardStats, Time)>) -> Self {
         let mut c = CardColumns::default();
         for (card, stats, as_of) in upserts {
             c.card.push(*card as i64);
@@ -1008,17 +1032,26 @@ mod tests {
         }
     }
 
-    /// A large batch's cards new to the store are copied straight into
-    /// `card_stats`, beside the upsert of the others; when one of them has a
-    /// row after all (one this run did not write), the commit fails on the
-    /// key's uniqueness, and its retry upserts every card, under the guard.
+    /// A batch's cards new to the store go straight into `card_stats`
+    /// (copied in a large batch, as parameters in a small one), beside the
+    /// upsert of the others; when one of them has a row after all (one this
+    /// run did not write), the commit fails on the key's uniqueness, and its
+    /// retry upserts every card, under the guard.
     #[test]
     fn new_cards_are_inserted_and_one_that_was_not_new_fails_over_to_the_upsert() {
-        let large = COPY_FROM_CARDS as u64 + 200;
+        // Large: every batch copied in; small: every batch as parameters.
+        for (name, large) in
+            [("new_cards_large", COPY_FROM_CARDS as u64 + 200), ("new_cards_small", 40)]
+        {
+            new_cards(name, large);
+        }
+    }
+
+    fn new_cards(name: &str, large: u64) {
         let row = |card: u64, count: i64| -> Row {
             (card as i64, vec![60_000], vec![count], vec![100 * count], vec![100], vec![1], vec![1])
         };
-        in_fresh_schema("new_cards", |mut store, mut conn| async move {
+        in_fresh_schema(name, |mut store, mut conn| async move {
             // The first commit leaves the checkpoint that later batches start from.
             let first = Batch { frontier: 100, ..Batch::default() };
             store.commit(&mut conn, &first).await.unwrap();
