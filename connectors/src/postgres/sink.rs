@@ -587,8 +587,9 @@ async fn commit(
     let copy = upserts.len() >= COPY_FROM_CARDS;
     // Which of the batch's cards are new to the store: none of its rows at
     // `start` (so the store holds none, when it holds exactly what this run
-    // left). They go straight into `card_stats`, without the upsert's
-    // conflict check and its speculative insertion: half of PostgreSQL's
+    // left). They go straight into `card_stats` (a large batch's without the
+    // staging table), without the upsert's conflict check and its
+    // speculative insertion: half of PostgreSQL's
     // work when a bulk load ends, and in real time, where a card's first
     // transaction of the day is new, 0.6 x the time of the upsert for them
     // (`bench/README.md`). Should one have a row after all, the key's
@@ -718,7 +719,7 @@ async fn card_rows(
     tx.execute(statement, &params).await
 }
 
-/// A small batch's cards as the columns `upsert_rows` takes: each card's
+/// A small batch's cards as the columns `upsert_rows` and `insert_rows` take: each card's
 /// non-empty windows, rows of one array, from row `offset`, `len` long.
 #[derive(Default)]
 struct CardColumns {
