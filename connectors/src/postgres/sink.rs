@@ -589,12 +589,11 @@ async fn commit(
     // `start` (so the store holds none, when it holds exactly what this run
     // left). They go straight into `card_stats` (a large batch's without the
     // staging table), without the upsert's conflict check and its
-    // speculative insertion: half of PostgreSQL's
-    // work when a bulk load ends, and in real time, where a card's first
-    // transaction of the day is new, 0.6 x the time of the upsert for them
-    // (`bench/README.md`). Should one have a row after all, the key's
-    // uniqueness fails the commit, and its retry upserts them all (the
-    // caller turns this off).
+    // speculative insertion: half of PostgreSQL's work when a bulk load
+    // ends, and in real time, where a card's first transaction of the day
+    // is new, 0.6 x the time of the upsert for them (`bench/README.md`).
+    // Should one have a row after all, the key's uniqueness fails the
+    // commit, and its retry upserts them all (the caller turns this off).
     let new: Vec<bool> = if exact && insert_new_cards {
         flags(upserts.iter().map(|u| u.0), &b.absent_before)
     } else {
@@ -719,8 +718,9 @@ async fn card_rows(
     tx.execute(statement, &params).await
 }
 
-/// A small batch's cards as the columns `upsert_rows` and `insert_rows` take: each card's
-/// non-empty windows, rows of one array, from row `offset`, `len` long.
+/// A small batch's cards as the columns `upsert_rows` and `insert_rows`
+/// take: each card's non-empty windows, rows of one array, from row
+/// `offset`, `len` long.
 #[derive(Default)]
 struct CardColumns {
     card: Vec<i64>,
