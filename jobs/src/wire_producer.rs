@@ -97,6 +97,8 @@ struct Records {
     max_ts: i64,
     count: i32,
     body: Vec<u8>,
+    /// One record while it is encoded (its length goes before it).
+    scratch: Vec<u8>,
 }
 
 impl WireProducer {
@@ -118,9 +120,11 @@ impl WireProducer {
                 .map(|b| format!("{}:{}", b.host(), b.port()))
                 .with_context(|| format!("broker {id} is not in the metadata"))
         };
+        if t.partitions().is_empty() {
+            bail!("topic {topic} has no partitions in the metadata");
+        }
         let mut leaders: Vec<i32> = Vec::new();
         let mut lane_of = vec![0; t.partitions().len()];
-        let mut partitions: Vec<Vec<i32>> = Vec::new();
         for p in t.partitions() {
             if p.leader() < 0 {
                 bail!("partition {} of {topic} has no leader", p.id());
@@ -129,7 +133,6 @@ impl WireProducer {
                 Some(i) => i,
                 None => {
                     leaders.push(p.leader());
-                    partitions.push(Vec::new());
                     leaders.len() - 1
                 }
             };
@@ -138,7 +141,6 @@ impl WireProducer {
                 bail!("partition ids of {topic} are not 0..{}", lane_of.len());
             }
             lane_of[index] = lane;
-            partitions[lane].push(p.id());
         }
         let addresses = leaders.iter().map(|id| address(*id)).collect::<Result<Vec<_>>>()?;
         let mut first = Connection::open(&addresses[0])?;
@@ -162,7 +164,7 @@ impl WireProducer {
                 address,
                 topic: topic.to_owned(),
                 id,
-                sequences: partitions[n].iter().map(|p| (*p, 0)).collect(),
+                sequences: BTreeMap::new(),
                 linger,
             };
             senders.push(
@@ -244,17 +246,18 @@ impl Records {
             self.max_ts = ts;
         }
         self.max_ts = self.max_ts.max(ts);
-        let mut record = Vec::with_capacity(key.len() + value.len() + 16);
+        let record = &mut self.scratch;
+        record.clear();
         record.push(0); // attributes
-        put_varlong(&mut record, ts - self.first_ts);
-        put_varlong(&mut record, i64::from(self.count)); // offset delta
-        put_varlong(&mut record, key.len() as i64);
+        put_varlong(record, ts - self.first_ts);
+        put_varlong(record, i64::from(self.count)); // offset delta
+        put_varlong(record, key.len() as i64);
         record.extend_from_slice(key);
-        put_varlong(&mut record, value.len() as i64);
+        put_varlong(record, value.len() as i64);
         record.extend_from_slice(value);
-        put_varlong(&mut record, 0); // headers
+        put_varlong(record, 0); // headers
         put_varlong(&mut self.body, record.len() as i64);
-        self.body.extend_from_slice(&record);
+        self.body.extend_from_slice(record);
         self.count += 1;
     }
 
@@ -295,7 +298,7 @@ struct Sender {
     address: String,
     topic: String,
     id: ProducerId,
-    /// Per partition of this broker, the next record's sequence.
+    /// Per partition of this broker, the next record's sequence (0 until its first batch).
     sequences: BTreeMap<i32, i32>,
     linger: Duration,
 }

@@ -149,15 +149,7 @@ fn main() -> Result<()> {
                 bail!("the batched producer writes uncompressed batches: --compression needs --producer librdkafka");
             }
             let linger = Duration::from_millis(args.linger_ms.into());
-            let wire = WireProducer::new(&bootstrap, &args.topic, linger)?;
-            if wire.partitions() != partitions as usize {
-                bail!(
-                    "{} has {} partitions by the brokers' metadata, not {partitions}",
-                    args.topic,
-                    wire.partitions()
-                );
-            }
-            Producing::Batched(wire)
+            Producing::Batched(WireProducer::new(&bootstrap, &args.topic, linger)?)
         }
         ProducerKind::Librdkafka => {
             let mut cfg = ClientConfig::new();
@@ -201,7 +193,7 @@ fn main() -> Result<()> {
         ..GenConfig::default()
     };
     let mut out = Output {
-        producer: Some(producer),
+        producer,
         topic: args.topic.clone(),
         labels: match &args.labels {
             Some(path) => {
@@ -229,26 +221,26 @@ fn main() -> Result<()> {
         }
         Some(rate) => fixed_rate(&mut out, config, rate.max(1), args.seconds)?,
     }
-    out.finish()?;
+    let sent = out.finish()?;
     let secs = started.elapsed().as_secs_f64();
     println!(
         "txgen: {} records to {} in {secs:.1} s, {:.0} records/s",
-        out.sent,
+        sent,
         args.topic,
-        out.sent as f64 / secs
+        sent as f64 / secs
     );
     Ok(())
 }
 
-/// Where records go: the producer, the open transaction, the labels file.
 /// The producer txgen writes with (see `--producer`).
 enum Producing {
     Batched(WireProducer),
     Librdkafka(ThreadedProducer<DefaultProducerContext>),
 }
 
+/// Where records go: the producer, the open transaction, the labels file.
 struct Output {
-    producer: Option<Producing>,
+    producer: Producing,
     topic: String,
     labels: Option<BufWriter<File>>,
     transaction_records: Option<usize>,
@@ -258,7 +250,7 @@ struct Output {
 
 impl Output {
     fn send(&mut self, p: &Planned) -> Result<()> {
-        match self.producer.as_ref().context("the producer was flushed")? {
+        match &self.producer {
             Producing::Batched(wire) => wire.send(p.partition, p.key.as_bytes(), &p.payload)?,
             Producing::Librdkafka(producer) => {
                 if let Some(size) = self.transaction_records {
@@ -285,8 +277,9 @@ impl Output {
         Ok(())
     }
 
-    fn finish(&mut self) -> Result<()> {
-        match self.producer.take().context("the producer was flushed")? {
+    /// Flush what is queued; the records sent.
+    fn finish(mut self) -> Result<u64> {
+        match self.producer {
             Producing::Batched(wire) => wire.flush()?,
             Producing::Librdkafka(producer) => {
                 if self.in_txn > 0 {
@@ -298,7 +291,7 @@ impl Output {
         if let Some(w) = self.labels.as_mut() {
             w.flush()?;
         }
-        Ok(())
+        Ok(self.sent)
     }
 }
 
