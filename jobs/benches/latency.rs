@@ -7,7 +7,7 @@
 //! ```
 //!
 //! For each rate (events/s): a fresh 12-partition topic and job (2 workers,
-//! exactly-once into PostgreSQL and Redis); `txgen --rate R --seconds S`
+//! `TRIPWIRE_BENCH_WORKERS`; exactly-once into PostgreSQL and Redis); `txgen --rate R --seconds S`
 //! (`TRIPWIRE_BENCH_SECONDS`, default 60) produces traffic whose event time is
 //! the wall clock. A trigger on the job's `checkpoints` table notifies the
 //! benchmark of every commit; the notification arrives when the commit is
@@ -57,7 +57,8 @@
 //! `TRIPWIRE_BENCH_BASELINE=/path/to/the/copy`: each rate with each build in
 //! turn, `TRIPWIRE_BENCH_ROUNDS` (default 2) times; nothing is written. With
 //! `TRIPWIRE_BENCH_BASELINE_PRODUCER=librdkafka` the baseline's runs use that
-//! producer (give the same build as the baseline to compare producers).
+//! producer (give the same build as the baseline to compare producers), and
+//! with `TRIPWIRE_BENCH_BASELINE_WORKERS=N`, N workers (to compare worker counts).
 
 mod support;
 
@@ -80,7 +81,6 @@ use tripwire_connectors::postgres::migrate;
 use tripwire_connectors::redis_sink::Keys;
 use tripwire_connectors::registry::EmbeddedRegistry;
 
-const WORKERS: usize = 2;
 const WARM_UP_MS: i64 = 5_000;
 /// Events this close to the end of the traffic are not counted, besides the
 /// lateness bound: no later traffic completes their time (only the idle
@@ -210,14 +210,14 @@ fn read_back(bootstrap: &str, topic: &str) -> Vec<(i64, i64)> {
     out
 }
 
-/// The complete-up-to steps: (arrival µs, least frontier over the workers),
-/// each with a larger frontier than the last.
-fn steps(commits: &[(i64, i32, i64)]) -> Vec<(i64, i64)> {
+/// The complete-up-to steps: (arrival µs, least frontier over the
+/// `workers`), each with a larger frontier than the last.
+fn steps(commits: &[(i64, i32, i64)], workers: usize) -> Vec<(i64, i64)> {
     let mut latest: HashMap<i32, i64> = HashMap::new();
     let mut out: Vec<(i64, i64)> = Vec::new();
     for &(at, w, f) in commits {
         latest.insert(w, f);
-        if latest.len() == WORKERS {
+        if latest.len() == workers {
             let least = *latest.values().min().unwrap();
             if out.last().is_none_or(|l| least > l.1) {
                 out.push((at, least));
@@ -281,6 +281,8 @@ struct Settings {
     linger_ms: u64,
     /// txgen's `--producer`, if not its default.
     producer: Option<&'static str>,
+    /// The job's worker threads (`-w`).
+    workers: usize,
 }
 
 /// A txgen producer named by the environment variable `name`, if set.
@@ -293,7 +295,7 @@ fn producer_from(name: &str) -> Option<&'static str> {
 }
 
 fn measure(bin: &Path, rate: u64, settings: Settings) -> Measured {
-    let Settings { seconds, lateness_ms, commit_ms, linger_ms, producer } = settings;
+    let Settings { seconds, lateness_ms, commit_ms, linger_ms, producer, workers } = settings;
     let bootstrap = support::endpoints().kafka_bootstrap;
     let name = unique(&format!("bench_latency_{rate}"));
     ensure_topic(&bootstrap, &name, 12).unwrap();
@@ -302,7 +304,7 @@ fn measure(bin: &Path, rate: u64, settings: Settings) -> Measured {
     let port = free_port();
     let mut job = Command::new(bin)
         .args(["--topic", &name, "--job", &name, "--dlq-topic", &format!("{name}-dlq")])
-        .args(["-w", &WORKERS.to_string(), "--archive", "false"])
+        .args(["-w", &workers.to_string(), "--archive", "false"])
         .args(["--lateness-ms", &lateness_ms.to_string()])
         .args(["--commit-interval-ms", &commit_ms.to_string()])
         .args(["--metrics-port", &port.to_string()])
@@ -342,7 +344,8 @@ fn measure(bin: &Path, rate: u64, settings: Settings) -> Measured {
     // Wait until every counted event is visible (the job keeps committing
     // as the tail's traffic closes their times).
     let deadline = Instant::now() + Duration::from_secs(300);
-    let visible = |c: &Commits| steps(&c.lock().unwrap()).last().is_some_and(|s| s.1 > newest);
+    let visible =
+        |c: &Commits| steps(&c.lock().unwrap(), workers).last().is_some_and(|s| s.1 > newest);
     while !visible(&commits) || !visible(&published) {
         assert!(Instant::now() < deadline, "counted events never became visible");
         std::thread::sleep(Duration::from_millis(50));
@@ -352,8 +355,8 @@ fn measure(bin: &Path, rate: u64, settings: Settings) -> Measured {
     clean_up(&name, &[&name]);
 
     let commits = commits.lock().unwrap().clone();
-    let pg = latencies(&counted, &steps(&commits));
-    let redis = latencies(&counted, &steps(&published.lock().unwrap()));
+    let pg = latencies(&counted, &steps(&commits, workers));
+    let redis = latencies(&counted, &steps(&published.lock().unwrap(), workers));
     let latencies: Vec<f64> = pg.iter().zip(&redis).map(|(a, b)| a.max(*b)).collect();
     if std::env::var_os("TRIPWIRE_BENCH_VERBOSE").is_some() {
         // Per second of produce time: median and worst, to see stalls.
@@ -389,7 +392,8 @@ fn main() {
     let commit_ms = env_or("TRIPWIRE_BENCH_COMMIT_MS", 0);
     let linger_ms = env_or("TRIPWIRE_BENCH_LINGER_MS", 5);
     let producer = producer_from("TRIPWIRE_BENCH_PRODUCER");
-    let settings = Settings { seconds, lateness_ms, commit_ms, linger_ms, producer };
+    let workers = env_or("TRIPWIRE_BENCH_WORKERS", 2) as usize;
+    let settings = Settings { seconds, lateness_ms, commit_ms, linger_ms, producer, workers };
     let bin = binary("fraud-detector");
     // At least 10 s: the first 5 s and the tail of a run are not counted.
     let warm_up = match env_or("TRIPWIRE_BENCH_WARMUP_SECONDS", 20) {
@@ -406,13 +410,18 @@ fn main() {
     if let Ok(baseline) = std::env::var("TRIPWIRE_BENCH_BASELINE") {
         let rounds = env_or("TRIPWIRE_BENCH_ROUNDS", 2);
         let baseline_producer = producer_from("TRIPWIRE_BENCH_BASELINE_PRODUCER");
+        let baseline_workers = env_or("TRIPWIRE_BENCH_BASELINE_WORKERS", workers as u64) as usize;
         println!("| rate | round | build | produced | both p50 ms | both p99 ms | both p99.9 ms | PostgreSQL p99 ms | Redis p99 ms | PostgreSQL's own p50 / p99 ms |");
         println!("|---|---|---|---|---|---|---|---|---|---|");
         for &rate in &rates {
             for round in 1..=rounds {
                 for (name, b) in [("baseline", Path::new(&baseline)), ("this", bin.as_path())] {
                     let settings = match (name, baseline_producer) {
-                        ("baseline", Some(p)) => Settings { producer: Some(p), ..settings },
+                        ("baseline", p) => Settings {
+                            producer: p.or(settings.producer),
+                            workers: baseline_workers,
+                            ..settings
+                        },
                         _ => settings,
                     };
                     let m = measure(b, rate, settings);
@@ -452,13 +461,13 @@ fn main() {
                 "postgres": m.postgres.json(), "redis": m.redis.json(),
                 "postgres_own": m.pg_own.json(),
                 "events": m.counted, "checkpoint_writes": m.commits, "produced_eps": m.achieved.round(),
-                "seconds": seconds, "workers": WORKERS, "lateness_ms": lateness_ms,
+                "seconds": seconds, "workers": workers, "lateness_ms": lateness_ms,
                 "commit_interval_ms": commit_ms, "linger_ms": linger_ms,
             }),
         );
     }
     println!(
-        "\n{seconds} s per rate, 2 workers, lateness bound {lateness_ms} ms, \
+        "\n{seconds} s per rate, {workers} workers, lateness bound {lateness_ms} ms, \
          commit interval {commit_ms} ms, producer linger {linger_ms} ms\n"
     );
     println!(
