@@ -6,8 +6,9 @@
 //! cargo bench -p tripwire-jobs --bench latency     # TRIPWIRE_BENCH_RATES=10000,50000,100000
 //! ```
 //!
-//! For each rate (events/s): a fresh 12-partition topic and job (2 workers,
-//! `TRIPWIRE_BENCH_WORKERS`; exactly-once into PostgreSQL and Redis); `txgen --rate R --seconds S`
+//! For each rate (events/s): a fresh 12-partition topic and job (one worker,
+//! the job's default, or `TRIPWIRE_BENCH_WORKERS`; exactly-once into
+//! PostgreSQL and Redis); `txgen --rate R --seconds S`
 //! (`TRIPWIRE_BENCH_SECONDS`, default 60) produces traffic whose event time is
 //! the wall clock. A trigger on the job's `checkpoints` table notifies the
 //! benchmark of every commit; the notification arrives when the commit is
@@ -392,7 +393,12 @@ fn main() {
     let commit_ms = env_or("TRIPWIRE_BENCH_COMMIT_MS", 0);
     let linger_ms = env_or("TRIPWIRE_BENCH_LINGER_MS", 5);
     let producer = producer_from("TRIPWIRE_BENCH_PRODUCER");
-    let workers = env_or("TRIPWIRE_BENCH_WORKERS", 2) as usize;
+    // One, the job's default: on two cores shared with the stores a second
+    // worker cost the job a third more CPU in real time (its own polling
+    // and commits), and the results waited for the two workers' frontiers
+    // to meet (about 2 ms at 10K/s); at 50K/s, p99 98-136 ms against
+    // 349-4,573 ms with two (`bench/README.md`).
+    let workers = env_or("TRIPWIRE_BENCH_WORKERS", 1) as usize;
     let settings = Settings { seconds, lateness_ms, commit_ms, linger_ms, producer, workers };
     let bin = binary("fraud-detector");
     // At least 10 s: the first 5 s and the tail of a run are not counted.
