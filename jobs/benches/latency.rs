@@ -396,8 +396,8 @@ fn main() {
     // One, the job's default: on two cores shared with the stores a second
     // worker cost the job a third more CPU in real time (its own polling
     // and commits), and the results waited for the two workers' frontiers
-    // to meet (about 2 ms at 10K/s); at 50K/s, p99 98-136 ms against
-    // 349-4,573 ms with two (`bench/README.md`).
+    // to meet (about 2 ms at 10K/s); at 50K/s, in one run, p99 98-136 ms
+    // against 455-4,573 ms with two (`bench/README.md`).
     let workers = env_or("TRIPWIRE_BENCH_WORKERS", 1) as usize;
     let settings = Settings { seconds, lateness_ms, commit_ms, linger_ms, producer, workers };
     let bin = binary("fraud-detector");
@@ -422,13 +422,14 @@ fn main() {
         for &rate in &rates {
             for round in 1..=rounds {
                 for (name, b) in [("baseline", Path::new(&baseline)), ("this", bin.as_path())] {
-                    let settings = match (name, baseline_producer) {
-                        ("baseline", p) => Settings {
-                            producer: p.or(settings.producer),
+                    let settings = if name == "baseline" {
+                        Settings {
+                            producer: baseline_producer.or(settings.producer),
                             workers: baseline_workers,
                             ..settings
-                        },
-                        _ => settings,
+                        }
+                    } else {
+                        settings
                     };
                     let m = measure(b, rate, settings);
                     println!(
