@@ -1040,15 +1040,15 @@ mod tests {
     /// retry upserts every card, under the guard.
     #[test]
     fn new_cards_are_inserted_and_one_that_was_not_new_fails_over_to_the_upsert() {
-        // Large: every batch copied in; small: every batch as parameters.
-        for (name, large) in
+        // Many cards: every batch copied in; few: every batch as parameters.
+        for (name, cards) in
             [("new_cards_large", COPY_FROM_CARDS as u64 + 200), ("new_cards_small", 40)]
         {
-            new_cards(name, large);
+            new_cards(name, cards);
         }
     }
 
-    fn new_cards(name: &str, large: u64) {
+    fn new_cards(name: &str, cards: u64) {
         let row = |card: u64, count: i64| -> Row {
             (card as i64, vec![60_000], vec![count], vec![100 * count], vec![100], vec![1], vec![1])
         };
@@ -1056,24 +1056,24 @@ mod tests {
             // The first commit leaves the checkpoint that later batches start from.
             let first = Batch { frontier: 100, ..Batch::default() };
             store.commit(&mut conn, &first).await.unwrap();
-            // Cards 0..large, all new.
+            // The first `cards` cards, all new.
             let b = Batch {
                 start: 100,
                 frontier: 200,
-                upserts: (0..large).map(|c| (c, stats(1), 150)).collect(),
-                absent_before: (0..large).collect(),
+                upserts: (0..cards).map(|c| (c, stats(1), 150)).collect(),
+                absent_before: (0..cards).collect(),
                 ..Batch::default()
             };
             store.commit(&mut conn, &b).await.unwrap();
             assert!(store.insert_new_cards, "no card had a row");
-            let want: Vec<Row> = (0..large).map(|c| row(c, 1)).collect();
+            let want: Vec<Row> = (0..cards).map(|c| row(c, 1)).collect();
             assert_eq!(stored(&conn.client).await, want);
-            // Those again, changed, beside new ones (every other card up to 2 * large).
-            let new: Vec<u64> = (large..2 * large).step_by(2).collect();
+            // Those again, changed, beside new ones (every other card up to 2 * cards).
+            let new: Vec<u64> = (cards..2 * cards).step_by(2).collect();
             let b = Batch {
                 start: 200,
                 frontier: 300,
-                upserts: (0..large)
+                upserts: (0..cards)
                     .chain(new.iter().copied())
                     .map(|c| (c, stats(2), 250))
                     .collect(),
@@ -1083,10 +1083,10 @@ mod tests {
             store.commit(&mut conn, &b).await.unwrap();
             assert!(store.insert_new_cards);
             let mut want: Vec<Row> =
-                (0..large).chain(new.iter().copied()).map(|c| row(c, 2)).collect();
+                (0..cards).chain(new.iter().copied()).map(|c| row(c, 2)).collect();
             assert_eq!(stored(&conn.client).await, want);
             // A card taken for new has a row this run did not write.
-            let odd = 2 * large + 1;
+            let odd = 2 * cards + 1;
             conn.client
                 .execute(
                     "INSERT INTO card_stats VALUES ($1, '{{60000, 9, 900, 100, 1, 1}}', 280)",
@@ -1097,8 +1097,8 @@ mod tests {
             let b = Batch {
                 start: 300,
                 frontier: 400,
-                upserts: (2 * large..3 * large).map(|c| (c, stats(3), 350)).collect(),
-                absent_before: (2 * large..3 * large).collect(),
+                upserts: (2 * cards..3 * cards).map(|c| (c, stats(3), 350)).collect(),
+                absent_before: (2 * cards..3 * cards).collect(),
                 ..Batch::default()
             };
             let failed = store.commit(&mut conn, &b).await.expect_err("the card's key is taken");
@@ -1109,7 +1109,7 @@ mod tests {
             assert_eq!(checkpoint(&conn.client).await, 300, "nothing of the batch stored");
             store.commit(&mut conn, &b).await.unwrap();
             assert_eq!(checkpoint(&conn.client).await, 400);
-            want.extend((2 * large..3 * large).map(|c| row(c, 3)));
+            want.extend((2 * cards..3 * cards).map(|c| row(c, 3)));
             want.sort();
             assert_eq!(
                 stored(&conn.client).await,
