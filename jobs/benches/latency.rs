@@ -360,16 +360,22 @@ fn measure(bin: &Path, rate: u64, settings: Settings) -> Measured {
     let redis = latencies(&counted, &steps(&published.lock().unwrap(), workers));
     let latencies: Vec<f64> = pg.iter().zip(&redis).map(|(a, b)| a.max(*b)).collect();
     if std::env::var_os("TRIPWIRE_BENCH_VERBOSE").is_some() {
-        // Per second of produce time: median and worst, to see stalls.
+        // Per second of produce time: median, p99 and worst, to see stalls.
         let mut by_second: std::collections::BTreeMap<i64, Vec<f64>> = Default::default();
         for (l, r) in latencies.iter().zip(&counted) {
             by_second.entry((r.0 - first) / 1000).or_default().push(*l);
         }
         for (sec, mut ls) in by_second {
             ls.sort_by(f64::total_cmp);
+            // The wall clock's second too (UTC), to match the stores' logs.
+            let wall = (first / 1000 + sec) % 86_400;
             println!(
-                "second {sec}: p50 {:.1} ms, max {:.1} ms",
+                "second {sec} ({:02}:{:02}:{:02}): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+                wall / 3600,
+                wall / 60 % 60,
+                wall % 60,
                 quantile(&ls, 0.5),
+                quantile(&ls, 0.99),
                 quantile(&ls, 1.0)
             );
         }
