@@ -34,6 +34,9 @@ pub struct OpenMap<V> {
     /// Power-of-two length (or empty).
     entries: Vec<Entry<V>>,
     len: usize,
+    /// The table grows when more than `limit / 256` of it would be full
+    /// ([`OpenMap::staggered`]).
+    limit: usize,
 }
 
 /// Card id → slot: 16-byte entries (the heap aligns to 16 bytes), so one
@@ -50,9 +53,16 @@ struct Entry<V> {
 /// The length of the first table.
 const FIRST: usize = 1024;
 
+/// A table grows when more than this many 256ths of it would be full: half.
+const HALF: usize = 128;
+
+/// The spread of [`OpenMap::staggered`]'s limits: from [`HALF`] down by up
+/// to this many 256ths (an eighth), in steps of one.
+const STAGGER: usize = 32;
+
 impl<V> Default for OpenMap<V> {
     fn default() -> Self {
-        OpenMap { entries: Vec::new(), len: 0 }
+        OpenMap { entries: Vec::new(), len: 0, limit: HALF }
     }
 }
 
@@ -62,6 +72,21 @@ impl<V: Value> OpenMap<V> {
     /// An empty map.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty map that grows at a load of its own, between three
+    /// eighths and a half, chosen by `k` (distinct for 33 consecutive `k`).
+    ///
+    /// Growing stops the owner while every key moves to a table twice the
+    /// size: about 10 ms for a table of 131K ids. Maps that fill at the same
+    /// pace, such as the partitions of one worker, would all grow at once:
+    /// at 50K events/s, twelve partitions' duplicate detection stopped the
+    /// worker for 100-200 ms at a time (`bench/README.md`). Staggered,
+    /// each growth stops it alone.
+    pub fn staggered(k: u64) -> Self {
+        // 7 is coprime with the 33 limits: consecutive `k` spread over all.
+        let step = (k.wrapping_mul(7) % (STAGGER as u64 + 1)) as usize;
+        OpenMap { limit: HALF - step, ..Self::default() }
     }
 
     /// How many keys.
@@ -122,7 +147,7 @@ impl<V: Value> OpenMap<V> {
     /// Map `key` to `value` (not [`Value::VACANT`]); the value it had, if any.
     pub fn insert(&mut self, key: u64, value: V) -> Option<V> {
         assert!(!value.is_vacant(), "the vacant value is reserved");
-        if (self.len + 1) * 2 > self.entries.len() {
+        if (self.len + 1) * 256 > self.entries.len() * self.limit {
             self.grow();
         }
         match self.find(key) {
@@ -196,7 +221,9 @@ mod tests {
     fn holds_what_a_hash_map_holds() {
         let mut next = crate::seeded(0xD1B5_4A32_D192_ED03);
         for round in 0..20 {
-            let (mut map, mut model) = (SlotMap::new(), HashMap::new());
+            // Half the rounds with a staggered limit (it grows earlier).
+            let map = if round % 4 < 2 { SlotMap::new() } else { SlotMap::staggered(round) };
+            let (mut map, mut model) = (map, HashMap::new());
             let keys = 50 + next(5_000);
             let key = |n: u64| if round % 2 == 0 { n } else { n << 40 | n.wrapping_mul(31) };
             for _ in 0..20_000 {
@@ -220,12 +247,42 @@ mod tests {
         }
     }
 
+    /// Staggered maps filled alike grow at 33 different sizes, between
+    /// three eighths and a half of their table, and never fuller than half.
+    #[test]
+    fn staggered_maps_grow_at_sizes_of_their_own() {
+        let mut grown_at = Vec::new();
+        for k in 0..33 {
+            let mut map = SlotMap::staggered(k);
+            let mut table = 0;
+            for key in 0..4_096u64 {
+                map.insert(key, key as u32);
+                assert!(map.len() * 2 <= map.entries.len(), "at most half full");
+                if map.entries.len() != table {
+                    table = map.entries.len();
+                    if table == 4 * FIRST {
+                        // Grown from 2 x FIRST on this key, the first past its limit.
+                        grown_at.push(map.len());
+                    }
+                }
+            }
+            for key in 0..4_096u64 {
+                assert_eq!(map.get(key), Some(key as u32));
+            }
+        }
+        let (lowest, highest) = (2 * FIRST * 3 / 8, 2 * FIRST / 2);
+        assert!(grown_at.iter().all(|n| (lowest + 1..=highest + 1).contains(n)), "{grown_at:?}");
+        grown_at.sort_unstable();
+        grown_at.dedup();
+        assert_eq!(grown_at.len(), 33, "every k its own size");
+    }
+
     /// Keys whose probes start at the same place, and at the table's last
     /// place (their run wraps around to the first): removing any one of
     /// them, in every order, leaves every other one found.
     #[test]
     fn removals_keep_colliding_and_wrapping_runs_whole() {
-        let table = SlotMap { entries: vec![SlotMap::VACANT; FIRST], len: 0 };
+        let table = SlotMap { entries: vec![SlotMap::VACANT; FIRST], ..SlotMap::new() };
         let with_home = |home: usize, n: usize| -> Vec<u64> {
             (0u64..).filter(|k| table.home(*k) == home).take(n).collect()
         };
