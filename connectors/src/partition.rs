@@ -153,7 +153,7 @@ impl Partition {
             },
             quiet_at,
             // The partitions of a worker fill alike: grown at once, they
-            // stopped it for 100-200 ms at 50K events/s.
+            // stopped it for 100-250 ms at 50K events/s.
             seen: OpenMap::staggered(partition as u64),
             expiry: BTreeMap::new(),
             spare: Vec::new(),

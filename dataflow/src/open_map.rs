@@ -81,7 +81,7 @@ impl<V: Value> OpenMap<V> {
     /// size: about 10 ms for a table of 131K ids. Maps that fill at the same
     /// pace, such as the partitions of one worker, would all grow at once:
     /// at 50K events/s, twelve partitions' duplicate detection stopped the
-    /// worker for 100-200 ms at a time (`bench/README.md`). Staggered,
+    /// worker for 100-250 ms at a time (`bench/README.md`). Staggered,
     /// each growth stops it alone.
     pub fn staggered(k: u64) -> Self {
         // 7 is coprime with the 33 limits: consecutive `k` spread over all.
