@@ -78,11 +78,11 @@ impl<V: Value> OpenMap<V> {
     /// eighths and a half, chosen by `k` (distinct for 33 consecutive `k`).
     ///
     /// Growing stops the owner while every key moves to a table twice the
-    /// size: about 10 ms for a table of 131K ids. Maps that fill at the same
-    /// pace, such as the partitions of one worker, would all grow at once:
-    /// at 50K events/s, twelve partitions' duplicate detection stopped the
-    /// worker for 100-250 ms at a time (`bench/README.md`). Staggered,
-    /// each growth stops it alone.
+    /// size. Maps that fill at the same pace, such as the partitions of one
+    /// worker, would all grow at once: at 50K events/s, twelve partitions'
+    /// duplicate detection, each growing from 131K ids, stopped the worker
+    /// for 100-250 ms (`bench/README.md`). Staggered, each growth stops it
+    /// alone.
     pub fn staggered(k: u64) -> Self {
         // 7 is coprime with the 33 limits: consecutive `k` spread over all.
         let step = (k.wrapping_mul(7) % (STAGGER as u64 + 1)) as usize;

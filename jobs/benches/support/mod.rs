@@ -229,8 +229,8 @@ pub fn quantile(xs: &[f64], q: f64) -> f64 {
 
 /// Have Redis rewrite its append-only file now and wait for it, so that the
 /// next run starts from a compact one: Redis rewrites it on its own once it
-/// passes `auto-aof-rewrite-min-size` (8 GB on the stack, a few minutes of
-/// real time at 50K events/s), and a rewrite that fell inside a measured
+/// passes `auto-aof-rewrite-min-size` (8 GB on the stack, about 15 minutes
+/// of real time at 50K events/s), and a rewrite that fell inside a measured
 /// run took 2-6 s of Redis's CPU, on cores the run shares, from it.
 fn compact_redis_log(con: &mut redis::Connection) {
     let info = |con: &mut redis::Connection| -> String {
